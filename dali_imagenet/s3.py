@@ -1,0 +1,35 @@
+"""The few S3 helpers shared by the converter, the loader and the trainer.
+
+boto3's standard credential chain is used as is; `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT_URL_S3`)
+points it at another server, such as a local test server.
+"""
+from __future__ import annotations
+
+import os
+from urllib.parse import urlparse
+
+
+def is_s3(url: str | os.PathLike) -> bool:
+    return str(url).startswith("s3://")
+
+
+def split_s3_url(url: str) -> tuple[str, str]:
+    """'s3://bucket/a/b' -> ('bucket', 'a/b'); the prefix has no leading or trailing '/'."""
+    parsed = urlparse(url)
+    if parsed.scheme != "s3" or not parsed.netloc or parsed.netloc.startswith("."):
+        raise ValueError(f"{url}: not an S3 URL of the form s3://bucket/prefix")
+    return parsed.netloc, parsed.path.strip("/")
+
+
+def join_key(prefix: str, *parts: str) -> str:
+    return "/".join(p.strip("/") for p in (prefix, *parts) if p.strip("/"))
+
+
+def client():
+    import boto3
+    from botocore.config import Config
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    # Bounded retries and timeouts: a dead endpoint must fail a call, not hang the caller.
+    config = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=60)
+    return boto3.client("s3", endpoint_url=endpoint or None, config=config)

@@ -1,0 +1,283 @@
+"""Source dataset -> shuffled webdataset shards with DALI index files and a manifest.
+
+Shuffling with bounded memory: a split's units (row groups / files) are permuted with the seed
+and packed into *chunks* of about `SHARDS_PER_CHUNK` shards' worth of rows. A worker reads one
+chunk (the only image bytes it holds), permutes its rows and writes the chunk's shards. Each
+shard therefore mixes rows from dozens of row groups drawn from the whole split, and readers
+only need a small shuffle buffer on top. Chunks are independent: they run in parallel, and a
+chunk whose shards the manifest and their sha256 prove complete is skipped by `--resume`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from tqdm import tqdm
+
+from shard_tools.images import Rejected, prepare_image
+from shard_tools.sources import SPLITS, Record, Source, Unit, open_source, read_unit, synset_from_path
+from shard_tools.storage import open_output
+from shard_tools.tarwriter import ShardWriter, sha256_file
+
+SHARDS_PER_CHUNK = 4  # memory per worker ~ 4 x shard_size x 110 KB (~550 MB at the default size)
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+class ConvertError(Exception):
+    """The conversion cannot go on; the message is one line naming the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """Everything that changes the output bytes; recorded in the manifest and checked on resume."""
+    shard_size: int = 1250  # samples per shard: ~1,025 train shards for the full 1,281,167 rows
+    seed: int = 0
+    max_side: int | None = None  # px; re-encode only images whose longer side is larger
+    quality: int = 90  # JPEG quality of re-encoded images
+    name: str = "imagenet1k"  # shard file prefix: <split>/<name>-<split>-NNNNNN.tar
+
+
+@dataclass
+class Chunk:
+    split: str
+    index: int
+    units: list[Unit]
+    first_shard: int
+    shard_count: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.split}/{self.index}"
+
+    @property
+    def rows(self) -> int:
+        return sum(u.rows for u in self.units)
+
+
+@dataclass
+class ChunkResult:
+    chunk: str
+    split: str
+    read: int = 0
+    source_bytes: int = 0
+    shards: list[dict] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)
+    converted: list[dict] = field(default_factory=list)
+
+
+def plan_chunks(split: str, units: list[Unit], options: Options) -> list[Chunk]:
+    rng = np.random.default_rng([options.seed, SPLITS.index(split)])
+    chunk_rows = options.shard_size * SHARDS_PER_CHUNK
+    chunks, current, rows, next_shard = [], [], 0, 0
+    for position in rng.permutation(len(units)):
+        current.append(units[position])
+        rows += units[position].rows
+        if rows >= chunk_rows:
+            chunks.append(Chunk(split, len(chunks), current, next_shard, math.ceil(rows / options.shard_size)))
+            next_shard += chunks[-1].shard_count
+            current, rows = [], 0
+    if current:
+        chunks.append(Chunk(split, len(chunks), current, next_shard, math.ceil(rows / options.shard_size)))
+    return chunks
+
+
+def shard_name(options: Options, split: str, number: int) -> str:
+    return f"{split}/{options.name}-{split}-{number:06d}.tar"
+
+
+def sample_key(record: Record) -> str:
+    # webdataset splits a member name at its first dot: keys must have none. The canonical row
+    # index keeps keys unique; the source stem keeps them readable.
+    stem = PurePosixPath(record.path).stem.replace(".", "_").replace(" ", "_")[:64]
+    return f"{record.index:08d}_{stem}" if stem else f"{record.index:08d}"
+
+
+@dataclass(frozen=True)
+class ChunkJob:
+    chunk: Chunk
+    root: Path
+    options: Options
+    output: object
+    num_classes: int
+    synsets: list
+    strict: bool
+
+
+def process_chunk(job: ChunkJob) -> ChunkResult:
+    chunk, options = job.chunk, job.options
+    records = [r for unit in chunk.units for r in read_unit(unit, job.root)]
+    if len(records) != chunk.rows:
+        raise ConvertError(f"{chunk.units[0].file}: read {len(records)} rows where the metadata promised {chunk.rows}")
+    result = ChunkResult(chunk.id, chunk.split, read=len(records),
+                         source_bytes=sum(len(r.data or b"") for r in records))
+    rng = np.random.default_rng([options.seed, SPLITS.index(chunk.split), chunk.index])
+    order = rng.permutation(len(records))
+    staging = job.output.staging_dir(chunk.split)
+    for offset, positions in enumerate(np.array_split(order, chunk.shard_count)):
+        name = shard_name(options, chunk.split, chunk.first_shard + offset)
+        tar_tmp = staging / (PurePosixPath(name).name + ".tmp")
+        idx_tmp = staging / (PurePosixPath(name).with_suffix(".idx").name + ".tmp")
+        with ShardWriter(tar_tmp, idx_tmp) as writer:
+            for position in positions:
+                record = records[position]
+                try:
+                    sample = _make_sample(record, job)
+                except Rejected as why:
+                    if job.strict:
+                        raise ConvertError(f"{record.origin} ({record.path or 'no path'}): {why}") from None
+                    result.rejected.append({"chunk": chunk.id, "source": record.origin, "path": record.path,
+                                            "reason": str(why)})
+                    continue
+                key, components, converted = sample
+                writer.add(key, components)
+                if converted:
+                    result.converted.append({"chunk": chunk.id, "key": key, "source": record.origin,
+                                             "path": record.path, "reason": converted})
+        if writer.samples == 0:  # every row rejected: an empty tar would break the readers
+            tar_tmp.unlink()
+            idx_tmp.unlink()
+            continue
+        digest, size = sha256_file(tar_tmp), tar_tmp.stat().st_size
+        # Index first: a tar under its final name then always has its index beside it.
+        job.output.publish(idx_tmp, str(PurePosixPath(name).with_suffix(".idx")), sha256_file(idx_tmp))
+        job.output.publish(tar_tmp, name, digest)
+        result.shards.append({"name": name, "chunk": chunk.id, "samples": writer.samples, "bytes": size,
+                              "sha256": digest})
+    return result
+
+
+def _make_sample(record: Record, job: ChunkJob) -> tuple[str, dict[str, bytes], str | None]:
+    label = record.label
+    if label is None:
+        raise Rejected("no label")
+    if label < -1 or (job.num_classes and label >= job.num_classes):
+        raise Rejected(f"label {label} outside 0..{job.num_classes - 1}")
+    prepared = prepare_image(record.data, job.options.max_side, job.options.quality)
+    synset = (job.synsets[label] if 0 <= label < len(job.synsets) else None) or synset_from_path(record.path)
+    meta = {"path": record.path, "synset": synset, "label": label,
+            "width": prepared.width, "height": prepared.height}
+    components = {
+        "jpg": prepared.data,
+        "cls": str(label).encode("ascii"),
+        "json": json.dumps(meta, sort_keys=True).encode(),
+    }
+    return sample_key(record), components, prepared.converted
+
+
+def _previous_results(manifest: dict, output, chunks: list[Chunk]) -> dict[str, ChunkResult]:
+    """Chunks of an earlier run whose every shard is present with the recorded size and sha256."""
+    results: dict[str, ChunkResult] = {}
+    for split, info in manifest.get("splits", {}).items():
+        for entry in info.get("chunks", []):
+            results[entry["chunk"]] = ChunkResult(entry["chunk"], split, entry["read"], entry["source_bytes"])
+        for kind in ("shards", "rejected", "converted"):
+            for entry in info.get(kind, []):
+                if entry["chunk"] in results:
+                    getattr(results[entry["chunk"]], kind).append(entry)
+    valid = {}
+    for chunk in chunks:
+        result = results.get(chunk.id)
+        if result is not None and all(output.verify(s["name"], s["bytes"], s["sha256"]) for s in result.shards):
+            valid[chunk.id] = result
+    return valid
+
+
+def build_manifest(source: Source, options: Options, splits: list[str], results: dict[str, ChunkResult],
+                   complete: bool) -> dict:
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "complete": complete,
+        "source": {"kind": source.kind, "fingerprint": source.fingerprint},
+        "options": asdict(options),
+        "classes": source.class_names,
+        "synsets": source.synsets,
+        "splits": {},
+    }
+    for split in splits:
+        ordered = sorted((r for r in results.values() if r.split == split), key=lambda r: int(r.chunk.split("/")[1]))
+        shards = sorted((s for r in ordered for s in r.shards), key=lambda s: s["name"])
+        manifest["splits"][split] = {
+            "rows": source.splits[split].rows,
+            "read": sum(r.read for r in ordered),
+            "samples": sum(s["samples"] for s in shards),
+            "rejected_count": sum(len(r.rejected) for r in ordered),
+            "converted_count": sum(len(r.converted) for r in ordered),
+            "shards": shards,
+            "rejected": [e for r in ordered for e in r.rejected],
+            "converted": [e for r in ordered for e in r.converted],
+            "chunks": [{"chunk": r.chunk, "read": r.read, "source_bytes": r.source_bytes} for r in ordered],
+        }
+    return manifest
+
+
+def convert(source_path: str | Path, output_url: str, splits: tuple[str, ...], options: Options,
+            workers: int = 1, resume: bool = False, overwrite: bool = False, strict: bool = False,
+            progress: bool = True) -> dict:
+    """Runs the conversion; returns the final manifest with a `stats` entry (not written)."""
+    started = time.perf_counter()
+    source = open_source(source_path, splits)
+    output = open_output(output_url)
+    splits_present = [s for s in splits if s in source.splits]
+    chunks = [c for s in splits_present for c in plan_chunks(s, source.splits[s].units, options)]
+
+    previous = output.read_text(MANIFEST)
+    done: dict[str, ChunkResult] = {}
+    if previous is not None and not (resume or overwrite):
+        raise ConvertError(f"{output.url}/{MANIFEST} exists: pass --resume to continue that run or --overwrite to start over")
+    if previous is not None and resume:
+        old = json.loads(previous)
+        if old.get("source", {}).get("fingerprint") != source.fingerprint:
+            raise ConvertError(f"{output.url}/{MANIFEST}: made from a different source; cannot resume")
+        if old.get("options") != asdict(options):
+            raise ConvertError(f"{output.url}/{MANIFEST}: made with options {old.get('options')}; cannot resume with {asdict(options)}")
+        done = _previous_results(old, output, chunks)
+
+    todo = [c for c in chunks if c.id not in done]
+    jobs = [ChunkJob(c, source.root, options, output, len(source.class_names), source.synsets, strict) for c in todo]
+    bar = tqdm(total=sum(c.rows for c in chunks), initial=sum(r.read for r in done.values()), unit="img",
+               unit_scale=True, disable=not progress, desc="shard-imagenet", smoothing=0.1)
+    source_bytes = 0
+    try:
+        for result in _run(jobs, workers):
+            done[result.chunk] = result
+            source_bytes += result.source_bytes
+            bar.update(result.read)
+            bar.set_postfix_str(f"{source_bytes / 1e6 / max(bar.format_dict['elapsed'], 1e-9):.1f} MB/s")
+            output.write_text(MANIFEST, json.dumps(build_manifest(source, options, splits_present, done, False), indent=1))
+    finally:
+        bar.close()
+
+    manifest = build_manifest(source, options, splits_present, done, True)
+    for split, info in manifest["splits"].items():
+        if info["read"] != info["rows"] or info["read"] != info["samples"] + info["rejected_count"]:
+            raise ConvertError(f"{split}: rows do not add up (source {info['rows']}, read {info['read']}, "
+                               f"written {info['samples']}, rejected {info['rejected_count']})")
+    output.write_text(MANIFEST, json.dumps(manifest, indent=1))
+    output.write_text("classes.tsv", "index\tsynset\tnames\n" + "".join(
+        f"{i}\t{s or ''}\t{n}\n" for i, (s, n) in enumerate(zip(source.synsets or [None] * len(source.class_names), source.class_names))))
+    elapsed = time.perf_counter() - started
+    manifest["stats"] = {
+        "seconds": elapsed,
+        "converted_now": sum(r.read for r in done.values() if r.chunk in {c.id for c in todo}),
+        "source_bytes_now": source_bytes,
+        "peak_rss_mb": max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                           resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024,
+        "skipped_chunks": len(chunks) - len(todo),
+    }
+    return manifest
+
+
+def _run(jobs: list[ChunkJob], workers: int):
+    if workers <= 1 or len(jobs) <= 1:
+        yield from map(process_chunk, jobs)
+        return
+    # spawn: no boto3 client or open file is shared with a forked child.
+    with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+        yield from pool.imap_unordered(process_chunk, jobs)

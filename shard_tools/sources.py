@@ -1,0 +1,200 @@
+"""Input datasets: the Hugging Face hub's parquet files, or an ImageFolder tree.
+
+A source is cut into *units* that can be read independently and cheaply: a parquet row group
+(~100 rows in the hub's files, so memory stays bounded) or one ImageFolder file. Rows are numbered
+in a canonical order (sorted files, row groups, rows) so that every run sees the same input.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+SPLITS = ("train", "validation", "test")
+IMAGEFOLDER_SPLIT_DIRS = {"train": ("train",), "validation": ("val", "validation"), "test": ("test",)}
+PARQUET_NAME = re.compile(r"^(?P<split>train|validation|test)[-_].*\.parquet$")
+SYNSET_IN_PATH = re.compile(r"(?:^|[_/])([a-z]\d{8})(?:[._/]|$)")
+IMAGENET_CLASSES = Path(__file__).with_name("data") / "imagenet1k_classes.tsv"
+
+
+class SourceError(Exception):
+    """Bad input; the message is one line naming the file and what is wrong."""
+
+
+@dataclass(frozen=True)
+class Unit:
+    file: str  # absolute path
+    row_group: int | None  # None: the whole file is one image (ImageFolder)
+    rows: int
+    first_index: int  # canonical index of the unit's first row within its split
+    label: int | None = None  # ImageFolder: from the class folder
+    file_row: int = 0  # parquet: index of the unit's first row within its file
+
+
+@dataclass
+class Record:
+    index: int  # canonical row index within the split
+    path: str  # the source's name for the image (hub: image.path; ImageFolder: relative path)
+    label: int | None
+    data: bytes | None
+    origin: str  # where the row is, for error messages: file[:row]
+
+
+@dataclass
+class SplitSource:
+    name: str
+    units: list[Unit]
+    rows: int
+
+
+@dataclass
+class Source:
+    kind: str  # "parquet" | "imagefolder"
+    root: Path
+    splits: dict[str, SplitSource]
+    class_names: list[str]
+    synsets: list[str | None]
+    fingerprint: str
+
+
+def imagenet_classes() -> dict[str, tuple[int, str]]:
+    """synset -> (index, names) for the 1000 ImageNet-1K classes."""
+    table = {}
+    for line in IMAGENET_CLASSES.read_text().splitlines()[1:]:
+        index, synset, names = line.split("\t")
+        table[synset] = (int(index), names)
+    return table
+
+
+def open_source(root: str | Path, splits: tuple[str, ...]) -> Source:
+    root = Path(root)
+    if not root.exists():
+        raise SourceError(f"{root}: no such file or folder")
+    if not root.is_dir():
+        raise SourceError(f"{root}: not a folder (give the folder that holds the parquet files or train/ and val/)")
+    parquet_dir = root / "data" if any((root / "data").glob("*.parquet")) else root
+    if any(parquet_dir.glob("*.parquet")):
+        return _open_parquet(parquet_dir, splits)
+    if any((root / d).is_dir() for names in IMAGEFOLDER_SPLIT_DIRS.values() for d in names):
+        return _open_imagefolder(root, splits)
+    raise SourceError(f"{root}: holds no parquet files (data/*.parquet) and no ImageFolder tree (train/<class>/*.JPEG)")
+
+
+def _open_parquet(folder: Path, splits: tuple[str, ...]) -> Source:
+    files_by_split: dict[str, list[Path]] = {s: [] for s in SPLITS}
+    for path in sorted(folder.glob("*.parquet")):
+        match = PARQUET_NAME.match(path.name)
+        if match is None:
+            raise SourceError(f"{path}: name does not start with train-, validation- or test- as the hub's files do")
+        files_by_split[match["split"]].append(path)
+    class_names: list[str] | None = None
+    fingerprint = hashlib.sha256()
+    split_sources = {}
+    for split in splits:
+        if not files_by_split[split]:
+            continue
+        units, rows = [], 0
+        for path in files_by_split[split]:
+            try:
+                parquet = pq.ParquetFile(path)
+            except Exception as error:
+                raise SourceError(f"{path}: not a readable parquet file ({error})") from None
+            names = _check_schema(path, parquet)
+            if names is not None:
+                if class_names is not None and names != class_names:
+                    raise SourceError(f"{path}: its ClassLabel names differ from the other files'")
+                class_names = names
+            meta = parquet.metadata
+            file_row = 0
+            for group in range(meta.num_row_groups):
+                group_rows = meta.row_group(group).num_rows
+                units.append(Unit(str(path), group, group_rows, rows, file_row=file_row))
+                rows += group_rows
+                file_row += group_rows
+            fingerprint.update(json.dumps([split, path.name, path.stat().st_size, meta.num_rows]).encode())
+        split_sources[split] = SplitSource(split, units, rows)
+    if not split_sources:
+        raise SourceError(f"{folder}: no parquet files for split(s) {', '.join(splits)}")
+    known = imagenet_classes()
+    if class_names is None:  # a plain pyarrow file without the hub's metadata
+        class_names, synsets = [], []
+    elif len(class_names) == len(known):
+        synsets = sorted(known)
+    else:
+        synsets = [None] * len(class_names)
+    return Source("parquet", folder, split_sources, class_names, synsets, fingerprint.hexdigest())
+
+
+def _check_schema(path: Path, parquet: pq.ParquetFile) -> list[str] | None:
+    schema = parquet.schema_arrow
+    if "image" not in schema.names or "label" not in schema.names:
+        raise SourceError(f"{path}: wrong schema, expected columns image {{bytes, path}} and label, found {schema.names}")
+    image_type = schema.field("image").type
+    fields = [image_type.field(i).name for i in range(image_type.num_fields)] if hasattr(image_type, "num_fields") else []
+    if "bytes" not in fields:
+        raise SourceError(f"{path}: wrong schema, column image is {image_type}, expected struct<bytes, path>")
+    metadata = (schema.metadata or {}).get(b"huggingface")
+    if metadata is None:
+        return None
+    try:
+        label = json.loads(metadata)["info"]["features"]["label"]
+        return list(label["names"]) if label.get("_type") == "ClassLabel" else None
+    except (ValueError, KeyError, TypeError):
+        raise SourceError(f"{path}: the 'huggingface' schema metadata is not valid JSON with info.features") from None
+
+
+def _open_imagefolder(root: Path, splits: tuple[str, ...]) -> Source:
+    split_dirs = {}
+    for split in SPLITS:
+        for name in IMAGEFOLDER_SPLIT_DIRS[split]:
+            if (root / name).is_dir():
+                split_dirs[split] = root / name
+                break
+    # Class index = sorted class-folder order over all splits, so labels agree between splits.
+    synsets = sorted({d.name for folder in split_dirs.values() for d in folder.iterdir() if d.is_dir()})
+    if not synsets:
+        raise SourceError(f"{root}: the ImageFolder tree has no class folders (expected train/<class>/*.JPEG)")
+    label_of = {s: i for i, s in enumerate(synsets)}
+    fingerprint = hashlib.sha256()
+    split_sources = {}
+    for split in splits:
+        folder = split_dirs.get(split)
+        if folder is None:
+            continue
+        units = []
+        for class_dir in sorted(d for d in folder.iterdir() if d.is_dir()):
+            for file in sorted(p for p in class_dir.rglob("*") if p.is_file()):
+                units.append(Unit(str(file), None, 1, len(units), label_of[class_dir.name]))
+                fingerprint.update(json.dumps([split, str(file.relative_to(root)), file.stat().st_size]).encode())
+        split_sources[split] = SplitSource(split, units, len(units))
+    if not split_sources:
+        raise SourceError(f"{root}: no folder for split(s) {', '.join(splits)} (expected train/, val/ or test/)")
+    known = imagenet_classes()
+    names = [known[s][1] if s in known else s for s in synsets]
+    return Source("imagefolder", root, split_sources, names, list(synsets), fingerprint.hexdigest())
+
+
+def read_unit(unit: Unit, root: Path) -> list[Record]:
+    """All rows of one unit, with their bytes. Memory: one row group (~10 MB on the hub's files)."""
+    if unit.row_group is None:
+        data = Path(unit.file).read_bytes()
+        return [Record(unit.first_index, str(Path(unit.file).relative_to(root)), unit.label, data, unit.file)]
+    try:
+        table = pq.ParquetFile(unit.file).read_row_group(unit.row_group, columns=["image", "label"])
+    except Exception as error:
+        raise SourceError(f"{unit.file}: row group {unit.row_group} unreadable ({error})") from None
+    records = []
+    for offset, (image, label) in enumerate(zip(table.column("image").to_pylist(), table.column("label").to_pylist())):
+        image = image or {}
+        records.append(Record(unit.first_index + offset, image.get("path") or "", label, image.get("bytes"),
+                              f"{Path(unit.file).name}:row {unit.file_row + offset}"))
+    return records
+
+
+def synset_from_path(path: str) -> str | None:
+    match = SYNSET_IN_PATH.search(path)
+    return match.group(1) if match else None

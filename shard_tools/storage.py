@@ -1,0 +1,128 @@
+"""Where shards go: a local folder or an `s3://bucket/prefix`.
+
+Shards are always written to a local temporary file first. Locally they are then renamed into
+place (a reader never sees half a shard); on S3 they are uploaded (multipart for large files)
+with their sha256 in the object metadata, so `--resume` can verify them without a download.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from dali_imagenet import s3
+
+
+class OutputError(Exception):
+    """The output cannot be used; the message is one line."""
+
+
+class LocalOutput:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.url = str(self.root)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            raise OutputError(f"{self.root}: cannot write here ({error.strerror})") from None
+
+    def staging_dir(self, split: str) -> Path:
+        folder = self.root / split
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def publish(self, local: Path, name: str, sha256: str) -> None:
+        os.replace(local, self.root / name)
+
+    def verify(self, name: str, size: int, sha256: str) -> bool:
+        from shard_tools.tarwriter import sha256_file
+
+        path = self.root / name
+        return path.is_file() and path.stat().st_size == size and sha256_file(path) == sha256
+
+    def exists(self, name: str) -> bool:
+        return (self.root / name).is_file()
+
+    def read_text(self, name: str) -> str | None:
+        path = self.root / name
+        return path.read_text() if path.is_file() else None
+
+    def write_text(self, name: str, text: str) -> None:
+        path = self.root / name
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+class S3Output:
+    def __init__(self, url: str):
+        try:
+            self.bucket, self.prefix = s3.split_s3_url(url)
+        except ValueError as error:
+            raise OutputError(str(error)) from None
+        self.url = url
+        self.client = s3.client()
+        self._staging = Path(tempfile.mkdtemp(prefix="shard-imagenet-"))
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except Exception as error:
+            raise OutputError(f"{url}: bucket {self.bucket!r} is not reachable or not writable ({_short(error)})") from None
+
+    def __getstate__(self):  # workers make their own client
+        state = dict(self.__dict__)
+        state.pop("client")
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.client = s3.client()
+
+    def _key(self, name: str) -> str:
+        return s3.join_key(self.prefix, name)
+
+    def staging_dir(self, split: str) -> Path:
+        folder = self._staging / split
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def publish(self, local: Path, name: str, sha256: str) -> None:
+        self.client.upload_file(str(local), self.bucket, self._key(name), ExtraArgs={"Metadata": {"sha256": sha256}})
+        local.unlink()
+
+    def verify(self, name: str, size: int, sha256: str) -> bool:
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self._key(name))
+        except self.client.exceptions.ClientError:
+            return False
+        return head["ContentLength"] == size and head.get("Metadata", {}).get("sha256") == sha256
+
+    def exists(self, name: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(name))
+            return True
+        except self.client.exceptions.ClientError:
+            return False
+
+    def read_text(self, name: str) -> str | None:
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(name))["Body"]
+        except self.client.exceptions.NoSuchKey:
+            return None
+        return body.read().decode()
+
+    def write_text(self, name: str, text: str) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._key(name), Body=text.encode())
+
+
+def _short(error: Exception) -> str:
+    return str(error).splitlines()[0][:200]
+
+
+def open_output(url: str) -> LocalOutput | S3Output:
+    return S3Output(url) if s3.is_s3(url) else LocalOutput(url)
