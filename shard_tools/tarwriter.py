@@ -44,8 +44,8 @@ class ShardWriter:
             # tarfile's offset is now past the data's 512-byte padding; the data starts right
             # before it. This holds for long names too (GNU long-name blocks precede the header).
             data_offset = self._tar.offset - _padded(len(payload))
-            entries.append(f"{ext} {data_offset} {len(payload)} {name}")
-        self._index_lines.append(" ".join(entries))
+            entries.append((ext, data_offset, len(payload), name))
+        self._index_lines.append(index_line(entries))
         self.samples += 1
 
     def close(self) -> None:
@@ -64,6 +64,43 @@ class ShardWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def index_line(components: list[tuple[str, int, int, str]]) -> str:
+    """One sample's line of a DALI index: `ext offset size name` for each component."""
+    return " ".join(f"{ext} {offset} {size} {name}" for ext, offset, size, name in components)
+
+
+def index_existing_tar(tar_path: str | Path, idx_path: str | Path) -> int:
+    """Writes the DALI index of a tar made elsewhere (e.g. the public timm shards); returns samples.
+
+    Same grouping as `wds2idx`: consecutive members with the same key (the name up to the
+    basename's first dot) form one sample; non-regular members are skipped.
+    """
+    lines: list[str] = []
+    current_key, components = None, []
+    with tarfile.open(tar_path, "r:") as archive:
+        for member in archive:
+            if not member.isreg():
+                continue
+            base = member.name.rfind("/") + 1
+            dot = member.name.find(".", base)
+            key, ext = member.name[:dot], member.name[dot + 1:]
+            if not key or key.endswith("/"):
+                continue
+            if key != current_key and components:
+                lines.append(index_line(components))
+                components = []
+            current_key = key
+            components.append((ext, member.offset_data, member.size, member.name))
+    if components:
+        lines.append(index_line(components))
+    if not lines:
+        raise ValueError(f"{tar_path}: no samples in this tar")
+    tmp = Path(str(idx_path) + ".tmp")
+    tmp.write_text(f"{INDEX_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines))
+    os.replace(tmp, idx_path)
+    return len(lines)
 
 
 def _padded(size: int) -> int:

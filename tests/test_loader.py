@@ -1,0 +1,245 @@
+"""`make_loader` over the sample's shards: DALI on CPU (the GPU graph defined and serialised),
+the torchvision baseline, distributed sharding, S3, the timm layout and bad shards."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dali_imagenet import make_loader
+from dali_imagenet.pipelines import IMAGENET_MEAN, IMAGENET_STD, val_resize_size
+from dali_imagenet.shards import ShardError
+from shard_tools.tarwriter import ShardWriter
+
+SIZE = 64  # small images keep the CPU tests fast; the geometry is the same as at 224
+
+
+def shard_samples(shards_dir: Path, split: str) -> list[dict]:
+    import webdataset as wds
+
+    manifest = json.loads((shards_dir / "manifest.json").read_text())
+    urls = [str(shards_dir / s["name"]) for s in manifest["splits"][split]["shards"]]
+    return list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+
+
+def to_pixels(images: torch.Tensor) -> np.ndarray:
+    """Normalised N×3×H×W -> uint8-scale float N×H×W×3."""
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (images.float() * std + mean).permute(0, 2, 3, 1).numpy()
+
+
+def torchvision_val(jpeg: bytes, size: int) -> np.ndarray:
+    from torchvision.transforms import v2
+
+    image = v2.functional.pil_to_tensor(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+    image = v2.CenterCrop(size)(v2.Resize(val_resize_size(size), antialias=True)(image))
+    return image.permute(1, 2, 0).float().numpy()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_train_batches_shape_dtype_channels_last(sample_shards, dtype):
+    loader = make_loader(sample_shards, "train", 16, device="cpu", image_size=SIZE, dtype=dtype)
+    assert len(loader) == 96 // 16
+    batches = list(loader)
+    assert len(batches) == len(loader)
+    images, labels = batches[0]
+    assert images.shape == (16, 3, SIZE, SIZE) and images.dtype == dtype
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    if dtype != torch.bfloat16:  # DALI's own NHWC buffer, viewed as NCHW: no transpose copy was made
+        assert images.permute(0, 2, 3, 1).is_contiguous()
+    assert labels.dtype == torch.int64 and labels.shape == (16,)
+    assert 0 <= labels.min() and labels.max() < 8
+    assert -3 < images.float().mean() < 3
+
+
+def test_epochs_reshuffle(sample_shards):
+    loader = make_loader(sample_shards, "train", 16, device="cpu", image_size=SIZE, seed=1)
+    first = torch.cat([labels for _, labels in loader])
+    second = torch.cat([labels for _, labels in loader])
+    assert len(first) == len(second) == 96
+    assert not torch.equal(first, second)
+
+
+def test_val_labels_match_each_key_and_pixels_match_torchvision(sample_shards):
+    samples = shard_samples(sample_shards, "validation")
+    loader = make_loader(sample_shards, "validation", 16, device="cpu", image_size=SIZE, dtype=torch.float32)
+    images = torch.cat([x for x, _ in loader])
+    labels = torch.cat([y for _, y in loader])
+    assert len(labels) == len(samples) == 40
+    assert labels.tolist() == [int(s["cls"]) for s in samples]
+    pixels = to_pixels(images)
+    differences = []
+    for i, sample in enumerate(samples):
+        reference = torchvision_val(sample["jpg"], SIZE)
+        differences.append(np.abs(pixels[i] - reference).mean())
+        # The output belongs to this key: it is far closer to its own image than to the next one.
+        other = torchvision_val(samples[(i + 1) % len(samples)]["jpg"], SIZE)
+        assert differences[-1] < np.abs(pixels[i] - other).mean() / 2
+    print(f"val mean |DALI - torchvision Resize+CenterCrop| = {np.median(differences):.2f} / 255")
+    assert np.median(differences) < 1.0 and max(differences) < 3.0
+
+
+def test_val_is_deterministic(sample_shards):
+    runs = [torch.cat([x for x, _ in make_loader(sample_shards, "validation", 16, device="cpu", image_size=SIZE)])
+            for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+
+
+def fingerprints(images: torch.Tensor, labels: torch.Tensor) -> list[tuple]:
+    sums = images.float().sum(dim=(1, 2, 3))
+    return [(int(l), round(float(s), 1)) for l, s in zip(labels, sums)]
+
+
+@pytest.mark.parametrize("batch_size", [8, 7])
+def test_two_ranks_cover_validation_exactly_once(sample_shards, batch_size):
+    single = make_loader(sample_shards, "validation", batch_size, device="cpu", image_size=SIZE)
+    expected = sorted(fingerprints(torch.cat([x for x, _ in single]), torch.cat([y for _, y in single])))
+    per_rank, batches = [], []
+    for rank in range(2):
+        loader = make_loader(sample_shards, "validation", batch_size, device="cpu", image_size=SIZE,
+                             rank=rank, world_size=2)
+        out = list(loader)
+        batches.append(len(out))
+        assert len(out) == len(loader)
+        per_rank += fingerprints(torch.cat([x for x, _ in out]), torch.cat([y for _, y in out]))
+    assert batches[0] == batches[1]
+    assert sorted(per_rank) == expected and len(per_rank) == 40
+
+
+def test_two_ranks_train_same_batch_count(sample_shards):
+    lengths = [len(list(make_loader(sample_shards, "train", 10, device="cpu", image_size=SIZE, rank=r, world_size=2)))
+               for r in range(2)]
+    assert lengths[0] == lengths[1] == 48 // 10
+
+
+def test_label_parsing_in_graph():
+    from nvidia.dali import fn, pipeline_def
+
+    from dali_imagenet.pipelines import label_from_ascii
+
+    values = [b"0", b"7", b"42", b"999", b"123456"]
+
+    @pipeline_def(batch_size=len(values), num_threads=1, device_id=None)
+    def parse():
+        cls = fn.external_source(source=lambda: [np.frombuffer(v, np.uint8) for v in values], batch=True)
+        return label_from_ascii(cls)
+
+    pipe = parse()
+    pipe.build()
+    (out,) = pipe.run()
+    assert [int(np.asarray(out.at(i))) for i in range(len(values))] == [0, 7, 42, 999, 123456]
+    assert np.asarray(out.at(0)).shape == ()
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_gpu_graph_is_well_formed_without_a_gpu(sample_shards, train):
+    from nvidia.dali import types
+
+    from dali_imagenet.pipelines import imagenet_pipeline
+    from dali_imagenet.shards import find_shards
+
+    shards = find_shards(sample_shards, "train")
+    pipe = imagenet_pipeline(shards.tars, shards.indices, device="gpu", train=train, image_size=224,
+                             dtype=types.FLOAT16, shard_id=0, num_shards=1, shuffle_buffer=64,
+                             batch_size=8, num_threads=2, device_id=None)
+    graph = pipe.serialize()
+    assert b"decoders__ImageRandomCrop" in graph or b"decoders__Image" in graph
+    assert b"mixed" in graph
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="(?i)cuda"):
+            pipe.build()
+
+
+def test_torchvision_baseline_same_interface(sample_shards):
+    loader = make_loader(sample_shards, "train", 16, device="cpu", image_size=SIZE, backend="torchvision",
+                         num_threads=2)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 6
+    images, labels = batches[0]
+    assert images.shape == (16, 3, SIZE, SIZE) and images.dtype == torch.float16
+    assert images.is_contiguous(memory_format=torch.channels_last) and labels.dtype == torch.int64
+    val = make_loader(sample_shards, "validation", 16, device="cpu", image_size=SIZE, backend="torchvision",
+                      num_threads=2, dtype=torch.float32)
+    val_labels = torch.cat([y for _, y in val])
+    assert sorted(val_labels.tolist()) == sorted(int(s["cls"]) for s in shard_samples(sample_shards, "validation"))
+
+
+def test_reads_from_s3(sample_shards, s3_bucket):
+    from dali_imagenet.s3 import client
+
+    s3 = client()
+    for path in sample_shards.rglob("*"):
+        if path.is_file():
+            s3.upload_file(str(path), s3_bucket, f"shards/{path.relative_to(sample_shards)}")
+    local = torch.cat([x for x, _ in make_loader(sample_shards, "validation", 16, device="cpu", image_size=SIZE)])
+    remote = make_loader(f"s3://{s3_bucket}/shards", "validation", 16, device="cpu", image_size=SIZE)
+    assert torch.equal(torch.cat([x for x, _ in remote]), local)
+
+
+def test_timm_layout_builds_indices_once(sample_shards, tmp_path):
+    folder, cache = tmp_path / "timm", tmp_path / "cache"
+    folder.mkdir()
+    manifest = json.loads((sample_shards / "manifest.json").read_text())
+    for split in ("train", "validation"):
+        for i, shard in enumerate(manifest["splits"][split]["shards"]):
+            shutil.copy(sample_shards / shard["name"], folder / f"imagenet1k-{split}-{i:04d}.tar")
+    loader = make_loader(folder, "validation", 8, device="cpu", image_size=SIZE, cache_dir=cache)
+    assert loader.num_samples == 40 and sum(len(y) for _, y in loader) == 40
+    made = sorted(cache.glob("*.idx"))
+    assert len(made) == len(manifest["splits"]["validation"]["shards"])
+    stamps = [p.stat().st_mtime_ns for p in made]
+    make_loader(folder, "validation", 8, device="cpu", image_size=SIZE, cache_dir=cache)
+    assert [p.stat().st_mtime_ns for p in made] == stamps
+    assert make_loader(folder, "train", 8, device="cpu", image_size=SIZE, cache_dir=cache).num_samples == 96
+
+
+def copy_shards(sample_shards, tmp_path) -> tuple[Path, dict]:
+    out = tmp_path / "shards"
+    shutil.copytree(sample_shards, out)
+    return out, json.loads((out / "manifest.json").read_text())
+
+
+def test_truncated_shard_is_named(sample_shards, tmp_path):
+    out, manifest = copy_shards(sample_shards, tmp_path)
+    tar = out / manifest["splits"]["validation"]["shards"][1]["name"]
+    tar.write_bytes(tar.read_bytes()[:5000])
+    with pytest.raises(ShardError, match=tar.name):
+        make_loader(out, "validation", 8, device="cpu", image_size=SIZE)
+
+
+def test_missing_index_is_named(sample_shards, tmp_path):
+    out, manifest = copy_shards(sample_shards, tmp_path)
+    idx = (out / manifest["splits"]["validation"]["shards"][0]["name"]).with_suffix(".idx")
+    idx.unlink()
+    with pytest.raises(ShardError, match=idx.name):
+        make_loader(out, "validation", 8, device="cpu", image_size=SIZE)
+
+
+def test_corrupt_jpeg_is_named_not_a_hang(sample_shards, tmp_path):
+    out, manifest = copy_shards(sample_shards, tmp_path)
+    entry = manifest["splits"]["validation"]["shards"][1]
+    tar = out / entry["name"]
+    samples = shard_samples(out, "validation")[:3]
+    with ShardWriter(tar, tar.with_suffix(".idx")) as writer:
+        for i, sample in enumerate(samples):
+            jpeg = sample["jpg"][:200] + b"\x00" * 300 if i == 1 else sample["jpg"]
+            writer.add(f"bad{i}", {"jpg": jpeg, "cls": sample["cls"]})
+    entry["bytes"], entry["samples"] = tar.stat().st_size, 3
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    script = textwrap.dedent(f"""
+        from dali_imagenet import make_loader
+        for _ in make_loader({str(out)!r}, "validation", 8, device="cpu", image_size={SIZE}):
+            pass
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "ShardError" in result.stderr and f"{tar.name}: sample bad1.jpg" in result.stderr
