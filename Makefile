@@ -21,6 +21,7 @@ $(BUILD)/sample/.done: shard_tools/sample.py | install
 
 demo: install $(BUILD)/sample/.done
 	$(VENV)/bin/shard-imagenet $(BUILD)/sample $(BUILD)/shards --shard-size 64 --overwrite --quiet
+	rm -rf $(BUILD)/demo-run
 	$(PY) train.py --dali --data $(BUILD)/shards --config configs/cpu-demo.yaml --out $(BUILD)/demo-run --device cpu --no-wandb
 	$(PY) evaluate.py --checkpoint $(BUILD)/demo-run/best.pt --data $(BUILD)/shards --dali --device cpu
 

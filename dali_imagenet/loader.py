@@ -17,10 +17,16 @@ SHUFFLE_BUFFER = 4096  # samples; the shards are already shuffled when written
 
 
 def make_loader(data, split: str, batch_size: int, *, device: str = "cuda", image_size: int = 224,
-                rank: int = 0, world_size: int = 1, seed: int = 0, dtype: torch.dtype = torch.float16,
+                rank: int = 0, world_size: int = 1, seed: int = 0, epoch: int = 0, dtype: torch.dtype = torch.float16,
                 backend: str = "dali", train: bool | None = None, num_threads: int | None = None,
                 shuffle_buffer: int = SHUFFLE_BUFFER, cache_dir=None):
-    """`train` defaults to `split == "train"` (random crops, flips, shuffling, dropped last batch)."""
+    """`train` defaults to `split == "train"` (random crops, flips, shuffling, dropped last batch).
+
+    A loader iterates epoch after epoch by itself. `epoch` is for a trainer that builds one loader
+    per epoch to make each epoch reproducible on its own (exact resume): the order and the
+    augmentations then depend only on (seed, epoch), and each rank reads another part of the data
+    each epoch (train only; validation is always read the same way).
+    """
     if backend not in ("dali", "torchvision"):
         raise ValueError(f"backend must be 'dali' or 'torchvision', not {backend!r}")
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -30,6 +36,9 @@ def make_loader(data, split: str, batch_size: int, *, device: str = "cuda", imag
         device = torch.device("cuda", torch.cuda.current_device())
     shards = find_shards(data, split, cache_dir)
     train = split == "train" if train is None else train
+    if train and epoch:
+        seed = seed * 100_003 + epoch
+        rank = (rank + epoch) % world_size
     threads = num_threads or max(1, min(os.cpu_count() or 1, 8))
     if backend == "torchvision":
         from dali_imagenet.baseline import TorchvisionLoader

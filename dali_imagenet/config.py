@@ -1,0 +1,132 @@
+"""The training configuration: one dataclass holds every default; YAML files and `--set` only override."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(Exception):
+    """A bad config file or override; the message is one line."""
+
+
+@dataclass
+class TrainConfig:
+    # model
+    arch: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101 | resnet152
+    drop_path: float = 0.1  # stochastic depth of the last block; rises linearly from 0 with depth
+    zero_init_last_bn: bool = True  # each residual branch starts as identity
+    channels_last: bool = True  # NHWC memory for model and input: tensor-core convs without transposes
+    compile: bool = False  # torch.compile the model (~1 min of compile time on a GPU)
+    # data
+    image_size: int = 224  # px, side of the random-resized train crop
+    val_image_size: int = 224  # px, centre crop after resizing the short side to size / 0.875
+    batch_size: int = 128  # images per step per process (the global batch is this x world size)
+    loader_threads: int = 4  # DALI CPU threads / DataLoader workers per process
+    shuffle_buffer: int = 4096  # samples; shards are already shuffled when written
+    # optimisation
+    epochs: int = 90
+    lr: float = 0.1  # peak LR at the reference batch; scaled as lr x global_batch / lr_reference_batch
+    lr_reference_batch: int = 128  # images
+    min_lr: float = 1e-5  # floor of the cosine decay
+    warmup_epochs: float = 5.0  # linear warmup from ~0 to the peak LR
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4  # not applied to BatchNorm parameters and biases
+    label_smoothing: float = 0.1
+    mixup_alpha: float = 0.2  # 0 turns mixup off
+    cutmix_alpha: float = 1.0  # 0 turns cutmix off
+    mix_switch_prob: float = 0.5  # with both on: probability that a batch uses cutmix
+    # precision
+    amp_dtype: str = "bfloat16"  # "bfloat16" | "float16" (GPU, with a GradScaler) | "float32" (no autocast)
+    # bookkeeping
+    seed: int = 0
+    deterministic: bool = False  # cuDNN deterministic algorithms (slower); for exact-resume checks
+    log_every: int = 50  # steps between host syncs for logging and NaN checks
+    val_every: int = 1  # epochs between validations; 0: only at the end
+    checkpoint_minutes: float = 15.0  # minutes between mid-epoch checkpoints; a spot reclaim loses at most this
+    max_steps: int = 0  # stop (with a checkpoint) after this global step; 0: train all epochs
+    s3_flush_timeout_s: float = 90.0  # at exit, how long to wait for pending uploads (spot notice: 120 s)
+    wandb_project: str = "dali-imagenet"
+
+    def validate(self) -> None:
+        checks = [
+            (self.arch in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"), "arch must be resnet18/34/50/101/152"),
+            (self.amp_dtype in ("bfloat16", "float16", "float32"), "amp_dtype must be bfloat16, float16 or float32"),
+            (self.batch_size > 0 and self.epochs > 0 and self.image_size > 0, "batch_size, epochs, image_size must be > 0"),
+            (0 <= self.drop_path < 1 and 0 <= self.label_smoothing < 1, "drop_path and label_smoothing must be in [0, 1)"),
+            (self.mixup_alpha >= 0 and self.cutmix_alpha >= 0, "mixup_alpha and cutmix_alpha must be >= 0"),
+            (self.lr > 0 and self.min_lr >= 0 and self.warmup_epochs >= 0, "lr > 0, min_lr >= 0, warmup_epochs >= 0"),
+            (self.log_every > 0, "log_every must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+
+def _field_types() -> dict[str, type]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _coerce(key: str, value, kind: type):
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if kind is int and isinstance(value, float) and not value.is_integer():
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if isinstance(value, bool) and kind in (int, float):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}") from None
+
+
+def apply_overrides(config: TrainConfig, values: dict, where: str) -> TrainConfig:
+    types = _field_types()
+    for key, value in values.items():
+        if key not in types:
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(types)})")
+        setattr(config, key, _coerce(key, value, types[key]))
+    return config
+
+
+def parse_set(items: list[str]) -> dict[str, str]:
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        overrides[key.strip()] = value.strip()
+    return overrides
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+    config = TrainConfig()
+    if path is not None:
+        path = Path(path)
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys")
+        apply_overrides(config, values, str(path))
+    apply_overrides(config, parse_set(list(overrides)), "--set")
+    config.validate()
+    return config
+
+
+def to_dict(config: TrainConfig) -> dict:
+    return dataclasses.asdict(config)

@@ -1,0 +1,103 @@
+"""Uploads run files to S3 from a background thread, so training never waits on (or dies of) S3.
+
+`push(path)` queues a file; the newest request for a key wins. Failed uploads are retried with
+exponential backoff for as long as the run lives; `close(timeout)` waits for the queue to drain
+and returns what is still pending (the caller reports it).
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from dali_imagenet import s3
+
+log = logging.getLogger(__name__)
+
+
+class S3Sync:
+    def __init__(self, url: str, max_backoff_s: float = 30.0):
+        self.bucket, self.prefix = s3.split_s3_url(url)
+        self.url = url.rstrip("/")
+        self._client = s3.client()
+        self._pending: dict[str, Path] = {}  # key -> staged local copy
+        self._lock = threading.Condition()
+        self._closing = False
+        self._max_backoff = max_backoff_s
+        self._staging = Path(tempfile.mkdtemp(prefix="s3sync-"))
+        self.uploaded = 0
+        self._thread = threading.Thread(target=self._run, name="s3sync", daemon=True)
+        self._thread.start()
+
+    def push(self, path: str | Path, name: str | None = None) -> None:
+        """Queues `path` for upload as `<prefix>/<name>`; a snapshot is taken now, so the file may
+        change or be replaced right after."""
+        path = Path(path)
+        key = s3.join_key(self.prefix, name or path.name)
+        staged = self._staging / f"{key.replace('/', '_')}.{time.monotonic_ns()}"
+        try:
+            staged.hardlink_to(path)  # the checkpoint is replaced by rename, never rewritten: a link is a snapshot
+        except OSError:
+            shutil.copyfile(path, staged)
+        with self._lock:
+            old = self._pending.pop(key, None)
+            if old is not None:
+                old.unlink(missing_ok=True)
+            self._pending[key] = staged
+            self._lock.notify()
+
+    def pending(self) -> list[str]:
+        with self._lock:
+            return sorted(self._pending)
+
+    def _run(self) -> None:
+        backoff = 1.0
+        while True:
+            with self._lock:
+                while not self._pending and not self._closing:
+                    self._lock.wait()
+                if not self._pending:
+                    return
+                key, staged = next(iter(self._pending.items()))
+            try:
+                self._client.upload_file(str(staged), self.bucket, key)
+            except Exception as error:  # an outage: warn, keep the file queued, retry later
+                log.warning("S3 upload of s3://%s/%s failed (%s); retrying in %.0f s", self.bucket, key,
+                            str(error).splitlines()[0][:160], backoff)
+                with self._lock:
+                    self._lock.wait(backoff)
+                backoff = min(self._max_backoff, backoff * 2)
+                continue
+            backoff = 1.0
+            with self._lock:
+                if self._pending.get(key) is staged:
+                    del self._pending[key]
+                staged.unlink(missing_ok=True)
+                self.uploaded += 1
+
+    def close(self, timeout_s: float) -> list[str]:
+        """Waits up to `timeout_s` for the queue to drain; returns the keys still not uploaded."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            self._closing = True
+            self._lock.notify_all()
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            self._thread.join(timeout=0.2)
+            with self._lock:
+                self._lock.notify_all()  # cut a backoff wait short: we are leaving
+        return self.pending()
+
+    def download(self, name: str, dest: str | Path) -> bool:
+        """Fetches `<prefix>/<name>` to `dest` (atomically); False when it is not there."""
+        dest = Path(dest)
+        tmp = dest.with_name(f".{dest.name}.download")
+        try:
+            self._client.download_file(self.bucket, s3.join_key(self.prefix, name), str(tmp))
+        except Exception:
+            tmp.unlink(missing_ok=True)
+            return False
+        tmp.replace(dest)
+        return True
