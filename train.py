@@ -16,7 +16,6 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -28,11 +27,12 @@ from dali_imagenet import checkpoint as ckpt
 from dali_imagenet import make_loader
 from dali_imagenet.config import ConfigError, load_config, to_dict
 from dali_imagenet.metrics import RunLogger, evaluate, wandb_wanted
-from dali_imagenet.mixing import MixConfig, mix_batch, soft_target_cross_entropy
+from dali_imagenet.mixing import MixConfig
 from dali_imagenet.model import build_model
 from dali_imagenet.s3sync import S3Sync
 from dali_imagenet.schedule import lr_at, parameter_groups, scaled_lr
 from dali_imagenet.shards import ShardError
+from dali_imagenet.step import train_step
 
 
 def parse_args() -> argparse.Namespace:
@@ -205,7 +205,6 @@ def main() -> None:
         return bool(value.item())
 
     # ---- the loop
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
     loss_sum = torch.zeros((), device=device)
     first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)  # NaN/inf seen, checked at log time
     last_checkpoint = time.monotonic()
@@ -235,18 +234,10 @@ def main() -> None:
                 break
             images, labels = batch
             lr = lr_at(step, peak_lr=peak_lr, total_steps=total_steps, warmup_steps=warmup_steps, min_lr=cfg.min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             # The mixing RNG depends only on (seed, step): resumable without saving its state.
             generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step * 101 + rank)
-            images, targets = mix_batch(images, labels, num_classes, mix, generator)
-            with autocast():
-                loss = soft_target_cross_entropy(train_model(images), targets)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            loss = loss.detach()
+            loss = train_step(train_model, images, labels, optimizer, scaler, lr=lr, num_classes=num_classes,
+                              mix=mix, generator=generator, amp_dtype=amp_dtype)
             loss_sum += loss
             first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), step, first_bad_step)
             step, batch_in_epoch = step + 1, batch_in_epoch + 1

@@ -74,7 +74,7 @@ class TorchvisionLoader:
             self._batches = sum(-(-n // batch_size) for n in per_worker)
         self._loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=self._workers, pin_memory=device.type == "cuda",
-            persistent_workers=train, prefetch_factor=4)
+            persistent_workers=True, prefetch_factor=4)
         self._stream = None
 
     def __len__(self) -> int:

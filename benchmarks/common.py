@@ -1,0 +1,60 @@
+"""What every benchmark shares: the machine description, repeat statistics, isolated processes."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def machine() -> dict:
+    import torch
+
+    info = {
+        "machine": platform.node(),
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "git_commit": _git_commit(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    for package in ("torch", "torchvision", "nvidia-dali-cuda120", "webdataset", "pillow"):
+        try:
+            info[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            info[package] = None
+    return info
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def summarize(rates: list[float]) -> dict:
+    """Median and spread of repeated images/s measurements."""
+    return {"images_per_s": statistics.median(rates), "images_per_s_min": min(rates),
+            "images_per_s_max": max(rates), "repeats": len(rates), "all_images_per_s": rates}
+
+
+def run_isolated(module: str, args: list[str], timeout_s: float = 900) -> dict:
+    """Runs `python -m module args` in a fresh process (DALI pipelines in one process disturb
+    each other's timings) and returns the JSON object it prints last."""
+    result = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
+                            timeout=timeout_s)
+    if result.returncode != 0:
+        raise RuntimeError(f"{module} {' '.join(args)} failed:\n{result.stderr[-3000:]}")
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    return json.loads(lines[-1])

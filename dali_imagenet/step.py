@@ -1,0 +1,25 @@
+"""One optimisation step: mix the batch, forward under autocast, backward, SGD. No host sync."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from dali_imagenet.mixing import MixConfig, mix_batch, soft_target_cross_entropy
+
+
+def train_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, *, lr: float, num_classes: int,
+               mix: MixConfig, generator: torch.Generator | None, amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """Returns the loss as a device tensor; reading it (`.item()`) is the caller's sync, when it wants one."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr  # a Python float: setting it launches nothing
+    images, targets = mix_batch(images, labels, num_classes, mix, generator)
+    autocast = torch.autocast(images.device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    with autocast:
+        loss = soft_target_cross_entropy(model(images), targets)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)  # fused SGD on GPU: the fp16 inf check stays on the device
+    scaler.update()
+    return loss.detach()
