@@ -243,3 +243,16 @@ def test_corrupt_jpeg_is_named_not_a_hang(sample_shards, tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "ShardError" in result.stderr and f"{tar.name}: sample bad1.jpg" in result.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_gpu_mixed_decoding(sample_shards, split):
+    loader = make_loader(sample_shards, split, 16, device="cuda", image_size=SIZE)
+    images, labels = next(iter(loader))
+    assert images.is_cuda and labels.is_cuda and images.dtype == torch.float16
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    if split == "validation":  # GPU and CPU decoders agree to within rounding on the same images
+        cpu_images, cpu_labels = next(iter(make_loader(sample_shards, split, 16, device="cpu", image_size=SIZE)))
+        assert torch.equal(labels.cpu(), cpu_labels)
+        assert (images.float().cpu() - cpu_images.float()).abs().mean() < 0.05
