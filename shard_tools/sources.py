@@ -18,7 +18,7 @@ SPLITS = ("train", "validation", "test")
 IMAGEFOLDER_SPLIT_DIRS = {"train": ("train",), "validation": ("val", "validation"), "test": ("test",)}
 PARQUET_NAME = re.compile(r"^(?P<split>train|validation|test)[-_].*\.parquet$")
 SYNSET_IN_PATH = re.compile(r"(?:^|[_/])([a-z]\d{8})(?:[._/]|$)")
-IMAGENET_CLASSES = Path(__file__).with_name("data") / "imagenet1k_classes.tsv"
+IMAGENET_CLASSES = Path(__file__).with_name("imagenet1k_classes.tsv")
 
 
 class SourceError(Exception):
