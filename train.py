@@ -144,7 +144,7 @@ def main() -> None:
             if found is None and args.s3:
                 # Every rank needs the file: rank 0 fetches it, the others wait at the barrier.
                 if master:
-                    S3Sync(args.s3).download(ckpt.LAST, run_dir / ckpt.LAST)
+                    uploader.download(ckpt.LAST, run_dir / ckpt.LAST)
                 if world > 1:
                     dist.barrier()
                 found = ckpt.newest_valid(run_dir)
@@ -191,9 +191,9 @@ def main() -> None:
         if is_best:
             ckpt.mark_best(run_dir)
         if uploader:
-            uploader.push(run_dir / ckpt.LAST)
+            uploader.push(run_dir / ckpt.LAST, replaced_by_rename=True)
             if is_best:
-                uploader.push(run_dir / ckpt.BEST)
+                uploader.push(run_dir / ckpt.BEST, replaced_by_rename=True)
             uploader.push(logger.path)
 
     def agree(flag: bool) -> bool:
@@ -309,7 +309,7 @@ def main() -> None:
         dist.all_gather_object(checksums, checksum)
     if master:
         if stopping is None:
-            torch.save(ckpt.unwrap(model).state_dict(), run_dir / "final_weights.pt")
+            ckpt.save_atomic(ckpt.unwrap(model).state_dict(), run_dir / "final_weights.pt")
         logger.log({"step": step, "event": "stopped" if stopping else "finished", "reason": stopping,
                     "replica_checksums": checksums, "replicas_identical": len(set(checksums)) == 1})
         logger.close()
@@ -317,7 +317,7 @@ def main() -> None:
               f"checkpoint {run_dir / ckpt.LAST}")
         if uploader:
             if stopping is None:
-                uploader.push(run_dir / "final_weights.pt")
+                uploader.push(run_dir / "final_weights.pt", replaced_by_rename=True)
             uploader.push(logger.path)
             pending = uploader.close(cfg.s3_flush_timeout_s)
             if pending:

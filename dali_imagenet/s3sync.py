@@ -18,6 +18,14 @@ from dali_imagenet import s3
 log = logging.getLogger(__name__)
 
 
+def _hardlink(source: Path, link: Path) -> bool:
+    try:
+        link.hardlink_to(source)
+        return True
+    except OSError:  # another file system, or none that supports links
+        return False
+
+
 class S3Sync:
     def __init__(self, url: str, max_backoff_s: float = 30.0):
         self.bucket, self.prefix = s3.split_s3_url(url)
@@ -32,15 +40,14 @@ class S3Sync:
         self._thread = threading.Thread(target=self._run, name="s3sync", daemon=True)
         self._thread.start()
 
-    def push(self, path: str | Path, name: str | None = None) -> None:
-        """Queues `path` for upload as `<prefix>/<name>`; a snapshot is taken now, so the file may
-        change or be replaced right after."""
+    def push(self, path: str | Path, *, replaced_by_rename: bool = False) -> None:
+        """Queues `path` for upload as `<prefix>/<name>`. A snapshot is taken now, so the file may
+        change right after: a hard link for files that are only ever replaced by rename
+        (checkpoints: no copy of hundreds of MB), a copy for files appended in place."""
         path = Path(path)
-        key = s3.join_key(self.prefix, name or path.name)
+        key = s3.join_key(self.prefix, path.name)
         staged = self._staging / f"{key.replace('/', '_')}.{time.monotonic_ns()}"
-        try:
-            staged.hardlink_to(path)  # the checkpoint is replaced by rename, never rewritten: a link is a snapshot
-        except OSError:
+        if not (replaced_by_rename and _hardlink(path, staged)):
             shutil.copyfile(path, staged)
         with self._lock:
             old = self._pending.pop(key, None)
