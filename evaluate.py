@@ -59,7 +59,7 @@ def main() -> None:
     model = model.to(device, memory_format=torch.channels_last)
     try:
         loader = make_loader(args.data, args.split, args.batch_size, device=device, image_size=image_size,
-                             dtype=torch.float32 if amp_dtype is None else torch.float16,
+                             dtype=torch.float16 if (amp_dtype is not None and device.type == "cuda") else torch.float32,
                              backend="dali" if args.dali else "torchvision", train=False)
     except (ShardError, ValueError) as error:
         sys.exit(f"error: {error}")

