@@ -182,9 +182,18 @@ def main() -> None:
     if uploader:
         uploader.push(run_dir / "config.yaml")
 
+    def stop_if_loss_went_bad() -> None:
+        bad = int(first_bad_step.item())  # a host sync: only at log steps and before checkpoints
+        if bad >= 0:
+            if logger:
+                logger.close()
+            fail(f"loss is NaN or inf at step {bad}; stopping with the last good checkpoint "
+                 f"({run_dir / ckpt.LAST}) untouched")
+
     def save_checkpoint(is_best: bool = False) -> None:
         if not master:
             return
+        stop_if_loss_went_bad()  # never let a NaN model replace a good checkpoint
         state = {"model": ckpt.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                  "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                  "rng": ckpt.rng_state(), "config": to_dict(cfg), "arch": cfg.arch, "num_classes": num_classes,
@@ -249,12 +258,7 @@ def main() -> None:
 
             at_log = step % cfg.log_every == 0 or batch_in_epoch == steps_per_epoch
             if at_log:  # the only host sync of the step loop
-                bad = int(first_bad_step.item())
-                if bad >= 0:
-                    if logger:
-                        logger.close()
-                    fail(f"loss is NaN or inf at step {bad}; stopping with the last good checkpoint "
-                         f"({run_dir / ckpt.LAST}) untouched")
+                stop_if_loss_went_bad()
                 elapsed = time.perf_counter() - window_start
                 record = {"step": step, "epoch": epoch, "lr": lr, "loss": loss_sum.item() / window_steps,
                           "images_per_s": window_images * world / elapsed, "data_wait": window_wait / elapsed}

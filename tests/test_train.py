@@ -164,8 +164,10 @@ def test_training_survives_an_s3_outage(sample_shards, tmp_path, s3_server):
     assert "still pending at exit" in stderr
 
 
-def test_nan_loss_stops_with_the_step_named(sample_shards, tmp_path):
-    result = train(sample_shards, tmp_path / "run", "lr=1e30", "mixup_alpha=0", "cutmix_alpha=0", check=False)
+@pytest.mark.parametrize("log_every", [1, 1000])  # 1000: caught by the check before the checkpoint at max_steps
+def test_nan_loss_stops_with_the_step_named(sample_shards, tmp_path, log_every):
+    result = train(sample_shards, tmp_path / "run", "lr=1e30", "mixup_alpha=0", "cutmix_alpha=0",
+                   f"log_every={log_every}", "max_steps=4", check=False)
     assert result.returncode == 1
     assert "loss is NaN or inf at step" in result.stderr
     assert "Traceback" not in result.stderr
