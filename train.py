@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import math
 import os
 import signal
 import sys
@@ -24,7 +23,7 @@ import yaml
 from tqdm import tqdm
 
 from dali_imagenet import checkpoint as ckpt
-from dali_imagenet import make_loader
+from dali_imagenet import make_loader, s3
 from dali_imagenet.config import ConfigError, load_config, to_dict
 from dali_imagenet.metrics import RunLogger, evaluate, wandb_wanted
 from dali_imagenet.mixing import MixConfig
@@ -98,6 +97,8 @@ def main() -> None:
     input_dtype = torch.float16 if (amp_dtype is not None and device.type == "cuda") else torch.float32
     torch.manual_seed(cfg.seed * 1009 + rank)
 
+    if world > 1 and args.out is None:
+        fail("--out is needed with torchrun: every rank must use the same run folder")
     run_dir = Path(args.out or f"runs/{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
     if master:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -143,13 +144,12 @@ def main() -> None:
         found = None
         if args.resume == "auto":
             found = ckpt.newest_valid(run_dir)
-            if found is None and args.s3:
-                # Every rank needs the file: rank 0 fetches it, the others wait at the barrier.
-                if master:
-                    uploader.download(ckpt.LAST, run_dir / ckpt.LAST)
-                if world > 1:
-                    dist.barrier()
-                found = ckpt.newest_valid(run_dir)
+            if found is None and args.s3 and local_rank == 0:  # one download per machine
+                run_dir.mkdir(parents=True, exist_ok=True)
+                s3.download(args.s3, ckpt.LAST, run_dir / ckpt.LAST)
+            if world > 1:
+                dist.barrier()
+            found = found or ckpt.newest_valid(run_dir)
         else:
             try:
                 found = (Path(args.resume), ckpt.load(args.resume))
@@ -170,6 +170,12 @@ def main() -> None:
                 print(f"resumed from {path} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
         elif master:
             print("no checkpoint to resume from; starting fresh")
+        if world > 1:  # machines read their own disks: they must have found the same checkpoint
+            steps = [None] * world
+            dist.all_gather_object(steps, step)
+            if len(set(steps)) > 1:
+                fail(f"ranks found checkpoints of different steps {steps}; put the same last.pt in every "
+                     f"machine's {run_dir} or resume from --s3 with empty run folders")
 
     train_model = model
     if world > 1:

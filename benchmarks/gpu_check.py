@@ -11,7 +11,6 @@ DALI and no internet. Finishes in a few minutes and prints a short table.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import time

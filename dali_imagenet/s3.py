@@ -33,3 +33,20 @@ def client():
     # Bounded retries and timeouts: a dead endpoint must fail a call, not hang the caller.
     config = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=60)
     return boto3.client("s3", endpoint_url=endpoint or None, config=config)
+
+
+def download(url: str, name: str, dest) -> bool:
+    """Fetches `<url>/<name>` to `dest`, atomically (a temporary name, then a rename); False when
+    the object is not there or S3 cannot be reached."""
+    from pathlib import Path
+
+    bucket, prefix = split_s3_url(url)
+    dest = Path(dest)
+    tmp = dest.with_name(f".{dest.name}.download")
+    try:
+        client().download_file(bucket, join_key(prefix, name), str(tmp))
+    except Exception:
+        tmp.unlink(missing_ok=True)
+        return False
+    tmp.replace(dest)
+    return True

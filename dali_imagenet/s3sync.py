@@ -96,15 +96,3 @@ class S3Sync:
             with self._lock:
                 self._lock.notify_all()  # cut a backoff wait short: we are leaving
         return self.pending()
-
-    def download(self, name: str, dest: str | Path) -> bool:
-        """Fetches `<prefix>/<name>` to `dest` (atomically); False when it is not there."""
-        dest = Path(dest)
-        tmp = dest.with_name(f".{dest.name}.download")
-        try:
-            self._client.download_file(self.bucket, s3.join_key(self.prefix, name), str(tmp))
-        except Exception:
-            tmp.unlink(missing_ok=True)
-            return False
-        tmp.replace(dest)
-        return True

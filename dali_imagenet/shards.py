@@ -100,7 +100,7 @@ def _from_timm_layout(root: Path, split: str, cache: Path) -> SplitShards:
                   for p in folder.glob("*.tar") if pattern.search(p.name))
     if not tars:
         raise ShardError(f"{root}: no {MANIFEST} and no *-{names[0]}-NNNN.tar shards (timm/imagenet-1k-wds layout)")
-    indices, samples, max_label = [], 0, -1
+    indices, samples = [], 0
     for tar in tars:
         stat = tar.stat()
         # Keyed by path, size and mtime: a replaced shard gets a new index.

@@ -1,7 +1,6 @@
 """Model builder (torchvision compatibility, drop path), LR schedule, config and checkpoint files."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
