@@ -18,6 +18,7 @@ from dali_imagenet.checkpoint import load
 from dali_imagenet.metrics import evaluate
 from dali_imagenet.model import LAYOUTS, build_model
 from dali_imagenet.shards import ShardError
+from dali_imagenet.step import AMP_DTYPES, input_dtype
 
 
 def main() -> None:
@@ -54,12 +55,12 @@ def main() -> None:
     amp = args.amp or config.get("amp_dtype", "float32")
     if amp == "float16" and device.type != "cuda":
         amp = "bfloat16"
-    amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}[amp]
+    amp_dtype = AMP_DTYPES[amp]
     image_size = args.image_size or config.get("val_image_size", 224)
     model = model.to(device, memory_format=torch.channels_last)
     try:
         loader = make_loader(args.data, args.split, args.batch_size, device=device, image_size=image_size,
-                             dtype=torch.float16 if (amp_dtype is not None and device.type == "cuda") else torch.float32,
+                             dtype=input_dtype(amp_dtype, device),
                              backend="dali" if args.dali else "torchvision", train=False)
     except (ShardError, ValueError) as error:
         sys.exit(f"error: {error}")

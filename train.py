@@ -31,7 +31,7 @@ from dali_imagenet.model import build_model
 from dali_imagenet.s3sync import S3Sync
 from dali_imagenet.schedule import lr_at, parameter_groups, scaled_lr
 from dali_imagenet.shards import ShardError
-from dali_imagenet.step import train_step
+from dali_imagenet.step import AMP_DTYPES, input_dtype, train_step
 
 
 def parse_args() -> argparse.Namespace:
@@ -91,10 +91,8 @@ def main() -> None:
     master = rank == 0
     if cfg.amp_dtype == "float16" and device.type != "cuda":
         fail("amp_dtype float16 needs a GPU; use bfloat16 or float32 on the CPU")
-    amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}[cfg.amp_dtype]
-    # Half-size batches halve the loader's GPU memory traffic; on the CPU, DALI's fp16 conversion
-    # costs ~20 % of its throughput, more than autocast's cast of an fp32 input.
-    input_dtype = torch.float16 if (amp_dtype is not None and device.type == "cuda") else torch.float32
+    amp_dtype = AMP_DTYPES[cfg.amp_dtype]
+    batch_dtype = input_dtype(amp_dtype, device)
     torch.manual_seed(cfg.seed * 1009 + rank)
 
     if world > 1 and args.out is None:
@@ -112,13 +110,13 @@ def main() -> None:
 
     def train_loader(epoch: int):
         return make_loader(args.data, "train", cfg.batch_size, device=device, image_size=cfg.image_size,
-                           rank=rank, world_size=world, seed=cfg.seed, epoch=epoch, dtype=input_dtype,
+                           rank=rank, world_size=world, seed=cfg.seed, epoch=epoch, dtype=batch_dtype,
                            backend=backend, num_threads=cfg.loader_threads, shuffle_buffer=cfg.shuffle_buffer)
 
     try:
-        loader = train_loader(0)
+        loader, loader_epoch = train_loader(0), 0  # also tells the epoch length and the classes
         val_loader = make_loader(args.data, "validation", cfg.batch_size, device=device,
-                                 image_size=cfg.val_image_size, rank=rank, world_size=world, dtype=input_dtype,
+                                 image_size=cfg.val_image_size, rank=rank, world_size=world, dtype=batch_dtype,
                                  backend=backend, num_threads=cfg.loader_threads)
     except (ShardError, ValueError) as error:
         fail(str(error))
@@ -231,9 +229,9 @@ def main() -> None:
               f"x {cfg.epochs} epochs, global batch {global_batch}, peak LR {peak_lr:g}, {backend} loader on "
               f"{device.type}, {world} process(es), run folder {run_dir}")
     while epoch < cfg.epochs and stopping is None:
-        if epoch > 0 or step > 0:
+        if loader_epoch != epoch:
             del loader  # free the previous epoch's DALI pipeline (and its GPU buffers) first
-            loader = train_loader(epoch)
+            loader, loader_epoch = train_loader(epoch), epoch
         batches = iter(loader)
         for _ in range(batch_in_epoch):  # resuming mid-epoch: replay the epoch's order up to where it stopped
             next(batches)
@@ -245,8 +243,8 @@ def main() -> None:
         while True:
             wait_start = time.perf_counter()
             batch = next(batches, None)
-            window_wait += time.perf_counter() - wait_start
-            epoch_wait += time.perf_counter() - wait_start
+            waited = time.perf_counter() - wait_start
+            window_wait, epoch_wait = window_wait + waited, epoch_wait + waited
             if batch is None:
                 break
             images, labels = batch

@@ -59,13 +59,19 @@ def loader_runs(shards: dict[str, Path], device: str, smoke: bool):
                            ["--backend", backend, "--split", split, "--device", dev, *common, *timing])
 
 
-def step_runs(device: str, smoke: bool):
+def step_sizes(device: str, smoke: bool) -> tuple[str, int, int, list[str]]:
+    """(arch, batch, image size, timing flags), shared by the synthetic and end-to-end runs so that
+    an end-to-end rate is always compared with the ceiling measured at the same sizes."""
     if smoke:
-        arch, batch, size, timing = "resnet18", 4, 32, ["--warmup-steps", "1", "--steps", "1", "--repeats", "3"]
-    elif device == "cuda":
-        arch, batch, size, timing = "resnet50", 256, 224, ["--warmup-steps", "5", "--steps", "20", "--repeats", "3"]
-    else:  # 2 CPU cores: a smaller input keeps this stage to minutes
-        arch, batch, size, timing = "resnet50", 16, 128, ["--warmup-steps", "1", "--steps", "3", "--repeats", "3"]
+        return "resnet18", 4, 32, ["--warmup-steps", "1", "--steps", "2", "--repeats", "3"]
+    if device == "cuda":
+        return "resnet50", 256, 224, ["--warmup-steps", "5", "--steps", "20", "--repeats", "3"]
+    # 2 CPU cores: a smaller input keeps this stage to minutes
+    return "resnet50", 16, 128, ["--warmup-steps", "1", "--steps", "3", "--repeats", "3"]
+
+
+def step_runs(device: str, smoke: bool):
+    arch, batch, size, timing = step_sizes(device, smoke)
     dtypes = ["float32", "bfloat16"] + (["float16"] if device == "cuda" else [])
     compiles = [False] if smoke else [False, True]
     for dtype in dtypes:
@@ -80,9 +86,7 @@ def step_runs(device: str, smoke: bool):
 
 
 def end_to_end_runs(shards: dict[str, Path], device: str, smoke: bool):
-    arch, batch, size, timing = ("resnet18", 4, 32, ["--warmup-steps", "1", "--steps", "2", "--repeats", "3"]) \
-        if smoke else (("resnet50", 256, 224, ["--warmup-steps", "5", "--steps", "20", "--repeats", "3"])
-                       if device == "cuda" else ("resnet50", 16, 128, ["--warmup-steps", "1", "--steps", "3", "--repeats", "3"]))
+    arch, batch, size, timing = step_sizes(device, smoke)
     dtype = "bfloat16"
     for backend in ("dali",) if smoke else ("dali", "torchvision"):
         yield ({"stage": "end-to-end", "name": f"{backend} -> {arch} {dtype} NHWC", "backend": backend, "arch": arch,

@@ -49,6 +49,12 @@ def summarize(rates: list[float]) -> dict:
             "images_per_s_max": max(rates), "repeats": len(rates), "all_images_per_s": rates}
 
 
+def endless(loader):
+    """Batches across epoch boundaries: a timed window must not stop at an epoch's end."""
+    while True:
+        yield from loader
+
+
 def run_isolated(module: str, args: list[str], timeout_s: float = 900) -> dict:
     """Runs `python -m module args` in a fresh process (DALI pipelines in one process disturb
     each other's timings) and returns the JSON object it prints last."""

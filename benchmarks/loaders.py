@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from benchmarks.common import summarize
+from benchmarks.common import endless, summarize
 
 
 def measure_loader(data: str, backend: str, split: str, batch_size: int, device: str, image_size: int,
@@ -21,11 +21,7 @@ def measure_loader(data: str, backend: str, split: str, batch_size: int, device:
     loader = make_loader(data, split, batch_size, device=device, image_size=image_size, backend=backend,
                          num_threads=threads, train=split == "train")
 
-    def endless():
-        while True:
-            yield from loader
-
-    stream = endless()
+    stream = endless(loader)
     for _ in range(warmup_batches):  # pipeline start, worker start, first allocations
         next(stream)
     rates = []

@@ -12,13 +12,11 @@ import time
 
 import torch
 
-from benchmarks.common import summarize
+from benchmarks.common import endless, summarize
 from dali_imagenet.mixing import MixConfig
 from dali_imagenet.model import build_model
 from dali_imagenet.schedule import parameter_groups
-from dali_imagenet.step import train_step
-
-DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from dali_imagenet.step import AMP_DTYPES, input_dtype, train_step
 
 
 def make_training(arch: str, num_classes: int, device: torch.device, dtype: str, channels_last: bool,
@@ -33,7 +31,7 @@ def make_training(arch: str, num_classes: int, device: torch.device, dtype: str,
 
     def step(images, labels, mix=MixConfig()):
         return train_step(step_model, images, labels, optimizer, scaler, lr=0.1, num_classes=num_classes, mix=mix,
-                          generator=None, amp_dtype=DTYPES[dtype])
+                          generator=None, amp_dtype=AMP_DTYPES[dtype])
     return step
 
 
@@ -41,9 +39,8 @@ def synthetic(args) -> dict:
     device = torch.device(args.device)
     step = make_training(args.arch, 1000, device, args.dtype, args.channels_last, args.compile)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    input_dtype = torch.float32 if args.dtype == "float32" else torch.float16
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device,
-                         dtype=input_dtype).contiguous(memory_format=memory_format)
+                         dtype=input_dtype(AMP_DTYPES[args.dtype], device)).contiguous(memory_format=memory_format)
     labels = torch.randint(0, 1000, (args.batch_size,), device=device)
     start = time.perf_counter()
     for _ in range(args.warmup_steps):  # cuDNN autotuning, torch.compile
@@ -66,14 +63,10 @@ def end_to_end(args) -> dict:
     device = torch.device(args.device)
     loader = make_loader(args.data, "train", args.batch_size, device=device, image_size=args.image_size,
                          backend=args.backend, num_threads=args.threads,
-                         dtype=torch.float32 if args.dtype == "float32" else torch.float16)
+                         dtype=input_dtype(AMP_DTYPES[args.dtype], device))
     step = make_training(args.arch, loader.num_classes, device, args.dtype, args.channels_last, args.compile)
 
-    def endless():
-        while True:
-            yield from loader
-
-    stream = endless()
+    stream = endless(loader)
     for _ in range(args.warmup_steps):
         loss = step(*next(stream))
     loss.item()
@@ -98,7 +91,7 @@ def main() -> None:
     parser.add_argument("mode", choices=["synthetic", "end-to-end"])
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
+    parser.add_argument("--dtype", choices=list(AMP_DTYPES), default="bfloat16")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--batch-size", type=int, default=256)

@@ -64,7 +64,7 @@ class DaliLoader:
 
         from dali_imagenet.pipelines import imagenet_pipeline
 
-        self.shards, self.batch_size, self.train, self.device = shards, batch_size, train, device
+        self.shards, self.batch_size, self.train = shards, batch_size, train
         self.num_samples = shards.samples
         self.num_classes = shards.num_classes
         # DALI has no bfloat16 output: emit float16 and convert on the device (one cheap kernel).
@@ -98,11 +98,11 @@ class DaliLoader:
 
     def __iter__(self):
         remaining = self._real_rank_samples
-        for step in range(self._batches):
+        for _ in range(self._batches):
             try:
                 batch = next(self._iterator)[0]
-            except StopIteration:
-                break
+            except StopIteration:  # fewer batches on one rank would leave the others waiting
+                raise RuntimeError(f"DALI's epoch is shorter than the {self._batches} batches computed for it") from None
             except RuntimeError as error:
                 raise ShardError(_dali_message(error, self.shards)) from None
             images = batch["images"].permute(0, 3, 1, 2)  # NHWC memory -> NCHW view, channels_last
@@ -114,14 +114,13 @@ class DaliLoader:
                 remaining -= self.batch_size
                 images, labels = images[:keep], labels[:keep]
             yield images, labels
-        else:
-            # All our batches were taken; DALI must now be at its epoch end (auto_reset then starts
-            # the next epoch). A batch here would mean our count and DALI's disagree.
-            try:
-                next(self._iterator)
-            except StopIteration:
-                return
-            raise RuntimeError(f"DALI's epoch is longer than the {self._batches} batches computed for it")
+        # All our batches were taken; DALI must now be at its epoch end (auto_reset then starts
+        # the next epoch). A batch here would mean our count and DALI's disagree.
+        try:
+            next(self._iterator)
+        except StopIteration:
+            return
+        raise RuntimeError(f"DALI's epoch is longer than the {self._batches} batches computed for it")
 
 
 def _dali_message(error: Exception, shards: SplitShards) -> str:

@@ -36,7 +36,6 @@ class S3Sync:
         self._closing = False
         self._max_backoff = max_backoff_s
         self._staging = Path(tempfile.mkdtemp(prefix="s3sync-"))
-        self.uploaded = 0
         self._thread = threading.Thread(target=self._run, name="s3sync", daemon=True)
         self._thread.start()
 
@@ -83,7 +82,6 @@ class S3Sync:
                 if self._pending.get(key) is staged:
                     del self._pending[key]
                 staged.unlink(missing_ok=True)
-                self.uploaded += 1
 
     def close(self, timeout_s: float) -> list[str]:
         """Waits up to `timeout_s` for the queue to drain; returns the keys still not uploaded."""
