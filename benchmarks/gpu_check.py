@@ -42,13 +42,14 @@ def time_cuda(fn, repeats: int) -> list[float]:
 
 
 def mixing_cost(batch: int, size: int, device: torch.device, repeats: int) -> dict:
+    from dali_imagenet.config import TrainConfig
     from dali_imagenet.mixing import MixConfig, mix_batch
 
     images = torch.randn(batch, 3, size, size, device=device, dtype=torch.float16).contiguous(
         memory_format=torch.channels_last)
     labels = torch.randint(0, 1000, (batch,), device=device)
     generator = torch.Generator(device).manual_seed(0)
-    run = lambda: mix_batch(images, labels, 1000, MixConfig(), generator)
+    run = lambda: mix_batch(images, labels, 1000, MixConfig.from_config(TrainConfig()), generator)
     run()
     if device.type == "cuda":
         torch.cuda.set_sync_debug_mode("error")  # any host sync inside raises

@@ -38,21 +38,14 @@ def measure_loader(data: str, backend: str, split: str, batch_size: int, device:
 
 
 def jpegs_of(data: str, split: str, limit: int) -> list[bytes]:
+    import itertools
+
+    from dali_imagenet.shardformat import iter_components
     from dali_imagenet.shards import find_shards
 
     shards = find_shards(data, split)
-    out = []
-    for tar, idx in zip(shards.tars, shards.indices):
-        with open(tar, "rb") as f:
-            for line in open(idx).read().splitlines()[1:]:
-                fields = line.split()
-                for ext, offset, size, _ in zip(*[iter(fields)] * 4):
-                    if ext == "jpg":
-                        f.seek(int(offset))
-                        out.append(f.read(int(size)))
-                if len(out) >= limit:
-                    return out
-    return out
+    jpegs = (jpeg for tar, idx in zip(shards.tars, shards.indices) for _, jpeg in iter_components(tar, idx, "jpg"))
+    return list(itertools.islice(jpegs, limit))
 
 
 def decode_limit(data: str, split: str, limit: int, repeats: int, threads: int) -> dict:

@@ -13,10 +13,12 @@ import time
 import torch
 
 from benchmarks.common import endless, summarize
+from dali_imagenet.config import TrainConfig
 from dali_imagenet.mixing import MixConfig
 from dali_imagenet.model import build_model
+from dali_imagenet.precision import AMP_DTYPES, Precision
 from dali_imagenet.schedule import parameter_groups
-from dali_imagenet.step import AMP_DTYPES, input_dtype, train_step
+from dali_imagenet.step import train_step
 
 
 def make_training(arch: str, num_classes: int, device: torch.device, dtype: str, channels_last: bool,
@@ -26,12 +28,14 @@ def make_training(arch: str, num_classes: int, device: torch.device, dtype: str,
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(parameter_groups(model, 1e-4), lr=0.1, momentum=0.9, nesterov=True,
                                 fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
+    precision = Precision.for_device(dtype, device)
+    scaler = precision.scaler()
     step_model = torch.compile(model) if compile_model else model
+    mix = MixConfig.from_config(TrainConfig())  # the default recipe's mixup/cutmix and label smoothing
 
-    def step(images, labels, mix=MixConfig()):
+    def step(images, labels):
         return train_step(step_model, images, labels, optimizer, scaler, lr=0.1, num_classes=num_classes, mix=mix,
-                          generator=None, amp_dtype=AMP_DTYPES[dtype])
+                          generator=None, precision=precision)
     return step
 
 
@@ -40,7 +44,7 @@ def synthetic(args) -> dict:
     step = make_training(args.arch, 1000, device, args.dtype, args.channels_last, args.compile)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device,
-                         dtype=input_dtype(AMP_DTYPES[args.dtype], device)).contiguous(memory_format=memory_format)
+                         dtype=Precision.for_device(args.dtype, device).loader_dtype).contiguous(memory_format=memory_format)
     labels = torch.randint(0, 1000, (args.batch_size,), device=device)
     start = time.perf_counter()
     for _ in range(args.warmup_steps):  # cuDNN autotuning, torch.compile
@@ -63,7 +67,7 @@ def end_to_end(args) -> dict:
     device = torch.device(args.device)
     loader = make_loader(args.data, "train", args.batch_size, device=device, image_size=args.image_size,
                          backend=args.backend, num_threads=args.threads,
-                         dtype=input_dtype(AMP_DTYPES[args.dtype], device))
+                         dtype=Precision.for_device(args.dtype, device).loader_dtype)
     step = make_training(args.arch, loader.num_classes, device, args.dtype, args.channels_last, args.compile)
 
     stream = endless(loader)

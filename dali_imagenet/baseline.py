@@ -1,42 +1,47 @@
 """The baseline loader: what users run without DALI, behind the same interface as `DaliLoader`.
 
 The `webdataset` library reads the shards, `torchvision.io.decode_jpeg` decodes on the CPU
-(libjpeg-turbo), `transforms.v2` augments, a `DataLoader` spreads the work over processes.
-The benchmarks compare against it.
+(libjpeg-turbo), `transforms.v2` augments, a `DataLoader` spreads the work over processes. The
+benchmarks compare against it. It reads exactly the samples DALI's reader would give the rank
+(`loader.rank_range`, padded alike), so both backends count batches by one rule. A mid-epoch
+resume replays the epoch's batches up to the stop point (DALI's loader restores its reader instead).
 """
 from __future__ import annotations
 
 import itertools
+import random
 
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms import v2
 
 from dali_imagenet import s3
-from dali_imagenet.pipelines import IMAGENET_MEAN, IMAGENET_STD, val_resize_size
+from dali_imagenet.loader import rank_range
+from dali_imagenet.preprocess import train_transform, val_transform
 from dali_imagenet.shards import ShardError, SplitShards
 
 
-def _samples_in(index_path: str) -> int:
-    with open(index_path) as f:
-        return int(f.readline().split()[1])
+def rank_pieces(shards: SplitShards, world_size: int, rank: int) -> list[tuple[str, int, int]]:
+    """(tar, first sample, count) runs that make up the rank's samples, padded to ceil(N / W)
+    with a repeat of its last sample, as DALI's `pad_last_batch` pads."""
+    first, end = rank_range(shards.samples, world_size, rank)
+    pieces, start = [], 0
+    for tar, count in zip(shards.tars, shards.counts):
+        lo, hi = max(first, start), min(end, start + count)
+        if lo < hi:
+            pieces.append((tar, lo - start, hi - lo))
+        start += count
+    if end - first < -(-shards.samples // world_size):
+        tar, offset, count = pieces[-1]
+        pieces.append((tar, offset + count - 1, 1))
+    return pieces
 
 
 class Transform:
     """Picklable per-sample transform for the DataLoader workers."""
 
-    def __init__(self, train: bool, image_size: int, dtype: torch.dtype):
-        if train:
-            geometry = [v2.RandomResizedCrop(image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
-                        v2.RandomHorizontalFlip()]
-        else:
-            geometry = [v2.Resize(val_resize_size(image_size), antialias=True), v2.CenterCrop(image_size)]
-        self.pipeline = v2.Compose([
-            *geometry,
-            v2.ToDtype(torch.float32, scale=False),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-            v2.ToDtype(dtype),
-        ])
+    def __init__(self, train: bool, image_size: int, crop_fraction: float, dtype: torch.dtype):
+        self.pipeline = (train_transform(image_size, dtype) if train
+                         else val_transform(image_size, crop_fraction, dtype))
 
     def __call__(self, sample):
         jpeg, cls = sample
@@ -44,49 +49,100 @@ class Transform:
         return self.pipeline(image), int(cls)
 
 
-class TorchvisionLoader:
-    def __init__(self, shards: SplitShards, batch_size: int, *, device: torch.device, image_size: int, rank: int,
-                 world_size: int, seed: int, dtype: torch.dtype, train: bool, workers: int, shuffle_buffer: int):
+class RankSamples(torch.utils.data.IterableDataset):
+    """The rank's pieces, split over the DataLoader's workers, each worker batching its own stream."""
+
+    def __init__(self, pieces, transform, batch_size: int, shuffle_buffer: int, seed: int, train: bool):
+        self.pieces, self.transform, self.batch_size = pieces, transform, batch_size
+        self.shuffle_buffer, self.seed, self.train = shuffle_buffer, seed, train
+        self.epoch = -1  # counted in each worker: persistent workers keep their own copy
+
+    def __iter__(self):
         import webdataset as wds
 
+        self.epoch += 1
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        pieces = list(self.pieces)
+        if self.train:
+            random.Random(self.seed * 7919 + self.epoch).shuffle(pieces)
+        stages = [_read(pieces[worker::workers])]
+        if self.train:
+            stages.append(wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 256),
+                                      rng=random.Random(self.seed * 7919 + self.epoch * 131 + worker)))
+        stages += [wds.to_tuple("jpg", "cls"), wds.map(self.transform), wds.batched(self.batch_size, partial=True)]
+        yield from wds.DataPipeline(*stages)
+
+
+def _read(pieces):
+    import webdataset as wds
+
+    def samples():
+        for tar, first, count in pieces:
+            shard = wds.DataPipeline(wds.SimpleShardList([tar]), wds.tarfile_to_samples())
+            yield from itertools.islice(shard, first, first + count)
+    return samples
+
+
+class TorchvisionLoader:
+    def __init__(self, shards: SplitShards, batch_size: int, *, device: torch.device, image_size: int, rank: int,
+                 world_size: int, batches: int, seed: int, dtype: torch.dtype, train: bool, threads: int,
+                 shuffle_buffer: int, crop_fraction: float, resume: dict | None):
         if any(s3.is_s3(t) for t in shards.tars):
             raise ShardError("the torchvision baseline reads local shards only; use the DALI loader for s3://")
-        if len(shards.tars) < world_size:
-            raise ShardError(f"{len(shards.tars)} shard(s) cannot be split over {world_size} ranks")
         self.device, self.train, self.batch_size = device, train, batch_size
         self.num_samples, self.num_classes = shards.samples, shards.num_classes
-        tars, indices = shards.tars[rank::world_size], shards.indices[rank::world_size]
-        self._workers = max(1, min(workers, len(tars)))
-        transform = Transform(train, image_size, dtype)
-        if train:
-            # Shards drawn with replacement and a sample buffer: the standard webdataset recipe.
-            # One endless stream; each epoch takes its share of batches from it.
-            dataset = (wds.WebDataset(tars, resampled=True, shardshuffle=True, seed=seed * 1009 + rank,
-                                      nodesplitter=None, empty_check=False)
-                       .shuffle(shuffle_buffer).to_tuple("jpg", "cls").map(transform)
-                       .batched(batch_size, partial=False))
-            self._batches = sum(map(_samples_in, indices)) // batch_size
-        else:
-            dataset = (wds.WebDataset(tars, shardshuffle=False, nodesplitter=None, empty_check=False)
-                       .to_tuple("jpg", "cls").map(transform).batched(batch_size, partial=True))
-            # split_by_worker gives worker w the shards w, w+W, ...; each ends on a partial batch.
-            per_worker = [sum(map(_samples_in, indices[w::self._workers])) for w in range(self._workers)]
-            self._batches = sum(-(-n // batch_size) for n in per_worker)
+        self._batches, self._empty = batches, (torch.empty((0, 3, image_size, image_size), dtype=dtype),
+                                               torch.empty(0, dtype=torch.int64))
+        self.position = resume["batch"] if resume else 0
+        self.batches_read = 0
+        pieces = rank_pieces(shards, world_size, rank)
+        first, end = rank_range(shards.samples, world_size, rank)
+        self._real_rank_samples = end - first
+        dataset = RankSamples(pieces, Transform(train, image_size, crop_fraction, dtype), batch_size, shuffle_buffer,
+                              seed, train)
         self._loader = torch.utils.data.DataLoader(
-            dataset, batch_size=None, num_workers=self._workers, pin_memory=device.type == "cuda",
-            persistent_workers=True, prefetch_factor=4)
-        self._stream = None
+            dataset, batch_size=None, num_workers=max(1, min(threads, len(pieces))),
+            pin_memory=device.type == "cuda", persistent_workers=True, prefetch_factor=4)
 
     def __len__(self) -> int:
         return self._batches
 
+    def state_dict(self) -> dict:
+        return {"batch": self.position}
+
     def __iter__(self):
-        if self.train:
-            if self._stream is None:
-                self._stream = iter(self._loader)
-            batches = itertools.islice(self._stream, self._batches)
-        else:
-            batches = iter(self._loader)
-        for images, labels in batches:
+        skip, self.position = self.position, 0
+        for images, labels in self._exact_batches():
+            self.batches_read += 1
+            self.position += 1
+            if self.position <= skip:  # resuming mid-epoch: replay up to the stop point
+                continue
             images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             yield images, labels.to(self.device, non_blocking=True)
+        self.position = 0
+
+    def _exact_batches(self):
+        """`len(self)` batches of `batch_size` from the workers' streams, whose last batches are
+        partial: partial ones are merged; train drops what is left, val yields it (short or empty)."""
+        handed, remaining, held = 0, self._real_rank_samples, None
+        for images, labels in self._loader:  # the whole epoch, so that persistent workers end it too
+            if held is not None:
+                images, labels = torch.cat([held[0], images]), torch.cat([held[1], labels])
+            while len(labels) >= self.batch_size and handed < self._batches:
+                yield self._cut(images[:self.batch_size], labels[:self.batch_size], remaining)
+                images, labels = images[self.batch_size:], labels[self.batch_size:]
+                handed, remaining = handed + 1, remaining - self.batch_size
+            held = (images, labels) if len(labels) else None
+        if handed < self._batches and self.train:
+            raise RuntimeError(f"the baseline's epoch is shorter than the {self._batches} batches computed for it")
+        while handed < self._batches:  # val: the short last batch, then empty ones
+            images, labels = held if held is not None else self._empty
+            yield self._cut(images, labels, remaining)
+            held, handed, remaining = None, handed + 1, remaining - self.batch_size
+
+    def _cut(self, images, labels, remaining: int):
+        if not self.train:  # the padding sample counts once, on the rank that owns it
+            keep = max(0, min(len(labels), remaining))
+            images, labels = images[:keep], labels[:keep]
+        return images, labels

@@ -1,4 +1,5 @@
-"""Checkpoints that a kill at any instant cannot corrupt, and finding the newest valid one.
+"""The run folder and its checkpoints: what a checkpoint holds, written so that a kill at any
+instant cannot corrupt it, read back safely, and never overwritten unless asked.
 
 A checkpoint is written to a temporary file in the run folder, flushed and fsynced, then renamed
 over `last.pt` (rename is atomic on POSIX): a crash leaves either the old or the new file, never
@@ -8,11 +9,31 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-LAST, BEST = "last.pt", "best.pt"
+LAST, BEST, FINAL = "last.pt", "best.pt", "final_weights.pt"
+METRICS, CONFIG, REPORT = "metrics.jsonl", "config.yaml", "report.html"
+RUN_FILES = (LAST, BEST, FINAL, METRICS, CONFIG, REPORT)  # what makes a folder hold a run
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message is one line naming the file."""
+
+
+@dataclass
+class TrainState:
+    """Where training stands: everything besides the weights that an exact resume needs."""
+    step: int = 0  # optimizer steps taken, over all epochs
+    epoch: int = 0  # the epoch under way (or next, when batch_in_epoch is 0)
+    batch_in_epoch: int = 0
+    best_top1: float = -1.0  # best val top-1 so far, % (EMA or raw, whichever is higher)
+    history: list = field(default_factory=list)  # one dict of val metrics per validation
+    wandb_id: str | None = None
+    loader: dict | None = None  # the train loader's mid-epoch state (None at an epoch boundary)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -35,11 +56,32 @@ def restore_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_atomic(state: dict, path: str | Path) -> Path:
+def contents(state: TrainState, *, model, optimizer, scaler, ema, config: dict, class_names) -> dict:
+    """The checkpoint as saved: weights, optimiser, state, and what `evaluate.py`, `predict.py`
+    and the report need to use the weights without the run's config at hand."""
+    return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None, "state": asdict(state), "rng": rng_state(),
+            "config": config, "arch": config["arch"], "num_classes": len(class_names),
+            "class_names": list(class_names)}
+
+
+def restore(checkpoint: dict, *, model, optimizer, scaler, ema) -> TrainState:
+    unwrap(model).load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    if ema is not None:
+        if checkpoint.get("ema") is None:
+            raise CheckpointError("the checkpoint has no EMA weights but the config asks for ema_decay; "
+                                  "resume with --set ema_decay=0")
+        ema.load_state_dict(checkpoint["ema"])
+    return TrainState(**checkpoint["state"])
+
+
+def save_atomic(obj: dict, path: str | Path) -> Path:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
-        torch.save(state, f)
+        torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -55,8 +97,6 @@ def mark_best(run_dir: str | Path) -> Path:
     try:
         os.link(run_dir / LAST, tmp)
     except OSError:  # file systems without hard links
-        import shutil
-
         shutil.copyfile(run_dir / LAST, tmp)
     os.replace(tmp, run_dir / BEST)
     _fsync_dir(run_dir)
@@ -72,27 +112,76 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def load(path: str | Path, map_location="cpu") -> dict:
-    # weights_only: a checkpoint fetched from S3 must not be able to run code.
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """Any `.pt` this project reads back (a checkpoint, final weights, a torchvision state dict).
+    weights_only: a file fetched from S3 must not be able to run code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        loaded = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:
+        first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path}: not a checkpoint: PyTorch cannot read it ({first})") from None
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"{path}: not a checkpoint: holds a {type(loaded).__name__}, not a dict")
+    return loaded
+
+
+def load_training(path: str | Path) -> dict:
+    """A checkpoint that training can resume from (not just weights)."""
+    checkpoint = load(path)
+    missing = [key for key in ("model", "optimizer", "scaler", "state", "config") if key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{path}: not a dali-imagenet training checkpoint (no {', '.join(missing)})")
+    return checkpoint
 
 
 def newest_valid(run_dir: str | Path) -> tuple[Path, dict] | None:
-    """The loadable checkpoint in `run_dir` with the highest step, or None."""
-    best = None
+    """The resumable checkpoint in `run_dir` with the highest step, or None."""
+    newest = None
     for name in (LAST, BEST):
         path = Path(run_dir) / name
         if not path.is_file():
             continue
         try:
-            state = load(path)
-        except Exception:  # truncated or foreign file: skip it, an older one may still be good
+            checkpoint = load_training(path)
+        except CheckpointError:  # truncated or foreign file: skip it, an older one may still be good
             continue
-        if best is None or state.get("step", -1) > best[1].get("step", -1):
-            best = (path, state)
-    return best
+        if newest is None or checkpoint["state"]["step"] > newest[1]["state"]["step"]:
+            newest = (path, checkpoint)
+    return newest
+
+
+def weights(checkpoint: dict, which: str = "raw") -> dict:
+    """The model weights of a loaded checkpoint: "raw", or "ema" (the exponential moving average,
+    when the run kept one), or "auto" (EMA if it scored higher at the last validation, else raw).
+    A plain state dict (final_weights.pt, torchvision's) is its own weights."""
+    if "model" not in checkpoint:
+        return checkpoint
+    ema = checkpoint.get("ema")
+    if which == "auto":
+        last = (checkpoint.get("state") or {}).get("history") or [{}]
+        which = "ema" if ema is not None and last[-1].get("ema_top1", -1) > last[-1].get("top1", -1) else "raw"
+    if which == "ema":
+        if ema is None:
+            raise CheckpointError("this checkpoint has no EMA weights (the run had ema_decay 0)")
+        return ema["weights"]
+    return checkpoint["model"]
 
 
 def clean_temporaries(run_dir: str | Path) -> None:
     """Removes temporary files a killed run left behind."""
     for tmp in Path(run_dir).glob(".*.pt.tmp-*"):
         tmp.unlink(missing_ok=True)
+
+
+def existing_run(run_dir: str | Path) -> list[str]:
+    """The run files `run_dir` already holds (empty: a new run may start there)."""
+    return [name for name in RUN_FILES if (Path(run_dir) / name).exists()]
+
+
+def clear_run(run_dir: str | Path) -> None:
+    """--overwrite: removes an earlier run's files (only those; anything else in the folder stays)."""
+    for name in existing_run(run_dir):
+        (Path(run_dir) / name).unlink()
+    shutil.rmtree(Path(run_dir) / "wandb", ignore_errors=True)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import yaml
 
+from dali_imagenet.preprocess import CROP_FRACTION
+
 
 class ConfigError(Exception):
     """A bad config file or override; the message is one line."""
@@ -19,19 +21,28 @@ class TrainConfig:
     arch: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101 | resnet152
     drop_path: float = 0.1  # stochastic depth of the last block; rises linearly from 0 with depth
     zero_init_last_bn: bool = True  # each residual branch starts as identity
+    blurpool: bool = False  # blur (3x3 binomial) before each strided conv; same weights, so still torchvision's keys
     channels_last: bool = True  # NHWC memory for model and input: tensor-core convs without transposes
-    compile: bool = False  # torch.compile the model (~1 min of compile time on a GPU)
+    compile: bool = False  # torch.compile the model (~1 min of compile time on a GPU, once per image size)
+    cuda_graph: bool = False  # GPU: capture the whole train step as one CUDA graph (static shapes; no launch cost)
     # data
-    image_size: int = 224  # px, side of the random-resized train crop
-    val_image_size: int = 224  # px, centre crop after resizing the short side to size / 0.875
+    image_size: int = 224  # px, side of the random-resized train crop (at the end of the ramp, if any)
+    min_image_size: int = 0  # px, train crop side up to ramp_start_epoch; 0: image_size throughout
+    ramp_start_epoch: int = 0  # epochs at min_image_size before the size starts to grow
+    ramp_end_epoch: int = 0  # epoch from which the size is image_size
+    image_size_step: int = 32  # px, sizes on the ramp are multiples of this (one compiled graph each)
+    val_image_size: int = 224  # px, centre crop for validation (may differ from the train size)
+    val_crop_fraction: float = CROP_FRACTION  # val: the crop's share of the resized shorter side (224 of 256)
+    val_flip: bool = False  # test-time augmentation: average the logits of each image and its mirror
     batch_size: int = 128  # images per step per process (the global batch is this x world size)
     loader_threads: int = 4  # DALI CPU threads / DataLoader workers per process
-    shuffle_buffer: int = 4096  # samples; shards are already shuffled when written
+    shuffle_buffer: int = 4096  # samples; shards are already shuffled when written, and reordered each epoch
     # optimisation
     epochs: int = 90
     lr: float = 0.1  # peak LR at the reference batch; scaled as lr x global_batch / lr_reference_batch
     lr_reference_batch: int = 128  # images
-    min_lr: float = 1e-5  # floor of the cosine decay
+    lr_schedule: str = "cosine"  # cosine | linear (to min_lr at the last step); both after the warmup
+    min_lr: float = 1e-5  # LR at the end of the schedule
     warmup_epochs: float = 5.0  # linear warmup from ~0 to the peak LR
     momentum: float = 0.9
     nesterov: bool = True
@@ -40,6 +51,8 @@ class TrainConfig:
     mixup_alpha: float = 0.2  # 0 turns mixup off
     cutmix_alpha: float = 1.0  # 0 turns cutmix off
     mix_switch_prob: float = 0.5  # with both on: probability that a batch uses cutmix
+    ema_decay: float = 0.0  # per optimizer step, e.g. 0.9998; 0: no EMA of the weights
+    ema_warmup_power: float = 0.75  # decay at step s is min(ema_decay, 1 - (1 + s)^-power)
     # precision
     amp_dtype: str = "bfloat16"  # "bfloat16" | "float16" (GPU, with a GradScaler) | "float32" (no autocast)
     # bookkeeping
@@ -52,13 +65,30 @@ class TrainConfig:
     s3_flush_timeout_s: float = 90.0  # at exit, how long to wait for pending uploads (spot notice: 120 s)
     wandb_project: str = "dali-imagenet"
 
+    def train_image_size(self, epoch: int) -> int:
+        from dali_imagenet.schedule import image_size_at
+
+        return image_size_at(epoch, image_size=self.image_size, min_image_size=self.min_image_size,
+                             ramp_start_epoch=self.ramp_start_epoch, ramp_end_epoch=self.ramp_end_epoch,
+                             step=self.image_size_step)
+
     def validate(self) -> None:
+        from dali_imagenet.model import LAYOUTS
+        from dali_imagenet.precision import AMP_DTYPES
+
         checks = [
-            (self.arch in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"), "arch must be resnet18/34/50/101/152"),
-            (self.amp_dtype in ("bfloat16", "float16", "float32"), "amp_dtype must be bfloat16, float16 or float32"),
-            (self.batch_size > 0 and self.epochs > 0 and self.image_size > 0, "batch_size, epochs, image_size must be > 0"),
+            (self.arch in LAYOUTS, f"arch must be one of {', '.join(LAYOUTS)}"),
+            (self.amp_dtype in AMP_DTYPES, f"amp_dtype must be one of {', '.join(AMP_DTYPES)}"),
+            (self.lr_schedule in ("cosine", "linear"), "lr_schedule must be cosine or linear"),
+            (self.batch_size > 0 and self.epochs > 0 and self.image_size > 0 and self.val_image_size > 0,
+             "batch_size, epochs, image_size, val_image_size must be > 0"),
+            (self.min_image_size == 0 or (0 < self.min_image_size <= self.image_size
+                                          and self.ramp_start_epoch <= self.ramp_end_epoch and self.image_size_step > 0),
+             "a size ramp needs 0 < min_image_size <= image_size, ramp_start_epoch <= ramp_end_epoch, image_size_step > 0"),
+            (0 < self.val_crop_fraction <= 1, "val_crop_fraction must be in (0, 1]"),
             (0 <= self.drop_path < 1 and 0 <= self.label_smoothing < 1, "drop_path and label_smoothing must be in [0, 1)"),
             (self.mixup_alpha >= 0 and self.cutmix_alpha >= 0, "mixup_alpha and cutmix_alpha must be >= 0"),
+            (0 <= self.ema_decay < 1 and self.ema_warmup_power > 0, "ema_decay must be in [0, 1), ema_warmup_power > 0"),
             (self.lr > 0 and self.min_lr >= 0 and self.warmup_epochs >= 0, "lr > 0, min_lr >= 0, warmup_epochs >= 0"),
             (self.log_every > 0, "log_every must be > 0"),
         ]
@@ -130,3 +160,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
 
 def to_dict(config: TrainConfig) -> dict:
     return dataclasses.asdict(config)
+
+
+def from_dict(values: dict) -> TrainConfig:
+    """A run's config as saved in its checkpoint; keys this version does not know are ignored."""
+    types = _field_types()
+    return apply_overrides(TrainConfig(), {k: v for k, v in values.items() if k in types}, "checkpoint config")

@@ -1,9 +1,14 @@
 """`make_loader`: batches of (images, labels) as PyTorch tensors, from DALI or the baseline.
 
-images: N×3×H×W, ImageNet-normalised, `dtype`, channels_last memory, on the requested device.
-labels: int64, same device. `len(loader)` is batches per epoch; iterating again starts the next
-epoch. Validation yields every sample of the split exactly once across ranks; all ranks yield
-the same number of batches (a rank's last batches may be short or empty).
+images: N×3×H×W, ImageNet-normalised, channels_last memory, on the requested device.
+labels: int64, same device. `len(loader)` is batches per epoch, from the shard metadata alone and
+by one rule for both backends (`batches_per_epoch`), so every rank runs the same number of steps.
+Iterating yields the rest of the current epoch; iterating again starts the next epoch.
+
+Each rank reads a contiguous `1/world_size` of the split's samples, padded to the same count on
+every rank (a short rank repeats its last sample): every sample is read once per epoch. Train
+drops the last partial batch; validation yields every sample exactly once across ranks (the
+padding is cut off, so a rank's last batches may be short or empty).
 """
 from __future__ import annotations
 
@@ -11,53 +16,76 @@ import os
 
 import torch
 
+from dali_imagenet import seeding
+from dali_imagenet.config import TrainConfig
+from dali_imagenet.preprocess import CROP_FRACTION
 from dali_imagenet.shards import ShardError, SplitShards, find_shards, find_undecodable
 
-SHUFFLE_BUFFER = 4096  # samples; the shards are already shuffled when written
+
+def batches_per_epoch(samples: int, world_size: int, batch_size: int, train: bool) -> int:
+    """The one batch-count rule: each rank reads ceil(samples / world_size); train drops the
+    last partial batch, validation keeps it."""
+    per_rank = -(-samples // world_size)
+    return per_rank // batch_size if train else -(-per_rank // batch_size)
 
 
-def make_loader(data, split: str, batch_size: int, *, device: str = "cuda", image_size: int = 224,
-                rank: int = 0, world_size: int = 1, seed: int = 0, epoch: int = 0, dtype: torch.dtype = torch.float16,
+def rank_range(samples: int, world_size: int, rank: int) -> tuple[int, int]:
+    """The rank's samples [first, end) of the split in reading order (DALI's `shard_id` split)."""
+    return rank * samples // world_size, (rank + 1) * samples // world_size
+
+
+def epoch_shards(shards: SplitShards, seed: int, epoch: int) -> SplitShards:
+    """The shards in a new order for every (seed, epoch), the same on every rank: DALI's shuffle
+    buffer only mixes a few thousand neighbours, so without this, epochs would see the samples
+    in nearly the same order."""
+    return shards.reordered(seeding.permutation(seed, "shard order", len(shards.tars), epoch))
+
+
+def make_loader(data, split: str, batch_size: int, *, device: str | torch.device = "cuda", image_size: int = 224,
+                rank: int = 0, world_size: int = 1, seed: int = 0, epoch: int = 0, dtype: torch.dtype | None = None,
                 backend: str = "dali", train: bool | None = None, num_threads: int | None = None,
-                shuffle_buffer: int = SHUFFLE_BUFFER, cache_dir=None):
-    """`train` defaults to `split == "train"` (random crops, flips, shuffling, dropped last batch).
+                shuffle_buffer: int = TrainConfig.shuffle_buffer, crop_fraction: float = CROP_FRACTION, cache_dir=None,
+                resume: dict | None = None):
+    """`data`: a shard folder, `s3://` prefix or timm-layout folder, or the `SplitShards` of one.
+    `train` defaults to `split == "train"` (random crops, flips, shuffling, dropped last batch).
 
-    A loader iterates epoch after epoch by itself. `epoch` is for a trainer that builds one loader
-    per epoch to make each epoch reproducible on its own (exact resume): the order and the
-    augmentations then depend only on (seed, epoch), and each rank reads another part of the data
-    each epoch (train only; validation is always read the same way).
+    A trainer builds one loader per epoch: the shard order and the augmentations then depend
+    only on (seed, epoch), so each epoch can be rebuilt on its own for an exact resume.
+    `resume`: a `state_dict()` taken mid-epoch from a loader built with the same arguments; the
+    DALI loader restores its reader there without decoding the batches before it, the baseline
+    replays them. `dtype` defaults to float16 on a GPU and float32 on a CPU (the fastest there).
     """
     if backend not in ("dali", "torchvision"):
         raise ValueError(f"backend must be 'dali' or 'torchvision', not {backend!r}")
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"dtype must be float16, bfloat16 or float32, not {dtype}")
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    shards = find_shards(data, split, cache_dir)
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"dtype must be float16, bfloat16 or float32, not {dtype}")
+    shards = data if isinstance(data, SplitShards) else find_shards(data, split, cache_dir)
     train = split == "train" if train is None else train
-    if train and epoch:
-        seed = seed * 100_003 + epoch
-        rank = (rank + epoch) % world_size
-    threads = num_threads or max(1, min(os.cpu_count() or 1, 8))
+    if train:
+        shards = epoch_shards(shards, seed, epoch)
+    batches = batches_per_epoch(shards.samples, world_size, batch_size, train)
+    if batches == 0:
+        raise ValueError(f"batch size {batch_size} is larger than the {-(-shards.samples // world_size)} {split} "
+                         f"samples each of {world_size} rank(s) reads (train.py: lower it with --set batch_size=N)")
+    options = dict(device=device, image_size=image_size, rank=rank, world_size=world_size, batches=batches,
+                   seed=seeding.derive_seed(seed, "loader", epoch, rank), dtype=dtype, train=train,
+                   threads=num_threads or max(1, min(os.cpu_count() or 1, 8)), shuffle_buffer=shuffle_buffer,
+                   crop_fraction=crop_fraction, resume=resume)
     if backend == "torchvision":
         from dali_imagenet.baseline import TorchvisionLoader
 
-        return TorchvisionLoader(shards, batch_size, device=device, image_size=image_size, rank=rank,
-                                 world_size=world_size, seed=seed, dtype=dtype, train=train, workers=threads,
-                                 shuffle_buffer=shuffle_buffer)
-    return DaliLoader(shards, batch_size, device=device, image_size=image_size, rank=rank, world_size=world_size,
-                      seed=seed, dtype=dtype, train=train, num_threads=threads, shuffle_buffer=shuffle_buffer)
-
-
-def rank_sample_counts(samples: int, world_size: int) -> list[int]:
-    """Samples DALI's reader gives each shard_id: [floor(i*N/W), floor((i+1)*N/W))."""
-    return [(i + 1) * samples // world_size - i * samples // world_size for i in range(world_size)]
+        return TorchvisionLoader(shards, batch_size, **options)
+    return DaliLoader(shards, batch_size, **options)
 
 
 class DaliLoader:
     def __init__(self, shards: SplitShards, batch_size: int, *, device: torch.device, image_size: int, rank: int,
-                 world_size: int, seed: int, dtype: torch.dtype, train: bool, num_threads: int, shuffle_buffer: int):
+                 world_size: int, batches: int, seed: int, dtype: torch.dtype, train: bool, threads: int,
+                 shuffle_buffer: int, crop_fraction: float, resume: dict | None):
         from nvidia.dali import types
         from nvidia.dali.plugin.base_iterator import LastBatchPolicy
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
@@ -65,46 +93,47 @@ class DaliLoader:
         from dali_imagenet.pipelines import imagenet_pipeline
 
         self.shards, self.batch_size, self.train = shards, batch_size, train
-        self.num_samples = shards.samples
-        self.num_classes = shards.num_classes
+        self.num_samples, self.num_classes = shards.samples, shards.num_classes
+        self._batches = batches
+        self.position = resume["batch"] if resume else 0  # batches of this epoch already handed out
+        self.batches_read = 0  # batches pulled from DALI by this process: a resume must not replay
         # DALI has no bfloat16 output: emit float16 and convert on the device (one cheap kernel).
         self._cast_to = torch.bfloat16 if dtype == torch.bfloat16 else None
-        dali_dtype = types.FLOAT if dtype == torch.float32 else types.FLOAT16
         on_gpu = device.type == "cuda"
         pipe = imagenet_pipeline(
-            shards.tars, shards.indices, device="gpu" if on_gpu else "cpu", train=train, image_size=image_size,
-            dtype=dali_dtype, shard_id=rank, num_shards=world_size, shuffle_buffer=shuffle_buffer,
-            batch_size=batch_size, num_threads=num_threads, device_id=device.index if on_gpu else None,
-            seed=seed * 1009 + rank, prefetch_queue_depth=2)
+            list(shards.tars), list(shards.indices), device="gpu" if on_gpu else "cpu", train=train,
+            image_size=image_size, dtype=types.FLOAT if dtype == torch.float32 else types.FLOAT16, shard_id=rank,
+            num_shards=world_size, shuffle_buffer=shuffle_buffer, crop_fraction=crop_fraction,
+            batch_size=batch_size, num_threads=threads, device_id=device.index if on_gpu else None, seed=seed,
+            prefetch_queue_depth=2, enable_checkpointing=True, checkpoint=resume["dali"] if resume else None)
+        first, end = rank_range(shards.samples, world_size, rank)
+        self._real_rank_samples = end - first
         try:
-            pipe.build()
+            self._iterator = DALIGenericIterator(
+                [pipe], ["images", "labels"], reader_name="reader", auto_reset=True,
+                # val: padded to full batches, the padding is cut off below
+                last_batch_policy=LastBatchPolicy.DROP if train else LastBatchPolicy.FILL)
         except RuntimeError as error:
             raise ShardError(_dali_message(error, shards)) from None
-        padded_rank_samples = -(-shards.samples // world_size)  # pad_last_batch: every rank this many
-        self._real_rank_samples = rank_sample_counts(shards.samples, world_size)[rank]
-        if train:
-            self._batches = padded_rank_samples // batch_size
-            policy = LastBatchPolicy.DROP
-        else:
-            self._batches = -(-padded_rank_samples // batch_size)
-            policy = LastBatchPolicy.FILL  # padded to full batches; the padding is cut off below
-        if self._batches == 0:
-            raise ValueError(f"batch size {batch_size} is larger than this rank's {padded_rank_samples} samples")
-        self._iterator = DALIGenericIterator([pipe], ["images", "labels"], reader_name="reader",
-                                             last_batch_policy=policy, auto_reset=True)
 
     def __len__(self) -> int:
         return self._batches
 
+    def state_dict(self) -> dict:
+        """Where this epoch stands: the batches handed out and DALI's reader and RNG state after them."""
+        return {"batch": self.position, "dali": self._iterator.checkpoints()[0]}
+
     def __iter__(self):
-        remaining = self._real_rank_samples
-        for _ in range(self._batches):
+        remaining = self._real_rank_samples - self.position * self.batch_size
+        while self.position < self._batches:
             try:
                 batch = next(self._iterator)[0]
             except StopIteration:  # fewer batches on one rank would leave the others waiting
                 raise RuntimeError(f"DALI's epoch is shorter than the {self._batches} batches computed for it") from None
             except RuntimeError as error:
                 raise ShardError(_dali_message(error, self.shards)) from None
+            self.batches_read += 1
+            self.position += 1
             images = batch["images"].permute(0, 3, 1, 2)  # NHWC memory -> NCHW view, channels_last
             labels = batch["labels"].view(-1)
             if self._cast_to is not None:
@@ -114,6 +143,7 @@ class DaliLoader:
                 remaining -= self.batch_size
                 images, labels = images[:keep], labels[:keep]
             yield images, labels
+        self.position = 0
         # All our batches were taken; DALI must now be at its epoch end (auto_reset then starts
         # the next epoch). A batch here would mean our count and DALI's disagree.
         try:

@@ -1,20 +1,20 @@
-"""Run logging (a local metrics.jsonl, always; Weights & Biases, optionally) and evaluation."""
+"""What a run reports: a local metrics.jsonl (always), Weights & Biases (optionally), and the
+throughput and data-wait meter behind the numbers."""
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
+from dali_imagenet.checkpoint import METRICS
 
 
 class RunLogger:
     """Rank 0 only: every record goes to `metrics.jsonl` (flushed per line) and, if on, to W&B."""
 
     def __init__(self, run_dir: str | Path, config: dict, use_wandb: bool, project: str, resume_id: str | None = None):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = Path(run_dir) / METRICS
         self._file = open(self.path, "a")
         self._wandb = None
         if use_wandb:
@@ -34,6 +34,10 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record.get("step"))
 
+    @property
+    def closed(self) -> bool:
+        return self._file.closed
+
     def close(self) -> None:
         self._file.close()
         if self._wandb is not None:
@@ -47,29 +51,39 @@ def wandb_wanted(flag: bool | None) -> bool:
     return bool(os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE"))
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, device: torch.device, amp_dtype: torch.dtype | None,
-             channels_last: bool = True) -> dict:
-    """Top-1, top-5 and mean cross-entropy over the loader, summed over all ranks (each image once)."""
-    was_training = model.training
-    model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss sum, images
-    for images, labels in loader:
-        if images.shape[0] == 0:  # a rank's padding-only batch
-            continue
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(images)
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top5 == labels.view(-1, 1)
-        totals += torch.stack([hits[:, 0].sum(), hits.any(1).sum(),
-                               F.cross_entropy(logits.float(), labels, reduction="sum"),
-                               torch.ones_like(labels).sum()]).to(torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(totals)
-    model.train(was_training)
-    correct1, correct5, loss, count = totals.tolist()
-    count = max(count, 1.0)
-    return {"top1": 100.0 * correct1 / count, "top5": 100.0 * correct5 / count, "loss": loss / count,
-            "images": int(totals[3].item())}
+class ThroughputMeter:
+    """Images per second and the share of time spent waiting for the loader, over a window of
+    steps (reset at each log) and over the epoch. Host clocks only: no GPU sync."""
+
+    def __init__(self, world_size: int = 1):
+        self.world_size = world_size
+        self._epoch = self._window = None
+
+    def batches(self, loader):
+        """Iterates `loader`, timing each wait for a batch and counting its images."""
+        now = time.perf_counter()
+        self._epoch, self._window = [now, 0, 0.0], [now, 0, 0.0]  # start, images, seconds waited
+        batches = iter(loader)
+        while True:
+            started = time.perf_counter()
+            batch = next(batches, None)
+            waited = time.perf_counter() - started
+            for totals in (self._epoch, self._window):
+                totals[2] += waited
+                totals[1] += 0 if batch is None else batch[0].shape[0]
+            if batch is None:
+                return
+            yield batch
+
+    @staticmethod
+    def _rates(totals, world_size: int) -> dict:
+        elapsed = max(time.perf_counter() - totals[0], 1e-9)
+        return {"images_per_s": totals[1] * world_size / elapsed, "data_wait": totals[2] / elapsed}
+
+    def take_window(self) -> dict:
+        rates = self._rates(self._window, self.world_size)
+        self._window = [time.perf_counter(), 0, 0.0]
+        return rates
+
+    def epoch(self) -> dict:
+        return self._rates(self._epoch, self.world_size)

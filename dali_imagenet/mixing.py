@@ -9,6 +9,7 @@ soft targets carry label smoothing.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -17,10 +18,15 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class MixConfig:
-    mixup_alpha: float = 0.2  # Beta(α, α) for mixup's λ; 0 turns mixup off
-    cutmix_alpha: float = 1.0  # Beta(α, α) for cutmix's box area; 0 turns cutmix off
-    switch_prob: float = 0.5  # with both on: chance that a batch uses cutmix instead of mixup
-    label_smoothing: float = 0.1
+    """The mixing part of a `TrainConfig` (same field names; the defaults live there)."""
+    mixup_alpha: float  # Beta(α, α) for mixup's λ; 0 turns mixup off
+    cutmix_alpha: float  # Beta(α, α) for cutmix's box area; 0 turns cutmix off
+    mix_switch_prob: float  # with both on: chance that a batch uses cutmix instead of mixup
+    label_smoothing: float
+
+    @classmethod
+    def from_config(cls, config) -> "MixConfig":
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
 
     @property
     def active(self) -> bool:
@@ -63,7 +69,7 @@ def mix_batch(images: torch.Tensor, labels: torch.Tensor, num_classes: int, conf
     mix_lam = _beta(config.mixup_alpha, generator, device) if config.mixup_alpha > 0 else one
     cut_lam = _beta(config.cutmix_alpha, generator, device) if config.cutmix_alpha > 0 else one
     if config.mixup_alpha > 0 and config.cutmix_alpha > 0:
-        use_cutmix = torch.rand((), generator=generator, device=device) < config.switch_prob
+        use_cutmix = torch.rand((), generator=generator, device=device) < config.mix_switch_prob
     else:
         # A fill kernel, not torch.tensor(bool): that would be a synchronous host-to-device copy.
         use_cutmix = torch.full((), config.cutmix_alpha > 0, dtype=torch.bool, device=device)

@@ -10,9 +10,9 @@ import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 import nvidia.dali.math as dmath
 
-IMAGENET_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
-IMAGENET_STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
-CROP_FRACTION = 0.875  # val: resize the shorter side to image_size / 0.875 (256 for 224), centre crop
+from dali_imagenet.preprocess import (CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, TRAIN_CROP_ASPECT, TRAIN_CROP_AREA,
+                                     val_resize_size)
+
 MAX_LABEL_DIGITS = 6
 
 # nvJPEG hints for ImageNet's largest images (NVIDIA's ResNet-50 reference values): buffers are
@@ -28,35 +28,32 @@ GPU_DECODER_HINTS = dict(
 )
 
 
-def val_resize_size(image_size: int) -> int:
-    return round(image_size / CROP_FRACTION)
-
-
-def decode_and_augment(jpegs, *, device: str, train: bool, image_size: int, dtype):
+def decode_and_augment(jpegs, *, device: str, train: bool, image_size: int, dtype,
+                       crop_fraction: float = CROP_FRACTION):
     """JPEG bytes -> normalised `image_size`² HWC images of `dtype`, on `device` ("cpu" | "gpu").
 
-    Train: random-resized crop (area 8-100 %, aspect 3/4-4/3) decoded as a ROI, resize, random
-    flip. Val: resize the shorter side, centre crop. HWC out: the batch arrives in PyTorch as
-    NHWC memory, which *is* an NCHW tensor in channels_last format, with no transpose copy.
+    `preprocess`'s recipe: train crops are decoded as a ROI (only the crop's region), val images
+    are resized and centre-cropped with torchvision's rounding. HWC out: the batch arrives in
+    PyTorch as NHWC memory, which *is* an NCHW tensor in channels_last format, with no transpose copy.
     """
     decoder_device = "mixed" if device == "gpu" else "cpu"
     hints = GPU_DECODER_HINTS if device == "gpu" else {}
     if train:
         images = fn.decoders.image_random_crop(
             jpegs, device=decoder_device, output_type=types.RGB,
-            random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10, **hints)
+            random_area=list(TRAIN_CROP_AREA), random_aspect_ratio=list(TRAIN_CROP_ASPECT), num_attempts=10, **hints)
         images = fn.resize(images, size=[image_size, image_size], interp_type=types.INTERP_LINEAR, antialias=True)
         mirror, crop = fn.random.coin_flip(probability=0.5), None
         crop_args = {}
     else:
         images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB, **hints)
-        images, crop_args = _resize_and_center_like_torchvision(images, image_size)
+        images, crop_args = _resize_and_center_like_torchvision(images, image_size, crop_fraction)
         mirror, crop = 0, (image_size, image_size)
     return fn.crop_mirror_normalize(images, dtype=dtype, output_layout="HWC", crop=crop, mirror=mirror,
-                                    mean=IMAGENET_MEAN, std=IMAGENET_STD, **crop_args)
+                                    mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), **crop_args)
 
 
-def _resize_and_center_like_torchvision(images, image_size: int):
+def _resize_and_center_like_torchvision(images, image_size: int, crop_fraction: float):
     """`Resize(R)` + `CenterCrop(image_size)` with torchvision's exact rounding.
 
     DALI's `resize_shorter` rounds the long side where torchvision truncates it, and DALI
@@ -66,7 +63,7 @@ def _resize_and_center_like_torchvision(images, image_size: int):
     shape = fn.cast(images.shape(), dtype=types.FLOAT64)  # H, W, C; a CPU tensor even for GPU images
     height, width = shape[0], shape[1]
     short = dmath.min(height, width)
-    resize = val_resize_size(image_size)
+    resize = val_resize_size(image_size, crop_fraction)
     # Multiply before dividing: the short side then comes out as exactly `resize`.
     new_height, new_width = dmath.floor(height * resize / short), dmath.floor(width * resize / short)
     images = fn.resize(images, size=fn.cast(fn.stack(new_height, new_width), dtype=types.FLOAT),
@@ -100,13 +97,15 @@ def label_from_ascii(cls):
 
 
 @pipeline_def
-def imagenet_pipeline(tars, indices, *, device, train, image_size, dtype, shard_id, num_shards, shuffle_buffer):
+def imagenet_pipeline(tars, indices, *, device, train, image_size, dtype, shard_id, num_shards, shuffle_buffer,
+                      crop_fraction=CROP_FRACTION):
     jpegs, cls = fn.readers.webdataset(
         paths=tars, index_paths=indices, ext=["jpg", "cls"], missing_component_behavior="error",
         random_shuffle=train, initial_fill=shuffle_buffer, shard_id=shard_id, num_shards=num_shards,
         # Every rank reads the same number of samples (the short shards repeat their last one),
         # so every rank runs the same number of steps: no rank waits forever in an all-reduce.
         pad_last_batch=True, stick_to_shard=not train, name="reader")
-    images = decode_and_augment(jpegs, device=device, train=train, image_size=image_size, dtype=dtype)
+    images = decode_and_augment(jpegs, device=device, train=train, image_size=image_size, dtype=dtype,
+                                crop_fraction=crop_fraction)
     labels = label_from_ascii(cls)
     return images, (labels.gpu() if device == "gpu" else labels)

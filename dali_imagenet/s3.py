@@ -6,11 +6,18 @@ points it at another server, such as a local test server.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from urllib.parse import urlparse
 
 
 def is_s3(url: str | os.PathLike) -> bool:
-    return str(url).startswith("s3://")
+    """True for `s3://...`; a near miss (`s3:/x`, `S3://x`) is an error, not a local folder named `s3:`."""
+    text = str(url)
+    if text.startswith("s3://"):
+        return True
+    if text.lower().startswith("s3:"):
+        raise ValueError(f"{text}: not an S3 URL (expected s3://bucket/prefix)")
+    return False
 
 
 def split_s3_url(url: str) -> tuple[str, str]:
@@ -23,6 +30,12 @@ def split_s3_url(url: str) -> tuple[str, str]:
 
 def join_key(prefix: str, *parts: str) -> str:
     return "/".join(p.strip("/") for p in (prefix, *parts) if p.strip("/"))
+
+
+def reason(error: Exception, limit: int = 300) -> str:
+    """An S3 error's whole reason on one line: botocore puts the useful part after a newline
+    ("Parameter validation failed:\nInvalid bucket name ...")."""
+    return " ".join(str(error).split())[:limit]
 
 
 def client():
@@ -38,8 +51,6 @@ def client():
 def download(url: str, name: str, dest) -> bool:
     """Fetches `<url>/<name>` to `dest`, atomically (a temporary name, then a rename); False when
     the object is not there or S3 cannot be reached."""
-    from pathlib import Path
-
     bucket, prefix = split_s3_url(url)
     dest = Path(dest)
     tmp = dest.with_name(f".{dest.name}.download")

@@ -72,7 +72,7 @@ class S3Sync:
                 self._client.upload_file(str(staged), self.bucket, key)
             except Exception as error:  # an outage: warn, keep the file queued, retry later
                 log.warning("S3 upload of s3://%s/%s failed (%s); retrying in %.0f s", self.bucket, key,
-                            str(error).splitlines()[0][:160], backoff)
+                            s3.reason(error, 160), backoff)
                 with self._lock:
                     self._lock.wait(backoff)
                 backoff = min(self._max_backoff, backoff * 2)

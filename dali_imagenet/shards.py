@@ -1,23 +1,26 @@
-"""Finds a split's shards and their DALI index files, wherever the data is.
+"""Finds a split's shards, their DALI index files and their sample counts, wherever the data is.
 
 `data` can be
 - a folder written by `shard-imagenet` (its `manifest.json` lists shards and counts),
 - an `s3://bucket/prefix` holding the same (DALI reads s3:// tar and index paths itself),
 - a folder of shards in the public `timm/imagenet-1k-wds` layout, with no index files: the
   indices are built once into a cache folder (DALI would otherwise scan every tar at start).
+Everything a loader needs to know before it reads an image (sample counts, classes) is here,
+so no pipeline is built just to ask.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from dali_imagenet import s3
-
-MANIFEST = "manifest.json"
+from dali_imagenet.shardformat import (CLASSES_TSV, MANIFEST, FormatError, index_end, index_existing_tar,
+                                       index_name, index_sample_count, iter_components, parse_classes_tsv,
+                                       parse_index, parse_manifest, split_entry)
 
 
 class ShardError(Exception):
@@ -26,10 +29,23 @@ class ShardError(Exception):
 
 @dataclass(frozen=True)
 class SplitShards:
-    tars: list[str]
-    indices: list[str]
-    samples: int
-    num_classes: int
+    tars: tuple[str, ...]
+    indices: tuple[str, ...]
+    counts: tuple[int, ...]  # samples in each shard
+    class_names: tuple[str, ...]
+
+    @property
+    def samples(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def reordered(self, order) -> "SplitShards":
+        """The same shards in another order (a new order every epoch)."""
+        return SplitShards(*(tuple(column[i] for i in order) for column in (self.tars, self.indices, self.counts)),
+                           self.class_names)
 
 
 def find_shards(data: str | os.PathLike, split: str, cache_dir: str | os.PathLike | None = None) -> SplitShards:
@@ -40,25 +56,23 @@ def find_shards(data: str | os.PathLike, split: str, cache_dir: str | os.PathLik
     if not root.is_dir():
         raise ShardError(f"{root}: no such data folder")
     if (root / MANIFEST).is_file():
-        return _from_manifest(json.loads((root / MANIFEST).read_text()), split, str(root), check_local=True)
+        return _from_manifest((root / MANIFEST).read_text(), split, str(root), check_local=True)
     return _from_timm_layout(root, split, Path(cache_dir) if cache_dir else _default_cache())
 
 
-def _from_manifest(manifest: dict, split: str, base: str, check_local: bool) -> SplitShards:
+def _from_manifest(text: str | bytes, split: str, base: str, check_local: bool) -> SplitShards:
     where = f"{base}/{MANIFEST}"
-    if not manifest.get("complete"):
-        raise ShardError(f"{where}: the conversion did not finish (run shard-imagenet again with --resume)")
-    info = manifest.get("splits", {}).get(split)
-    if info is None:
-        raise ShardError(f"{where}: no split {split!r} (has {', '.join(manifest.get('splits', {}))})")
-    tars = [f"{base}/{s['name']}" for s in info["shards"]]
-    indices = [t[: -len(".tar")] + ".idx" for t in tars]
+    try:
+        manifest = parse_manifest(text, where)
+        info = split_entry(manifest, split, where)
+    except FormatError as error:
+        raise ShardError(str(error)) from None
+    tars = tuple(f"{base}/{s['name']}" for s in info["shards"])
     if check_local:
-        for shard, tar, idx in zip(info["shards"], tars, indices):
-            _check_local_shard(Path(tar), Path(idx), shard["bytes"])
-    if not manifest.get("classes"):
-        raise ShardError(f"{where}: no class names (the source had no ClassLabel metadata)")
-    return SplitShards(tars, indices, info["samples"], len(manifest["classes"]))
+        for shard, tar in zip(info["shards"], tars):
+            _check_local_shard(Path(tar), Path(index_name(tar)), shard["bytes"])
+    return SplitShards(tars, tuple(map(index_name, tars)), tuple(s["samples"] for s in info["shards"]),
+                       tuple(manifest["classes"]))
 
 
 def _check_local_shard(tar: Path, idx: Path, expected_bytes: int | None) -> None:
@@ -70,11 +84,10 @@ def _check_local_shard(tar: Path, idx: Path, expected_bytes: int | None) -> None
     size = tar.stat().st_size
     if expected_bytes is not None and size != expected_bytes:
         raise ShardError(f"{tar}: shard is {size} bytes, the manifest says {expected_bytes} (truncated or replaced?)")
-    last = idx.read_text().rstrip("\n").rsplit("\n", 1)[-1].split()
     try:
-        end = max(int(last[i + 1]) + int(last[i + 2]) for i in range(0, len(last), 4))
-    except (ValueError, IndexError):
-        raise ShardError(f"{idx}: not a DALI webdataset index") from None
+        end = index_end(parse_index(idx.read_text(), str(idx)))
+    except FormatError as error:
+        raise ShardError(str(error)) from None
     if end > size:
         raise ShardError(f"{tar}: shard is truncated ({size} bytes, its index points to byte {end})")
 
@@ -84,23 +97,21 @@ def _from_s3(url: str, split: str) -> SplitShards:
     try:
         body = s3.client().get_object(Bucket=bucket, Key=s3.join_key(prefix, MANIFEST))["Body"].read()
     except Exception as error:
-        raise ShardError(f"{url}/{MANIFEST}: cannot read ({str(error).splitlines()[0][:200]})") from None
-    return _from_manifest(json.loads(body), split, url.rstrip("/"), check_local=False)
+        raise ShardError(f"{url}/{MANIFEST}: cannot read ({s3.reason(error)})") from None
+    return _from_manifest(body, split, url.rstrip("/"), check_local=False)
 
 
 TIMM_SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "val")}
 
 
 def _from_timm_layout(root: Path, split: str, cache: Path) -> SplitShards:
-    from shard_tools.tarwriter import index_existing_tar
-
     names = TIMM_SPLIT_NAMES.get(split, (split,))
     pattern = re.compile(rf"-(?:{'|'.join(names)})-\d+\.tar$")
     tars = sorted(p for folder in (root, *(root / n for n in names)) if folder.is_dir()
                   for p in folder.glob("*.tar") if pattern.search(p.name))
     if not tars:
         raise ShardError(f"{root}: no {MANIFEST} and no *-{names[0]}-NNNN.tar shards (timm/imagenet-1k-wds layout)")
-    indices, samples = [], 0
+    indices, counts = [], []
     for tar in tars:
         stat = tar.stat()
         # Keyed by path, size and mtime: a replaced shard gets a new index.
@@ -113,10 +124,18 @@ def _from_timm_layout(root: Path, split: str, cache: Path) -> SplitShards:
             except Exception as error:
                 raise ShardError(f"{tar}: cannot index this shard ({error})") from None
         indices.append(str(idx))
-        samples += int(idx.read_text().split("\n", 1)[0].split()[1])
-    classes_file = root / "classes.tsv"
-    num_classes = 1000 if not classes_file.is_file() else len(classes_file.read_text().splitlines()) - 1
-    return SplitShards([str(t) for t in tars], indices, samples, num_classes)
+        counts.append(index_sample_count(idx))
+    classes_file = root / CLASSES_TSV
+    if classes_file.is_file():
+        try:
+            class_names = parse_classes_tsv(classes_file.read_text(), str(classes_file))
+        except FormatError as error:
+            raise ShardError(str(error)) from None
+    else:  # the public shards carry no class list: they are ImageNet-1K's
+        from dali_imagenet.classes import imagenet1k
+
+        class_names = [names for _, names in imagenet1k()]
+    return SplitShards(tuple(map(str, tars)), tuple(indices), tuple(counts), tuple(class_names))
 
 
 def _default_cache() -> Path:
@@ -124,27 +143,22 @@ def _default_cache() -> Path:
 
 
 def find_undecodable(shards: SplitShards, time_limit_s: float = 60.0) -> str | None:
-    """Names the first sample whose JPEG does not decode, scanning local shards for at most
-    `time_limit_s`: DALI's decoder errors do not say which file failed."""
-    import time
+    """Names the first sample whose JPEG does not decode completely, scanning local shards for at
+    most `time_limit_s`: DALI's decoder errors do not say which file failed."""
+    import io
 
-    from shard_tools.images import Rejected, prepare_image
+    from PIL import Image, ImageFile
 
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated JPEG must fail, not decode to grey rows
     deadline = time.monotonic() + time_limit_s
     for tar, idx in zip(shards.tars, shards.indices):
         if s3.is_s3(tar):
             return None
-        with open(tar, "rb") as data:
-            for line in Path(idx).read_text().splitlines()[1:]:
-                fields = line.split()
-                for ext, offset, size, name in zip(*[iter(fields)] * 4):
-                    if ext != "jpg":
-                        continue
-                    data.seek(int(offset))
-                    try:
-                        prepare_image(data.read(int(size)))
-                    except Rejected as why:
-                        return f"{tar}: sample {name} is {why}"
-                if time.monotonic() > deadline:
-                    return None
+        for name, jpeg in iter_components(tar, idx, "jpg"):
+            try:
+                Image.open(io.BytesIO(jpeg)).load()
+            except Exception as error:  # PIL raises many types for bad data
+                return f"{tar}: sample {name} is undecodable ({str(error).splitlines()[0][:120]})"
+            if time.monotonic() > deadline:
+                return None
     return None

@@ -20,14 +20,13 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from tqdm import tqdm
 
+from dali_imagenet.shardformat import (CLASSES_TSV, MANIFEST, MANIFEST_VERSION, TIMM_INFO, ShardWriter, classes_tsv,
+                                       index_name, sha256_file, shard_name, timm_info)
 from shard_tools.images import Rejected, prepare_image
 from shard_tools.sources import SPLITS, Record, Source, Unit, open_source, read_unit, synset_from_path
 from shard_tools.storage import open_output
-from shard_tools.tarwriter import ShardWriter, sha256_file
 
 SHARDS_PER_CHUNK = 4  # memory per worker ~ 4 x shard_size x 110 KB (~550 MB at the default size)
-MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
 
 
 class ConvertError(Exception):
@@ -88,10 +87,6 @@ def plan_chunks(split: str, units: list[Unit], options: Options) -> list[Chunk]:
     return chunks
 
 
-def shard_name(options: Options, split: str, number: int) -> str:
-    return f"{split}/{options.name}-{split}-{number:06d}.tar"
-
-
 def sample_key(record: Record) -> str:
     # webdataset splits a member name at its first dot: keys must have none. The canonical row
     # index keeps keys unique; the source stem keeps them readable.
@@ -121,9 +116,9 @@ def process_chunk(job: ChunkJob) -> ChunkResult:
     order = rng.permutation(len(records))
     staging = job.output.staging_dir(chunk.split)
     for offset, positions in enumerate(np.array_split(order, chunk.shard_count)):
-        name = shard_name(options, chunk.split, chunk.first_shard + offset)
+        name = shard_name(options.name, chunk.split, chunk.first_shard + offset)
         tar_tmp = staging / (PurePosixPath(name).name + ".tmp")
-        idx_tmp = staging / (PurePosixPath(name).with_suffix(".idx").name + ".tmp")
+        idx_tmp = staging / (PurePosixPath(index_name(name)).name + ".tmp")
         with ShardWriter(tar_tmp, idx_tmp) as writer:
             for position in positions:
                 record = records[position]
@@ -146,7 +141,7 @@ def process_chunk(job: ChunkJob) -> ChunkResult:
             continue
         digest, size = sha256_file(tar_tmp), tar_tmp.stat().st_size
         # Index first: a tar under its final name then always has its index beside it.
-        job.output.publish(idx_tmp, str(PurePosixPath(name).with_suffix(".idx")), sha256_file(idx_tmp))
+        job.output.publish(idx_tmp, index_name(name), sha256_file(idx_tmp))
         job.output.publish(tar_tmp, name, digest)
         result.shards.append({"name": name, "chunk": chunk.id, "samples": writer.samples, "bytes": size,
                               "sha256": digest})
@@ -259,9 +254,9 @@ def convert(source_path: str | Path, output_url: str, splits: tuple[str, ...], o
         if info["read"] != info["rows"] or info["read"] != info["samples"] + info["rejected_count"]:
             raise ConvertError(f"{split}: rows do not add up (source {info['rows']}, read {info['read']}, "
                                f"written {info['samples']}, rejected {info['rejected_count']})")
-    output.write_text(MANIFEST, json.dumps(manifest, indent=1))
-    output.write_text("classes.tsv", "index\tsynset\tnames\n" + "".join(
-        f"{i}\t{s or ''}\t{n}\n" for i, (s, n) in enumerate(zip(source.synsets or [None] * len(source.class_names), source.class_names))))
+    output.write_text(CLASSES_TSV, classes_tsv(source.class_names, source.synsets))
+    output.write_text(TIMM_INFO, json.dumps(timm_info(manifest), indent=1))
+    output.write_text(MANIFEST, json.dumps(manifest, indent=1))  # last: "complete" means all of the above is there
     elapsed = time.perf_counter() - started
     manifest["stats"] = {
         "seconds": elapsed,

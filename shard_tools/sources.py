@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from dali_imagenet.classes import imagenet1k
+
 SPLITS = ("train", "validation", "test")
 IMAGEFOLDER_SPLIT_DIRS = {"train": ("train",), "validation": ("val", "validation"), "test": ("test",)}
 PARQUET_NAME = re.compile(r"^(?P<split>train|validation|test)[-_].*\.parquet$")
 SYNSET_IN_PATH = re.compile(r"(?:^|[_/])([a-z]\d{8})(?:[._/]|$)")
-IMAGENET_CLASSES = Path(__file__).with_name("imagenet1k_classes.tsv")
 
 
 class SourceError(Exception):
@@ -63,11 +64,7 @@ class Source:
 
 def imagenet_classes() -> dict[str, tuple[int, str]]:
     """synset -> (index, names) for the 1000 ImageNet-1K classes."""
-    table = {}
-    for line in IMAGENET_CLASSES.read_text().splitlines()[1:]:
-        index, synset, names = line.split("\t")
-        table[synset] = (int(index), names)
-    return table
+    return {synset: (index, names) for index, (synset, names) in enumerate(imagenet1k())}
 
 
 def open_source(root: str | Path, splits: tuple[str, ...]) -> Source:

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from dali_imagenet import s3
+from dali_imagenet.shardformat import sha256_file
 
 
 class OutputError(Exception):
@@ -38,8 +39,6 @@ class LocalOutput:
         os.replace(local, self.root / name)
 
     def verify(self, name: str, size: int, sha256: str) -> bool:
-        from shard_tools.tarwriter import sha256_file
-
         path = self.root / name
         return path.is_file() and path.stat().st_size == size and sha256_file(path) == sha256
 
@@ -72,7 +71,7 @@ class S3Output:
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except Exception as error:
-            raise OutputError(f"{url}: bucket {self.bucket!r} is not reachable or not writable ({_short(error)})") from None
+            raise OutputError(f"{url}: bucket {self.bucket!r} is not reachable or not writable ({s3.reason(error)})") from None
 
     def __getstate__(self):  # workers make their own client
         state = dict(self.__dict__)
@@ -120,9 +119,9 @@ class S3Output:
         self.client.put_object(Bucket=self.bucket, Key=self._key(name), Body=text.encode())
 
 
-def _short(error: Exception) -> str:
-    return str(error).splitlines()[0][:200]
-
-
 def open_output(url: str) -> LocalOutput | S3Output:
-    return S3Output(url) if s3.is_s3(url) else LocalOutput(url)
+    try:
+        remote = s3.is_s3(url)
+    except ValueError as error:  # s3:/typo: a near miss, not a local folder named "s3:"
+        raise OutputError(str(error)) from None
+    return S3Output(url) if remote else LocalOutput(url)

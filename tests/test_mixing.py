@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dali_imagenet.config import TrainConfig
 from dali_imagenet.mixing import (MixConfig, apply_mix, cutmix_box, mix_batch, smooth_one_hot,
                                   soft_target_cross_entropy)
 
@@ -111,9 +112,9 @@ def test_no_host_sync_on_gpu():
     images, labels = batch()
     images, labels = images.cuda().half(), labels.cuda()
     generator = torch.Generator(device="cuda").manual_seed(0)
-    mix_batch(images, labels, CLASSES, MixConfig(), generator)  # warm-up
+    mix_batch(images, labels, CLASSES, MixConfig.from_config(TrainConfig()), generator)  # warm-up
     torch.cuda.set_sync_debug_mode("error")
     try:
-        mix_batch(images, labels, CLASSES, MixConfig(), generator)
+        mix_batch(images, labels, CLASSES, MixConfig.from_config(TrainConfig()), generator)
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -97,8 +97,12 @@ def test_config_errors(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
+def fake_checkpoint(step: int, **extra) -> dict:
+    return {"model": {}, "optimizer": {}, "scaler": {}, "config": {}, "state": {"step": step}, **extra}
+
+
 def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
-    ckpt.save_atomic({"step": 1, "w": torch.ones(3)}, tmp_path / ckpt.LAST)
+    ckpt.save_atomic(fake_checkpoint(1, w=torch.ones(3)), tmp_path / ckpt.LAST)
 
     def dies_midway(obj, f, *args, **kwargs):
         f.write(b"half a checkpoint")
@@ -106,21 +110,21 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dies_midway)
     with pytest.raises(KeyboardInterrupt):
-        ckpt.save_atomic({"step": 2, "w": torch.zeros(3)}, tmp_path / ckpt.LAST)
+        ckpt.save_atomic(fake_checkpoint(2, w=torch.zeros(3)), tmp_path / ckpt.LAST)
     monkeypatch.undo()
     path, state = ckpt.newest_valid(tmp_path)
-    assert path.name == ckpt.LAST and state["step"] == 1
+    assert path.name == ckpt.LAST and state["state"]["step"] == 1
     ckpt.clean_temporaries(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.LAST]
 
 
 def test_newest_valid_skips_a_corrupt_file(tmp_path):
-    ckpt.save_atomic({"step": 5}, tmp_path / ckpt.LAST)
+    ckpt.save_atomic(fake_checkpoint(5), tmp_path / ckpt.LAST)
     ckpt.mark_best(tmp_path)
-    ckpt.save_atomic({"step": 9}, tmp_path / ckpt.LAST)
-    assert ckpt.newest_valid(tmp_path)[1]["step"] == 9
+    ckpt.save_atomic(fake_checkpoint(9), tmp_path / ckpt.LAST)
+    assert ckpt.newest_valid(tmp_path)[1]["state"]["step"] == 9
     (tmp_path / ckpt.LAST).write_bytes(b"garbage")
-    assert ckpt.newest_valid(tmp_path)[1]["step"] == 5
+    assert ckpt.newest_valid(tmp_path)[1]["state"]["step"] == 5
 
 
 def test_rng_state_round_trips_through_weights_only_load(tmp_path):

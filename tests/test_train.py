@@ -71,7 +71,7 @@ def test_resume_mid_epoch_gives_identical_weights(sample_shards, tmp_path):
     stopped = train(sample_shards, tmp_path / "split", *sets, "max_steps=3")
     assert "stopped (max_steps=3) at step 3" in stopped.stdout
     state = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
-    assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (3, 0, 3)
+    assert (state["state"]["step"], state["state"]["epoch"], state["state"]["batch_in_epoch"]) == (3, 0, 3)
     resumed = train(sample_shards, tmp_path / "split", *sets, extra=["--resume", "auto"])
     assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout
     a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "split")
@@ -109,11 +109,12 @@ def test_sigterm_checkpoints_and_resume_auto_continues(sample_shards, tmp_path):
     assert process.returncode == 0, stderr[-2000:]
     assert "stopped (SIGTERM)" in stdout
     state = torch.load(out / "last.pt", weights_only=True)
-    assert 2 <= state["step"] < 50 * 6
+    step = state["state"]["step"]
+    assert 2 <= step < 50 * 6
     assert not list(out.glob(".*tmp*"))
-    resumed = train(sample_shards, out, "epochs=50", f"max_steps={state['step'] + 2}", extra=["--resume", "auto"])
-    assert f"at step {state['step']}" in resumed.stdout
-    assert torch.load(out / "last.pt", weights_only=True)["step"] == state["step"] + 2
+    resumed = train(sample_shards, out, "epochs=50", f"max_steps={step + 2}", extra=["--resume", "auto"])
+    assert f"at step {step}" in resumed.stdout
+    assert torch.load(out / "last.pt", weights_only=True)["state"]["step"] == step + 2
 
 
 def test_s3_upload_resume_from_s3_and_no_secrets(sample_shards, s3_bucket, tmp_path):
@@ -137,7 +138,7 @@ def test_s3_upload_resume_from_s3_and_no_secrets(sample_shards, s3_bucket, tmp_p
 
     fresh = train(sample_shards, tmp_path / "b", "epochs=2", extra=["--resume", "auto", *args], env=run_env)
     assert "resumed from" in fresh.stdout and "at step 6" in fresh.stdout
-    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["step"] == 12
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["state"]["step"] == 12
 
 
 def test_training_survives_an_s3_outage(sample_shards, tmp_path, s3_server):
