@@ -3,7 +3,7 @@
 The `webdataset` library reads the shards, `torchvision.io.decode_jpeg` decodes on the CPU
 (libjpeg-turbo), `transforms.v2` augments, a `DataLoader` spreads the work over processes. The
 benchmarks compare against it. It reads exactly the samples DALI's reader would give the rank
-(`loader.rank_range`, padded alike), so both backends count batches by one rule. A mid-epoch
+(`loader.rank_range`), so both backends count batches by one rule. A mid-epoch
 resume replays the epoch's batches up to the stop point (DALI's loader restores its reader instead).
 """
 from __future__ import annotations
@@ -14,15 +14,14 @@ import random
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from dali_imagenet import s3
+from dali_imagenet import s3, seeding
 from dali_imagenet.loader import rank_range
 from dali_imagenet.preprocess import train_transform, val_transform
 from dali_imagenet.shards import ShardError, SplitShards
 
 
 def rank_pieces(shards: SplitShards, world_size: int, rank: int) -> list[tuple[str, int, int]]:
-    """(tar, first sample, count) runs that make up the rank's samples, padded to ceil(N / W)
-    with a repeat of its last sample, as DALI's `pad_last_batch` pads."""
+    """(tar, first sample, count) runs of the shards that make up the rank's `rank_range`."""
     first, end = rank_range(shards.samples, world_size, rank)
     pieces, start = [], 0
     for tar, count in zip(shards.tars, shards.counts):
@@ -30,9 +29,6 @@ def rank_pieces(shards: SplitShards, world_size: int, rank: int) -> list[tuple[s
         if lo < hi:
             pieces.append((tar, lo - start, hi - lo))
         start += count
-    if end - first < -(-shards.samples // world_size):
-        tar, offset, count = pieces[-1]
-        pieces.append((tar, offset + count - 1, 1))
     return pieces
 
 
@@ -63,13 +59,10 @@ class RankSamples(torch.utils.data.IterableDataset):
         self.epoch += 1
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        pieces = list(self.pieces)
-        if self.train:
-            random.Random(self.seed * 7919 + self.epoch).shuffle(pieces)
-        stages = [_read(pieces[worker::workers])]
+        stages = [_read(self.pieces[worker::workers])]  # the shard order is the epoch's (`loader.epoch_shards`)
         if self.train:
             stages.append(wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 256),
-                                      rng=random.Random(self.seed * 7919 + self.epoch * 131 + worker)))
+                                      rng=random.Random(seeding.derive_seed(self.seed, "loader", self.epoch, worker))))
         stages += [wds.to_tuple("jpg", "cls"), wds.map(self.transform), wds.batched(self.batch_size, partial=True)]
         yield from wds.DataPipeline(*stages)
 
@@ -97,13 +90,12 @@ class TorchvisionLoader:
         self.position = resume["batch"] if resume else 0
         self.batches_read = 0
         pieces = rank_pieces(shards, world_size, rank)
-        first, end = rank_range(shards.samples, world_size, rank)
-        self._real_rank_samples = end - first
         dataset = RankSamples(pieces, Transform(train, image_size, crop_fraction, dtype), batch_size, shuffle_buffer,
                               seed, train)
         self._loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=max(1, min(threads, len(pieces))),
-            pin_memory=device.type == "cuda", persistent_workers=True, prefetch_factor=4)
+            pin_memory=device.type == "cuda", persistent_workers=True, prefetch_factor=4,
+            generator=torch.Generator().manual_seed(seed))  # the workers' augmentation RNGs: reproducible
 
     def __len__(self) -> int:
         return self._batches
@@ -124,25 +116,19 @@ class TorchvisionLoader:
 
     def _exact_batches(self):
         """`len(self)` batches of `batch_size` from the workers' streams, whose last batches are
-        partial: partial ones are merged; train drops what is left, val yields it (short or empty)."""
-        handed, remaining, held = 0, self._real_rank_samples, None
+        partial: those are merged; train drops what is left over, validation yields it, then
+        empty batches, so that a rank with fewer samples yields as many batches as the others."""
+        handed, held = 0, None
         for images, labels in self._loader:  # the whole epoch, so that persistent workers end it too
             if held is not None:
                 images, labels = torch.cat([held[0], images]), torch.cat([held[1], labels])
             while len(labels) >= self.batch_size and handed < self._batches:
-                yield self._cut(images[:self.batch_size], labels[:self.batch_size], remaining)
+                yield images[:self.batch_size], labels[:self.batch_size]
                 images, labels = images[self.batch_size:], labels[self.batch_size:]
-                handed, remaining = handed + 1, remaining - self.batch_size
+                handed += 1
             held = (images, labels) if len(labels) else None
         if handed < self._batches and self.train:
             raise RuntimeError(f"the baseline's epoch is shorter than the {self._batches} batches computed for it")
-        while handed < self._batches:  # val: the short last batch, then empty ones
-            images, labels = held if held is not None else self._empty
-            yield self._cut(images, labels, remaining)
-            held, handed, remaining = None, handed + 1, remaining - self.batch_size
-
-    def _cut(self, images, labels, remaining: int):
-        if not self.train:  # the padding sample counts once, on the rank that owns it
-            keep = max(0, min(len(labels), remaining))
-            images, labels = images[:keep], labels[:keep]
-        return images, labels
+        for _ in range(handed, self._batches):
+            yield held if held is not None else self._empty
+            held = None

@@ -5,10 +5,10 @@ labels: int64, same device. `len(loader)` is batches per epoch, from the shard m
 by one rule for both backends (`batches_per_epoch`), so every rank runs the same number of steps.
 Iterating yields the rest of the current epoch; iterating again starts the next epoch.
 
-Each rank reads a contiguous `1/world_size` of the split's samples, padded to the same count on
-every rank (a short rank repeats its last sample): every sample is read once per epoch. Train
-drops the last partial batch; validation yields every sample exactly once across ranks (the
-padding is cut off, so a rank's last batches may be short or empty).
+Each rank reads a contiguous `1/world_size` of the split's samples (`rank_range`), so every sample
+is read once per epoch. Train drops the last partial batch (every rank stops at the smallest
+rank's count); validation yields every sample exactly once across ranks, and a rank's last
+batches may be short or empty so that all ranks yield the same number.
 """
 from __future__ import annotations
 
@@ -23,10 +23,12 @@ from dali_imagenet.shards import ShardError, SplitShards, find_shards, find_unde
 
 
 def batches_per_epoch(samples: int, world_size: int, batch_size: int, train: bool) -> int:
-    """The one batch-count rule: each rank reads ceil(samples / world_size); train drops the
-    last partial batch, validation keeps it."""
-    per_rank = -(-samples // world_size)
-    return per_rank // batch_size if train else -(-per_rank // batch_size)
+    """The one batch-count rule (DALI's reader and iterator count so): train takes the full
+    batches of the smallest rank's share, floor(samples / world_size); validation pads every
+    rank to the largest share, ceil(samples / world_size), and keeps the last partial batch."""
+    if train:
+        return samples // world_size // batch_size
+    return -(-(-(-samples // world_size)) // batch_size)
 
 
 def rank_range(samples: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -69,7 +71,7 @@ def make_loader(data, split: str, batch_size: int, *, device: str | torch.device
         shards = epoch_shards(shards, seed, epoch)
     batches = batches_per_epoch(shards.samples, world_size, batch_size, train)
     if batches == 0:
-        raise ValueError(f"batch size {batch_size} is larger than the {-(-shards.samples // world_size)} {split} "
+        raise ValueError(f"batch size {batch_size} is larger than the {shards.samples // world_size} {split} "
                          f"samples each of {world_size} rank(s) reads (train.py: lower it with --set batch_size=N)")
     options = dict(device=device, image_size=image_size, rank=rank, world_size=world_size, batches=batches,
                    seed=seeding.derive_seed(seed, "loader", epoch, rank), dtype=dtype, train=train,

@@ -139,15 +139,21 @@ class RunOutputs:
         for name in (ckpt.LAST, *((ckpt.BEST,) if is_best else ()), ckpt.METRICS):
             self._push(name)
 
-    def finish(self, final_weights: dict | None, record: dict, flush_timeout_s: float) -> None:
-        """Final weights (a finished run only), the closing record, and the last uploads."""
+    def finish(self, model, step: int, stopping: str | None, processes: distributed.Processes,
+               flush_timeout_s: float) -> None:
+        """On every rank: the replicas' checksums must agree. Then the final weights (a finished
+        run only), the closing record, and the last uploads."""
+        checksums = distributed.gather(distributed.replica_checksum(model), processes)
         if not self.active:
             return
-        if final_weights is not None:
-            ckpt.save_atomic(final_weights, self.run_dir / ckpt.FINAL)
+        if stopping is None:
+            ckpt.save_atomic(model.state_dict(), self.run_dir / ckpt.FINAL)
             self._push(ckpt.FINAL)
-        self.close(record)
+        self.close({"step": step, "event": "stopped" if stopping else "finished", "reason": stopping,
+                    "replica_checksums": checksums, "replicas_identical": len(set(checksums)) == 1})
         self._push(ckpt.METRICS)
+        print(f"{'stopped (' + stopping + ')' if stopping else 'finished'} at step {step}; "
+              f"checkpoint {self.run_dir / ckpt.LAST}")
         if self.uploader:
             pending = self.uploader.close(flush_timeout_s)
             print(f"warning: {len(pending)} upload(s) to {self.s3_url} still pending at exit: {', '.join(pending)}"

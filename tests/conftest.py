@@ -42,6 +42,14 @@ def sample_shards(sample_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def uneven_shards(sample_dir, tmp_path_factory) -> Path:
+    """The 40 validation images in shards of unequal sizes (7, 7, 6, 6, 6, 4, 4)."""
+    out = tmp_path_factory.mktemp("uneven")
+    convert(sample_dir, str(out), ("validation",), Options(shard_size=7), progress=False)
+    return out
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

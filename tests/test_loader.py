@@ -256,3 +256,109 @@ def test_gpu_mixed_decoding(sample_shards, split):
         cpu_images, cpu_labels = next(iter(make_loader(sample_shards, split, 16, device="cpu", image_size=SIZE)))
         assert torch.equal(labels.cpu(), cpu_labels)
         assert (images.float().cpu() - cpu_images.float()).abs().mean() < 0.05
+
+
+BACKENDS = ["dali", "torchvision"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("world", [2, 3])
+def test_every_rank_runs_the_same_steps_and_reads_each_sample_once(uneven_shards, backend, world):
+    from collections import Counter
+
+    counts = json.loads((uneven_shards / "manifest.json").read_text())["splits"]["validation"]["shards"]
+    assert len({s["samples"] for s in counts}) > 1  # shards of unequal sizes
+    options = dict(device="cpu", image_size=16, backend=backend, num_threads=2, world_size=world)
+    single = make_loader(uneven_shards, "validation", 5, **options | {"world_size": 1})
+    expected = sorted(fingerprints(torch.cat([x for x, _ in single]), torch.cat([y for _, y in single])))
+    val_lengths, seen, train_labels = [], [], Counter()
+    for rank in range(world):
+        val = make_loader(uneven_shards, "validation", 5, rank=rank, **options)
+        batches = list(val)
+        val_lengths += [len(val), len(batches)]
+        seen += fingerprints(torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))
+        # batch 1: at most the larger ranks' last sample is dropped
+        train = make_loader(uneven_shards, "validation", 1, rank=rank, train=True, seed=5, **options)
+        train_batches = list(train)
+        assert len(train_batches) == len(train) == 40 // world
+        train_labels.update(int(y) for _, labels in train_batches for y in labels)
+    assert len(set(val_lengths)) == 1, val_lengths
+    assert sorted(seen) == expected and len(seen) == 40  # every val image once across the ranks
+    split_labels = Counter(label for label, _ in expected)
+    assert not train_labels - split_labels and sum(train_labels.values()) == world * (40 // world)
+
+
+def test_rank_pieces_cover_each_sample_once():
+    from dali_imagenet.baseline import rank_pieces
+    from dali_imagenet.shards import SplitShards
+
+    counts = (7, 7, 6, 6, 6, 4, 4)
+    shards = SplitShards(tuple(f"s{i}.tar" for i in range(7)), tuple(f"s{i}.idx" for i in range(7)), counts, ("a",))
+    for world in (1, 2, 3, 7, 40):
+        samples = [(tar, first + i) for rank in range(world) for tar, first, count in rank_pieces(shards, world, rank)
+                   for i in range(count)]
+        per_rank = [sum(c for *_, c in rank_pieces(shards, world, rank)) for rank in range(world)]
+        assert max(per_rank) - min(per_rank) <= 1
+        assert sorted(samples) == sorted((f"s{i}.tar", j) for i, c in enumerate(counts) for j in range(c))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_each_epoch_reads_the_shards_in_a_new_order(sample_shards, backend):
+    import webdataset as wds
+
+    from dali_imagenet.loader import epoch_shards
+    from dali_imagenet.shards import find_shards
+
+    shards = find_shards(sample_shards, "train")
+    labels = {tar: [int(s["cls"]) for s in wds.WebDataset([tar], shardshuffle=False, empty_check=False)]
+              for tar in shards.tars}
+    orders = []
+    for epoch in (0, 1):
+        order = epoch_shards(shards, 3, epoch).tars
+        assert sorted(order) == sorted(shards.tars)
+        orders.append(order)
+        # A one-sample shuffle buffer leaves only the shard order: the loader must follow the epoch's.
+        loader = make_loader(shards, "train", 8, device="cpu", image_size=16, seed=3, epoch=epoch, shuffle_buffer=1,
+                             backend=backend, num_threads=1)
+        assert torch.cat([y for _, y in loader]).tolist() == [label for tar in order for label in labels[tar]]
+    assert orders[0] != orders[1]
+
+
+def test_consecutive_epochs_are_unalike_at_imagenet_scale():
+    """1,025 shards of 1,250: where a sample lands in epoch 0 says ~nothing about epoch 1."""
+    from dali_imagenet.loader import epoch_shards
+    from dali_imagenet.shards import SplitShards
+
+    n_shards, per_shard = 1025, 1250
+    shards = SplitShards(tuple(range(n_shards)), tuple(range(n_shards)), (per_shard,) * n_shards, ("a",))
+
+    def positions(epoch):  # the epoch position of every sample, by sample id
+        order = np.asarray(epoch_shards(shards, 0, epoch).tars)
+        rank_of_shard = np.empty(n_shards, np.int64)
+        rank_of_shard[order] = np.arange(n_shards)
+        return (rank_of_shard[:, None] * per_shard + np.arange(per_shard)[None, :]).ravel()
+
+    a, b = positions(0), positions(1)
+    spearman = np.corrcoef(a, b)[0, 1]  # positions are already ranks
+    assert abs(spearman) < 0.1, spearman
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_mid_epoch(sample_shards, backend):
+    """DALI restores its reader: the resumed loader decodes only the batches after the stop point
+    and they equal an uninterrupted epoch's. The baseline gives the same batches by replaying."""
+    options = dict(device="cpu", image_size=16, seed=7, epoch=2, backend=backend, num_threads=1, shuffle_buffer=32)
+    straight = list(make_loader(sample_shards, "train", 8, **options))
+    first = make_loader(sample_shards, "train", 8, **options)
+    batches = iter(first)
+    for _ in range(5):
+        next(batches)
+    state = first.state_dict()
+    assert state["batch"] == 5
+    resumed = make_loader(sample_shards, "train", 8, resume=state, **options)
+    rest = list(resumed)
+    assert len(rest) == len(straight) - 5 == len(resumed) - 5
+    for (x, y), (x0, y0) in zip(rest, straight[5:]):
+        assert torch.equal(y, y0) and torch.equal(x, x0)
+    assert resumed.batches_read == (len(straight) - 5 if backend == "dali" else len(straight))
+    assert len(list(resumed)) == len(straight)  # the next epoch is whole again

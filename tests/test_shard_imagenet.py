@@ -276,7 +276,7 @@ def test_s3_output_and_resume(sample_dir, s3_bucket, tmp_path):
     assert again["stats"]["converted_now"] == 0
 
 
-@pytest.mark.parametrize("case", ["missing", "no_parquet", "wrong_schema", "unwritable", "bad_s3_url"])
+@pytest.mark.parametrize("case", ["missing", "no_parquet", "wrong_schema", "unwritable", "bad_s3_url", "s3_one_slash"])
 def test_errors_are_one_line(case, sample_dir, tmp_path):
     import pyarrow as pa
 
@@ -296,7 +296,39 @@ def test_errors_are_one_line(case, sample_dir, tmp_path):
         output = blocker / "out"
     elif case == "bad_s3_url":
         output = "s3:///no-bucket"
-    result = run_cli(source, output, check=False)
+    elif case == "s3_one_slash":
+        output = "s3:/typo/shards"
+    result = run_cli(source, output, check=False, cwd=tmp_path)
     lines = result.stderr.strip().splitlines()
     assert result.returncode != 0 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert lines[0].startswith("Error: ")
+    if case == "s3_one_slash":
+        assert "s3://bucket/prefix" in lines[0] and not (tmp_path / "s3:").exists()
+
+
+def test_s3_error_keeps_its_reason(sample_dir, s3_server):
+    from dali_imagenet import make_loader
+    from dali_imagenet.shards import ShardError
+
+    result = run_cli(sample_dir, "s3://bad!bucket/x", check=False)
+    line = result.stderr.strip()
+    assert result.returncode != 0 and "\n" not in line
+    # botocore's reason comes after its first line break ("Parameter validation failed:\nInvalid ...")
+    assert "Invalid bucket name" in line, line
+    with pytest.raises(ShardError, match="Invalid bucket name"):
+        make_loader("s3://bad!bucket/x", "train", 8, device="cpu")
+
+
+def test_timm_reads_the_shards_as_they_are(sample_shards):
+    """timm's own webdataset reader finds every sample, with the right label, from `_info.json`."""
+    from timm.data import create_dataset
+
+    manifest = json.loads((sample_shards / "manifest.json").read_text())
+    info = json.loads((sample_shards / "_info.json").read_text())
+    expected = read_with_webdataset([sample_shards / s["name"] for s in manifest["splits"]["validation"]["shards"]])
+    assert info["splits"]["validation"]["num_samples"] == len(expected) == 40
+    dataset = create_dataset("wds/imagenet", root=str(sample_shards), split="validation", is_training=False)
+    seen = [(image.size, int(target)) for image, target in dataset]
+    assert len(seen) == len(dataset) == 40
+    assert [t for _, t in seen] == [int(s["cls"]) for s in expected]
+    assert all(size == Image.open(io.BytesIO(s["jpg"])).size for (size, _), s in zip(seen, expected))

@@ -201,3 +201,38 @@ def test_evaluate_reads_a_plain_torchvision_state_dict(sample_shards, tmp_path):
                           "resnet50", "--data", str(sample_shards), "--device", "cpu"], capture_output=True, text=True,
                          env=env())
     assert bad.returncode != 0 and "does not fit resnet50" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_finished_run_is_never_overwritten_unless_asked(sample_shards, tmp_path):
+    out = tmp_path / "run"
+    train(sample_shards, out, "epochs=1")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    again = train(sample_shards, out, "epochs=1", check=False)
+    assert again.returncode == 1
+    line = again.stderr.strip().splitlines()
+    assert len(line) == 1 and str(out) in line[0] and "--resume auto" in line[0] and "--overwrite" in line[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # not a byte changed
+    train(sample_shards, out, "epochs=1", "lr=0.05", extra=["--overwrite"])
+    assert "lr: 0.05" in (out / "config.yaml").read_text()
+    assert len([r for r in records(out) if r.get("event") == "finished"]) == 1  # the old metrics are gone
+
+
+@pytest.mark.parametrize("case", ["bad_data", "bad_resume", "garbage_checkpoint"])
+def test_a_failed_start_leaves_no_run_folder(sample_shards, tmp_path, case):
+    out, data, extra = tmp_path / "run", sample_shards, []
+    if case == "bad_data":
+        data = tmp_path / "no-such-shards"
+    elif case == "bad_resume":
+        extra = ["--resume", str(tmp_path / "missing.pt")]
+    else:
+        garbage = tmp_path / "garbage.pt"
+        garbage.write_bytes(b"i" * 105)
+        extra = ["--resume", str(garbage)]
+    result = train(data, out, extra=extra, check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert not out.exists()
+    if case == "garbage_checkpoint":
+        assert f"{garbage}: not a checkpoint" in lines[0]
+    if case == "bad_resume":
+        assert "missing.pt: no such file" in lines[0]
