@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 BUILD := build
+DEMO_RUN := $(BUILD)/demo-run
 
-.PHONY: install demo test bench clean
+.PHONY: install browser demo test bench clean
 
 install: $(VENV)/.installed
 
@@ -15,17 +16,28 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
+# The browser tests drive Debian's headless Chromium; install it where we may (root), else say how.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else echo "the browser tests need Chromium: sudo apt-get install chromium chromium-driver"; fi
+
 $(BUILD)/sample/.done: shard_tools/sample.py | install
 	$(PY) -m shard_tools.sample $(BUILD)/sample
 	touch $@
 
 demo: install $(BUILD)/sample/.done
 	$(VENV)/bin/shard-imagenet $(BUILD)/sample $(BUILD)/shards --shard-size 64 --overwrite --quiet
-	rm -rf $(BUILD)/demo-run
-	$(PY) train.py --dali --data $(BUILD)/shards --config configs/cpu-demo.yaml --out $(BUILD)/demo-run --device cpu --no-wandb
-	$(PY) evaluate.py --checkpoint $(BUILD)/demo-run/best.pt --data $(BUILD)/shards --dali --device cpu
+	$(PY) train.py --dali --data $(BUILD)/shards --config configs/cpu-demo.yaml --out $(DEMO_RUN) --overwrite --device cpu --no-wandb
+	$(PY) evaluate.py --checkpoint $(DEMO_RUN)/best.pt --data $(BUILD)/shards --dali --device cpu
+	@echo ""
+	@echo "checkpoint:  $(DEMO_RUN)/best.pt  (last.pt, final_weights.pt beside it)"
+	@echo "metrics:     $(DEMO_RUN)/metrics.jsonl"
+	@echo "report:      file://$(CURDIR)/$(DEMO_RUN)/report.html"
+	@echo "the demo:    $(PY) app.py --checkpoint $(DEMO_RUN)/best.pt   (then open http://127.0.0.1:7860)"
 
-test: install
+test: install browser
 	$(PY) -m pytest -q
 
 bench: install

@@ -31,7 +31,7 @@ from dali_imagenet.model import build_model
 from dali_imagenet.precision import Precision
 from dali_imagenet.schedule import lr_at, parameter_groups, scaled_lr
 from dali_imagenet.shards import ShardError, find_shards
-from dali_imagenet.step import TrainStep
+from dali_imagenet.step import GraphedTrainStep, TrainStep
 
 
 def parse_args() -> argparse.Namespace:
@@ -87,16 +87,18 @@ def setup(args) -> SimpleNamespace:
     return SimpleNamespace(
         cfg=cfg, procs=procs, precision=precision, shards=shards, model=model, ema=ema, state=state, out=out,
         optimizer=optimizer, scaler=scaler, peak_lr=peak_lr, steps_per_epoch=steps_per_epoch, val_loader=val_loader,
-        loader_options=loader_options, stop=runs.StopRequest(procs.master),
-        step=TrainStep(model, train_model, optimizer, scaler, precision=precision, mix=MixConfig.from_config(cfg),
-                       num_classes=shards.num_classes, ema=ema, seed=cfg.seed, rank=procs.rank))
+        loader_options=loader_options, stop=runs.StopRequest(procs.master), started=time.monotonic(),
+        step=(GraphedTrainStep if cfg.cuda_graph else TrainStep)(
+            model, train_model, optimizer, scaler, precision=precision, mix=MixConfig.from_config(cfg),
+            num_classes=shards.num_classes, ema=ema, seed=cfg.seed, rank=procs.rank))
 
 
 def train_one_epoch(r) -> str | None:
     """Trains the rest of epoch `r.state.epoch`; returns why it stopped early, or None."""
     cfg, state, procs = r.cfg, r.state, r.procs
     loader = make_loader(r.shards, "train", seed=cfg.seed, epoch=state.epoch, image_size=cfg.train_image_size(
-        state.epoch), shuffle_buffer=cfg.shuffle_buffer, resume=state.loader and state.loader[procs.rank],
+        state.epoch), shuffle_buffer=cfg.shuffle_buffer, crop_min_area=cfg.crop_min_area,
+        resume=state.loader and state.loader[procs.rank],
         **r.loader_options)
     total_steps, warmup_steps = cfg.epochs * r.steps_per_epoch, round(cfg.warmup_epochs * r.steps_per_epoch)
     progress = tqdm(total=r.steps_per_epoch, initial=state.batch_in_epoch, unit="step", leave=False,
@@ -120,9 +122,11 @@ def train_one_epoch(r) -> str | None:
                                  wait=f"{record['data_wait']:.0%}")
             loss_sum, window = 0, 0
         if procs.world == 1 or at_log:  # ranks must agree: they stop and checkpoint at the same step
-            signalled, due = distributed.any_rank(
-                [r.stop.signal is not None, time.monotonic() - last_checkpoint > cfg.checkpoint_minutes * 60], procs)
-            stopping = (r.stop.signal or "signal on another rank") if signalled else None
+            signalled, due, late = distributed.any_rank([
+                r.stop.signal is not None, time.monotonic() - last_checkpoint > cfg.checkpoint_minutes * 60,
+                0 < cfg.max_minutes * 60 < time.monotonic() - r.started], procs)
+            stopping = (r.stop.signal or "signal on another rank") if signalled else (
+                f"max_minutes={cfg.max_minutes:g}" if late else None)
         if cfg.max_steps and state.step >= cfg.max_steps:
             stopping = f"max_steps={cfg.max_steps}"
         if (stopping or due) and state.batch_in_epoch < r.steps_per_epoch:  # an epoch's end checkpoints anyway
@@ -160,7 +164,8 @@ def end_epoch(r) -> None:
         state.history.append({**metrics, "step": state.step, "epoch": state.epoch})
         top1 = max(metrics["top1"], metrics.get("ema_top1", -1.0))
         is_best, state.best_top1 = top1 > state.best_top1, max(state.best_top1, top1)
-        r.out.log({"step": state.step, "epoch": state.epoch, **{f"val_{k}": v for k, v in metrics.items()}})
+        r.out.log({"step": state.step, "epoch": state.epoch, "images_seen": state.step * cfg.batch_size * r.procs.world,
+                   "time_s": time.monotonic() - r.started, **{f"val_{k}": v for k, v in metrics.items()}})
         line += (f"; val top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.3f}"
                  + (f"; EMA top-1 {metrics['ema_top1']:.2f}%" if r.ema else "") + f"  ({metrics['images']} images)")
     if r.procs.master:

@@ -11,6 +11,7 @@ each with the machine, versions and options), a markdown table on stdout, a PNG 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 from pathlib import Path
@@ -70,19 +71,22 @@ def step_sizes(device: str, smoke: bool) -> tuple[str, int, int, list[str]]:
     return "resnet50", 16, 128, ["--warmup-steps", "1", "--steps", "3", "--repeats", "3"]
 
 
-def step_runs(device: str, smoke: bool):
+def step_runs(device: str, smoke: bool, sizes: list[int] | None = None):
+    """Every dtype x layout x compile at one size; with `sizes`, the size sweep of the product's
+    own setting (channels-last; bf16 on a GPU, fp32 on a CPU without fast bf16), eager and compiled."""
     arch, batch, size, timing = step_sizes(device, smoke)
     dtypes = ["float32", "bfloat16"] + (["float16"] if device == "cuda" else [])
-    compiles = [False] if smoke else [False, True]
-    for dtype in dtypes:
-        for channels_last in (True,) if smoke else (True, False):
-            for compiled in compiles:
-                name = f"{arch} {dtype} {'NHWC' if channels_last else 'NCHW'}{' compiled' if compiled else ''}"
-                yield ({"stage": "step", "name": name, "arch": arch, "dtype": dtype, "channels_last": channels_last,
-                        "compile": compiled, "device": device, "batch_size": batch, "image_size": size},
-                       ["synthetic", "--arch", arch, "--device", device, "--dtype", dtype, "--batch-size", str(batch),
-                        "--image-size", str(size), "--channels-last" if channels_last else "--no-channels-last",
-                        "--compile" if compiled else "--no-compile", *timing])
+    if sizes:
+        dtypes = ["bfloat16" if device == "cuda" else "float32"]
+    layouts = (True,) if (smoke or sizes) else (True, False)
+    compiles = (False,) if smoke else (False, True)
+    for size, dtype, channels_last, compiled in itertools.product(sizes or [size], dtypes, layouts, compiles):
+        name = f"{arch} {dtype} {'NHWC' if channels_last else 'NCHW'}{' compiled' if compiled else ''}"
+        yield ({"stage": "step", "name": name, "arch": arch, "dtype": dtype, "channels_last": channels_last,
+                "compile": compiled, "device": device, "batch_size": batch, "image_size": size},
+               ["synthetic", "--arch", arch, "--device", device, "--dtype", dtype, "--batch-size", str(batch),
+                "--image-size", str(size), "--channels-last" if channels_last else "--no-channels-last",
+                "--compile" if compiled else "--no-compile", *timing])
 
 
 def end_to_end_runs(shards: dict[str, Path], device: str, smoke: bool):
@@ -103,6 +107,7 @@ def main() -> None:
     parser.add_argument("--work", default="build/bench", help="where the sample and its shards are built")
     parser.add_argument("--out", default="bench-results/results.jsonl")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that everything runs")
+    parser.add_argument("--image-size", type=int, nargs="+", help="step stage: sweep these train sizes (px)")
     args = parser.parse_args()
 
     work, out = Path(args.work), Path(args.out)
@@ -115,7 +120,7 @@ def main() -> None:
     if "loader" in args.only:
         plans += [("benchmarks.loaders", *run) for run in loader_runs(shards, args.device, args.smoke)]
     if "step" in args.only:
-        plans += [("benchmarks.steps", *run) for run in step_runs(args.device, args.smoke)]
+        plans += [("benchmarks.steps", *run) for run in step_runs(args.device, args.smoke, args.image_size)]
     if "end-to-end" in args.only:
         plans += [("benchmarks.steps", *run) for run in end_to_end_runs(shards, args.device, args.smoke)]
 

@@ -3,36 +3,19 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def machine() -> dict:
-    import torch
+    from dali_imagenet.metrics import machine as run_machine
 
-    info = {
-        "machine": platform.node(),
-        "platform": platform.platform(),
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "git_commit": _git_commit(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    for package in ("torch", "torchvision", "nvidia-dali-cuda120", "webdataset", "pillow"):
-        try:
-            info[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            info[package] = None
-    return info
+    return {**run_machine(), "git_commit": _git_commit()}
 
 
 def _git_commit() -> str | None:
@@ -64,3 +47,15 @@ def run_isolated(module: str, args: list[str], timeout_s: float = 900) -> dict:
         raise RuntimeError(f"{module} {' '.join(args)} failed:\n{result.stderr[-3000:]}")
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     return json.loads(lines[-1])
+
+
+def save_figure(fig, results: list[dict], title: str, path: Path) -> Path:
+    """Titles a chart with the machine the results came from, and writes it as a PNG."""
+    import matplotlib.pyplot as plt
+
+    env = results[0]["env"] if results else {}
+    fig.suptitle(f"{title}: {env.get('cpu_count')} CPUs, GPU {env.get('gpu') or 'none'}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

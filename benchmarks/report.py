@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from benchmarks.common import save_figure
+
 
 def _rate(record: dict) -> float | None:
     return record.get("images_per_s")
@@ -14,7 +16,8 @@ def add_ratios(results: list[dict]) -> None:
     limits = {r["shards"]: _rate(r) for r in results if r["stage"] == "limit" and _rate(r)}
     baselines = {(r["shards"], r["split"]): _rate(r) for r in results
                  if r["stage"] == "loader" and r["backend"] == "torchvision" and _rate(r)}
-    ceilings = {r["name"]: _rate(r) for r in results if r["stage"] == "step" and not r["compile"] and _rate(r)}
+    ceilings = {(r["name"], r["image_size"]): _rate(r) for r in results
+                if r["stage"] == "step" and not r["compile"] and _rate(r)}
     eager_fp32 = next((_rate(r) for r in results if r["stage"] == "step" and r["dtype"] == "float32"
                        and not r["channels_last"] and not r["compile"] and _rate(r)), None)
     for r in results:
@@ -26,8 +29,8 @@ def add_ratios(results: list[dict]) -> None:
                 r["vs_limit"] = rate / limits[r["shards"]]
             if (r["shards"], r["split"]) in baselines:
                 r["vs_baseline"] = rate / baselines[(r["shards"], r["split"])]
-        elif r["stage"] == "end-to-end" and r["ceiling"] in ceilings:
-            r["vs_ceiling"] = rate / ceilings[r["ceiling"]]
+        elif r["stage"] == "end-to-end" and (r["ceiling"], r["image_size"]) in ceilings:
+            r["vs_ceiling"] = rate / ceilings[(r["ceiling"], r["image_size"])]
         elif r["stage"] == "step" and eager_fp32:
             r["vs_baseline"] = rate / eager_fp32
 
@@ -74,9 +77,4 @@ def save_chart(results: list[dict], path: Path) -> Path:
     for y, value in enumerate(medians):
         ax.text(value, y, f" {value:,.0f}", va="center", fontsize=7)
     ax.set_xlabel("images / s, log scale (median of repeats; whiskers: min-max)")
-    machine = results[0]["env"] if results else {}
-    ax.set_title(f"dali-imagenet benchmarks: {machine.get('cpu_count')} CPUs, GPU {machine.get('gpu') or 'none'}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, results, "dali-imagenet benchmarks", path)

@@ -35,8 +35,8 @@ def rank_pieces(shards: SplitShards, world_size: int, rank: int) -> list[tuple[s
 class Transform:
     """Picklable per-sample transform for the DataLoader workers."""
 
-    def __init__(self, train: bool, image_size: int, crop_fraction: float, dtype: torch.dtype):
-        self.pipeline = (train_transform(image_size, dtype) if train
+    def __init__(self, train: bool, image_size: int, crop_fraction: float, crop_min_area: float, dtype: torch.dtype):
+        self.pipeline = (train_transform(image_size, crop_min_area, dtype) if train
                          else val_transform(image_size, crop_fraction, dtype))
 
     def __call__(self, sample):
@@ -80,7 +80,7 @@ def _read(pieces):
 class TorchvisionLoader:
     def __init__(self, shards: SplitShards, batch_size: int, *, device: torch.device, image_size: int, rank: int,
                  world_size: int, batches: int, seed: int, dtype: torch.dtype, train: bool, threads: int,
-                 shuffle_buffer: int, crop_fraction: float, resume: dict | None):
+                 shuffle_buffer: int, crop_fraction: float, crop_min_area: float, resume: dict | None):
         if any(s3.is_s3(t) for t in shards.tars):
             raise ShardError("the torchvision baseline reads local shards only; use the DALI loader for s3://")
         self.device, self.train, self.batch_size = device, train, batch_size
@@ -90,7 +90,7 @@ class TorchvisionLoader:
         self.position = resume["batch"] if resume else 0
         self.batches_read = 0
         pieces = rank_pieces(shards, world_size, rank)
-        dataset = RankSamples(pieces, Transform(train, image_size, crop_fraction, dtype), batch_size, shuffle_buffer,
+        dataset = RankSamples(pieces, Transform(train, image_size, crop_fraction, crop_min_area, dtype), batch_size, shuffle_buffer,
                               seed, train)
         self._loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=max(1, min(threads, len(pieces))),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def contents(state: TrainState, *, model, optimizer, scaler, ema, config: dict, 
     return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "ema": ema.state_dict() if ema is not None else None, "state": asdict(state), "rng": rng_state(),
             "config": config, "arch": config["arch"], "num_classes": len(class_names),
-            "class_names": list(class_names)}
+            "class_names": list(class_names), "saved_at": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
 def restore(checkpoint: dict, *, model, optimizer, scaler, ema) -> TrainState:

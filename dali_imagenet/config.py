@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from dali_imagenet.preprocess import CROP_FRACTION
+from dali_imagenet.preprocess import CROP_FRACTION, TRAIN_CROP_MIN_AREA
 
 
 class ConfigError(Exception):
@@ -31,6 +31,7 @@ class TrainConfig:
     ramp_start_epoch: int = 0  # epochs at min_image_size before the size starts to grow
     ramp_end_epoch: int = 0  # epoch from which the size is image_size
     image_size_step: int = 32  # px, sizes on the ramp are multiples of this (one compiled graph each)
+    crop_min_area: float = TRAIN_CROP_MIN_AREA  # a train crop covers this to 100 % of the image (short runs: more)
     val_image_size: int = 224  # px, centre crop for validation (may differ from the train size)
     val_crop_fraction: float = CROP_FRACTION  # val: the crop's share of the resized shorter side (224 of 256)
     val_flip: bool = False  # test-time augmentation: average the logits of each image and its mirror
@@ -62,6 +63,7 @@ class TrainConfig:
     val_every: int = 1  # epochs between validations; 0: only at the end
     checkpoint_minutes: float = 15.0  # minutes between mid-epoch checkpoints; a spot reclaim loses at most this
     max_steps: int = 0  # stop (with a checkpoint) after this global step; 0: train all epochs
+    max_minutes: float = 0.0  # stop (with a checkpoint) after this many minutes in this process; 0: no limit
     s3_flush_timeout_s: float = 90.0  # at exit, how long to wait for pending uploads (spot notice: 120 s)
     wandb_project: str = "dali-imagenet"
 
@@ -85,7 +87,8 @@ class TrainConfig:
             (self.min_image_size == 0 or (0 < self.min_image_size <= self.image_size
                                           and self.ramp_start_epoch <= self.ramp_end_epoch and self.image_size_step > 0),
              "a size ramp needs 0 < min_image_size <= image_size, ramp_start_epoch <= ramp_end_epoch, image_size_step > 0"),
-            (0 < self.val_crop_fraction <= 1, "val_crop_fraction must be in (0, 1]"),
+            (0 < self.val_crop_fraction <= 1 and 0 < self.crop_min_area <= 1,
+             "val_crop_fraction and crop_min_area must be in (0, 1]"),
             (0 <= self.drop_path < 1 and 0 <= self.label_smoothing < 1, "drop_path and label_smoothing must be in [0, 1)"),
             (self.mixup_alpha >= 0 and self.cutmix_alpha >= 0, "mixup_alpha and cutmix_alpha must be >= 0"),
             (0 <= self.ema_decay < 1 and self.ema_warmup_power > 0, "ema_decay must be in [0, 1), ema_warmup_power > 0"),

@@ -39,11 +39,19 @@ class WeightEMA:
             self._pairs = (model, averaged, copied)
         return self._pairs[1], self._pairs[2]
 
+    def weight_at(self, step: int) -> float:
+        """How far the average moves towards the model after optimizer step `step`."""
+        return 1.0 - ema_decay_at(step, self.decay, self.warmup_power)
+
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
         """Call after optimizer step `step` with the plain (unwrapped) model."""
+        self.lerp(model, self.weight_at(step))
+
+    @torch.no_grad()
+    def lerp(self, model: torch.nn.Module, weight: float | torch.Tensor) -> None:
+        """ema += weight * (model - ema); `weight` may be a device tensor (inside a CUDA graph)."""
         averaged, copied = self._tensors(model)
-        weight = 1.0 - ema_decay_at(step, self.decay, self.warmup_power)
         torch._foreach_lerp_([a for a, _ in averaged], [b for _, b in averaged], weight)
         for ours, theirs in copied:  # BatchNorm's num_batches_tracked: a counter, not averaged
             ours.copy_(theirs)

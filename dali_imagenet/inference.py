@@ -51,7 +51,64 @@ def load_model(path: str | Path, *, arch: str | None = None, which: str = "auto"
     model = model.to(device, memory_format=torch.channels_last).eval()
     history = (checkpoint.get("state") or {}).get("history") or []
     summary = {"step": (checkpoint.get("state") or {}).get("step"), "epochs": config.epochs,
+               "saved_at": checkpoint.get("saved_at"),
                **({"val": history[-1]} if history else {})}
     loaded = "state dict" if "model" not in checkpoint else (
         which if which != "auto" else ("ema" if state is (checkpoint.get("ema") or {}).get("weights") else "raw"))
     return LoadedModel(model, arch, loaded, checkpoint.get("class_names"), config, summary)
+
+
+def load_image(path: str | Path) -> torch.Tensor:
+    """An image file of any mode (RGB, grayscale, CMYK, palette, PNG with alpha) as uint8 RGB CHW.
+    Raises ValueError with the reason when the file is not a complete image."""
+    from PIL import Image, ImageFile
+
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not decode to grey rows
+    try:
+        with Image.open(path) as image:
+            return image_tensor(image)
+    except Exception as error:  # PIL raises many types for bad data
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"not a readable image ({reason})") from None
+
+
+def image_tensor(image) -> torch.Tensor:
+    """A PIL image of any mode as uint8 RGB CHW (what torchvision's decoders give)."""
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+
+
+class Predictor:
+    """Class probabilities for images, preprocessed exactly as the checkpoint was validated:
+    `preprocess.val_transform` at the run's val size and crop fraction."""
+
+    def __init__(self, loaded: LoadedModel, *, image_size: int | None = None, device: str | torch.device = "cpu",
+                 class_names: list[str] | None = None):
+        from dali_imagenet.classes import display_names, imagenet1k
+        from dali_imagenet.precision import Precision
+        from dali_imagenet.preprocess import val_transform
+
+        self.loaded, self.device = loaded, torch.device(device)
+        self.image_size = image_size or loaded.config.val_image_size
+        self.transform = val_transform(self.image_size, loaded.config.val_crop_fraction)
+        self.precision = Precision.for_device(loaded.config.amp_dtype, self.device, fallback=True)
+        names = class_names or loaded.class_names
+        if names is None and loaded.num_classes == len(imagenet1k()):
+            names = [n for _, n in imagenet1k()]
+        if names is not None and len(names) != loaded.num_classes:
+            raise ValueError(f"{len(names)} class names for a model with {loaded.num_classes} classes")
+        self.names = display_names(names) if names else [f"class {i}" for i in range(loaded.num_classes)]
+
+    @torch.no_grad()
+    def probabilities(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """uint8 CHW images -> (N, classes) probabilities, in one batch."""
+        batch = torch.stack([self.transform(image) for image in images]).to(self.device)
+        with self.precision.autocast():
+            logits = self.loaded.model(batch.contiguous(memory_format=torch.channels_last))
+        return logits.float().softmax(dim=1).cpu()
+
+    def top(self, probabilities: torch.Tensor, k: int = 5) -> list[list[tuple[int, str, float]]]:
+        values, indices = probabilities.topk(min(k, probabilities.shape[1]), dim=1)
+        return [[(int(i), self.names[int(i)], float(v)) for v, i in zip(row_v, row_i)]
+                for row_v, row_i in zip(values, indices)]

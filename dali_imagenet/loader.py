@@ -18,7 +18,7 @@ import torch
 
 from dali_imagenet import seeding
 from dali_imagenet.config import TrainConfig
-from dali_imagenet.preprocess import CROP_FRACTION
+from dali_imagenet.preprocess import CROP_FRACTION, TRAIN_CROP_MIN_AREA
 from dali_imagenet.shards import ShardError, SplitShards, find_shards, find_undecodable
 
 
@@ -46,8 +46,8 @@ def epoch_shards(shards: SplitShards, seed: int, epoch: int) -> SplitShards:
 def make_loader(data, split: str, batch_size: int, *, device: str | torch.device = "cuda", image_size: int = 224,
                 rank: int = 0, world_size: int = 1, seed: int = 0, epoch: int = 0, dtype: torch.dtype | None = None,
                 backend: str = "dali", train: bool | None = None, num_threads: int | None = None,
-                shuffle_buffer: int = TrainConfig.shuffle_buffer, crop_fraction: float = CROP_FRACTION, cache_dir=None,
-                resume: dict | None = None):
+                shuffle_buffer: int = TrainConfig.shuffle_buffer, crop_fraction: float = CROP_FRACTION,
+                crop_min_area: float = TRAIN_CROP_MIN_AREA, cache_dir=None, resume: dict | None = None):
     """`data`: a shard folder, `s3://` prefix or timm-layout folder, or the `SplitShards` of one.
     `train` defaults to `split == "train"` (random crops, flips, shuffling, dropped last batch).
 
@@ -76,7 +76,7 @@ def make_loader(data, split: str, batch_size: int, *, device: str | torch.device
     options = dict(device=device, image_size=image_size, rank=rank, world_size=world_size, batches=batches,
                    seed=seeding.derive_seed(seed, "loader", epoch, rank), dtype=dtype, train=train,
                    threads=num_threads or max(1, min(os.cpu_count() or 1, 8)), shuffle_buffer=shuffle_buffer,
-                   crop_fraction=crop_fraction, resume=resume)
+                   crop_fraction=crop_fraction, crop_min_area=crop_min_area, resume=resume)
     if backend == "torchvision":
         from dali_imagenet.baseline import TorchvisionLoader
 
@@ -87,7 +87,7 @@ def make_loader(data, split: str, batch_size: int, *, device: str | torch.device
 class DaliLoader:
     def __init__(self, shards: SplitShards, batch_size: int, *, device: torch.device, image_size: int, rank: int,
                  world_size: int, batches: int, seed: int, dtype: torch.dtype, train: bool, threads: int,
-                 shuffle_buffer: int, crop_fraction: float, resume: dict | None):
+                 shuffle_buffer: int, crop_fraction: float, crop_min_area: float, resume: dict | None):
         from nvidia.dali import types
         from nvidia.dali.plugin.base_iterator import LastBatchPolicy
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
@@ -105,7 +105,7 @@ class DaliLoader:
         pipe = imagenet_pipeline(
             list(shards.tars), list(shards.indices), device="gpu" if on_gpu else "cpu", train=train,
             image_size=image_size, dtype=types.FLOAT if dtype == torch.float32 else types.FLOAT16, shard_id=rank,
-            num_shards=world_size, shuffle_buffer=shuffle_buffer, crop_fraction=crop_fraction,
+            num_shards=world_size, shuffle_buffer=shuffle_buffer, crop_fraction=crop_fraction, crop_min_area=crop_min_area,
             batch_size=batch_size, num_threads=threads, device_id=device.index if on_gpu else None, seed=seed,
             prefetch_queue_depth=2, enable_checkpointing=True, checkpoint=resume["dali"] if resume else None)
         first, end = rank_range(shards.samples, world_size, rank)

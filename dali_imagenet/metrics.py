@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import time
+from importlib import metadata
 from pathlib import Path
 
 from dali_imagenet.checkpoint import METRICS
@@ -42,6 +44,22 @@ class RunLogger:
         self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def machine() -> dict:
+    """What ran it: host, CPU count, GPU, Python and the versions that change the numbers."""
+    import torch
+
+    info = {"machine": platform.node(), "platform": platform.platform(),
+            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    for package in ("torch", "torchvision", "nvidia-dali-cuda120", "webdataset", "pillow"):
+        try:
+            info[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            info[package] = None
+    return info
 
 
 def wandb_wanted(flag: bool | None) -> bool:

@@ -46,35 +46,49 @@ def _beta(alpha: float, generator, device) -> torch.Tensor:
     return gammas[0] / gammas.sum()
 
 
-def cutmix_box(lam: torch.Tensor, height: int, width: int, generator=None):
-    """Box of area ~(1-λ)·H·W centred uniformly at random, clipped to the image: (y0, y1, x0, x1)."""
-    device = lam.device
+def cutmix_box(lam: torch.Tensor, height: int, width: int, centre: torch.Tensor):
+    """Box of area ~(1-λ)·H·W centred at `centre` (fractions of H and W), clipped to the image:
+    (y0, y1, x0, x1)."""
     cut_ratio = torch.sqrt(1.0 - lam)
     half_h = torch.floor(cut_ratio * height) // 2
     half_w = torch.floor(cut_ratio * width) // 2
-    centre = torch.rand(2, generator=generator, device=device)
     cy, cx = torch.floor(centre[0] * height), torch.floor(centre[1] * width)
     return ((cy - half_h).clamp(0, height), (cy + half_h).clamp(0, height),
             (cx - half_w).clamp(0, width), (cx + half_w).clamp(0, width))
 
 
-def mix_batch(images: torch.Tensor, labels: torch.Tensor, num_classes: int, config: MixConfig,
-              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N,C,H,W) images, (N,) int labels -> mixed images (same dtype and layout), (N, classes) targets."""
-    targets = smooth_one_hot(labels, num_classes, config.label_smoothing)
-    if not config.active:
-        return images, targets
-    device = images.device
+def draw_mix(config: MixConfig, generator: torch.Generator | None, device) -> torch.Tensor:
+    """A batch's random draws as one device tensor: [mixup λ, cutmix λ, use cutmix (0/1), box
+    centre y, box centre x (fractions)]. Drawn apart from the mixing itself, so that a captured
+    CUDA graph can take them as an input."""
     one = torch.ones((), device=device)
     mix_lam = _beta(config.mixup_alpha, generator, device) if config.mixup_alpha > 0 else one
     cut_lam = _beta(config.cutmix_alpha, generator, device) if config.cutmix_alpha > 0 else one
     if config.mixup_alpha > 0 and config.cutmix_alpha > 0:
-        use_cutmix = torch.rand((), generator=generator, device=device) < config.mix_switch_prob
+        use_cutmix = (torch.rand((), generator=generator, device=device) < config.mix_switch_prob).float()
     else:
         # A fill kernel, not torch.tensor(bool): that would be a synchronous host-to-device copy.
-        use_cutmix = torch.full((), config.cutmix_alpha > 0, dtype=torch.bool, device=device)
-    box = cutmix_box(cut_lam, images.shape[-2], images.shape[-1], generator)
-    return apply_mix(images, targets, mix_lam, use_cutmix, box)
+        use_cutmix = torch.full((), float(config.cutmix_alpha > 0), device=device)
+    centre = torch.rand(2, generator=generator, device=device)
+    return torch.cat([torch.stack([mix_lam, cut_lam, use_cutmix]), centre])
+
+
+def mix_batch(images: torch.Tensor, labels: torch.Tensor, num_classes: int, config: MixConfig,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,C,H,W) images, (N,) int labels -> mixed images (same dtype and layout), (N, classes) targets."""
+    if not config.active:
+        return images, smooth_one_hot(labels, num_classes, config.label_smoothing)
+    return mix_with_draws(images, labels, num_classes, config, draw_mix(config, generator, images.device))
+
+
+def mix_with_draws(images: torch.Tensor, labels: torch.Tensor, num_classes: int, config: MixConfig,
+                   draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`mix_batch` with the draws of `draw_mix` given."""
+    targets = smooth_one_hot(labels, num_classes, config.label_smoothing)
+    if not config.active:
+        return images, targets
+    box = cutmix_box(draws[1], images.shape[-2], images.shape[-1], draws[3:5])
+    return apply_mix(images, targets, draws[0], draws[2] > 0.5, box)
 
 
 def apply_mix(images: torch.Tensor, targets: torch.Tensor, mix_lam: torch.Tensor, use_cutmix: torch.Tensor,

@@ -10,8 +10,8 @@ import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 import nvidia.dali.math as dmath
 
-from dali_imagenet.preprocess import (CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, TRAIN_CROP_ASPECT, TRAIN_CROP_AREA,
-                                     val_resize_size)
+from dali_imagenet.preprocess import (CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, TRAIN_CROP_ASPECT,
+                                     TRAIN_CROP_MIN_AREA, val_resize_size)
 
 MAX_LABEL_DIGITS = 6
 
@@ -29,7 +29,7 @@ GPU_DECODER_HINTS = dict(
 
 
 def decode_and_augment(jpegs, *, device: str, train: bool, image_size: int, dtype,
-                       crop_fraction: float = CROP_FRACTION):
+                       crop_fraction: float = CROP_FRACTION, crop_min_area: float = TRAIN_CROP_MIN_AREA):
     """JPEG bytes -> normalised `image_size`² HWC images of `dtype`, on `device` ("cpu" | "gpu").
 
     `preprocess`'s recipe: train crops are decoded as a ROI (only the crop's region), val images
@@ -41,7 +41,7 @@ def decode_and_augment(jpegs, *, device: str, train: bool, image_size: int, dtyp
     if train:
         images = fn.decoders.image_random_crop(
             jpegs, device=decoder_device, output_type=types.RGB,
-            random_area=list(TRAIN_CROP_AREA), random_aspect_ratio=list(TRAIN_CROP_ASPECT), num_attempts=10, **hints)
+            random_area=[crop_min_area, 1.0], random_aspect_ratio=list(TRAIN_CROP_ASPECT), num_attempts=10, **hints)
         images = fn.resize(images, size=[image_size, image_size], interp_type=types.INTERP_LINEAR, antialias=True)
         mirror, crop = fn.random.coin_flip(probability=0.5), None
         crop_args = {}
@@ -98,7 +98,7 @@ def label_from_ascii(cls):
 
 @pipeline_def
 def imagenet_pipeline(tars, indices, *, device, train, image_size, dtype, shard_id, num_shards, shuffle_buffer,
-                      crop_fraction=CROP_FRACTION):
+                      crop_fraction=CROP_FRACTION, crop_min_area=TRAIN_CROP_MIN_AREA):
     jpegs, cls = fn.readers.webdataset(
         paths=tars, index_paths=indices, ext=["jpg", "cls"], missing_component_behavior="error",
         random_shuffle=train, initial_fill=shuffle_buffer, shard_id=shard_id, num_shards=num_shards,
@@ -106,6 +106,6 @@ def imagenet_pipeline(tars, indices, *, device, train, image_size, dtype, shard_
         # so every rank runs the same number of steps: no rank waits forever in an all-reduce.
         pad_last_batch=True, stick_to_shard=not train, name="reader")
     images = decode_and_augment(jpegs, device=device, train=train, image_size=image_size, dtype=dtype,
-                                crop_fraction=crop_fraction)
+                                crop_fraction=crop_fraction, crop_min_area=crop_min_area)
     labels = label_from_ascii(cls)
     return images, (labels.gpu() if device == "gpu" else labels)

@@ -1,7 +1,7 @@
 """What an image goes through before the model, written once for every path that needs it: the
 DALI graphs, the torchvision baseline, evaluation and `predict.py`. Imports no DALI.
 
-Train: random-resized crop (area 8-100 %, aspect 3/4-4/3), resize, random flip, normalise.
+Train: random-resized crop (area 8-100 % by default, aspect 3/4-4/3), resize, random flip, normalise.
 Val: resize the shorter side to `image_size / crop_fraction` (256 for 224 at 0.875), centre crop.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)  # on 0-255 pixel values
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 CROP_FRACTION = 0.875  # val: the centre crop's share of the resized shorter side
-TRAIN_CROP_AREA = (0.08, 1.0)  # share of the image's area a random-resized crop takes
+TRAIN_CROP_MIN_AREA = 0.08  # a random-resized crop takes this to 100 % of the image's area
 TRAIN_CROP_ASPECT = (3 / 4, 4 / 3)
 
 
@@ -18,11 +18,11 @@ def val_resize_size(image_size: int, crop_fraction: float = CROP_FRACTION) -> in
     return round(image_size / crop_fraction)
 
 
-def train_transform(image_size: int, dtype=None):
+def train_transform(image_size: int, min_area: float = TRAIN_CROP_MIN_AREA, dtype=None):
     """torchvision v2 transform of a uint8 CHW tensor for training (the baseline loader's)."""
     from torchvision.transforms import v2
 
-    return _normalised([v2.RandomResizedCrop(image_size, scale=TRAIN_CROP_AREA, ratio=TRAIN_CROP_ASPECT,
+    return _normalised([v2.RandomResizedCrop(image_size, scale=(min_area, 1.0), ratio=TRAIN_CROP_ASPECT,
                                              antialias=True), v2.RandomHorizontalFlip()], dtype)
 
 

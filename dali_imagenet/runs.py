@@ -12,7 +12,8 @@ import yaml
 
 from dali_imagenet import checkpoint as ckpt
 from dali_imagenet import distributed, s3
-from dali_imagenet.metrics import RunLogger
+from dali_imagenet.metrics import RunLogger, machine
+from dali_imagenet.report import write_report
 from dali_imagenet.s3sync import S3Sync
 
 
@@ -24,6 +25,8 @@ def run_folder(out: str | None, arch: str, *, resume: str | None, overwrite: boo
     """The run folder, checked but not yet created (a failed start must leave nothing behind)."""
     if world > 1 and out is None:
         raise RunError("--out is needed with torchrun: every rank must use the same run folder")
+    if resume and overwrite:
+        raise RunError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
     run_dir = Path(out or f"runs/{arch}-{time.strftime('%Y%m%d-%H%M%S')}")
     if run_dir.exists() and not run_dir.is_dir():
         raise RunError(f"{run_dir}: exists and is not a folder")
@@ -115,6 +118,7 @@ class RunOutputs:
         ckpt.clean_temporaries(run_dir)
         (run_dir / ckpt.CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
         self.logger = RunLogger(run_dir, {**config, **extra}, wandb, config["wandb_project"], wandb_id)
+        self.logger.log({"event": "started", "machine": machine(), **extra})
         self.uploader = S3Sync(s3_url) if s3_url else None
         self._push(ckpt.CONFIG)
 
@@ -152,8 +156,10 @@ class RunOutputs:
         self.close({"step": step, "event": "stopped" if stopping else "finished", "reason": stopping,
                     "replica_checksums": checksums, "replicas_identical": len(set(checksums)) == 1})
         self._push(ckpt.METRICS)
-        print(f"{'stopped (' + stopping + ')' if stopping else 'finished'} at step {step}; "
-              f"checkpoint {self.run_dir / ckpt.LAST}")
+        write_report([self.run_dir], self.run_dir / ckpt.REPORT)
+        self._push(ckpt.REPORT)
+        print(f"{'stopped (' + stopping + ')' if stopping else 'finished'} at step {step}; checkpoint "
+              f"{self.run_dir / ckpt.LAST}, report {self.run_dir / ckpt.REPORT}")
         if self.uploader:
             pending = self.uploader.close(flush_timeout_s)
             print(f"warning: {len(pending)} upload(s) to {self.s3_url} still pending at exit: {', '.join(pending)}"

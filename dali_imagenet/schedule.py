@@ -20,13 +20,13 @@ def lr_at(step: int, *, peak_lr: float, total_steps: int, warmup_steps: int, min
 
     Step 0 already trains (peak/warmup_steps, not 0); from `total_steps` on the LR stays at `min_lr`.
     """
+    if shape not in ("cosine", "linear"):
+        raise ValueError(f"unknown LR schedule {shape!r}")
     if step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     if shape == "linear":
         return peak_lr + (min_lr - peak_lr) * progress
-    if shape != "cosine":
-        raise ValueError(f"unknown LR schedule {shape!r}")
     return min_lr + 0.5 * (peak_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 

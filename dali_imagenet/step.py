@@ -1,32 +1,17 @@
 """One optimisation step: mix the batch, forward under autocast, backward, SGD, EMA. No host sync.
 
-`train_step` is the step itself; `TrainStep` is what the trainer calls: the step at the LR and
-RNG of a given global step, the EMA update after it, and a device-side record of the first
-step whose loss was not finite (read only when the caller syncs anyway).
+`TrainStep` is what the trainer calls: the step at the LR and mixing draws of a given global
+step, the EMA update after it, and a device-side record of the first step whose loss was not
+finite (read only when the caller syncs anyway). `GraphedTrainStep` replays all of that as one
+CUDA graph per input shape, so that a fast GPU is not held back by ~1,000 kernel launches a step.
 """
 from __future__ import annotations
 
 import torch
 
 from dali_imagenet import seeding
-from dali_imagenet.mixing import MixConfig, mix_batch, soft_target_cross_entropy
+from dali_imagenet.mixing import MixConfig, draw_mix, mix_with_draws, soft_target_cross_entropy
 from dali_imagenet.precision import Precision
-
-
-def train_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, *, lr: float, num_classes: int,
-               mix: MixConfig, generator: torch.Generator | None, precision: Precision) -> torch.Tensor:
-    """Returns the loss as a device tensor; reading it (`.item()`) is the caller's sync, when it wants one."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr  # a Python float: setting it launches nothing
-    images, targets = mix_batch(images, labels, num_classes, mix, generator)
-    with precision.autocast():
-        loss = soft_target_cross_entropy(model(images), targets)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)  # fused SGD on GPU: the fp16 inf check stays on the device
-    scaler.update()
-    return loss.detach()
 
 
 class TrainStep:
@@ -37,20 +22,103 @@ class TrainStep:
         self.model, self.train_model, self.optimizer, self.scaler = model, train_model, optimizer, scaler
         self.precision, self.mix, self.num_classes, self.ema = precision, mix, num_classes, ema
         self.seed, self.rank = seed, rank
-        self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=precision.device)
+        device = precision.device
+        self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+        self.step_number = torch.zeros((), dtype=torch.int64, device=device)
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, *, step: int, lr: float) -> torch.Tensor:
+    def draws(self, step: int) -> torch.Tensor:
         # The mixing RNG depends only on (seed, step, rank): resumable without saving its state.
         generator = torch.Generator(self.precision.device).manual_seed(
             seeding.derive_seed(self.seed, "mixing", step, self.rank))
-        loss = train_step(self.train_model, images, labels, self.optimizer, self.scaler, lr=lr,
-                          num_classes=self.num_classes, mix=self.mix, generator=generator, precision=self.precision)
+        return draw_mix(self.mix, generator, self.precision.device)
+
+    def body(self, images: torch.Tensor, labels: torch.Tensor, draws: torch.Tensor, ema_weight) -> torch.Tensor:
+        """The step's device work, from the loss to the EMA: what a CUDA graph captures."""
+        images, targets = mix_with_draws(images, labels, self.num_classes, self.mix, draws)
+        with self.precision.autocast():
+            loss = soft_target_cross_entropy(self.train_model(images), targets)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)  # fused SGD on GPU: the fp16 inf check stays on the device
+        self.scaler.update()
         if self.ema is not None:
-            self.ema.update(self.model, step)
-        self.first_bad_step = torch.where((self.first_bad_step < 0) & ~torch.isfinite(loss), step, self.first_bad_step)
-        return loss
+            self.ema.lerp(self.model, ema_weight)
+        self.first_bad_step.copy_(torch.where((self.first_bad_step < 0) & ~torch.isfinite(loss),
+                                              self.step_number, self.first_bad_step))
+        return loss.detach()
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, *, step: int, lr: float) -> torch.Tensor:
+        """Returns the loss as a device tensor; reading it (`.item()`) is the caller's sync."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr  # a Python float: setting it launches nothing
+        self.step_number.fill_(step)
+        self.optimizer.zero_grad(set_to_none=True)
+        return self.body(images, labels, self.draws(step), self.ema.weight_at(step) if self.ema else None)
 
     def bad_step(self) -> int | None:
         """The first step whose loss was NaN or inf, or None. A host sync: call it when logging."""
         bad = int(self.first_bad_step.item())
         return bad if bad >= 0 else None
+
+
+class GraphedTrainStep(TrainStep):
+    """`TrainStep` as one CUDA graph per input shape (a size ramp captures one per size).
+
+    Each batch is copied into the graph's static input buffers; the LR, the EMA weight, the step
+    number and the mixing draws live in device tensors that are filled before each replay (fills
+    and a few RNG kernels: no host sync). The first `WARMUP_STEPS` steps at a new shape run eagerly
+    on a side stream (cuDNN autotuning, optimizer state, lazy allocations), then the graph is
+    captured and replayed; those warm-up steps are real training steps. Needs a GPU, one process
+    (DDP is not captured) and bf16 or fp32 (fp16's GradScaler reads its scale on the host).
+    """
+    WARMUP_STEPS = 3
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        device = self.precision.device
+        if device.type != "cuda":
+            raise ValueError("cuda_graph needs a GPU (--device cuda)")
+        if self.precision.name == "float16":
+            raise ValueError("cuda_graph needs amp_dtype bfloat16 or float32 (fp16 loss scaling syncs)")
+        if isinstance(self.train_model, torch.nn.parallel.DistributedDataParallel):
+            raise ValueError("cuda_graph runs one process; under torchrun use cuda_graph: false")
+        self.lr = torch.zeros((), device=device)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr  # fused SGD reads a tensor LR on the device
+        self.ema_weight = torch.zeros((), device=device)
+        self.static_draws = torch.zeros(5, device=device)
+        self.graphs: dict[tuple, tuple] = {}  # shape -> (graph, images, labels, loss)
+        self.steps_seen: dict[tuple, int] = {}
+        self.pool = None
+        self.side_stream = torch.cuda.Stream(device)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, *, step: int, lr: float) -> torch.Tensor:
+        """The loss, valid until the next call (a graph's output buffer)."""
+        self.lr.fill_(lr)
+        self.step_number.fill_(step)
+        self.ema_weight.fill_(self.ema.weight_at(step) if self.ema else 0.0)
+        self.static_draws.copy_(self.draws(step))
+        shape = tuple(images.shape)
+        if shape in self.graphs:
+            graph, static_images, static_labels, loss = self.graphs[shape]
+            static_images.copy_(images)
+            static_labels.copy_(labels)
+            graph.replay()
+            return loss
+        seen = self.steps_seen.get(shape, 0)
+        self.steps_seen[shape] = seen + 1
+        if seen < self.WARMUP_STEPS:
+            self.side_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side_stream):
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = self.body(images, labels, self.static_draws, self.ema_weight)
+            torch.cuda.current_stream().wait_stream(self.side_stream)
+            return loss
+        static_images, static_labels = images.clone(), labels.clone()
+        self.optimizer.zero_grad(set_to_none=True)  # the graph's backward then writes fresh grads
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            loss = self.body(static_images, static_labels, self.static_draws, self.ema_weight)
+        self.pool = graph.pool()
+        self.graphs[shape] = (graph, static_images, static_labels, loss)
+        graph.replay()  # capturing only recorded this step: now it runs
+        return loss

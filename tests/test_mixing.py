@@ -62,7 +62,7 @@ def test_mixup_edges(lam):
     images, labels = batch()
     targets = smooth_one_hot(labels, CLASSES, 0.0)
     mixed, mixed_targets = apply_mix(images, targets, torch.tensor(lam), torch.tensor(False),
-                                     cutmix_box(torch.tensor(1.0), H, W))
+                                     cutmix_box(torch.tensor(1.0), H, W, torch.rand(2)))
     expected = images if lam == 1.0 else images.flip(0)
     assert torch.equal(mixed, expected)
     assert torch.equal(mixed_targets, targets if lam == 1.0 else targets.flip(0))
@@ -72,7 +72,7 @@ def test_mixup_edges(lam):
 def test_cutmix_edges(lam):
     images, labels = batch()
     targets = smooth_one_hot(labels, CLASSES, 0.0)
-    box = cutmix_box(torch.tensor(lam), H, W, torch.Generator().manual_seed(0))
+    box = cutmix_box(torch.tensor(lam), H, W, torch.rand(2, generator=torch.Generator().manual_seed(0)))
     mixed, mixed_targets = apply_mix(images, targets, torch.tensor(0.5), torch.tensor(True), box)
     area = ((box[1] - box[0]) * (box[3] - box[2])).item()
     if lam == 1.0:  # an empty box: nothing pasted, targets untouched

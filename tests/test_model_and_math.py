@@ -133,3 +133,112 @@ def test_rng_state_round_trips_through_weights_only_load(tmp_path):
     expected = torch.rand(3)
     ckpt.restore_rng_state(ckpt.load(tmp_path / "r.pt")["rng"])
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_linear_lr_schedule_edges():
+    kw = dict(peak_lr=0.4, total_steps=1000, warmup_steps=100, min_lr=0.0, shape="linear")
+    assert lr_at(0, **kw) == pytest.approx(0.4 / 100)
+    assert lr_at(99, **kw) == lr_at(100, **kw) == pytest.approx(0.4)  # the top of the triangle
+    assert lr_at(550, **kw) == pytest.approx(0.2)  # halfway down: half the peak
+    assert lr_at(999, **kw) == pytest.approx(0.4 / 900)
+    assert lr_at(1000, **kw) == lr_at(2000, **kw) == 0.0
+    values = [lr_at(s, **kw) for s in range(100, 1001)]
+    assert all(a > b for a, b in zip(values, values[1:]))
+    assert lr_at(0, **dict(kw, warmup_steps=0)) == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="unknown LR schedule"):
+        lr_at(5, **dict(kw, shape="step"))
+
+
+def test_image_size_schedule_edges():
+    from dali_imagenet.schedule import image_size_at
+
+    ramp = dict(image_size=192, min_image_size=160, ramp_start_epoch=10, ramp_end_epoch=13, step=32)
+    sizes = [image_size_at(e, **ramp) for e in range(16)]
+    assert sizes[0] == sizes[10] == 160  # first epoch and the ramp's start: the small size
+    assert sizes[13] == sizes[15] == 192  # the ramp's end and the last epoch: the full size
+    assert sizes == sorted(sizes) and all(s % 32 == 0 for s in sizes)
+    assert set(sizes) == {160, 192}  # only multiples of the step: one compiled graph each
+    assert [image_size_at(e, image_size=224) for e in (0, 50, 89)] == [224, 224, 224]  # no ramp: fixed
+    fine = dict(image_size=128, min_image_size=64, ramp_start_epoch=2, ramp_end_epoch=6, step=16)
+    assert [image_size_at(e, **fine) for e in range(8)] == [64, 64, 64, 80, 96, 112, 128, 128]
+
+
+def test_config_train_image_size_and_ramp_checks():
+    cfg = load_config(None, ["min_image_size=160", "image_size=192", "ramp_start_epoch=2", "ramp_end_epoch=4"])
+    assert [cfg.train_image_size(e) for e in range(6)] == [160, 160, 160, 192, 192, 192]
+    with pytest.raises(ConfigError, match="size ramp"):
+        load_config(None, ["min_image_size=256", "image_size=192"])
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        load_config(None, ["lr_schedule=step"])
+
+
+def test_ema_decay_warms_up_and_the_update_is_a_lerp():
+    from dali_imagenet.ema import WeightEMA, ema_decay_at
+
+    assert ema_decay_at(0, 0.999) == 0.0  # the first update copies the weights
+    assert ema_decay_at(1, 0.999) == pytest.approx(1 - 2 ** -0.75)
+    assert ema_decay_at(10**6, 0.999) == 0.999  # capped
+    decays = [ema_decay_at(s, 0.9999) for s in range(0, 5000, 50)]
+    assert decays == sorted(decays)
+
+    model = build_model("resnet18", 4)
+    ema = WeightEMA(model, decay=0.9)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+        model.bn1.running_mean.add_(2.0)
+        model.bn1.num_batches_tracked.add_(7)
+    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    ema.update(model, step=1000)  # decay 0.9 (capped)
+    after, now = ema.module.state_dict(), model.state_dict()
+    for key in ("conv1.weight", "fc.bias", "bn1.running_mean"):
+        assert torch.allclose(after[key], 0.9 * before[key] + 0.1 * now[key], atol=1e-6), key
+    assert int(after["bn1.num_batches_tracked"]) == int(now["bn1.num_batches_tracked"])  # a counter is copied
+    ema.update(model, step=0)
+    assert all(torch.equal(a, b) for a, b in zip(ema.module.state_dict().values(), model.state_dict().values()))
+
+
+def test_flip_tta_on_a_flip_symmetric_input():
+    from dali_imagenet.evaluation import evaluate, predict_logits
+    from dali_imagenet.precision import Precision
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", 5).eval()
+    half = torch.randn(6, 3, 32, 16)
+    symmetric = torch.cat([half, half.flip(3)], dim=3)  # equal to its mirror image
+    with torch.no_grad():
+        assert torch.allclose(predict_logits(model, symmetric, flip=True), model(symmetric), atol=1e-5)
+        images = torch.randn(6, 3, 32, 32)
+        expected = (model(images) + model(images.flip(3))) / 2
+        assert torch.allclose(predict_logits(model, images, flip=True), expected, atol=1e-6)
+        assert not torch.allclose(predict_logits(model, images, flip=True), model(images), atol=1e-3)
+    labels = model(symmetric).argmax(1)
+    batches = [(symmetric, labels)]
+    precision = Precision.for_device("float32", "cpu")
+    plain = evaluate({"": model, "ema": model}, batches, precision, channels_last=False)
+    flipped = evaluate({"": model}, batches, precision, flip=True, channels_last=False)
+    assert plain["top1"] == plain["ema_top1"] == flipped["top1"] == 100.0 and plain["images"] == 6
+
+
+def test_blurpool_keeps_shapes_and_state_dict_keys():
+    x = torch.randn(2, 3, 64, 64)
+    for arch in ("resnet18", "resnet50"):
+        plain, blurred = build_model(arch, 7).eval(), build_model(arch, 7, blurpool=True).eval()
+        assert list(plain.state_dict()) == list(blurred.state_dict())  # torchvision's keys, with it on or off
+        assert [m for m in plain.modules() if type(m).__name__ == "BlurPool"] == []
+        assert len([m for m in blurred.modules() if type(m).__name__ == "BlurPool"]) > 0
+        blurred.load_state_dict(plain.state_dict())
+        with torch.no_grad():
+            assert plain(x).shape == blurred(x).shape == (2, 7)
+            assert not torch.allclose(plain(x), blurred(x))  # the blur does change what strided convs see
+    theirs = torchvision.models.resnet50(weights=None)
+    build_model("resnet50", 1000, blurpool=True).load_state_dict(theirs.state_dict(), strict=True)
+
+
+def test_blurpool_is_a_normalised_low_pass():
+    from dali_imagenet.model import BlurPool
+
+    flat = torch.full((1, 4, 8, 8), 3.0)
+    assert torch.allclose(BlurPool(4)(flat)[..., 1:-1, 1:-1], flat[..., 1:-1, 1:-1])  # constants pass
+    checker = (torch.arange(8)[:, None] + torch.arange(8)[None, :]) % 2 * 2.0 - 1
+    assert BlurPool(1)(checker.view(1, 1, 8, 8).float())[..., 1:-1, 1:-1].abs().max() < 1e-6  # Nyquist removed

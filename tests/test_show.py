@@ -1,0 +1,186 @@
+"""What people look at: predict.py, the Gradio demo and the run report, the last two in a real
+headless Chromium (Debian's `chromium` and `chromium-driver`, driven by Selenium).
+
+Screenshots of what the browser saw go to build/test-artifacts/."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import REPO
+from test_train import env, records, train
+
+ARTIFACTS = REPO / "build" / "test-artifacts"
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+
+@pytest.fixture(scope="module")
+def demo_run(sample_shards, tmp_path_factory) -> Path:
+    """A short real run on the sample: best.pt, metrics.jsonl and the report train.py writes."""
+    out = tmp_path_factory.mktemp("show") / "run"
+    train(sample_shards, out, "epochs=3", "mixup_alpha=0", "cutmix_alpha=0", "ema_decay=0.8", "val_image_size=40")
+    return out
+
+
+def run_script(name: str, *args, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(REPO / name), *map(str, args)], capture_output=True, text=True,
+                            env=env(), timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(result.stderr[-3000:])
+    return result
+
+
+def val_images(shards: Path, folder: Path) -> dict[str, int]:
+    """The validation JPEGs as files, with their labels."""
+    import webdataset as wds
+
+    manifest = json.loads((shards / "manifest.json").read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = {}
+    for sample in wds.WebDataset([str(shards / s["name"]) for s in manifest["splits"]["validation"]["shards"]],
+                                 shardshuffle=False, empty_check=False):
+        path = folder / f"{sample['__key__']}.jpg"
+        path.write_bytes(sample["jpg"])
+        labels[str(path)] = int(sample["cls"])
+    return labels
+
+
+def test_predict_agrees_with_evaluate(sample_shards, demo_run, tmp_path):
+    labels = val_images(sample_shards, tmp_path / "val")
+    result = run_script("predict.py", tmp_path / "val", "--checkpoint", demo_run / "best.pt", "--json", "--device", "cpu")
+    predictions = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(predictions) == len(labels) == 40
+    assert all(len(p["top"]) == 5 and p["top"][0]["probability"] >= p["top"][1]["probability"] for p in predictions)
+    top1 = 100 * sum(p["top"][0]["index"] == labels[p["path"]] for p in predictions) / len(predictions)
+    for weights in ("auto",):  # predict's default weights are evaluate's default weights
+        evaluation = json.loads(run_script("evaluate.py", "--checkpoint", demo_run / "best.pt", "--data", sample_shards,
+                                           "--device", "cpu", "--weights", weights, "--json").stdout.splitlines()[-1])
+    assert evaluation["images"] == 40 and top1 == pytest.approx(evaluation["top1"])
+    names = json.loads((sample_shards / "manifest.json").read_text())["classes"]
+    assert predictions[0]["top"][0]["name"] == names[predictions[0]["top"][0]["index"]]
+
+
+def test_predict_odd_files_one_line_each(sample_shards, demo_run, tmp_path):
+    jpeg = next(iter(val_images(sample_shards, tmp_path / "src")))
+    image = Image.open(jpeg)
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    image.convert("CMYK").save(odd / "cmyk.jpg", "JPEG")
+    image.convert("L").save(odd / "gray.jpg", "JPEG")
+    image.convert("RGBA").save(odd / "alpha.png", "PNG")
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG")
+    (odd / "truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    (odd / "notes.jpg").write_text("not an image")
+    result = run_script("predict.py", odd, "--checkpoint", demo_run / "best.pt", "--json", "--top", "3",
+                        "--device", "cpu", check=False)
+    assert result.returncode == 1
+    predicted = {Path(json.loads(line)["path"]).name for line in result.stdout.splitlines()}
+    assert predicted == {"cmyk.jpg", "gray.jpg", "alpha.png"}
+    errors = result.stderr.strip().splitlines()
+    assert len(errors) == 2 and "Traceback" not in result.stderr
+    assert any("truncated.jpg:" in e for e in errors) and any("notes.jpg:" in e for e in errors)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not Path(path).is_file()]
+    if missing:
+        pytest.fail(f"no headless browser ({', '.join(missing)} missing): apt-get install chromium chromium-driver",
+                    pytrace=False)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1280,1000"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    yield driver
+    driver.quit()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_gradio_demo_in_a_browser(sample_shards, demo_run, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    photo = next(iter(val_images(sample_shards, tmp_path / "val")))
+    expected = json.loads(run_script("predict.py", photo, "--checkpoint", demo_run / "best.pt", "--json",
+                                     "--device", "cpu").stdout)["top"]
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--checkpoint", str(demo_run / "best.pt"),
+                               "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env())
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert server.poll() is None, server.stdout.read()
+                time.sleep(0.3)
+        browser.get(f"http://127.0.0.1:{port}/")
+        wait = WebDriverWait(browser, 60)
+        header = wait.until(lambda d: d.find_element(By.TAG_NAME, "h1")).text
+        assert "dali-imagenet" in header
+        page = browser.find_element(By.TAG_NAME, "body").text
+        assert "resnet18" in page and "val top-1" in page  # the model and its training accuracy are shown
+        upload = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#photo input[type=file]"))
+        upload.send_keys(str(photo))
+        names = [item["name"] for item in expected]
+        wait.until(lambda d: names[0] in d.find_element(By.ID, "top5").text)
+        shown = browser.find_element(By.ID, "top5").text
+        positions = [shown.find(name) for name in names]
+        assert all(p >= 0 for p in positions) and positions == sorted(positions), (shown, names)
+        browser.save_screenshot(str(ARTIFACTS / "gradio-demo.png"))
+    finally:
+        server.terminate()
+        server.wait(10)
+    assert (ARTIFACTS / "gradio-demo.png").stat().st_size > 10_000
+
+
+def test_report_in_a_browser(demo_run, browser, s3_bucket, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    page = demo_run / "report.html"  # written by train.py at the end of the run
+    text = page.read_text()
+    assert "http://" not in text and "https://" not in text  # nothing to fetch: it renders offline
+    browser.get(page.as_uri())
+    images = browser.find_elements(By.TAG_NAME, "img")
+    assert len(images) >= 2
+    for image in images:
+        width, height = browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", image)
+        assert width > 100 and height > 100
+    final = [r for r in records(demo_run) if "val_top1" in r][-1]["val_top1"]
+    assert browser.find_element(By.CSS_SELECTOR, ".top1").text == f"{final:.2f}"
+    browser.save_screenshot(str(ARTIFACTS / "run-report.png"))
+
+    from dali_imagenet.s3 import client
+
+    second = tmp_path / "second"  # two runs overlaid, and the page uploaded as a static site
+    shutil.copytree(demo_run, second)
+    result = run_script("report.py", demo_run, second, "-o", tmp_path / "both.html", "--s3", f"s3://{s3_bucket}/site")
+    assert "uploaded: s3://" in result.stdout
+    both = (tmp_path / "both.html").read_text()
+    assert both.count("<section>") == 2
+    head = client().head_object(Bucket=s3_bucket, Key="site/index.html")
+    assert head["ContentType"].startswith("text/html")
