@@ -21,7 +21,7 @@ class LoadedModel:
     arch: str
     weights: str  # which weights were loaded: "raw", "ema", or "state dict"
     class_names: list[str] | None  # None: the file had none (a torchvision state dict)
-    config: TrainConfig = field(default_factory=TrainConfig)  # the run's, or the defaults
+    config: TrainConfig = field(default_factory=TrainConfig)  # the run's, or the defaults in fp32
     summary: dict = field(default_factory=dict)  # step, epochs, last val top-1 of the run, when known
 
     @property
@@ -42,7 +42,9 @@ def load_model(path: str | Path, *, arch: str | None = None, which: str = "auto"
     arch = arch or checkpoint.get("arch") or "resnet50"
     if arch not in LAYOUTS:
         raise CheckpointError(f"{path}: unknown arch {arch!r} (choose from {', '.join(LAYOUTS)})")
-    config = from_dict(checkpoint["config"]) if isinstance(checkpoint.get("config"), dict) else TrainConfig()
+    # A plain state dict brings no run config: the defaults, evaluated in full precision.
+    config = (from_dict(checkpoint["config"]) if isinstance(checkpoint.get("config"), dict)
+              else TrainConfig(amp_dtype="float32"))
     model = build_model(arch, num_classes=state["fc.weight"].shape[0], blurpool=config.blurpool)
     try:
         model.load_state_dict(state)
