@@ -240,8 +240,9 @@ def test_a_failed_start_leaves_no_run_folder(sample_shards, tmp_path, case):
 
 def test_resume_across_a_size_change_with_ema_is_exact(sample_shards, tmp_path):
     """The size ramp 16 -> 32 px changes size between epochs 0 and 1; stopping inside epoch 1 and
-    resuming gives the same raw and EMA weights as training straight through."""
-    sets = ("epochs=3", "image_size=32", "min_image_size=16", "ramp_start_epoch=0", "ramp_end_epoch=2",
+    resuming (DALI's reader restored, not replayed) gives the same raw and EMA weights as
+    training straight through."""
+    sets = ("epochs=2", "image_size=32", "min_image_size=16", "ramp_start_epoch=0", "ramp_end_epoch=1",
             "image_size_step=16", "ema_decay=0.9", "lr_schedule=linear", "min_lr=0", "deterministic=true",
             "blurpool=true", "val_image_size=40", "val_flip=true")
     train(sample_shards, tmp_path / "straight", *sets)
@@ -249,9 +250,9 @@ def test_resume_across_a_size_change_with_ema_is_exact(sample_shards, tmp_path):
     resumed = train(sample_shards, tmp_path / "split", *sets, extra=["--resume", "auto"])
     assert "at step 8 (epoch 2, batch 2)" in resumed.stdout
     sizes = {r["step"]: r["image_size"] for r in records(tmp_path / "straight") if "image_size" in r}
-    assert sizes[1] == 16 and sizes[7] == 32 and sizes[18] == 32
+    assert sizes[1] == sizes[6] == 16 and sizes[7] == sizes[12] == 32
     a, b = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("straight", "split"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(torch.equal(a["ema"]["weights"][k], b["ema"]["weights"][k]) for k in a["ema"]["weights"])
     val = [r for r in records(tmp_path / "straight") if "val_top1" in r]
-    assert len(val) == 3 and all("val_ema_top1" in r and r["images_seen"] == 16 * r["step"] for r in val)
+    assert len(val) == 2 and all("val_ema_top1" in r and r["images_seen"] == 16 * r["step"] for r in val)
