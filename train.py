@@ -76,6 +76,9 @@ def setup(args) -> SimpleNamespace:
         model, device_ids=[procs.local_rank] if procs.device.type == "cuda" else None, gradient_as_bucket_view=True)
     if cfg.compile:
         train_model = torch.compile(train_model, dynamic=False)  # one graph per image size of the ramp
+    step = (GraphedTrainStep if cfg.cuda_graph else TrainStep)(
+        model, train_model, optimizer, scaler, precision=precision, mix=MixConfig.from_config(cfg),
+        num_classes=shards.num_classes, ema=ema, seed=cfg.seed, rank=procs.rank)
     out = runs.RunOutputs(run_dir, to_dict(cfg), procs, overwrite=args.overwrite, s3_url=args.s3,
                           wandb=wandb_wanted(args.wandb), wandb_id=state.wandb_id,
                           extra={"loader": loader_options["backend"], "world_size": procs.world, "data": args.data})
@@ -87,10 +90,7 @@ def setup(args) -> SimpleNamespace:
     return SimpleNamespace(
         cfg=cfg, procs=procs, precision=precision, shards=shards, model=model, ema=ema, state=state, out=out,
         optimizer=optimizer, scaler=scaler, peak_lr=peak_lr, steps_per_epoch=steps_per_epoch, val_loader=val_loader,
-        loader_options=loader_options, stop=runs.StopRequest(procs.master), started=time.monotonic(),
-        step=(GraphedTrainStep if cfg.cuda_graph else TrainStep)(
-            model, train_model, optimizer, scaler, precision=precision, mix=MixConfig.from_config(cfg),
-            num_classes=shards.num_classes, ema=ema, seed=cfg.seed, rank=procs.rank))
+        loader_options=loader_options, step=step, stop=runs.StopRequest(procs.master), started=time.monotonic())
 
 
 def train_one_epoch(r) -> str | None:

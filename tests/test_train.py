@@ -217,18 +217,19 @@ def test_a_finished_run_is_never_overwritten_unless_asked(sample_shards, tmp_pat
     assert len([r for r in records(out) if r.get("event") == "finished"]) == 1  # the old metrics are gone
 
 
-@pytest.mark.parametrize("case", ["bad_data", "bad_resume", "garbage_checkpoint"])
+@pytest.mark.parametrize("case", ["bad_data", "bad_resume", "garbage_checkpoint", "cuda_graph_on_cpu"])
 def test_a_failed_start_leaves_no_run_folder(sample_shards, tmp_path, case):
     out, data, extra = tmp_path / "run", sample_shards, []
     if case == "bad_data":
         data = tmp_path / "no-such-shards"
     elif case == "bad_resume":
         extra = ["--resume", str(tmp_path / "missing.pt")]
-    else:
+    elif case == "garbage_checkpoint":
         garbage = tmp_path / "garbage.pt"
         garbage.write_bytes(b"i" * 105)
         extra = ["--resume", str(garbage)]
-    result = train(data, out, extra=extra, check=False)
+    sets = ["cuda_graph=true"] if case == "cuda_graph_on_cpu" else []
+    result = train(data, out, *sets, extra=extra, check=False)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert not out.exists()
@@ -236,6 +237,8 @@ def test_a_failed_start_leaves_no_run_folder(sample_shards, tmp_path, case):
         assert f"{garbage}: not a checkpoint" in lines[0]
     if case == "bad_resume":
         assert "missing.pt: no such file" in lines[0]
+    if case == "cuda_graph_on_cpu":
+        assert "cuda_graph needs a GPU" in lines[0]
 
 
 def test_resume_across_a_size_change_with_ema_is_exact(sample_shards, tmp_path):
