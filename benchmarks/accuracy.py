@@ -66,13 +66,13 @@ def evaluate(checkpoint: Path, shards: Path, device: str, weights: str) -> dict:
 
 def summarize(name: str, config: Path, run_dir: Path, shards: Path, device: str, wall_s: float) -> dict:
     """The run's validation curve and final numbers; a run the budget cut short is evaluated now."""
-    import torch
+    from dali_imagenet.checkpoint import load
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     curve = [{"epoch": r["epoch"], "time_s": r["time_s"], "images_seen": r["images_seen"], "top1": r["val_top1"],
               **({"ema_top1": r["val_ema_top1"]} if "val_ema_top1" in r else {})} for r in records if "val_top1" in r]
     end = records[-1]
-    last = torch.load(run_dir / "last.pt", weights_only=True, map_location="cpu")
+    last = load(run_dir / "last.pt")
     state, cfg = last["state"], last["config"]
     if not curve or curve[-1]["images_seen"] != state["step"] * cfg["batch_size"]:  # stopped by the budget
         point = {"epoch": state["epoch"], "time_s": max(r.get("time_s", 0) for r in records if "time_s" in r)

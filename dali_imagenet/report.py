@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from dali_imagenet.checkpoint import BEST, CONFIG, FINAL, LAST, METRICS
+from dali_imagenet.checkpoint import BEST, CONFIG, FINAL, LAST, METRICS, CheckpointError, load
 
 
 @dataclass
@@ -49,8 +49,9 @@ def read_run(folder: str | Path) -> Run:
                [r for r in records if "val_top1" in r], [r for r in records if "event" in r])
 
 
-def _plot(runs: list[Run], panels: list[tuple[str, str, list[tuple[str, str]]]]) -> str:
-    """A row of panels (title, x key, [(y key, label suffix)]), one line per run and series, as a PNG data URI."""
+def _plot(runs: list[Run], records: str, panels: list[tuple[str, str, list[tuple[str, str]]]]) -> str:
+    """A row of panels (title, x key, [(y key, label suffix)]) of each run's `records` ("steps" or
+    "validations"), one line per run and series, as a PNG data URI."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,9 +60,8 @@ def _plot(runs: list[Run], panels: list[tuple[str, str, list[tuple[str, str]]]])
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6), squeeze=False)
     for ax, (title, x_key, series) in zip(axes[0], panels):
         for run in runs:
-            records = run.validations if title.startswith("val") else run.steps
             for y_key, suffix in series:
-                points = [(r[x_key], r[y_key]) for r in records if y_key in r and x_key in r]
+                points = [(r[x_key], r[y_key]) for r in getattr(run, records) if y_key in r and x_key in r]
                 if points:
                     ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3,
                             label=f"{run.name}{suffix}")
@@ -78,14 +78,12 @@ def _plot(runs: list[Run], panels: list[tuple[str, str, list[tuple[str, str]]]])
 
 
 def _checkpoint_summary(run: Run) -> dict:
-    import torch
-
     for name in (LAST, BEST):
         path = run.folder / name
         if path.is_file():
             try:
-                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception:  # a damaged file: the page says so instead of failing
+                checkpoint = load(path)
+            except CheckpointError:  # a damaged file: the page says so instead of failing
                 return {"checkpoint": f"{name} (unreadable)"}
             state = checkpoint.get("state", {})
             return {"checkpoint": name, "saved": checkpoint.get("saved_at", ""), "arch": checkpoint.get("arch"),
@@ -102,10 +100,10 @@ def _table(rows: list[tuple[str, object]]) -> str:
 def render(runs: list[Run], title: str | None = None) -> str:
     title = title or ("dali-imagenet run " + runs[0].name if len(runs) == 1 else f"dali-imagenet: {len(runs)} runs")
     plots = [
-        ("training", _plot(runs, [("train loss", "step", [("loss", "")]), ("learning rate", "step", [("lr", "")]),
+        ("training", _plot(runs, "steps", [("train loss", "step", [("loss", "")]), ("learning rate", "step", [("lr", "")]),
                                   ("images/s", "step", [("images_per_s", "")]),
                                   ("data wait (share of time)", "step", [("data_wait", "")])])),
-        ("validation", _plot(runs, [("val top-1 %", "epoch", [("val_top1", ""), ("val_ema_top1", " EMA")]),
+        ("validation", _plot(runs, "validations", [("val top-1 %", "epoch", [("val_top1", ""), ("val_ema_top1", " EMA")]),
                                     ("val top-5 %", "epoch", [("val_top5", ""), ("val_ema_top5", " EMA")]),
                                     ("val loss", "epoch", [("val_loss", ""), ("val_ema_loss", " EMA")])])),
     ]
