@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import torch
 
-from dali_imagenet.checkpoint import CheckpointError
+from dali_imagenet.errors import one_line_errors
 from dali_imagenet.inference import WEIGHT_CHOICES, Predictor, image_tensor, load_model
 
 HERE = Path(__file__).resolve().parent
@@ -78,11 +77,9 @@ def main() -> None:
     parser.add_argument("--no-examples", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home
-    try:
+    with one_line_errors():
         loaded = load_model(args.checkpoint, which=args.weights, device=args.device)
         predictor = Predictor(loaded, device=args.device)
-    except (CheckpointError, ValueError) as error:
-        sys.exit(f"error: {error}")
     examples = [] if args.no_examples else example_images(HERE / "build" / "app-examples")
     demo = build_demo(predictor, describe(loaded, args.checkpoint), examples)
     demo.launch(server_name=args.host or os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),

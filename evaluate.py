@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import torch
 
 from dali_imagenet import make_loader
-from dali_imagenet.checkpoint import CheckpointError
+from dali_imagenet.errors import one_line_errors
 from dali_imagenet.evaluation import evaluate
 from dali_imagenet.inference import WEIGHT_CHOICES, load_model
 from dali_imagenet.model import LAYOUTS
 from dali_imagenet.precision import AMP_DTYPES, Precision
-from dali_imagenet.shards import ShardError, find_shards
+from dali_imagenet.shards import find_shards
 
 
 def main() -> None:
@@ -44,20 +43,14 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object per size")
     args = parser.parse_args()
 
-    try:
-        loaded = load_model(args.checkpoint, arch=args.arch, which=args.weights, device=args.device)
-        precision = Precision.for_device(args.amp or loaded.config.amp_dtype, args.device, fallback=True)
-        shards = find_shards(args.data, args.split)
-    except (CheckpointError, ShardError, ValueError) as error:
-        sys.exit(f"error: {error}")
+    loaded = load_model(args.checkpoint, arch=args.arch, which=args.weights, device=args.device)
+    precision = Precision.for_device(args.amp or loaded.config.amp_dtype, args.device, fallback=True)
+    shards = find_shards(args.data, args.split)
     crop_fraction = args.crop_fraction or loaded.config.val_crop_fraction
     for image_size in args.image_size or [loaded.config.val_image_size]:
-        try:
-            loader = make_loader(shards, args.split, args.batch_size, device=args.device, image_size=image_size,
-                                 crop_fraction=crop_fraction, dtype=precision.loader_dtype,
-                                 backend="dali" if args.dali else "torchvision", train=False)
-        except (ShardError, ValueError) as error:
-            sys.exit(f"error: {error}")
+        loader = make_loader(shards, args.split, args.batch_size, device=args.device, image_size=image_size,
+                             crop_fraction=crop_fraction, dtype=precision.loader_dtype,
+                             backend="dali" if args.dali else "torchvision", train=False)
         metrics = evaluate({"": loaded.model}, loader, precision, flip=args.flip)
         metrics.update(checkpoint=args.checkpoint, arch=loaded.arch, weights=loaded.weights, image_size=image_size,
                        crop_fraction=crop_fraction, flip=args.flip)
@@ -70,4 +63,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors():
+        main()

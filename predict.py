@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from dali_imagenet.checkpoint import CheckpointError
-from dali_imagenet.inference import WEIGHT_CHOICES, Predictor, load_image, load_model
+from dali_imagenet.errors import UsageError, one_line_errors
+from dali_imagenet.inference import WEIGHT_CHOICES, ImageError, Predictor, load_image, load_model
 from dali_imagenet.model import LAYOUTS
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".jpe", ".jfif"}
@@ -37,7 +37,10 @@ def read_classes(path: str) -> list[str]:
     """A `classes.tsv` (index, synset, names) as shard-imagenet writes it, or one name per line."""
     from dali_imagenet.shardformat import parse_classes_tsv
 
-    text = Path(path).read_text()
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise UsageError(f"{path}: cannot read the class names ({error.strerror})") from None
     return parse_classes_tsv(text, path) if text.startswith("index\t") else [l for l in text.splitlines() if l]
 
 
@@ -55,21 +58,19 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
 
-    try:
-        loaded = load_model(args.checkpoint, arch=args.arch, which=args.weights, device=args.device)
-        predictor = Predictor(loaded, image_size=args.image_size, device=args.device,
-                              class_names=read_classes(args.classes) if args.classes else None)
-    except (CheckpointError, ValueError, OSError) as error:
-        sys.exit(f"error: {error}")
-    files, failed = image_files(args.images), 0
+    loaded = load_model(args.checkpoint, arch=args.arch, which=args.weights, device=args.device)
+    predictor = Predictor(loaded, image_size=args.image_size, device=args.device,
+                          class_names=read_classes(args.classes) if args.classes else None)
+    files = image_files(args.images)
+    failed = 0
     if not files:
-        sys.exit(f"error: no image files in {' '.join(args.images)}")
+        raise UsageError(f"no image files in {' '.join(args.images)}")
     for start in range(0, len(files), args.batch_size):
         batch = []
         for path in files[start:start + args.batch_size]:
             try:
                 batch.append((path, load_image(path)))
-            except (ValueError, OSError) as error:
+            except (ImageError, OSError) as error:  # a missing file is one line too
                 failed += 1
                 print(f"{path}: {error}", file=sys.stderr, flush=True)
         if not batch:
@@ -85,4 +86,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors():
+        main()

@@ -9,10 +9,11 @@ their curves overlaid. train.py writes RUN/report.html at the end of every run.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from dali_imagenet.report import upload, write_report
+from dali_imagenet.errors import one_line_errors
+from dali_imagenet.html_report import write_report
+from dali_imagenet.s3 import upload_page
 
 
 def main() -> None:
@@ -22,19 +23,12 @@ def main() -> None:
     parser.add_argument("--s3", help="also upload it as s3://bucket/prefix/index.html (text/html), a static site")
     args = parser.parse_args()
     output = Path(args.output or (Path(args.runs[0]) / "report.html" if len(args.runs) == 1 else "report.html"))
-    try:
-        path = write_report(args.runs, output)
-    except (FileNotFoundError, ValueError) as error:
-        sys.exit(f"error: {error}")
+    path = write_report(args.runs, output)
     print(f"report: {path.resolve()}  (open file://{path.resolve()})")
     if args.s3:
-        from dali_imagenet import s3
-
-        try:
-            print(f"uploaded: {upload(path, args.s3)}")
-        except Exception as error:  # botocore's many error types: its reason, on one line
-            sys.exit(f"error: {args.s3}: upload failed ({s3.reason(error)})")
+        print(f"uploaded: {upload_page(path, args.s3)}")
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors():
+        main()

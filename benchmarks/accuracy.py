@@ -102,7 +102,7 @@ def save_chart(results: list[dict], path: Path) -> Path:
     fig, (by_time, by_images) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for result in results:
         best = [max(p["top1"], p.get("ema_top1") or 0) for p in result["curve"]]
-        label = f"{result['config']} ({result['best_top1']:.1f} %)"
+        label = f"{result['config']} (best of raw/EMA {result['best_top1']:.1f} %)"
         line, = by_time.plot([p["time_s"] / 60 for p in result["curve"]], best, marker="o", label=label)
         by_images.plot([p["images_seen"] for p in result["curve"]], best, marker="o", color=line.get_color())
     by_time.set_xlabel("wall-clock minutes of training")

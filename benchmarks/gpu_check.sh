@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The GPU-only checks on a lent NVIDIA machine (PyTorch, torchvision, Triton; no DALI, no internet).
-# Under 6 minutes on an H100. Prints a table; with $OUT set, also writes $OUT/gpu_check.json.
+# The whole GPU product on one GPU (benchmarks/gpu_check.py says what): DALI loaders, steps, graphs,
+# train.py with resume, pytest -m gpu. Aims at 6 minutes on an H100/H200. Prints a table; with $OUT
+# set, also writes $OUT/gpu_check.json and $OUT/gpu_check.md. Needs DALI importable (on the lent
+# machine: source .device/dali-device-unpack; PYTHONPATH=/tmp/site:$PWD).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=python3
@@ -10,4 +12,4 @@ if ! "$python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() el
     exit 2
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-PYTHONUNBUFFERED=1 timeout 330 "$python" -m benchmarks.gpu_check "$@"
+PYTHONUNBUFFERED=1 timeout 420 "$python" -m benchmarks.gpu_check "$@"

@@ -12,14 +12,16 @@ import time
 import torch
 
 from benchmarks.common import endless, summarize
+from dali_imagenet.preprocess import HW_DECODER_LOAD
 
 
 def measure_loader(data: str, backend: str, split: str, batch_size: int, device: str, image_size: int,
-                   threads: int, warmup_batches: int, batches: int, repeats: int) -> dict:
+                   threads: int, warmup_batches: int, batches: int, repeats: int,
+                   hw_decoder_load: float = HW_DECODER_LOAD) -> dict:
     from dali_imagenet import make_loader
 
     loader = make_loader(data, split, batch_size, device=device, image_size=image_size, backend=backend,
-                         num_threads=threads, train=split == "train")
+                         num_threads=threads, train=split == "train", hw_decoder_load=hw_decoder_load)
 
     stream = endless(loader)
     for _ in range(warmup_batches):  # pipeline start, worker start, first allocations
@@ -80,12 +82,14 @@ def main() -> None:
     parser.add_argument("--warmup-batches", type=int, default=5)
     parser.add_argument("--batches", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--hw-decoder-load", type=float, default=HW_DECODER_LOAD,
+                        help="GPU: share of JPEGs for the hardware decoder (0: nvJPEG's hybrid path)")
     args = parser.parse_args()
     if args.backend == "decode-limit":
         result = decode_limit(args.data, args.split, args.batches * args.batch_size, args.repeats, args.threads)
     else:
         result = measure_loader(args.data, args.backend, args.split, args.batch_size, args.device, args.image_size,
-                                args.threads, args.warmup_batches, args.batches, args.repeats)
+                                args.threads, args.warmup_batches, args.batches, args.repeats, args.hw_decoder_load)
     print(json.dumps(result))
 
 

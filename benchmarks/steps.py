@@ -14,32 +14,29 @@ import torch
 
 from benchmarks.common import endless, summarize
 from dali_imagenet.config import TrainConfig
-from dali_imagenet.mixing import MixConfig
-from dali_imagenet.model import build_model
+from dali_imagenet.distributed import Processes
 from dali_imagenet.precision import AMP_DTYPES, Precision
-from dali_imagenet.schedule import parameter_groups
-from dali_imagenet.step import GraphedTrainStep, TrainStep
+from dali_imagenet.recipe import build
 
 
 def make_training(arch: str, num_classes: int, device: torch.device, dtype: str, channels_last: bool,
-                  compile_model: bool, cuda_graph: bool = False):
-    """The trainer's step (`TrainStep`, or `GraphedTrainStep`) with the default recipe's mixing."""
-    model = build_model(arch, num_classes, drop_path_rate=0.1).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(parameter_groups(model, 1e-4), lr=0.1, momentum=0.9, nesterov=True,
-                                fused=device.type == "cuda")
+                  compile_model: bool, cuda_graph: bool = False, blurpool: bool = False):
+    """The trainer's step, built as train.py builds it (`recipe.build`), with the default recipe
+    (mixup/cutmix, drop path) and these settings."""
+    cfg = TrainConfig(arch=arch, amp_dtype=dtype, channels_last=channels_last, compile=compile_model,
+                      cuda_graph=cuda_graph, blurpool=blurpool)
+    processes = Processes(0, 1, 0, device)
     precision = Precision.for_device(dtype, device)
-    step_class = GraphedTrainStep if cuda_graph else TrainStep
-    train_step = step_class(model, torch.compile(model) if compile_model else model, optimizer, precision.scaler(),
-                            precision=precision, mix=MixConfig.from_config(TrainConfig()), num_classes=num_classes)
+    training = build(cfg, num_classes, processes, precision)
+    train_step = training.step(cfg, processes, precision, num_classes)
     counter = iter(range(10**9))
     return lambda images, labels: train_step(images, labels, step=next(counter), lr=0.1)
 
 
 def synthetic(args) -> dict:
     device = torch.device(args.device)
-    step = make_training(args.arch, 1000, device, args.dtype, args.channels_last, args.compile, args.cuda_graph)
+    step = make_training(args.arch, 1000, device, args.dtype, args.channels_last, args.compile, args.cuda_graph,
+                         args.blurpool)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device,
                          dtype=Precision.for_device(args.dtype, device).loader_dtype).contiguous(memory_format=memory_format)
@@ -67,7 +64,7 @@ def end_to_end(args) -> dict:
                          backend=args.backend, num_threads=args.threads,
                          dtype=Precision.for_device(args.dtype, device).loader_dtype)
     step = make_training(args.arch, loader.num_classes, device, args.dtype, args.channels_last, args.compile,
-                         args.cuda_graph)
+                         args.cuda_graph, args.blurpool)
 
     stream = endless(loader)
     for _ in range(args.warmup_steps):
@@ -98,6 +95,7 @@ def main() -> None:
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--blurpool", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--warmup-steps", type=int, default=3)

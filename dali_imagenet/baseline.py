@@ -3,7 +3,7 @@
 The `webdataset` library reads the shards, `torchvision.io.decode_jpeg` decodes on the CPU
 (libjpeg-turbo), `transforms.v2` augments, a `DataLoader` spreads the work over processes. The
 benchmarks compare against it. It reads exactly the samples DALI's reader would give the rank
-(`loader.rank_range`), so both backends count batches by one rule. A mid-epoch
+(`partition.rank_pieces`), so both backends count batches by one rule. A mid-epoch
 resume replays the epoch's batches up to the stop point (DALI's loader restores its reader instead).
 """
 from __future__ import annotations
@@ -15,21 +15,10 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from dali_imagenet import s3, seeding
-from dali_imagenet.loader import rank_range
+from dali_imagenet.partition import rank_pieces
 from dali_imagenet.preprocess import train_transform, val_transform
+from dali_imagenet.shardformat import index_keys, parse_index
 from dali_imagenet.shards import ShardError, SplitShards
-
-
-def rank_pieces(shards: SplitShards, world_size: int, rank: int) -> list[tuple[str, int, int]]:
-    """(tar, first sample, count) runs of the shards that make up the rank's `rank_range`."""
-    first, end = rank_range(shards.samples, world_size, rank)
-    pieces, start = [], 0
-    for tar, count in zip(shards.tars, shards.counts):
-        lo, hi = max(first, start), min(end, start + count)
-        if lo < hi:
-            pieces.append((tar, lo - start, hi - lo))
-        start += count
-    return pieces
 
 
 class Transform:
@@ -48,8 +37,12 @@ class Transform:
 class RankSamples(torch.utils.data.IterableDataset):
     """The rank's pieces, split over the DataLoader's workers, each worker batching its own stream."""
 
-    def __init__(self, pieces, transform, batch_size: int, shuffle_buffer: int, seed: int, train: bool):
-        self.pieces, self.transform, self.batch_size = pieces, transform, batch_size
+    def __init__(self, pieces, indices: dict[str, str], transform, batch_size: int, shuffle_buffer: int, seed: int,
+                 train: bool):
+        self.pieces = pieces
+        self.indices = indices
+        self.transform = transform
+        self.batch_size = batch_size
         self.shuffle_buffer, self.seed, self.train = shuffle_buffer, seed, train
         self.epoch = -1  # counted in each worker: persistent workers keep their own copy
 
@@ -59,7 +52,7 @@ class RankSamples(torch.utils.data.IterableDataset):
         self.epoch += 1
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        stages = [_read(self.pieces[worker::workers])]  # the shard order is the epoch's (`loader.epoch_shards`)
+        stages = [_read(self.pieces[worker::workers], self.indices)]  # the shard order is the epoch's (`partition.epoch_shards`)
         if self.train:
             stages.append(wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 256),
                                       rng=random.Random(seeding.derive_seed(self.seed, "loader", self.epoch, worker))))
@@ -67,12 +60,16 @@ class RankSamples(torch.utils.data.IterableDataset):
         yield from wds.DataPipeline(*stages)
 
 
-def _read(pieces):
+def _read(pieces, indices: dict[str, str]):
+    """The pieces' samples, as the DALI reader sees them: those its index lists (a repaired
+    shard's index leaves out samples that `verify-shards --repair` dropped; the tar keeps them)."""
     import webdataset as wds
 
     def samples():
         for tar, first, count in pieces:
-            shard = wds.DataPipeline(wds.SimpleShardList([tar]), wds.tarfile_to_samples())
+            listed = set(index_keys(parse_index(open(indices[tar]).read(), indices[tar])))
+            shard = wds.DataPipeline(wds.SimpleShardList([tar]), wds.tarfile_to_samples(),
+                                     wds.select(lambda sample: sample["__key__"] in listed))
             yield from itertools.islice(shard, first, first + count)
     return samples
 
@@ -80,17 +77,22 @@ def _read(pieces):
 class TorchvisionLoader:
     def __init__(self, shards: SplitShards, batch_size: int, *, device: torch.device, image_size: int, rank: int,
                  world_size: int, batches: int, seed: int, dtype: torch.dtype, train: bool, threads: int,
-                 shuffle_buffer: int, crop_fraction: float, crop_min_area: float, resume: dict | None):
+                 shuffle_buffer: int, crop_fraction: float, crop_min_area: float, resume: dict | None,
+                 hw_decoder_load: float):  # DALI's GPU decoder knob: nothing to do here
         if any(s3.is_s3(t) for t in shards.tars):
             raise ShardError("the torchvision baseline reads local shards only; use the DALI loader for s3://")
-        self.device, self.train, self.batch_size = device, train, batch_size
-        self.num_samples, self.num_classes = shards.samples, shards.num_classes
-        self._batches, self._empty = batches, (torch.empty((0, 3, image_size, image_size), dtype=dtype),
-                                               torch.empty(0, dtype=torch.int64))
+        self.device = device
+        self.train = train
+        self.batch_size = batch_size
+        self.num_samples = shards.samples
+        self.num_classes = shards.num_classes
+        self._batches = batches
+        self._empty = (torch.empty((0, 3, image_size, image_size), dtype=dtype), torch.empty(0, dtype=torch.int64))
         self.position = resume["batch"] if resume else 0
         self.batches_read = 0
         pieces = rank_pieces(shards, world_size, rank)
-        dataset = RankSamples(pieces, Transform(train, image_size, crop_fraction, crop_min_area, dtype), batch_size, shuffle_buffer,
+        transform = Transform(train, image_size, crop_fraction, crop_min_area, dtype)
+        dataset = RankSamples(pieces, dict(zip(shards.tars, shards.indices)), transform, batch_size, shuffle_buffer,
                               seed, train)
         self._loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=max(1, min(threads, len(pieces))),

@@ -1,27 +1,24 @@
-"""The run folder and its checkpoints: what a checkpoint holds, written so that a kill at any
-instant cannot corrupt it, read back safely, and never overwritten unless asked.
+"""A checkpoint: what it holds, written so that a kill at any instant cannot corrupt it, and read
+back safely (weights only: a file fetched from S3 must not be able to run code).
 
-A checkpoint is written to a temporary file in the run folder, flushed and fsynced, then renamed
-over `last.pt` (rename is atomic on POSIX): a crash leaves either the old or the new file, never
-half of one. `best.pt` is a hard link to (or a copy of) the `last.pt` that scored best.
+A checkpoint is written to a temporary file beside its final name, flushed and fsynced, then
+renamed over it (rename is atomic on POSIX): a crash leaves either the old or the new file, never
+half of one. Which files a run folder holds, and their names, is `run_folder`'s business.
 """
 from __future__ import annotations
 
 import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-LAST, BEST, FINAL = "last.pt", "best.pt", "final_weights.pt"
-METRICS, CONFIG, REPORT = "metrics.jsonl", "config.yaml", "report.html"
-RUN_FILES = (LAST, BEST, FINAL, METRICS, CONFIG, REPORT)  # what makes a folder hold a run
+from dali_imagenet.errors import DaliImagenetError
 
 
-class CheckpointError(Exception):
+class CheckpointError(DaliImagenetError):
     """A checkpoint that cannot be used; the message is one line naming the file."""
 
 
@@ -34,7 +31,13 @@ class TrainState:
     best_top1: float = -1.0  # best val top-1 so far, % (EMA or raw, whichever is higher)
     history: list = field(default_factory=list)  # one dict of val metrics per validation
     wandb_id: str | None = None
-    loader: dict | None = None  # the train loader's mid-epoch state (None at an epoch boundary)
+    loader: list | None = None  # every rank's train-loader state mid-epoch (None at an epoch boundary)
+
+    def finish_epoch(self) -> None:
+        """The epoch under way is complete: the next one starts at its first batch."""
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        self.loader = None
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -86,25 +89,12 @@ def save_atomic(obj: dict, path: str | Path) -> Path:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_folder(path.parent)
     return path
 
 
-def mark_best(run_dir: str | Path) -> Path:
-    """Makes best.pt the current last.pt (atomically, like last.pt itself)."""
-    run_dir = Path(run_dir)
-    tmp = run_dir / f".{BEST}.tmp-{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(run_dir / LAST, tmp)
-    except OSError:  # file systems without hard links
-        shutil.copyfile(run_dir / LAST, tmp)
-    os.replace(tmp, run_dir / BEST)
-    _fsync_dir(run_dir)
-    return run_dir / BEST
-
-
-def _fsync_dir(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
+    """Makes a rename in `folder` durable (the directory entry itself is flushed)."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -137,22 +127,6 @@ def load_training(path: str | Path) -> dict:
     return checkpoint
 
 
-def newest_valid(run_dir: str | Path) -> tuple[Path, dict] | None:
-    """The resumable checkpoint in `run_dir` with the highest step, or None."""
-    newest = None
-    for name in (LAST, BEST):
-        path = Path(run_dir) / name
-        if not path.is_file():
-            continue
-        try:
-            checkpoint = load_training(path)
-        except CheckpointError:  # truncated or foreign file: skip it, an older one may still be good
-            continue
-        if newest is None or checkpoint["state"]["step"] > newest[1]["state"]["step"]:
-            newest = (path, checkpoint)
-    return newest
-
-
 def weights(checkpoint: dict, which: str = "raw") -> dict:
     """The model weights of a loaded checkpoint: "raw", or "ema" (the exponential moving average,
     when the run kept one), or "auto" (EMA if it scored higher at the last validation, else raw).
@@ -168,21 +142,3 @@ def weights(checkpoint: dict, which: str = "raw") -> dict:
             raise CheckpointError("this checkpoint has no EMA weights (the run had ema_decay 0)")
         return ema["weights"]
     return checkpoint["model"]
-
-
-def clean_temporaries(run_dir: str | Path) -> None:
-    """Removes temporary files a killed run left behind."""
-    for tmp in Path(run_dir).glob(".*.pt.tmp-*"):
-        tmp.unlink(missing_ok=True)
-
-
-def existing_run(run_dir: str | Path) -> list[str]:
-    """The run files `run_dir` already holds (empty: a new run may start there)."""
-    return [name for name in RUN_FILES if (Path(run_dir) / name).exists()]
-
-
-def clear_run(run_dir: str | Path) -> None:
-    """--overwrite: removes an earlier run's files (only those; anything else in the folder stays)."""
-    for name in existing_run(run_dir):
-        (Path(run_dir) / name).unlink()
-    shutil.rmtree(Path(run_dir) / "wandb", ignore_errors=True)

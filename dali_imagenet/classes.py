@@ -4,7 +4,13 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+from dali_imagenet.errors import DaliImagenetError
+
 IMAGENET1K_TSV = Path(__file__).with_name("imagenet1k_classes.tsv")
+
+
+class ClassListError(DaliImagenetError):
+    """The shipped class list is damaged (a broken install)."""
 
 
 @lru_cache(maxsize=1)
@@ -14,7 +20,8 @@ def imagenet1k() -> tuple[tuple[str, str], ...]:
     rows = []
     for line in IMAGENET1K_TSV.read_text().splitlines()[1:]:
         index, synset, names = line.split("\t")
-        assert int(index) == len(rows), f"{IMAGENET1K_TSV}: out of order at {index}"
+        if int(index) != len(rows):
+            raise ClassListError(f"{IMAGENET1K_TSV}: row {index} is out of order (expected {len(rows)})")
         rows.append((synset, names))
     return tuple(rows)
 

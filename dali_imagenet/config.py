@@ -8,10 +8,12 @@ from pathlib import Path
 
 import yaml
 
-from dali_imagenet.preprocess import CROP_FRACTION, TRAIN_CROP_MIN_AREA
+from dali_imagenet.errors import DaliImagenetError
+from dali_imagenet.partition import SHUFFLE_BUFFER
+from dali_imagenet.preprocess import CROP_FRACTION, HW_DECODER_LOAD, TRAIN_CROP_MIN_AREA
 
 
-class ConfigError(Exception):
+class ConfigError(DaliImagenetError):
     """A bad config file or override; the message is one line."""
 
 
@@ -37,7 +39,8 @@ class TrainConfig:
     val_flip: bool = False  # test-time augmentation: average the logits of each image and its mirror
     batch_size: int = 128  # images per step per process (the global batch is this x world size)
     loader_threads: int = 4  # DALI CPU threads / DataLoader workers per process
-    shuffle_buffer: int = 4096  # samples; shards are already shuffled when written, and reordered each epoch
+    hw_decoder_load: float = HW_DECODER_LOAD  # GPU: share of JPEGs for the hardware decoder; 0: nvJPEG's hybrid path
+    shuffle_buffer: int = SHUFFLE_BUFFER  # samples mixed by the train reader (shards are shuffled when written)
     # optimisation
     epochs: int = 90
     lr: float = 0.1  # peak LR at the reference batch; scaled as lr x global_batch / lr_reference_batch
@@ -66,6 +69,7 @@ class TrainConfig:
     max_minutes: float = 0.0  # stop (with a checkpoint) after this many minutes in this process; 0: no limit
     s3_flush_timeout_s: float = 90.0  # at exit, how long to wait for pending uploads (spot notice: 120 s)
     wandb_project: str = "dali-imagenet"
+    price_per_hour: float = 0.8048  # US$ per machine-hour: AWS g6.xlarge on demand, us-east-1 Linux (list price, 2025)
 
     def train_image_size(self, epoch: int) -> int:
         from dali_imagenet.schedule import image_size_at
@@ -87,6 +91,7 @@ class TrainConfig:
             (self.min_image_size == 0 or (0 < self.min_image_size <= self.image_size
                                           and self.ramp_start_epoch <= self.ramp_end_epoch and self.image_size_step > 0),
              "a size ramp needs 0 < min_image_size <= image_size, ramp_start_epoch <= ramp_end_epoch, image_size_step > 0"),
+            (0 <= self.hw_decoder_load <= 1, "hw_decoder_load must be in [0, 1]"),
             (0 < self.val_crop_fraction <= 1 and 0 < self.crop_min_area <= 1,
              "val_crop_fraction and crop_min_area must be in (0, 1]"),
             (0 <= self.drop_path < 1 and 0 <= self.label_smoothing < 1, "drop_path and label_smoothing must be in [0, 1)"),
@@ -94,6 +99,7 @@ class TrainConfig:
             (0 <= self.ema_decay < 1 and self.ema_warmup_power > 0, "ema_decay must be in [0, 1), ema_warmup_power > 0"),
             (self.lr > 0 and self.min_lr >= 0 and self.warmup_epochs >= 0, "lr > 0, min_lr >= 0, warmup_epochs >= 0"),
             (self.log_every > 0, "log_every must be > 0"),
+            (self.price_per_hour >= 0, "price_per_hour must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:

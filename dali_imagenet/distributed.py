@@ -12,8 +12,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from dali_imagenet.errors import DaliImagenetError
 
-class DeviceError(Exception):
+
+class DeviceError(DaliImagenetError):
     """The device asked for is not there; the message is one line."""
 
 

@@ -3,8 +3,11 @@
 After each optimizer step, every floating-point parameter and buffer (BatchNorm statistics too)
 moves towards the model's: ema = decay * ema + (1 - decay) * model, with `ema_decay_at` giving
 the decay for the step (timm's warm-up: early averages forget fast, so the EMA is not stuck
-with the random initial weights). One fused kernel per dtype group; the decay is a Python float
-computed from the step, so the update never waits for the GPU.
+with the random initial weights). The update is a few fused multi-tensor kernels. Eager steps
+pass the weight as a Python float computed from the step; a CUDA graph passes a 0-dim device
+tensor, which no host code may read: torch has no `_foreach_lerp_` for a tensor weight (its
+`.Scalar` overload would call `.item()`, a host sync that breaks graph capture), so that path is
+written as `ema += weight * (model - ema)` with `_foreach_mul_`'s tensor overload.
 """
 from __future__ import annotations
 
@@ -50,9 +53,16 @@ class WeightEMA:
 
     @torch.no_grad()
     def lerp(self, model: torch.nn.Module, weight: float | torch.Tensor) -> None:
-        """ema += weight * (model - ema); `weight` may be a device tensor (inside a CUDA graph)."""
+        """ema += weight * (model - ema); `weight` may be a 0-dim device tensor (inside a CUDA graph)."""
         averaged, copied = self._tensors(model)
-        torch._foreach_lerp_([a for a, _ in averaged], [b for _, b in averaged], weight)
+        ours = [a for a, _ in averaged]
+        theirs = [b for _, b in averaged]
+        if isinstance(weight, torch.Tensor):
+            steps = torch._foreach_sub(theirs, ours)
+            torch._foreach_mul_(steps, weight)  # a 0-dim tensor: read on the device
+            torch._foreach_add_(ours, steps)
+        else:
+            torch._foreach_lerp_(ours, theirs, weight)
         for ours, theirs in copied:  # BatchNorm's num_batches_tracked: a counter, not averaged
             ours.copy_(theirs)
 

@@ -10,9 +10,14 @@ import torch
 
 from dali_imagenet.checkpoint import CheckpointError, load, weights
 from dali_imagenet.config import TrainConfig, from_dict
+from dali_imagenet.errors import DaliImagenetError, UsageError
 from dali_imagenet.model import LAYOUTS, build_model
 
 WEIGHT_CHOICES = ("auto", "raw", "ema")
+
+
+class ImageError(DaliImagenetError):
+    """An image file that cannot be read; the message is the reason."""
 
 
 @dataclass
@@ -62,7 +67,7 @@ def load_model(path: str | Path, *, arch: str | None = None, which: str = "auto"
 
 def load_image(path: str | Path) -> torch.Tensor:
     """An image file of any mode (RGB, grayscale, CMYK, palette, PNG with alpha) as uint8 RGB CHW.
-    Raises ValueError with the reason when the file is not a complete image."""
+    Raises ImageError with the reason when the file is not a complete image."""
     from PIL import Image, ImageFile
 
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not decode to grey rows
@@ -71,7 +76,7 @@ def load_image(path: str | Path) -> torch.Tensor:
             return image_tensor(image)
     except Exception as error:  # PIL raises many types for bad data
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"not a readable image ({reason})") from None
+        raise ImageError(f"not a readable image ({reason})") from None
 
 
 def image_tensor(image) -> torch.Tensor:
@@ -99,7 +104,7 @@ class Predictor:
         if names is None and loaded.num_classes == len(imagenet1k()):
             names = [n for _, n in imagenet1k()]
         if names is not None and len(names) != loaded.num_classes:
-            raise ValueError(f"{len(names)} class names for a model with {loaded.num_classes} classes")
+            raise UsageError(f"{len(names)} class names for a model with {loaded.num_classes} classes")
         self.names = display_names(names) if names else [f"class {i}" for i in range(loaded.num_classes)]
 
     @torch.no_grad()

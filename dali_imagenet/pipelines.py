@@ -10,8 +10,8 @@ import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 import nvidia.dali.math as dmath
 
-from dali_imagenet.preprocess import (CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, TRAIN_CROP_ASPECT,
-                                     TRAIN_CROP_MIN_AREA, val_resize_size)
+from dali_imagenet.preprocess import (CROP_FRACTION, HW_DECODER_LOAD, IMAGENET_MEAN, IMAGENET_STD,
+                                     TRAIN_CROP_ASPECT, TRAIN_CROP_MIN_AREA, val_resize_size)
 
 MAX_LABEL_DIGITS = 6
 
@@ -22,14 +22,12 @@ GPU_DECODER_HINTS = dict(
     host_memory_padding=140_544_512,
     preallocate_width_hint=5980,
     preallocate_height_hint=6430,
-    # Share of images sent to the A100/H100 hardware JPEG decoder; the rest go to CUDA nvJPEG.
-    # Cards without one (L4 has NVJPG engines too; V100 none) fall back to CUDA decoding.
-    hw_decoder_load=0.7,
 )
 
 
 def decode_and_augment(jpegs, *, device: str, train: bool, image_size: int, dtype,
-                       crop_fraction: float = CROP_FRACTION, crop_min_area: float = TRAIN_CROP_MIN_AREA):
+                       crop_fraction: float = CROP_FRACTION, crop_min_area: float = TRAIN_CROP_MIN_AREA,
+                       hw_decoder_load: float = HW_DECODER_LOAD):
     """JPEG bytes -> normalised `image_size`² HWC images of `dtype`, on `device` ("cpu" | "gpu").
 
     `preprocess`'s recipe: train crops are decoded as a ROI (only the crop's region), val images
@@ -37,7 +35,7 @@ def decode_and_augment(jpegs, *, device: str, train: bool, image_size: int, dtyp
     PyTorch as NHWC memory, which *is* an NCHW tensor in channels_last format, with no transpose copy.
     """
     decoder_device = "mixed" if device == "gpu" else "cpu"
-    hints = GPU_DECODER_HINTS if device == "gpu" else {}
+    hints = {**GPU_DECODER_HINTS, "hw_decoder_load": hw_decoder_load} if device == "gpu" else {}
     if train:
         images = fn.decoders.image_random_crop(
             jpegs, device=decoder_device, output_type=types.RGB,
@@ -98,7 +96,7 @@ def label_from_ascii(cls):
 
 @pipeline_def
 def imagenet_pipeline(tars, indices, *, device, train, image_size, dtype, shard_id, num_shards, shuffle_buffer,
-                      crop_fraction=CROP_FRACTION, crop_min_area=TRAIN_CROP_MIN_AREA):
+                      crop_fraction=CROP_FRACTION, crop_min_area=TRAIN_CROP_MIN_AREA, hw_decoder_load=HW_DECODER_LOAD):
     jpegs, cls = fn.readers.webdataset(
         paths=tars, index_paths=indices, ext=["jpg", "cls"], missing_component_behavior="error",
         random_shuffle=train, initial_fill=shuffle_buffer, shard_id=shard_id, num_shards=num_shards,
@@ -106,6 +104,7 @@ def imagenet_pipeline(tars, indices, *, device, train, image_size, dtype, shard_
         # so every rank runs the same number of steps: no rank waits forever in an all-reduce.
         pad_last_batch=True, stick_to_shard=not train, name="reader")
     images = decode_and_augment(jpegs, device=device, train=train, image_size=image_size, dtype=dtype,
-                                crop_fraction=crop_fraction, crop_min_area=crop_min_area)
+                                crop_fraction=crop_fraction, crop_min_area=crop_min_area,
+                                hw_decoder_load=hw_decoder_load)
     labels = label_from_ascii(cls)
     return images, (labels.gpu() if device == "gpu" else labels)

@@ -7,10 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
+from dali_imagenet.errors import DaliImagenetError
+
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}  # None: no autocast
 
 
-class PrecisionError(ValueError):
+class PrecisionError(DaliImagenetError):
     """A precision the device cannot run; the message says what to use instead."""
 
 

@@ -11,6 +11,10 @@ IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 CROP_FRACTION = 0.875  # val: the centre crop's share of the resized shorter side
 TRAIN_CROP_MIN_AREA = 0.08  # a random-resized crop takes this to 100 % of the image's area
 TRAIN_CROP_ASPECT = (3 / 4, 4 / 3)
+# Decoding on a GPU: the share of the JPEGs sent to the hardware JPEG decoder (A100, H100; NVIDIA's
+# docs do not name the L4); the rest take nvJPEG's hybrid path (Huffman decoding on the CPU
+# threads, the rest in CUDA). A card without one falls back to the hybrid path; 0 forces it.
+HW_DECODER_LOAD = 0.7
 
 
 def val_resize_size(image_size: int, crop_fraction: float = CROP_FRACTION) -> int:
@@ -28,7 +32,7 @@ def train_transform(image_size: int, min_area: float = TRAIN_CROP_MIN_AREA, dtyp
 
 def val_transform(image_size: int, crop_fraction: float = CROP_FRACTION, dtype=None):
     """torchvision v2 transform of a uint8 CHW tensor for evaluation: the geometry DALI's val graph
-    reproduces with torchvision's rounding (see `pipelines.resize_and_centre_crop`)."""
+    reproduces with torchvision's rounding (see `pipelines._resize_and_center_like_torchvision`)."""
     from torchvision.transforms import v2
 
     return _normalised([v2.Resize(val_resize_size(image_size, crop_fraction), antialias=True),

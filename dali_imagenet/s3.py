@@ -1,4 +1,4 @@
-"""The few S3 helpers shared by the converter, the loader and the trainer.
+"""The S3 helpers shared by the converter, the loader, the trainer and the report.
 
 boto3's standard credential chain is used as is; `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT_URL_S3`)
 points it at another server, such as a local test server.
@@ -9,6 +9,12 @@ import os
 from pathlib import Path
 from urllib.parse import urlparse
 
+from dali_imagenet.errors import DaliImagenetError
+
+
+class S3Error(DaliImagenetError):
+    """A malformed S3 URL, or S3 refusing a request; the message keeps botocore's reason."""
+
 
 def is_s3(url: str | os.PathLike) -> bool:
     """True for `s3://...`; a near miss (`s3:/x`, `S3://x`) is an error, not a local folder named `s3:`."""
@@ -16,7 +22,7 @@ def is_s3(url: str | os.PathLike) -> bool:
     if text.startswith("s3://"):
         return True
     if text.lower().startswith("s3:"):
-        raise ValueError(f"{text}: not an S3 URL (expected s3://bucket/prefix)")
+        raise S3Error(f"{text}: not an S3 URL (expected s3://bucket/prefix)")
     return False
 
 
@@ -24,7 +30,7 @@ def split_s3_url(url: str) -> tuple[str, str]:
     """'s3://bucket/a/b' -> ('bucket', 'a/b'); the prefix has no leading or trailing '/'."""
     parsed = urlparse(url)
     if parsed.scheme != "s3" or not parsed.netloc or parsed.netloc.startswith("."):
-        raise ValueError(f"{url}: not an S3 URL of the form s3://bucket/prefix")
+        raise S3Error(f"{url}: not an S3 URL of the form s3://bucket/prefix")
     return parsed.netloc, parsed.path.strip("/")
 
 
@@ -61,3 +67,15 @@ def download(url: str, name: str, dest) -> bool:
         return False
     tmp.replace(dest)
     return True
+
+
+def upload_page(path: Path, url: str) -> str:
+    """Puts an HTML page at `<url>/index.html` as text/html, the way an S3 static website serves it."""
+    bucket, prefix = split_s3_url(url)
+    key = join_key(prefix, "index.html")
+    try:
+        client().put_object(Bucket=bucket, Key=key, Body=Path(path).read_bytes(),
+                            ContentType="text/html; charset=utf-8")
+    except Exception as error:  # botocore's many error types: keep its reason, on one line
+        raise S3Error(f"s3://{bucket}/{key}: upload failed ({reason(error)})") from None
+    return f"s3://{bucket}/{key}"

@@ -3,6 +3,7 @@ rate, the train image size; and the SGD parameter groups."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -28,6 +29,20 @@ def lr_at(step: int, *, peak_lr: float, total_steps: int, warmup_steps: int, min
     if shape == "linear":
         return peak_lr + (min_lr - peak_lr) * progress
     return min_lr + 0.5 * (peak_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """`lr_at` with a run's numbers fixed: `schedule.at(step)`."""
+    peak_lr: float
+    total_steps: int
+    warmup_steps: int
+    min_lr: float
+    shape: str = "cosine"
+
+    def at(self, step: int) -> float:
+        return lr_at(step, peak_lr=self.peak_lr, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
+                     min_lr=self.min_lr, shape=self.shape)
 
 
 def image_size_at(epoch: int, *, image_size: int, min_image_size: int = 0, ramp_start_epoch: int = 0,

@@ -9,7 +9,7 @@
 A DALI index is a line `v1.2 <samples>`, then one line per sample, in tar order, with
 `<ext> <data offset> <size> <member name>` for each of its components. Tar headers carry fixed
 metadata (mtime 0, uid/gid 0, mode 0644), so the same samples always give the same bytes.
-Imports nothing but the standard library: the converter and the loaders both build on it.
+Imports nothing but the standard library (and the error base): the converter and the loaders both build on it.
 """
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ import tarfile
 from pathlib import Path
 from typing import Iterator
 
+from dali_imagenet.errors import DaliImagenetError
+
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 TIMM_INFO = "_info.json"
@@ -28,7 +30,7 @@ CLASSES_TSV = "classes.tsv"
 INDEX_VERSION = "v1.2"
 
 
-class FormatError(Exception):
+class FormatError(DaliImagenetError):
     """A manifest or index that is not what this module writes; the message names the file."""
 
 
@@ -50,6 +52,26 @@ def index_line(components: list[tuple[str, int, int, str]]) -> str:
 
 def index_text(lines: list[str]) -> str:
     return f"{INDEX_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines)
+
+
+def sample_key(member_name: str) -> str | None:
+    """A tar member's sample key (the name up to its basename's first dot), or None for a file
+    that is no sample's component: no extension (`LICENSE`), a dotfile, macOS's `__MACOSX/`."""
+    base = member_name.rfind("/") + 1
+    dot = member_name.find(".", base)
+    if dot <= base or "__MACOSX" in member_name.split("/"):
+        return None
+    return member_name[:dot]
+
+
+def index_keys(samples: list[list[tuple[str, int, int, str]]]) -> list[str]:
+    """The sample keys of a parsed index, in tar order."""
+    return [sample_key(sample[0][3]) or sample[0][3] for sample in samples]
+
+
+def index_without(samples: list[list[tuple[str, int, int, str]]], drop: set[str]) -> str:
+    """The index text of `samples` less the samples whose keys are in `drop` (the tar stays as it is)."""
+    return index_text([index_line(s) for s, key in zip(samples, index_keys(samples)) if key not in drop])
 
 
 def parse_index(text: str, where: str = "index") -> list[list[tuple[str, int, int, str]]]:
@@ -138,23 +160,25 @@ def _padded(size: int) -> int:
     return (size + tarfile.BLOCKSIZE - 1) // tarfile.BLOCKSIZE * tarfile.BLOCKSIZE
 
 
-def index_existing_tar(tar_path: str | Path, idx_path: str | Path) -> int:
-    """Writes the DALI index of a tar made elsewhere (e.g. the public timm shards); returns samples.
+def index_existing_tar(tar_path: str | Path, idx_path: str | Path) -> tuple[int, int]:
+    """Writes the DALI index of a tar made elsewhere (e.g. the public timm shards); returns
+    (samples, files skipped as no sample's: see `sample_key`).
 
     Grouped as `wds2idx` groups: consecutive members with the same key (the name up to the
     basename's first dot) form one sample; non-regular members are skipped.
     """
     lines: list[str] = []
     current_key, components = None, []
+    skipped = 0
     with tarfile.open(tar_path, "r:") as archive:
         for member in archive:
             if not member.isreg():
                 continue
-            base = member.name.rfind("/") + 1
-            dot = member.name.find(".", base)
-            key, ext = member.name[:dot], member.name[dot + 1:]
-            if not key or key.endswith("/"):
+            key = sample_key(member.name)
+            if key is None:
+                skipped += 1
                 continue
+            ext = member.name[len(key) + 1:]
             if key != current_key and components:
                 lines.append(index_line(components))
                 components = []
@@ -164,10 +188,18 @@ def index_existing_tar(tar_path: str | Path, idx_path: str | Path) -> int:
         lines.append(index_line(components))
     if not lines:
         raise FormatError(f"{tar_path}: no samples in this tar")
-    tmp = Path(str(idx_path) + ".tmp")
-    tmp.write_text(index_text(lines))
-    os.replace(tmp, idx_path)
-    return len(lines)
+    write_text_atomic(idx_path, index_text(lines))
+    return len(lines), skipped
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """A temporary file beside `path`, flushed, then renamed over it: a reader sees the old file or the new one."""
+    tmp = Path(f"{path}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def iter_components(tar: str | Path, idx: str | Path, ext: str = "jpg") -> Iterator[tuple[str, bytes]]:

@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dali_imagenet import s3
+from dali_imagenet.errors import DaliImagenetError
 from dali_imagenet.shardformat import (CLASSES_TSV, MANIFEST, FormatError, index_end, index_existing_tar,
                                        index_name, index_sample_count, iter_components, parse_classes_tsv,
                                        parse_index, parse_manifest, split_entry)
 
 
-class ShardError(Exception):
+class ShardError(DaliImagenetError):
     """A shard or data folder cannot be read; the message names it."""
 
 
@@ -33,6 +34,7 @@ class SplitShards:
     indices: tuple[str, ...]
     counts: tuple[int, ...]  # samples in each shard
     class_names: tuple[str, ...]
+    root: str = ""  # the data folder or s3:// prefix they were found in (what `verify-shards` takes)
 
     @property
     def samples(self) -> int:
@@ -45,7 +47,7 @@ class SplitShards:
     def reordered(self, order) -> "SplitShards":
         """The same shards in another order (a new order every epoch)."""
         return SplitShards(*(tuple(column[i] for i in order) for column in (self.tars, self.indices, self.counts)),
-                           self.class_names)
+                           self.class_names, self.root)
 
 
 def find_shards(data: str | os.PathLike, split: str, cache_dir: str | os.PathLike | None = None) -> SplitShards:
@@ -70,12 +72,12 @@ def _from_manifest(text: str | bytes, split: str, base: str, check_local: bool) 
     tars = tuple(f"{base}/{s['name']}" for s in info["shards"])
     if check_local:
         for shard, tar in zip(info["shards"], tars):
-            _check_local_shard(Path(tar), Path(index_name(tar)), shard["bytes"])
+            _check_local_shard(Path(tar), Path(index_name(tar)), shard["bytes"], shard["samples"])
     return SplitShards(tars, tuple(map(index_name, tars)), tuple(s["samples"] for s in info["shards"]),
-                       tuple(manifest["classes"]))
+                       tuple(manifest["classes"]), base)
 
 
-def _check_local_shard(tar: Path, idx: Path, expected_bytes: int | None) -> None:
+def _check_local_shard(tar: Path, idx: Path, expected_bytes: int | None, expected_samples: int) -> None:
     """Catches a truncated tar or a missing index before DALI would fail (or read garbage) mid-epoch."""
     if not tar.is_file():
         raise ShardError(f"{tar}: shard is missing")
@@ -85,9 +87,13 @@ def _check_local_shard(tar: Path, idx: Path, expected_bytes: int | None) -> None
     if expected_bytes is not None and size != expected_bytes:
         raise ShardError(f"{tar}: shard is {size} bytes, the manifest says {expected_bytes} (truncated or replaced?)")
     try:
-        end = index_end(parse_index(idx.read_text(), str(idx)))
+        samples = parse_index(idx.read_text(), str(idx))
     except FormatError as error:
         raise ShardError(str(error)) from None
+    if len(samples) != expected_samples:
+        raise ShardError(f"{idx}: lists {len(samples)} samples, the manifest says {expected_samples} (an interrupted "
+                         f"`verify-shards --repair`? run it again)")
+    end = index_end(samples)
     if end > size:
         raise ShardError(f"{tar}: shard is truncated ({size} bytes, its index points to byte {end})")
 
@@ -120,7 +126,7 @@ def _from_timm_layout(root: Path, split: str, cache: Path) -> SplitShards:
         if not idx.is_file():
             cache.mkdir(parents=True, exist_ok=True)
             try:
-                index_existing_tar(tar, idx)
+                index_existing_tar(tar, idx)  # files that are no sample's (LICENSE, dotfiles) are left out
             except Exception as error:
                 raise ShardError(f"{tar}: cannot index this shard ({error})") from None
         indices.append(str(idx))
@@ -135,7 +141,7 @@ def _from_timm_layout(root: Path, split: str, cache: Path) -> SplitShards:
         from dali_imagenet.classes import imagenet1k
 
         class_names = [names for _, names in imagenet1k()]
-    return SplitShards(tuple(map(str, tars)), tuple(indices), tuple(counts), tuple(class_names))
+    return SplitShards(tuple(map(str, tars)), tuple(indices), tuple(counts), tuple(class_names), str(root))
 
 
 def _default_cache() -> Path:
@@ -158,7 +164,8 @@ def find_undecodable(shards: SplitShards, time_limit_s: float = 60.0) -> str | N
             try:
                 Image.open(io.BytesIO(jpeg)).load()
             except Exception as error:  # PIL raises many types for bad data
-                return f"{tar}: sample {name} is undecodable ({str(error).splitlines()[0][:120]})"
+                reason = str(error).splitlines()[0].split(" <_io.BytesIO")[0][:120]  # PIL names its buffer
+                return f"{tar}: sample {name} is undecodable ({reason})"
             if time.monotonic() > deadline:
                 return None
     return None

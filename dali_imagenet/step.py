@@ -10,18 +10,28 @@ from __future__ import annotations
 import torch
 
 from dali_imagenet import seeding
+from dali_imagenet.errors import UsageError
 from dali_imagenet.mixing import MixConfig, draw_mix, mix_with_draws, soft_target_cross_entropy
 from dali_imagenet.precision import Precision
 
 
 class TrainStep:
     def __init__(self, model: torch.nn.Module, train_model: torch.nn.Module, optimizer, scaler, *,
-                 precision: Precision, mix: MixConfig, num_classes: int, ema=None, seed: int = 0, rank: int = 0):
+                 precision: Precision, mix: MixConfig, num_classes: int, ema=None, seed: int = 0, rank: int = 0,
+                 world_size: int = 1):
         """`model`: the plain module (the EMA follows it); `train_model`: what runs the step
-        (the same module, or its DDP / torch.compile wrapper)."""
-        self.model, self.train_model, self.optimizer, self.scaler = model, train_model, optimizer, scaler
-        self.precision, self.mix, self.num_classes, self.ema = precision, mix, num_classes, ema
-        self.seed, self.rank = seed, rank
+        (the same module, or its DDP / torch.compile wrapper); `world_size`: processes in the run."""
+        self.model = model
+        self.train_model = train_model
+        self.optimizer = optimizer
+        self.scaler = scaler
+        self.precision = precision
+        self.mix = mix
+        self.num_classes = num_classes
+        self.ema = ema
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
         device = precision.device
         self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
         self.step_number = torch.zeros((), dtype=torch.int64, device=device)
@@ -69,18 +79,31 @@ class GraphedTrainStep(TrainStep):
     on a side stream (cuDNN autotuning, optimizer state, lazy allocations), then the graph is
     captured and replayed; those warm-up steps are real training steps. Needs a GPU, one process
     (DDP is not captured) and bf16 or fp32 (fp16's GradScaler reads its scale on the host).
+
+    DALI's worker threads keep issuing CUDA calls while a graph is captured (DALI itself is not
+    capturable, NVIDIA/DALI#3703), so capture uses `capture_error_mode="thread_local"`: only this
+    thread's capture-unsafe calls invalidate it, not the loader's.
     """
     WARMUP_STEPS = 3
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        device = self.precision.device
+    @staticmethod
+    def refusal(device: torch.device, precision_name: str, world_size: int) -> str | None:
+        """Why a graphed step cannot run here, or None. The process count is what decides, not the
+        module's type: under `compile: true` the DDP module is hidden inside torch.compile's wrapper."""
         if device.type != "cuda":
-            raise ValueError("cuda_graph needs a GPU (--device cuda)")
-        if self.precision.name == "float16":
-            raise ValueError("cuda_graph needs amp_dtype bfloat16 or float32 (fp16 loss scaling syncs)")
-        if isinstance(self.train_model, torch.nn.parallel.DistributedDataParallel):
-            raise ValueError("cuda_graph runs one process; under torchrun use cuda_graph: false")
+            return "cuda_graph needs a GPU (--device cuda)"
+        if precision_name == "float16":
+            return "cuda_graph needs amp_dtype bfloat16 or float32 (fp16 loss scaling syncs)"
+        if world_size > 1:
+            return "cuda_graph runs one process; under torchrun use cuda_graph: false"
+        return None
+
+    def __init__(self, *args, precision: Precision, world_size: int = 1, **kwargs):
+        refusal = self.refusal(precision.device, precision.name, world_size)
+        if refusal:  # before anything is put on a device that may not be there
+            raise UsageError(refusal)
+        super().__init__(*args, precision=precision, world_size=world_size, **kwargs)
+        device = self.precision.device
         self.lr = torch.zeros((), device=device)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr  # fused SGD reads a tensor LR on the device
@@ -116,7 +139,7 @@ class GraphedTrainStep(TrainStep):
         static_images, static_labels = images.clone(), labels.clone()
         self.optimizer.zero_grad(set_to_none=True)  # the graph's backward then writes fresh grads
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             loss = self.body(static_images, static_labels, self.static_draws, self.ema_weight)
         self.pool = graph.pool()
         self.graphs[shape] = (graph, static_images, static_labels, loss)

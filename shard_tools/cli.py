@@ -5,10 +5,9 @@ import os
 
 import click
 
-from shard_tools.convert import ConvertError, Options, convert
-from shard_tools.images import Rejected
-from shard_tools.sources import SPLITS, SourceError
-from shard_tools.storage import OutputError
+from dali_imagenet.errors import DaliImagenetError, debug
+from shard_tools.convert import Options, convert
+from shard_tools.sources import SPLITS
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -38,7 +37,9 @@ def main(source, output, split, shard_size, seed, max_side, quality, name, worke
     try:
         manifest = convert(source, output, splits, options, workers=workers, resume=resume,
                            overwrite=overwrite, strict=strict, progress=not quiet)
-    except (SourceError, OutputError, ConvertError, Rejected) as error:
+    except DaliImagenetError as error:
+        if debug():
+            raise
         raise click.ClickException(str(error)) from None
     click.echo(summary_table(manifest))
 

@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from tqdm import tqdm
 
+from dali_imagenet.errors import DaliImagenetError
 from dali_imagenet.shardformat import (CLASSES_TSV, MANIFEST, MANIFEST_VERSION, TIMM_INFO, ShardWriter, classes_tsv,
                                        index_name, sha256_file, shard_name, timm_info)
 from shard_tools.images import Rejected, prepare_image
@@ -29,7 +30,7 @@ from shard_tools.storage import open_output
 SHARDS_PER_CHUNK = 4  # memory per worker ~ 4 x shard_size x 110 KB (~550 MB at the default size)
 
 
-class ConvertError(Exception):
+class ConvertError(DaliImagenetError):
     """The conversion cannot go on; the message is one line naming the file and the problem."""
 
 

@@ -12,11 +12,13 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageFile
 
+from dali_imagenet.errors import DaliImagenetError
+
 # A truncated JPEG must fail, not decode to grey bottom rows.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
-class Rejected(Exception):
+class Rejected(DaliImagenetError):
     """The image cannot be used; the message is the reason recorded in the manifest."""
 
 

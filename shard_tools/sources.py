@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from dali_imagenet.classes import imagenet1k
+from dali_imagenet.errors import DaliImagenetError
 
 SPLITS = ("train", "validation", "test")
 IMAGEFOLDER_SPLIT_DIRS = {"train": ("train",), "validation": ("val", "validation"), "test": ("test",)}
@@ -22,7 +23,7 @@ PARQUET_NAME = re.compile(r"^(?P<split>train|validation|test)[-_].*\.parquet$")
 SYNSET_IN_PATH = re.compile(r"(?:^|[_/])([a-z]\d{8})(?:[._/]|$)")
 
 
-class SourceError(Exception):
+class SourceError(DaliImagenetError):
     """Bad input; the message is one line naming the file and what is wrong."""
 
 

@@ -11,10 +11,11 @@ import tempfile
 from pathlib import Path
 
 from dali_imagenet import s3
+from dali_imagenet.errors import DaliImagenetError
 from dali_imagenet.shardformat import sha256_file
 
 
-class OutputError(Exception):
+class OutputError(DaliImagenetError):
     """The output cannot be used; the message is one line."""
 
 
@@ -63,7 +64,7 @@ class S3Output:
     def __init__(self, url: str):
         try:
             self.bucket, self.prefix = s3.split_s3_url(url)
-        except ValueError as error:
+        except s3.S3Error as error:
             raise OutputError(str(error)) from None
         self.url = url
         self.client = s3.client()
@@ -122,6 +123,6 @@ class S3Output:
 def open_output(url: str) -> LocalOutput | S3Output:
     try:
         remote = s3.is_s3(url)
-    except ValueError as error:  # s3:/typo: a near miss, not a local folder named "s3:"
+    except s3.S3Error as error:  # s3:/typo: a near miss, not a local folder named "s3:"
         raise OutputError(str(error)) from None
     return S3Output(url) if remote else LocalOutput(url)

@@ -1,6 +1,8 @@
-"""Shared fixtures: the bundled sample (small), its shards, and a real local S3 server."""
+"""Shared fixtures: the bundled sample (small), its shards, a real local S3 server, and one real
+train.py run that every test needing only a finished run's files shares."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -17,9 +19,42 @@ REPO = Path(__file__).resolve().parent.parent
 TRAIN_PER_CLASS, VAL_PER_CLASS = 12, 5  # 96 train / 40 validation images in 8 classes
 
 
+# train.py at test scale: ResNet-18 at 32 px, 6 steps an epoch on the sample's 96 train images.
+TRAIN_BASE = ["arch=resnet18", "image_size=32", "val_image_size=32", "batch_size=16", "epochs=2", "warmup_epochs=0.5",
+              "log_every=1", "loader_threads=1", "shuffle_buffer=32", "amp_dtype=float32", "lr=0.2"]
+
+
+def train_command(data, out, *sets, extra=()) -> list[str]:
+    args = [sys.executable, str(REPO / "train.py"), "--dali", "--data", str(data), "--out", str(out),
+            "--device", "cpu", "--no-wandb"]
+    for item in [*TRAIN_BASE, *sets]:
+        args += ["--set", item]
+    return args + list(extra)
+
+
+def child_env(**extra) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1", **extra}
+
+
+def train(data, out, *sets, extra=(), check=True, **kwargs) -> subprocess.CompletedProcess:
+    """train.py in a process of its own, as a user runs it."""
+    result = subprocess.run(train_command(data, out, *sets, extra=extra), capture_output=True, text=True,
+                            env=kwargs.pop("env", child_env()), timeout=300, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(result.stdout + result.stderr)
+    return result
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    # The slow tests first (a stable sort: the same order in every xdist worker): with `-n`, the
+    # long ones start early and the short ones fill the gaps, instead of one long test at the end.
+    items.sort(key=lambda item: "slow" not in item.keywords)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
@@ -39,6 +74,15 @@ def sample_dir(tmp_path_factory) -> Path:
 def sample_shards(sample_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards")
     convert(sample_dir, str(out), ("train", "validation"), Options(shard_size=16), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_run(sample_shards, tmp_path_factory) -> Path:
+    """A finished 3-epoch run (no mixing, an EMA, val at 40 px): best.pt, last.pt, final weights,
+    metrics.jsonl and report.html. Tests read it and never change it (copy it to change it)."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    train(sample_shards, out, "epochs=3", "mixup_alpha=0", "cutmix_alpha=0", "ema_decay=0.8", "val_image_size=40")
     return out
 
 

@@ -7,7 +7,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
+
+pytestmark = pytest.mark.slow  # each runs a benchmark harness in processes of its own
 
 
 def test_bench_smoke_writes_records_table_and_chart(tmp_path):
@@ -37,13 +41,32 @@ def test_bench_smoke_writes_records_table_and_chart(tmp_path):
 
 
 def test_gpu_check_runs_in_smoke_mode_on_cpu(tmp_path):
+    """The CPU self-check of the GPU script: every section runs (tiny sizes), one table comes out,
+    and train.py's stopped + resumed run equals its straight run."""
     result = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--smoke", "--device", "cpu"],
-                            cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OUT": str(tmp_path)})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "| train step resnet18 bf16 NHWC batch 4 |" in result.stdout
-    assert "| Mixup/CutMix, batch 4 |" in result.stdout and "| JPEG decode" in result.stdout
-    rows = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert rows["decode"]["cpu_1thread_images_per_s"] > 0 and rows["mixing"]["mix_ms_median"] > 0
+                            cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OUT": str(tmp_path)})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    rows = json.loads((tmp_path / "gpu_check.json").read_text())["rows"]
+    assert {r["section"] for r in rows} == {"loader", "step", "loader -> step", "eager/compiled/graph", "train.py"}
+    assert not [r for r in rows if "error" in r], [r for r in rows if "error" in r]
+    measured = [r for r in rows if r["section"] in ("loader", "step", "loader -> step")]
+    assert len(measured) == 3 + 2 * 2 and all(r["images_per_s"] > 0 for r in measured)
+    graphs = [r for r in rows if r["section"] == "eager/compiled/graph"]
+    assert [r.get("result") for r in graphs if "cuda_graph" in r["what"]] == ["needs a GPU"] * 2
+    assert [r["images_per_s"] > 0 for r in graphs if r["what"].startswith("eager")] == [True, True]
+    resumed = [r for r in rows if r["section"] == "train.py"]
+    assert [r["result"] for r in resumed] == ["identical weights"]
+    assert "| train.py | g6-l4: straight vs stopped at" in result.stdout
+    assert (tmp_path / "gpu_check.md").read_text().startswith("gpu_check on CPU")
+
+
+def test_gpu_check_says_what_is_missing_in_one_line():
+    result = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--device", "cuda"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    if result.returncode == 0:
+        pytest.skip("a GPU and DALI are here")
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith("gpu_check: no CUDA GPU is visible")
 
 
 def test_accuracy_benchmark_smoke_writes_json_and_chart(tmp_path):

@@ -289,7 +289,7 @@ def test_every_rank_runs_the_same_steps_and_reads_each_sample_once(uneven_shards
 
 
 def test_rank_pieces_cover_each_sample_once():
-    from dali_imagenet.baseline import rank_pieces
+    from dali_imagenet.partition import rank_pieces
     from dali_imagenet.shards import SplitShards
 
     counts = (7, 7, 6, 6, 6, 4, 4)
@@ -306,7 +306,7 @@ def test_rank_pieces_cover_each_sample_once():
 def test_each_epoch_reads_the_shards_in_a_new_order(sample_shards, backend):
     import webdataset as wds
 
-    from dali_imagenet.loader import epoch_shards
+    from dali_imagenet.partition import epoch_shards
     from dali_imagenet.shards import find_shards
 
     shards = find_shards(sample_shards, "train")
@@ -326,7 +326,7 @@ def test_each_epoch_reads_the_shards_in_a_new_order(sample_shards, backend):
 
 def test_consecutive_epochs_are_unalike_at_imagenet_scale():
     """1,025 shards of 1,250: where a sample lands in epoch 0 says ~nothing about epoch 1."""
-    from dali_imagenet.loader import epoch_shards
+    from dali_imagenet.partition import epoch_shards
     from dali_imagenet.shards import SplitShards
 
     n_shards, per_shard = 1025, 1250

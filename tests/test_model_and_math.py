@@ -8,6 +8,8 @@ import torch
 import torchvision
 
 from dali_imagenet import checkpoint as ckpt
+from dali_imagenet import run_folder
+from dali_imagenet.resume import newest_valid
 from dali_imagenet.config import ConfigError, TrainConfig, load_config
 from dali_imagenet.model import build_model, drop_path
 from dali_imagenet.schedule import lr_at, parameter_groups, scaled_lr
@@ -97,12 +99,23 @@ def test_config_errors(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
+@pytest.mark.parametrize("item, message", [("no_such_key=1", "unknown key 'no_such_key'"),
+                                           ("batch_size=abc", "batch_size: expected int"),
+                                           ("nesterov=maybe", "nesterov: expected true or false"),
+                                           ("arch=vgg", "arch must be")])
+def test_bad_set_names_the_key(item, message):
+    """What train.py prints as its one line for a bad --set (checked end to end in test_train)."""
+    with pytest.raises(ConfigError, match=message) as error:
+        load_config(None, [item])
+    assert "\n" not in str(error.value)
+
+
 def fake_checkpoint(step: int, **extra) -> dict:
     return {"model": {}, "optimizer": {}, "scaler": {}, "config": {}, "state": {"step": step}, **extra}
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
-    ckpt.save_atomic(fake_checkpoint(1, w=torch.ones(3)), tmp_path / ckpt.LAST)
+    ckpt.save_atomic(fake_checkpoint(1, w=torch.ones(3)), tmp_path / run_folder.LAST)
 
     def dies_midway(obj, f, *args, **kwargs):
         f.write(b"half a checkpoint")
@@ -110,21 +123,21 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dies_midway)
     with pytest.raises(KeyboardInterrupt):
-        ckpt.save_atomic(fake_checkpoint(2, w=torch.zeros(3)), tmp_path / ckpt.LAST)
+        ckpt.save_atomic(fake_checkpoint(2, w=torch.zeros(3)), tmp_path / run_folder.LAST)
     monkeypatch.undo()
-    path, state = ckpt.newest_valid(tmp_path)
-    assert path.name == ckpt.LAST and state["state"]["step"] == 1
-    ckpt.clean_temporaries(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.LAST]
+    path, state = newest_valid(tmp_path)
+    assert path.name == run_folder.LAST and state["state"]["step"] == 1
+    run_folder.clean_temporaries(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [run_folder.LAST]
 
 
 def test_newest_valid_skips_a_corrupt_file(tmp_path):
-    ckpt.save_atomic(fake_checkpoint(5), tmp_path / ckpt.LAST)
-    ckpt.mark_best(tmp_path)
-    ckpt.save_atomic(fake_checkpoint(9), tmp_path / ckpt.LAST)
-    assert ckpt.newest_valid(tmp_path)[1]["state"]["step"] == 9
-    (tmp_path / ckpt.LAST).write_bytes(b"garbage")
-    assert ckpt.newest_valid(tmp_path)[1]["state"]["step"] == 5
+    ckpt.save_atomic(fake_checkpoint(5), tmp_path / run_folder.LAST)
+    run_folder.mark_best(tmp_path)
+    ckpt.save_atomic(fake_checkpoint(9), tmp_path / run_folder.LAST)
+    assert newest_valid(tmp_path)[1]["state"]["step"] == 9
+    (tmp_path / run_folder.LAST).write_bytes(b"garbage")
+    assert newest_valid(tmp_path)[1]["state"]["step"] == 5
 
 
 def test_rng_state_round_trips_through_weights_only_load(tmp_path):

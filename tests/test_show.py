@@ -16,24 +16,21 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import REPO
-from test_train import env, records, train
+from conftest import REPO, child_env, records
 
 ARTIFACTS = REPO / "build" / "test-artifacts"
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
 
 @pytest.fixture(scope="module")
-def demo_run(sample_shards, tmp_path_factory) -> Path:
-    """A short real run on the sample: best.pt, metrics.jsonl and the report train.py writes."""
-    out = tmp_path_factory.mktemp("show") / "run"
-    train(sample_shards, out, "epochs=3", "mixup_alpha=0", "cutmix_alpha=0", "ema_decay=0.8", "val_image_size=40")
-    return out
+def demo_run(trained_run) -> Path:
+    """The shared short real run: best.pt, metrics.jsonl and the report train.py wrote."""
+    return trained_run
 
 
 def run_script(name: str, *args, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, str(REPO / name), *map(str, args)], capture_output=True, text=True,
-                            env=env(), timeout=300)
+                            env=child_env(), timeout=300)
     if check and result.returncode != 0:
         raise AssertionError(result.stderr[-3000:])
     return result
@@ -52,6 +49,11 @@ def val_images(shards: Path, folder: Path) -> dict[str, int]:
         path.write_bytes(sample["jpg"])
         labels[str(path)] = int(sample["cls"])
     return labels
+
+
+# Real processes (predict.py, evaluate.py, the Gradio app, a browser) on the shared trained run:
+# one xdist worker builds that run for all of its readers.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("trained_run")]
 
 
 def test_predict_agrees_with_evaluate(sample_shards, demo_run, tmp_path):
@@ -128,7 +130,7 @@ def test_gradio_demo_in_a_browser(sample_shards, demo_run, browser, tmp_path):
     port = free_port()
     server = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--checkpoint", str(demo_run / "best.pt"),
                                "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env())
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env())
     try:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:

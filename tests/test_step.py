@@ -4,8 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from dali_imagenet.config import TrainConfig
 from dali_imagenet.ema import WeightEMA
+from dali_imagenet.errors import UsageError
 from dali_imagenet.mixing import MixConfig
 from dali_imagenet.model import build_model
 from dali_imagenet.precision import Precision
@@ -45,8 +48,91 @@ def test_eager_step_records_the_first_bad_step():
 def test_graphed_step_refuses_without_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    with pytest.raises(ValueError, match="needs a GPU"):
+    with pytest.raises(UsageError, match="needs a GPU"):
         make_step(GraphedTrainStep, "cpu")
+
+
+def test_graph_guard_counts_processes_not_wrappers():
+    """Under `compile: true` the DDP module sits inside torch.compile's wrapper, where an
+    isinstance check cannot see it: the guard must go by the number of processes."""
+    cuda = torch.device("cuda", 0)
+    assert GraphedTrainStep.refusal(cuda, "bfloat16", world_size=1) is None
+    assert "one process" in GraphedTrainStep.refusal(cuda, "bfloat16", world_size=2)
+    assert "float16" in GraphedTrainStep.refusal(cuda, "float16", world_size=1)
+    model = torch.nn.Linear(2, 2)
+    compiled = torch.compile(model)  # what train.py makes of a DDP module with compile: true
+    assert not isinstance(compiled, torch.nn.parallel.DistributedDataParallel)
+    with pytest.raises(UsageError, match="one process"):
+        GraphedTrainStep(model, compiled, torch.optim.SGD(model.parameters()), None, world_size=2,
+                         precision=Precision("bfloat16", cuda), mix=MixConfig(0, 0, 0.5, 0), num_classes=2)
+
+
+# Ops that read a device tensor's value on the host (a sync; illegal inside a CUDA graph), or
+# whose output shape depends on the data (the host must wait to learn it).
+HOST_READS = ("_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "masked_select", "unique",
+              "_unique", "repeat_interleave", "allclose", "tolist")
+
+
+class RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+    def host_reads(self) -> list[str]:
+        return sorted({op for op in self.ops if op.lstrip("_").startswith(tuple(r.lstrip("_") for r in HOST_READS))})
+
+
+def test_the_recorder_sees_a_host_read():
+    with RecordOps() as recorder:
+        x = torch.ones(3)
+        float(x.sum())
+        bool(x.any())
+        torch.nonzero(x)
+    assert recorder.host_reads() == ["_local_scalar_dense", "nonzero"]
+
+
+def test_no_host_sync_in_what_the_cuda_graph_captures():
+    """The graphed step's per-step work, run on the CPU under a dispatch recorder: the mixing
+    draws, mixup/cutmix, forward under autocast, loss, backward, fused SGD with a tensor LR, the
+    EMA update with a device weight and the NaN record. Any op that reads a value on the host
+    fails here, so a future `.item()`, `float(t)` or `if t:` in the step fails CI."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, drop_path_rate=0.1, blurpool=True).to(memory_format=torch.channels_last)
+    lr = torch.tensor(0.05)
+    optimizer = torch.optim.SGD(parameter_groups(model, 1e-4), lr=lr, momentum=0.9, nesterov=True, fused=True)
+    precision = Precision.for_device("bfloat16", "cpu")
+    step = TrainStep(model, model, optimizer, precision.scaler(), precision=precision,
+                     mix=MixConfig(mixup_alpha=0.2, cutmix_alpha=1.0, mix_switch_prob=0.5, label_smoothing=0.1),
+                     num_classes=10, ema=WeightEMA(model, 0.99))
+    images, labels = next(batches("cpu", 1))
+    ema_weight = torch.tensor(0.25)
+    before = [p.detach().clone() for p in step.ema.module.parameters()]
+    for number in range(2):  # the second step has momentum buffers: SGD's other branch
+        with RecordOps() as recorder:
+            draws = step.draws(number)
+            loss = step.body(images, labels, draws, ema_weight)
+        assert recorder.host_reads() == [], f"host reads in the step: {recorder.host_reads()}"
+        assert "convolution_backward" in recorder.ops and "_fused_sgd_" in recorder.ops  # it really ran
+    assert torch.isfinite(loss) and step.bad_step() is None
+    assert any(not torch.equal(a, b) for a, b in zip(before, step.ema.module.parameters()))  # the EMA moved
+
+
+def test_ema_with_a_device_weight_equals_the_float_update():
+    model = build_model("resnet18", 10)
+    tensor_ema, float_ema = WeightEMA(model, 0.9), WeightEMA(model, 0.9)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    with RecordOps() as recorder:
+        tensor_ema.lerp(model, torch.tensor(0.3))
+    assert recorder.host_reads() == []
+    float_ema.lerp(model, 0.3)
+    for a, b in zip(tensor_ema.module.state_dict().values(), float_ema.module.state_dict().values()):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.gpu

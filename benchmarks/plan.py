@@ -1,0 +1,241 @@
+"""How long a config's run takes on this machine, and what it costs, measured rather than guessed.
+
+    python -m benchmarks.plan --config configs/l4-16h.yaml [--data SHARDS] [--seconds 20]
+                              [--price-per-hour 0.8048] [--spot-price-per-hour Q] [--json plan.json]
+
+For each train size the config's schedule visits, it measures the real train step (the config's
+model, BlurPool, channels-last, compile, precision, batch, mixing: `recipe.build`, as train.py
+builds it) for ~S seconds after its warm-up, and with `--data` the DALI train loader at that size
+with the config's threads (the GPU `mixed` path on a GPU); then the validation pass (raw, EMA and
+flip as the config asks) at the val size. Each phase is bounded by the slower of step and loader.
+Without `--data` the loader is not measured and the table says so: the step is then an upper
+bound. Hours count the real dataset's size (ImageNet-1K by default: `--train-images`), not the
+shards given, which only serve to measure the loader. On a CPU (with a small batch) it checks the
+plumbing, which is how CI runs it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+
+import torch
+
+from benchmarks.common import machine
+from dali_imagenet.config import TrainConfig, load_config
+from dali_imagenet.distributed import Processes
+from dali_imagenet.errors import one_line_errors
+from dali_imagenet.precision import Precision
+from dali_imagenet.recipe import build
+
+IMAGENET_TRAIN, IMAGENET_VAL = 1_281_167, 50_000
+
+
+@dataclass(frozen=True)
+class Phase:
+    image_size: int
+    first_epoch: int  # 0-based
+    epochs: int
+
+
+def phases(cfg: TrainConfig) -> list[Phase]:
+    """Runs of consecutive epochs at one train size, in schedule order."""
+    result: list[Phase] = []
+    for epoch in range(cfg.epochs):
+        size = cfg.train_image_size(epoch)
+        if result and result[-1].image_size == size:
+            last = result[-1]
+            result[-1] = Phase(size, last.first_epoch, last.epochs + 1)
+        else:
+            result.append(Phase(size, epoch, 1))
+    return result
+
+
+def validations(cfg: TrainConfig) -> int:
+    """How many validation passes the run makes (train.py's rule: every val_every epochs and at the end)."""
+    return sum(1 for epoch in range(1, cfg.epochs + 1)
+               if (cfg.val_every and epoch % cfg.val_every == 0) or epoch == cfg.epochs)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_rate(work, images_per_call: int, seconds: float, device: torch.device) -> float:
+    """Images/s of `work()` over at least `seconds` (and at least 3 calls), synced at both ends."""
+    sync(device)
+    start = time.perf_counter()
+    calls = 0
+    while calls < 3 or time.perf_counter() - start < seconds:
+        work()
+        calls += 1
+    sync(device)
+    return calls * images_per_call / (time.perf_counter() - start)
+
+
+def measure_steps(cfg: TrainConfig, sizes: list[int], device: torch.device, seconds: float) -> dict[int, dict]:
+    """The train step at each size: one model through all sizes, as in a run (a new size
+    recompiles once under torch.compile: that is the warm-up time reported)."""
+    processes = Processes(0, 1, 0, device)
+    precision = Precision.for_device(cfg.amp_dtype, device)
+    training = build(cfg, 1000, processes, precision)
+    train_step = training.step(cfg, processes, precision, 1000)
+    train_step.train_model.train()
+    labels = torch.randint(0, 1000, (cfg.batch_size,), device=device)
+    counter = iter(range(10**9))
+    results = {}
+    for size in sizes:
+        images = torch.randn(cfg.batch_size, 3, size, size, device=device).to(
+            precision.loader_dtype).contiguous(memory_format=torch.channels_last)
+        step = lambda: train_step(images, labels, step=next(counter), lr=training.peak_lr)  # noqa: E731
+        started = time.perf_counter()
+        for _ in range(4):  # compile, cuDNN autotuning, a CUDA graph's warm-up and capture
+            step()
+        sync(device)
+        warmup_s = time.perf_counter() - started
+        results[size] = {"images_per_s": timed_rate(step, cfg.batch_size, seconds, device), "warmup_s": warmup_s}
+    return results
+
+
+def measure_validation(cfg: TrainConfig, device: torch.device, seconds: float) -> float:
+    """Validation images/s at the val size: every forward pass a validation makes (raw weights,
+    their EMA when the run keeps one, each with its mirror image under val_flip)."""
+    from dali_imagenet.evaluation import predict_logits
+    from dali_imagenet.model import build_model
+
+    precision = Precision.for_device(cfg.amp_dtype, device)
+    model = build_model(cfg.arch, 1000, blurpool=cfg.blurpool).to(device, memory_format=torch.channels_last).eval()
+    models = 2 if cfg.ema_decay else 1
+    size = cfg.val_image_size
+    images = torch.randn(cfg.batch_size, 3, size, size, device=device).to(
+        precision.loader_dtype).contiguous(memory_format=torch.channels_last)
+
+    @torch.no_grad()
+    def forward():
+        with precision.autocast():
+            for _ in range(models):
+                predict_logits(model, images, cfg.val_flip)
+
+    forward()
+    return timed_rate(forward, cfg.batch_size, seconds, device)
+
+
+def measure_loader(cfg: TrainConfig, data: str, split: str, size: int, device: torch.device, seconds: float) -> float:
+    from dali_imagenet import make_loader
+    from dali_imagenet.precision import Precision
+
+    precision = Precision.for_device(cfg.amp_dtype, device)
+    options = dict(device=device, dtype=precision.loader_dtype, backend="dali", num_threads=cfg.loader_threads)
+    if split == "train":
+        loader = make_loader(data, "train", cfg.batch_size, image_size=size, crop_min_area=cfg.crop_min_area,
+                             shuffle_buffer=min(cfg.shuffle_buffer, 1024), **options)
+    else:
+        loader = make_loader(data, "validation", cfg.batch_size, image_size=size, crop_fraction=cfg.val_crop_fraction,
+                             **options)
+    stream = _endless(loader)
+    next(stream)  # the pipeline's start-up and its first prefetch are not the steady rate
+    counted = [0]
+
+    def take():
+        images, _ = next(stream)
+        counted[0] += images.shape[0]
+
+    sync(device)
+    start = time.perf_counter()
+    calls = 0
+    while calls < 3 or time.perf_counter() - start < seconds:
+        take()
+        calls += 1
+    sync(device)
+    return counted[0] / (time.perf_counter() - start)
+
+
+def _endless(loader):
+    while True:
+        yield from loader
+
+
+def plan(cfg: TrainConfig, *, data: str | None, device: torch.device, seconds: float, train_images: int,
+         val_images: int, price_per_hour: float, spot_price_per_hour: float | None) -> dict:
+    schedule = phases(cfg)
+    sizes = sorted({p.image_size for p in schedule})
+    steps = measure_steps(cfg, sizes, device, seconds)
+    loaders = {size: measure_loader(cfg, data, "train", size, device, seconds) for size in sizes} if data else {}
+    rows = []
+    for phase in schedule:
+        step_rate = steps[phase.image_size]["images_per_s"]
+        loader_rate = loaders.get(phase.image_size)
+        rate = min(step_rate, loader_rate) if loader_rate else step_rate
+        rows.append({"phase": f"epochs {phase.first_epoch + 1}-{phase.first_epoch + phase.epochs}",
+                     "epochs": phase.epochs, "image_size": phase.image_size, "step_images_per_s": step_rate,
+                     "loader_images_per_s": loader_rate, "bound": _bound(step_rate, loader_rate),
+                     "hours": phase.epochs * train_images / rate / 3600})
+    val_rate = measure_validation(cfg, device, seconds)
+    val_loader_rate = measure_loader(cfg, data, "validation", cfg.val_image_size, device, seconds) if data else None
+    passes = validations(cfg)
+    rows.append({"phase": f"validation x {passes}", "epochs": 0, "image_size": cfg.val_image_size,
+                 "step_images_per_s": val_rate, "loader_images_per_s": val_loader_rate,
+                 "bound": _bound(val_rate, val_loader_rate),
+                 "hours": passes * val_images / min(val_rate, val_loader_rate or val_rate) / 3600})
+    rows.append({"phase": f"warm-up/compile x {len(sizes)}", "epochs": 0, "image_size": None,
+                 "step_images_per_s": None, "loader_images_per_s": None, "bound": "compile",
+                 "hours": sum(steps[s]["warmup_s"] for s in sizes) / 3600})
+    hours = sum(row["hours"] for row in rows)
+    return {"config": cfg.__dict__, "machine": machine(), "device": str(device), "seconds": seconds,
+            "train_images": train_images, "val_images": val_images, "loader_measured": bool(data), "phases": rows,
+            "total_hours": hours, "price_per_hour": price_per_hour, "dollars": hours * price_per_hour,
+            "spot_price_per_hour": spot_price_per_hour,
+            "spot_dollars": hours * spot_price_per_hour if spot_price_per_hour is not None else None}
+
+
+def _bound(step_rate: float, loader_rate: float | None) -> str:
+    if loader_rate is None:
+        return "step (loader not measured)"
+    return "loader" if loader_rate < step_rate else "step"
+
+
+def table(result: dict) -> str:
+    rate = lambda value: f"{value:,.0f}" if value else "-"  # noqa: E731
+    lines = ["| phase | epochs | px | step img/s | loader img/s | bound by | hours |", "| --- | ---: | ---: | ---: | ---: | --- | ---: |"]
+    for row in result["phases"]:
+        lines.append(f"| {row['phase']} | {row['epochs'] or ''} | {row['image_size'] or ''} | "
+                     f"{rate(row['step_images_per_s'])} | {rate(row['loader_images_per_s'])} | {row['bound']} | "
+                     f"{row['hours']:.2f} |")
+    spot = (f"${result['spot_dollars']:,.2f} on spot at ${result['spot_price_per_hour']}/h" if result["spot_dollars"] is not None
+            else "spot: pass --spot-price-per-hour (spot prices change by the hour)")
+    gpu = result["machine"]["gpu"] or f"CPU ({result['machine']['cpu_count']} cores)"
+    lines.append(f"\ntotal {result['total_hours']:.2f} h on {gpu} for {result['train_images']:,} train images: "
+                 f"${result['dollars']:,.2f} on demand at ${result['price_per_hour']}/h; {spot}"
+                 + ("" if result["loader_measured"] else "; the loader was not measured (no --data): a lower bound"))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--data", help="shards to measure the DALI loaders on (else: step only)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--seconds", type=float, default=20.0, help="measured seconds per item, after warm-up")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--train-images", type=int, default=IMAGENET_TRAIN, help="images per epoch (ImageNet-1K)")
+    parser.add_argument("--val-images", type=int, default=IMAGENET_VAL)
+    parser.add_argument("--price-per-hour", type=float, default=None, help="default: the config's price_per_hour")
+    parser.add_argument("--spot-price-per-hour", type=float, default=None)
+    parser.add_argument("--json", help="write the plan here too")
+    args = parser.parse_args()
+    cfg = load_config(args.config, args.set)
+    result = plan(cfg, data=args.data, device=torch.device(args.device), seconds=args.seconds,
+                  train_images=args.train_images, val_images=args.val_images,
+                  price_per_hour=args.price_per_hour if args.price_per_hour is not None else cfg.price_per_hour,
+                  spot_price_per_hour=args.spot_price_per_hour)
+    print(table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    with one_line_errors():
+        main()

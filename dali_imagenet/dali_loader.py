@@ -1,0 +1,117 @@
+"""The DALI loader: the `pipelines` graph (GPU `mixed` decoding, or the same graph on the CPU)
+behind `loader.Loader`'s interface, with DALI's reader state as its `state_dict` so that a resume
+mid-epoch restores the reader instead of decoding the epoch's earlier batches again.
+
+A reader state belongs to the sample list it was taken on. If the split's sample count changed
+since (`verify-shards --repair` dropped a bad sample), it cannot be restored: the epoch is then
+rebuilt on the repaired shards and its first `batch` batches are decoded and dropped (a replay),
+so the epoch continues at the same batch number, over the new, shorter epoch."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from dali_imagenet.partition import rank_range
+from dali_imagenet.shards import ShardError, SplitShards, find_undecodable
+
+
+class DaliLoader:
+    def __init__(self, shards: SplitShards, batch_size: int, *, device: torch.device, image_size: int, rank: int,
+                 world_size: int, batches: int, seed: int, dtype: torch.dtype, train: bool, threads: int,
+                 shuffle_buffer: int, crop_fraction: float, crop_min_area: float, resume: dict | None,
+                 hw_decoder_load: float):
+        from nvidia.dali import types
+        from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        from dali_imagenet.pipelines import imagenet_pipeline
+
+        self.shards = shards
+        self.batch_size = batch_size
+        self.train = train
+        self.num_samples = shards.samples
+        self.num_classes = shards.num_classes
+        self._batches = batches
+        restorable = resume is not None and resume.get("samples", shards.samples) == shards.samples
+        self.position = min(resume["batch"], batches) if resume else 0  # batches of this epoch already handed out
+        self._replay = self.position if resume and not restorable else 0
+        self.batches_read = 0  # batches pulled from DALI by this process: a resume must not replay
+        # DALI has no bfloat16 output: emit float16 and convert on the device (one cheap kernel).
+        self._cast_to = torch.bfloat16 if dtype == torch.bfloat16 else None
+        on_gpu = device.type == "cuda"
+        pipe = imagenet_pipeline(
+            list(shards.tars), list(shards.indices), device="gpu" if on_gpu else "cpu", train=train,
+            image_size=image_size, dtype=types.FLOAT if dtype == torch.float32 else types.FLOAT16, shard_id=rank,
+            num_shards=world_size, shuffle_buffer=shuffle_buffer, crop_fraction=crop_fraction, crop_min_area=crop_min_area,
+            hw_decoder_load=hw_decoder_load,
+            batch_size=batch_size, num_threads=threads, device_id=device.index if on_gpu else None, seed=seed,
+            prefetch_queue_depth=2, enable_checkpointing=True, checkpoint=resume["dali"] if restorable else None)
+        first, end = rank_range(shards.samples, world_size, rank)
+        self._real_rank_samples = end - first
+        try:
+            self._iterator = DALIGenericIterator(
+                [pipe], ["images", "labels"], reader_name="reader", auto_reset=True,
+                # val: padded to full batches, the padding is cut off below
+                last_batch_policy=LastBatchPolicy.DROP if train else LastBatchPolicy.FILL)
+        except RuntimeError as error:
+            raise ShardError(_dali_message(error, shards)) from None
+
+    def __len__(self) -> int:
+        return self._batches
+
+    def state_dict(self) -> dict:
+        """Where this epoch stands: the batches handed out, DALI's reader and RNG state after them,
+        and the sample count that state belongs to."""
+        return {"batch": self.position, "dali": self._iterator.checkpoints()[0], "samples": self.num_samples}
+
+    def __iter__(self):
+        remaining = self._real_rank_samples - self.position * self.batch_size
+        for _ in range(self._replay):  # a reader state that no longer fits the shards: read up to the stop point
+            self._next_batch()
+        self._replay = 0
+        while self.position < self._batches:
+            batch = self._next_batch()
+            self.position += 1
+            images = batch["images"].permute(0, 3, 1, 2)  # NHWC memory -> NCHW view, channels_last
+            labels = batch["labels"].view(-1)
+            if self._cast_to is not None:
+                images = images.to(self._cast_to, memory_format=torch.channels_last)
+            if not self.train:  # drop the reader's padding so each image counts once
+                keep = max(0, min(self.batch_size, remaining))
+                remaining -= self.batch_size
+                images, labels = images[:keep], labels[:keep]
+            yield images, labels
+        self.position = 0
+        # All our batches were taken; DALI must now be at its epoch end (auto_reset then starts
+        # the next epoch). A batch here would mean our count and DALI's disagree.
+        try:
+            next(self._iterator)
+        except StopIteration:
+            return
+        raise RuntimeError(f"DALI's epoch is longer than the {self._batches} batches computed for it")
+
+    def _next_batch(self) -> dict:
+        try:
+            batch = next(self._iterator)[0]
+        except StopIteration:  # fewer batches on one rank would leave the others waiting
+            raise RuntimeError(f"DALI's epoch is shorter than the {self._batches} batches computed for it") from None
+        except RuntimeError as error:
+            raise ShardError(_dali_message(error, self.shards)) from None
+        self.batches_read += 1
+        return batch
+
+
+def _dali_message(error: Exception, shards: SplitShards) -> str:
+    """DALI's errors are pages long and its decoder errors name no file: keep the line that says
+    what went wrong and, for a decoder error, find the sample that does not decode."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    cause = next((line for line in lines if ".tar" in line or ".idx" in line), None)
+    if cause is None:
+        after = lines.index("encountered:") + 1 if "encountered:" in lines else 0
+        cause = next((line for line in lines[after:] if "pipeline object" not in line), lines[0] if lines else "")
+    if "decoder" in str(error):
+        culprit = find_undecodable(shards)
+        cause += f"; {culprit}" if culprit else "; no undecodable sample found in the local shards within 60 s"
+        cause += f"; drop it from the shards with: verify-shards {shards.root or os.path.dirname(shards.tars[0])} --repair"
+    return f"DALI failed reading shards under {os.path.dirname(shards.tars[0])}: {cause}"
