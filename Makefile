@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 BUILD := build
 DEMO_RUN := $(BUILD)/demo-run
 
-.PHONY: install browser demo test bench clean
+.PHONY: install browser cloud-venv demo test bench clean
 
 install: $(VENV)/.installed
 
@@ -14,6 +14,15 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+# SkyPilot, for the tests that read cloud/*.yaml with its own parser, in a venv of its own: it pins
+# click < 8.2, which wandb refuses.
+cloud-venv: .venv-cloud/.installed
+
+.venv-cloud/.installed:
+	test -x .venv-cloud/bin/python || $(PYTHON) -m venv .venv-cloud
+	.venv-cloud/bin/python -m pip install --quiet 'skypilot==0.14.1'
 	touch $@
 
 # The browser tests drive Debian's headless Chromium; install it where we may (root), else say how.
@@ -29,7 +38,7 @@ $(BUILD)/sample/.done: shard_tools/sample.py | install
 
 demo: install $(BUILD)/sample/.done
 	$(VENV)/bin/shard-imagenet $(BUILD)/sample $(BUILD)/shards --shard-size 64 --overwrite --quiet
-	$(PY) train.py --dali --data $(BUILD)/shards --config configs/cpu-demo.yaml --out $(DEMO_RUN) --overwrite --device cpu --no-wandb
+	$(PY) train.py --dali --data $(BUILD)/shards --config configs/cpu-demo.yaml --out $(DEMO_RUN) --overwrite --device cpu --no-wandb --spot off
 	$(PY) evaluate.py --checkpoint $(DEMO_RUN)/best.pt --data $(BUILD)/shards --dali --device cpu
 	@echo ""
 	@echo "checkpoint:  $(DEMO_RUN)/best.pt  (last.pt, final_weights.pt beside it)"
@@ -40,7 +49,7 @@ demo: install $(BUILD)/sample/.done
 # Two test processes (pytest-xdist): most tests wait on subprocesses, so 2 cores give ~1.4x;
 # loadgroup keeps the readers of one shared run on one worker, which builds it once.
 # `make test` runs everything; `.venv/bin/python -m pytest -m "not slow"` is the quick loop (~30 s).
-test: install browser
+test: install browser cloud-venv
 	$(PY) -m pytest -q -n auto --dist loadgroup
 
 bench: install

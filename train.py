@@ -14,26 +14,28 @@ without decoding the epoch's earlier batches again.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-from dali_imagenet import distributed, make_loader, recipe, resume, run_folder
+from dali_imagenet import distributed, make_loader, recipe, resume, run_folder, spot
 from dali_imagenet.checkpoint import TrainState, contents
 from dali_imagenet.config import TrainConfig, load_config, to_dict
-from dali_imagenet.errors import DaliImagenetError, one_line_errors
+from dali_imagenet.errors import DaliImagenetError, UsageError, one_line_errors
 from dali_imagenet.evaluation import evaluate
 from dali_imagenet.interrupts import StopCheck, StopRequest
 from dali_imagenet.loader import Loader
-from dali_imagenet.metrics import ThroughputMeter, wandb_wanted
+from dali_imagenet.metrics import ThroughputMeter, cost, wandb_wanted
 from dali_imagenet.outputs import RunOutputs
 from dali_imagenet.partition import batches_per_epoch
 from dali_imagenet.precision import Precision
 from dali_imagenet.schedule import LRSchedule
 from dali_imagenet.seeding import derive_seed
 from dali_imagenet.shards import SplitShards, find_shards
+from dali_imagenet.spot import SpotWatcher
 from dali_imagenet.step import TrainStep
 
 
@@ -51,6 +53,9 @@ def parse_args() -> argparse.Namespace:
     add("--s3", help="s3://bucket/prefix for checkpoints, weights and metrics")
     add("--wandb", action=argparse.BooleanOptionalAction, help="log to Weights & Biases (default: on when "
         "WANDB_API_KEY or WANDB_MODE is set)")
+    add("--spot", choices=["auto", "on", "off"], default="auto", help="watch EC2's spot interruption notice "
+        "(auto: when the instance metadata service answers at start)")
+    add("--price-per-hour", type=float, help="US$ per machine-hour, for the run's cost (default: the config's)")
     return parser.parse_args()
 
 
@@ -70,6 +75,8 @@ class Run:
     stops: StopCheck
     outputs: RunOutputs
     state: TrainState
+    spot: SpotWatcher | None  # EC2's interruption notice, polled on every machine of the run
+    cost_basis: dict  # what `metrics.cost` needs besides the hours
 
 
 @dataclass(frozen=True)
@@ -83,17 +90,20 @@ class EpochResult:
 
 def setup(args) -> Run:
     """Everything the loop needs; nothing is written until every check has passed."""
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, [*args.set, *([f"price_per_hour={args.price_per_hour}"] if args.price_per_hour
+                                                   is not None else [])])
     procs = distributed.setup(args.device, cfg.deterministic)
     precision = Precision.for_device(cfg.amp_dtype, procs.device)
     torch.manual_seed(derive_seed(cfg.seed, "torch", procs.rank))
     shards = find_shards(args.data, "train")
     val_shards = find_shards(args.data, "validation")
     run_dir = run_folder.choose(args.out, cfg.arch, resume=args.resume, overwrite=args.overwrite, world=procs.world)
+    s3_held = resume.check_s3_prefix(args.s3, resume=args.resume, overwrite=args.overwrite,
+                                     timeout_s=cfg.s3_resume_timeout_s) if procs.master else []
     training = recipe.build(cfg, shards.num_classes, procs, precision)
     state, resumed_from = resume.resume(args.resume, run_dir, args.s3, procs, model=training.model,
                                         optimizer=training.optimizer, scaler=training.scaler, ema=training.ema,
-                                        seed=cfg.seed)
+                                        seed=cfg.seed, s3_timeout_s=cfg.s3_resume_timeout_s)
     backend = "dali" if args.dali else "torchvision"
     loader_options = dict(batch_size=cfg.batch_size, device=procs.device, rank=procs.rank, world_size=procs.world,
                           dtype=precision.loader_dtype, backend=backend, num_threads=cfg.loader_threads,
@@ -104,11 +114,21 @@ def setup(args) -> Run:
     steps_per_epoch = batches_per_epoch(shards.samples, procs.world, cfg.batch_size, train=True)
     schedule = LRSchedule(training.peak_lr, cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch),
                           cfg.min_lr, cfg.lr_schedule)
-    stops = StopCheck(StopRequest(announce=procs.master), procs, checkpoint_minutes=cfg.checkpoint_minutes,
-                      max_minutes=cfg.max_minutes, max_steps=cfg.max_steps)
-    outputs = RunOutputs(run_dir, to_dict(cfg), procs, overwrite=args.overwrite, s3_url=args.s3,
-                         wandb=wandb_wanted(args.wandb), wandb_id=state.wandb_id,
+    request = StopRequest(announce=procs.master)
+    stops = StopCheck(request, procs, checkpoint_minutes=cfg.checkpoint_minutes, max_minutes=cfg.max_minutes,
+                      max_steps=cfg.max_steps, earlier_s=state.wall_s)
+    imds = spot.probe(spot.endpoint()) if args.spot != "off" else None
+    if args.spot == "on" and imds is None:
+        raise UsageError(f"--spot on, but no instance metadata service answers at {spot.endpoint()}")
+    instance = imds.instance() if imds else {}
+    outputs = RunOutputs(run_dir, to_dict(cfg), procs, overwrite=args.overwrite, s3_url=args.s3, s3_held=s3_held,
+                         wandb=wandb_wanted(args.wandb), wandb_id=state.wandb_id, instance=instance,
                          extra={"loader": backend, "world_size": procs.world, "data": args.data})
+    watcher = spot.SpotWatcher(imds, request.ask, log=outputs.note, interval_s=cfg.spot_poll_seconds) if imds else None
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", procs.world))
+    cost_basis = dict(gpus=procs.world if procs.device.type == "cuda" else 0, machines=max(1, procs.world // local_world),
+                      price_per_hour=cfg.price_per_hour, spot_price_per_hour=cfg.spot_price_per_hour,
+                      lifecycle=instance.get("lifecycle"))
     if resumed_from:
         outputs.log({"event": "resumed", "step": state.step, "epoch": state.epoch, "from": str(resumed_from)})
     if procs.master:
@@ -116,7 +136,7 @@ def setup(args) -> Run:
               f"epoch x {cfg.epochs} epochs, global batch {cfg.batch_size * procs.world}, peak LR {training.peak_lr:g}, "
               f"{backend} loader on {procs.device.type}, {procs.world} process(es), run folder {run_dir}")
     return Run(cfg, procs, precision, shards, train_step, val_loader, loader_options, schedule, steps_per_epoch,
-               stops, outputs, state)
+               stops, outputs, state, watcher, cost_basis)
 
 
 def train_loader(run: Run) -> Loader:
@@ -174,7 +194,7 @@ def train_one_epoch(train_step: TrainStep, loader: Loader, state: TrainState, sc
         if (stop or checkpoint_due) and state.batch_in_epoch < steps_in_epoch:  # an epoch's end checkpoints anyway
             # Every rank's reader state: a resume starts each where it stopped, decoding nothing twice.
             state.loader = distributed.gather(loader.state_dict(), procs)
-            bad_step = save_checkpoint(train_step, state, outputs, cfg, procs, class_names)
+            bad_step = save_checkpoint(train_step, state, outputs, cfg, procs, class_names, stops.run_s())
             if bad_step is not None:
                 return EpochResult(False, None, bad_step, meter.epoch())
             stops.checkpointed()
@@ -208,16 +228,19 @@ def end_epoch(run: Run, rates: dict) -> int | None:
     if run.procs.master:
         print(line)
     state.finish_epoch()
-    return save_checkpoint(train_step, state, run.outputs, cfg, run.procs, run.shards.class_names, is_best)
+    return save_checkpoint(train_step, state, run.outputs, cfg, run.procs, run.shards.class_names, run.stops.run_s(),
+                           is_best)
 
 
 def save_checkpoint(train_step: TrainStep, state: TrainState, outputs: RunOutputs, cfg: TrainConfig,
-                    procs: distributed.Processes, class_names, is_best: bool = False) -> int | None:
-    """Saves last.pt (and best.pt) on rank 0, unless a loss went NaN on any rank: then nothing is
-    written (a NaN model never replaces a good checkpoint) and the bad step is returned."""
+                    procs: distributed.Processes, class_names, run_s: float, is_best: bool = False) -> int | None:
+    """Saves last.pt (and best.pt) on rank 0, with `run_s` wall-clock seconds trained, unless a loss
+    went NaN on any rank: then nothing is written (a NaN model never replaces a good checkpoint)
+    and the bad step is returned."""
     bad_step = agreed_bad_step(train_step, procs)
     if bad_step is not None:
         return bad_step
+    state.wall_s = run_s
     if procs.master:
         state.wandb_id = outputs.wandb_id
         outputs.save(contents(state, model=train_step.model, optimizer=train_step.optimizer, scaler=train_step.scaler,
@@ -250,7 +273,10 @@ def main() -> None:
     except DaliImagenetError as error:  # e.g. a sample that does not decode: the log says why the run ended
         run.outputs.close({"step": state.step, "event": "stopped", "reason": f"error: {error}"})
         raise
-    run.outputs.finish(run.train_step.model, state.step, stop, run.procs, run.cfg.s3_flush_timeout_s)
+    if run.spot:
+        run.spot.close()
+    run_cost = cost(run.stops.run_s(), **run.cost_basis)
+    run.outputs.finish(run.train_step.model, state.step, stop, run.procs, run.cfg.s3_flush_timeout_s, run_cost)
     distributed.teardown(run.procs)
 
 

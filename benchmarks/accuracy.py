@@ -45,7 +45,7 @@ def shard(data: Path, work: Path) -> Path:
 
 
 def train(config: Path, shards: Path, run_dir: Path, *, minutes: float, device: str, sets: list[str]) -> dict:
-    command = [sys.executable, str(REPO / "train.py"), "--dali", "--data", str(shards), "--config", str(config),
+    command = [sys.executable, str(REPO / "train.py"), "--dali", "--spot", "off", "--data", str(shards), "--config", str(config),
                "--out", str(run_dir), "--overwrite", "--device", device, "--no-wandb",
                "--set", f"max_minutes={minutes}", *[a for s in sets for a in ("--set", s)]]
     started = time.perf_counter()

@@ -163,7 +163,7 @@ def train_runs(check: Check, shards: Path, work: Path) -> None:
             if name != "resumed":
                 shutil.rmtree(out, ignore_errors=True)
             args = [sys.executable, str(REPO / "train.py"), "--dali", "--data", str(shards), "--out", str(out),
-                    "--config", str(REPO / "configs" / f"{config}.yaml"), "--device", check.device, "--no-wandb",
+                    "--config", str(REPO / "configs" / f"{config}.yaml"), "--device", check.device, "--no-wandb", "--spot", "off",
                     *[f"--set={item}" for item in [*sets, *extra_sets]], *extra]
             started = time.monotonic()
             result = subprocess.run([*prefix, *args], capture_output=True, text=True, timeout=600)

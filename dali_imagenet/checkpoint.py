@@ -32,6 +32,7 @@ class TrainState:
     history: list = field(default_factory=list)  # one dict of val metrics per validation
     wandb_id: str | None = None
     loader: list | None = None  # every rank's train-loader state mid-epoch (None at an epoch boundary)
+    wall_s: float = 0.0  # wall-clock seconds trained up to this checkpoint, over all resumes (the run's cost)
 
     def finish_epoch(self) -> None:
         """The epoch under way is complete: the next one starts at its first batch."""

@@ -68,8 +68,11 @@ class TrainConfig:
     max_steps: int = 0  # stop (with a checkpoint) after this global step; 0: train all epochs
     max_minutes: float = 0.0  # stop (with a checkpoint) after this many minutes in this process; 0: no limit
     s3_flush_timeout_s: float = 90.0  # at exit, how long to wait for pending uploads (spot notice: 120 s)
+    s3_resume_timeout_s: float = 120.0  # at start, how long S3 failures are retried before the run stops
+    spot_poll_seconds: float = 5.0  # between checks of EC2's spot notice (it comes ~120 s ahead of a reclaim)
     wandb_project: str = "dali-imagenet"
     price_per_hour: float = 0.8048  # US$ per machine-hour: AWS g6.xlarge on demand, us-east-1 Linux (list price, 2025)
+    spot_price_per_hour: float = 0.0  # US$ per machine-hour on spot, when known (it changes by the hour); 0: unknown
 
     def train_image_size(self, epoch: int) -> int:
         from dali_imagenet.schedule import image_size_at
@@ -99,7 +102,7 @@ class TrainConfig:
             (0 <= self.ema_decay < 1 and self.ema_warmup_power > 0, "ema_decay must be in [0, 1), ema_warmup_power > 0"),
             (self.lr > 0 and self.min_lr >= 0 and self.warmup_epochs >= 0, "lr > 0, min_lr >= 0, warmup_epochs >= 0"),
             (self.log_every > 0, "log_every must be > 0"),
-            (self.price_per_hour >= 0, "price_per_hour must be >= 0"),
+            (self.price_per_hour >= 0 and self.spot_price_per_hour >= 0, "prices must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:

@@ -13,6 +13,7 @@ import yaml
 
 from dali_imagenet.checkpoint import CheckpointError, load
 from dali_imagenet.errors import DaliImagenetError
+from dali_imagenet.metrics import describe_cost
 from dali_imagenet.run_folder import BEST, CONFIG, FINAL, LAST, METRICS
 
 
@@ -129,12 +130,15 @@ def render(runs: list[Run], title: str | None = None) -> str:
             ("steps", ended.get("step", run.steps[-1]["step"] if run.steps else 0)),
             ("median images/s", f"{rates[len(rates) // 2]:,.0f}" if rates else ""),
             ("state", ended.get("event", "running") + (f" ({ended['reason']})" if ended.get("reason") else "")),
+            *([("cost", describe_cost(ended["cost"]))] if ended.get("cost") else []),
             *_checkpoint_summary(run).items(),
             *([("final weights", FINAL)] if (run.folder / FINAL).is_file() else []),
         ]
         machine = started.get("machine", {})
         headline = (f"<p class=final>final top-1 <span class=top1>{final['val_top1']:.2f}</span> %</p>" if final
                     else "<p class=final>no validation yet</p>")
+        if ended.get("cost"):
+            headline += f"<p class=cost>{html.escape(describe_cost(ended['cost']))}</p>"
         sections.append(f"<section><h2>{html.escape(run.name)}</h2>{headline}<h3>Results</h3>{_table(numbers)}"
                         f"<h3>Machine</h3>{_table(sorted(machine.items())) if machine else '<p>not recorded</p>'}"
                         f"<h3>Config</h3>{_table(sorted(run.config.items()))}</section>")

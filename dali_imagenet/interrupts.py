@@ -1,6 +1,7 @@
-"""Requests to stop from outside the loop: SIGTERM (a scheduler, a spot instance's shutdown) and
-SIGINT (Ctrl-C). Each sets a flag; the loop reads it between steps, agrees on it across ranks,
-finishes the step, checkpoints and exits 0. A second SIGINT (an impatient Ctrl-C) stops at once.
+"""Requests to stop from outside the loop: SIGTERM (a scheduler, a spot instance's shutdown),
+SIGINT (Ctrl-C) and EC2's spot interruption notice (`spot.SpotWatcher`). Each sets a flag; the
+loop reads it between steps, agrees on it across ranks, finishes the step, checkpoints and exits
+0. A second SIGINT (an impatient Ctrl-C) stops at once.
 `StopCheck` turns these requests and the run's limits into one decision per step."""
 from __future__ import annotations
 
@@ -24,9 +25,15 @@ class StopRequest:
         name = signal.Signals(signum).name
         if self.reason == "SIGINT" and name == "SIGINT":
             raise KeyboardInterrupt
-        self.reason = name
+        self.ask(name)
+
+    def ask(self, reason: str) -> None:
+        """Stop after the current step, for `reason` (a signal's name, or the spot notice)."""
+        if self.reason is not None:
+            return  # the first reason is the one the run records
+        self.reason = reason
         if self._announce:
-            print(f"\n{name}: stopping after this step with a checkpoint (Ctrl-C again to stop at once)",
+            print(f"\n{reason}: stopping after this step with a checkpoint (Ctrl-C again to stop at once)",
                   file=sys.stderr, flush=True)
 
 
@@ -36,8 +43,10 @@ class StopCheck:
     step, under torchrun at log steps only (an all-reduce is a sync)."""
 
     def __init__(self, request: StopRequest, processes: distributed.Processes, *, checkpoint_minutes: float,
-                 max_minutes: float, max_steps: int):
+                 max_minutes: float, max_steps: int, earlier_s: float = 0.0):
+        """`earlier_s`: the wall-clock seconds the run had trained before this process resumed it."""
         self.request = request
+        self.earlier_s = earlier_s
         self.processes = processes
         self.checkpoint_s = checkpoint_minutes * 60
         self.max_s = max_minutes * 60
@@ -65,4 +74,9 @@ class StopCheck:
         self.last_checkpoint = time.monotonic()
 
     def elapsed_s(self) -> float:
+        """Seconds since this process started training."""
         return time.monotonic() - self.started
+
+    def run_s(self) -> float:
+        """Wall-clock seconds of the whole run so far, over every process that resumed it."""
+        return self.earlier_s + self.elapsed_s()

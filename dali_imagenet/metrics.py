@@ -40,9 +40,13 @@ class RunLogger:
     def closed(self) -> bool:
         return self._file.closed
 
-    def close(self) -> None:
+    def close(self, summary: dict | None = None) -> None:
+        """Ends the log; `summary` (numbers) goes to W&B's run summary too."""
         self._file.close()
         if self._wandb is not None:
+            for key, value in (summary or {}).items():
+                if isinstance(value, (int, float)):
+                    self._wandb.summary[key] = value
             self._wandb.finish()
 
 
@@ -60,6 +64,26 @@ def machine() -> dict:
         except metadata.PackageNotFoundError:
             info[package] = None
     return info
+
+
+def cost(wall_s: float, *, gpus: int, machines: int, price_per_hour: float, spot_price_per_hour: float,
+         lifecycle: str | None) -> dict:
+    """What a run cost: wall-clock hours, GPU-hours and dollars at the machine-hour prices (on
+    spot: at the spot price when it is known, with what the same hours cost on demand)."""
+    hours = wall_s / 3600
+    on_demand = hours * machines * price_per_hour
+    on_spot = lifecycle == "spot" and spot_price_per_hour > 0
+    return {"wall_hours": hours, "gpu_hours": hours * gpus, "machines": machines, "lifecycle": lifecycle or "unknown",
+            "price_per_hour": spot_price_per_hour if on_spot else price_per_hour,
+            "dollars": hours * machines * spot_price_per_hour if on_spot else on_demand,
+            "on_demand_dollars": on_demand}
+
+
+def describe_cost(cost: dict) -> str:
+    line = f"{cost['wall_hours']:.2f} h ({cost['gpu_hours']:.2f} GPU-h), ${cost['dollars']:,.2f}"
+    if cost["dollars"] != cost["on_demand_dollars"]:
+        line += f" on spot (${cost['on_demand_dollars']:,.2f} on demand)"
+    return line
 
 
 def wandb_wanted(flag: bool | None) -> bool:

@@ -24,6 +24,7 @@ from dali_imagenet.errors import DaliImagenetError
 LAST, BEST, FINAL = "last.pt", "best.pt", "final_weights.pt"
 METRICS, CONFIG, REPORT = "metrics.jsonl", "config.yaml", "report.html"
 WANDB = "wandb"
+S3_STAGING = ".s3-staging"  # snapshots waiting for upload (hard links: the run folder's own file system)
 RUN_FILES = (LAST, BEST, FINAL, METRICS, CONFIG, REPORT)  # what makes a folder hold a run
 CHECKPOINTS = (LAST, BEST)
 
@@ -64,6 +65,7 @@ def clean_temporaries(run_dir: str | Path) -> None:
     """Removes the temporary files of writes a killed run never finished."""
     for tmp in Path(run_dir).glob(".*.pt.tmp-*"):
         tmp.unlink(missing_ok=True)
+    shutil.rmtree(Path(run_dir) / S3_STAGING, ignore_errors=True)
 
 
 def mark_best(run_dir: str | Path) -> Path:

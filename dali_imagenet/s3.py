@@ -6,6 +6,7 @@ points it at another server, such as a local test server.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -54,19 +55,67 @@ def client():
     return boto3.client("s3", endpoint_url=endpoint or None, config=config)
 
 
-def download(url: str, name: str, dest) -> bool:
-    """Fetches `<url>/<name>` to `dest`, atomically (a temporary name, then a rename); False when
-    the object is not there or S3 cannot be reached."""
+def is_missing(error: Exception) -> bool:
+    """True when S3 answered that the object (or the listing) is not there, and only then: a
+    refused, throttled or unreachable request is not an answer."""
+    from botocore.exceptions import ClientError
+
+    return isinstance(error, ClientError) and error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
+
+
+def retrying(what: str, call, timeout_s: float, first_wait_s: float = 1.0):
+    """`call()`, retried with exponential backoff on any error but "not there" (which is
+    returned as None) for up to `timeout_s`; then S3Error naming `what` with botocore's reason."""
+    deadline = time.monotonic() + timeout_s
+    wait = first_wait_s
+    while True:
+        try:
+            return call()
+        except Exception as error:  # botocore raises many types; a missing key is an answer, not a failure
+            if is_missing(error):
+                return None
+            if time.monotonic() + wait > deadline:
+                raise S3Error(f"{what}: {reason(error)} (retried for {timeout_s:g} s)") from None
+            time.sleep(wait)
+            wait = min(wait * 2, 30.0)
+
+
+def run_files_at(url: str, names: tuple[str, ...], timeout_s: float) -> list[str]:
+    """Which of `names` exist under the prefix `url` (one listing, retried like `retrying`)."""
+    bucket, prefix = split_s3_url(url)
+    folder = prefix + "/" if prefix else ""
+    listing = retrying(f"{url}: cannot list", lambda: client().list_objects_v2(Bucket=bucket, Prefix=folder), timeout_s)
+    keys = {obj["Key"] for obj in (listing or {}).get("Contents", [])}
+    return [name for name in names if join_key(prefix, name) in keys]
+
+
+def download(url: str, name: str, dest, timeout_s: float = 0.0) -> bool:
+    """Fetches `<url>/<name>` to `dest`, atomically (a temporary name, then a rename). False when
+    S3 says the object is not there; any other failure is retried for `timeout_s`, then S3Error."""
     bucket, prefix = split_s3_url(url)
     dest = Path(dest)
     tmp = dest.with_name(f".{dest.name}.download")
-    try:
+
+    def fetch():
         client().download_file(bucket, join_key(prefix, name), str(tmp))
-    except Exception:
+        return True
+
+    try:
+        found = retrying(f"{url}/{name}: cannot download", fetch, timeout_s)
+    except S3Error:
+        tmp.unlink(missing_ok=True)
+        raise
+    if not found:
         tmp.unlink(missing_ok=True)
         return False
     tmp.replace(dest)
     return True
+
+
+def delete(url: str, names: list[str]) -> None:
+    bucket, prefix = split_s3_url(url)
+    if names:
+        client().delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": join_key(prefix, n)} for n in names]})
 
 
 def upload_page(path: Path, url: str) -> str:

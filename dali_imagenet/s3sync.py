@@ -1,14 +1,16 @@
 """Uploads run files to S3 from a background thread, so training never waits on (or dies of) S3.
 
-`push(path)` queues a file; the newest request for a key wins. Failed uploads are retried with
-exponential backoff for as long as the run lives; `close(timeout)` waits for the queue to drain
-and returns what is still pending (the caller reports it).
+`push(path)` queues a file; the newest request for a key wins (a newer checkpoint supersedes a
+pending older one). The snapshot it uploads is staged in the run folder's own file system
+(`staging`), so a checkpoint of hundreds of MB is a hard link, not a copy; boto3's transfer
+manager uploads it (multipart, parallel parts, its own retries), and the staged file is removed
+once uploaded. Failed uploads are retried with exponential backoff for as long as the run lives;
+`close(timeout)` waits for the queue to drain and returns what is still pending.
 """
 from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -27,15 +29,22 @@ def _hardlink(source: Path, link: Path) -> bool:
 
 
 class S3Sync:
-    def __init__(self, url: str, max_backoff_s: float = 30.0):
+    def __init__(self, url: str, staging: Path, max_backoff_s: float = 30.0):
+        """`staging`: a folder on the same file system as the files pushed (hard links work there)."""
+        from boto3.s3.transfer import TransferConfig
+
         self.bucket, self.prefix = s3.split_s3_url(url)
         self.url = url.rstrip("/")
         self._client = s3.client()
-        self._pending: dict[str, Path] = {}  # key -> staged local copy
+        self._transfer = TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20,
+                                        max_concurrency=4)
+        self._pending: dict[str, Path] = {}  # key -> staged snapshot
         self._lock = threading.Condition()
         self._closing = False
         self._max_backoff = max_backoff_s
-        self._staging = Path(tempfile.mkdtemp(prefix="s3sync-"))
+        self._staging = Path(staging)
+        self._staging.mkdir(parents=True, exist_ok=True)
+        self.uploaded: list[tuple[str, float]] = []  # (key, monotonic time its upload finished)
         self._thread = threading.Thread(target=self._run, name="s3sync", daemon=True)
         self._thread.start()
 
@@ -69,7 +78,7 @@ class S3Sync:
                     return
                 key, staged = next(iter(self._pending.items()))
             try:
-                self._client.upload_file(str(staged), self.bucket, key)
+                self._client.upload_file(str(staged), self.bucket, key, Config=self._transfer)
             except Exception as error:  # an outage: warn, keep the file queued, retry later
                 log.warning("S3 upload of s3://%s/%s failed (%s); retrying in %.0f s", self.bucket, key,
                             s3.reason(error, 160), backoff)
@@ -82,6 +91,7 @@ class S3Sync:
                 if self._pending.get(key) is staged:
                     del self._pending[key]
                 staged.unlink(missing_ok=True)
+                self.uploaded.append((key, time.monotonic()))
 
     def close(self, timeout_s: float) -> list[str]:
         """Waits up to `timeout_s` for the queue to drain; returns the keys still not uploaded."""
@@ -93,4 +103,7 @@ class S3Sync:
             self._thread.join(timeout=0.2)
             with self._lock:
                 self._lock.notify_all()  # cut a backoff wait short: we are leaving
-        return self.pending()
+        pending = self.pending()
+        if not pending:
+            shutil.rmtree(self._staging, ignore_errors=True)
+        return pending

@@ -16,6 +16,9 @@ from shard_tools.convert import Options, convert
 from shard_tools.sample import make_sample
 
 REPO = Path(__file__).resolve().parent.parent
+# No instance metadata service here: the spot watcher's probe (and boto3's) must not leave this
+# machine, in this process or any it starts. The spot tests point it at a stand-in on 127.0.0.1.
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 TRAIN_PER_CLASS, VAL_PER_CLASS = 12, 5  # 96 train / 40 validation images in 8 classes
 
 

@@ -1,0 +1,135 @@
+"""The EC2 spot interruption notice, from the instance metadata service (IMDSv2).
+
+EC2 announces a spot reclaim about two minutes ahead through IMDS, not with a signal (the OS
+gets SIGTERM only at the very end): `PUT /latest/api/token` gives a session token (with a TTL;
+refreshed before it runs out), then `GET /latest/meta-data/spot/instance-action` answers 404
+until a notice exists, 200 with `{"action": ..., "time": ...}` after. `SpotWatcher` polls it every
+few seconds in a background thread and, on a notice, asks the loop to stop exactly as SIGTERM
+does: finish the step, checkpoint with the loader state, flush the uploads, exit 0. It also logs
+a rebalance recommendation (`events/recommendations/rebalance`), an earlier, softer hint.
+
+The endpoint is botocore's: `AWS_EC2_METADATA_SERVICE_ENDPOINT`, else the link-local address;
+`AWS_EC2_METADATA_DISABLED=true` turns it off. Off the cloud, `--spot auto` costs one token
+request that fails within `PROBE_TIMEOUT_S`. Only IMDSv2: a request without a token is refused.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+
+DEFAULT_ENDPOINT = "http://169.254.169.254"
+TOKEN_TTL_S = 21600  # the largest IMDS allows: 6 hours
+PROBE_TIMEOUT_S = 1.0
+POLL_INTERVAL_S = 5.0  # EC2's notice comes ~120 s ahead: a check every 5 s leaves ~115 s
+NOTICE = "spot interruption notice"
+
+
+def endpoint() -> str | None:
+    """Where IMDS is, or None when it is turned off."""
+    if os.environ.get("AWS_EC2_METADATA_DISABLED", "").strip().lower() == "true":
+        return None
+    return os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT", DEFAULT_ENDPOINT).rstrip("/")
+
+
+class IMDS:
+    """A small IMDSv2 client: a session token, refreshed a minute before it expires (or on 401)."""
+
+    def __init__(self, url: str, timeout_s: float = 2.0):
+        self.url = url
+        self.timeout_s = timeout_s
+        self._token = None
+        self._expires = 0.0
+
+    def token(self, force: bool = False) -> str:
+        if force or self._token is None or time.monotonic() > self._expires - 60:
+            request = urllib.request.Request(f"{self.url}/latest/api/token", method="PUT",
+                                             headers={"X-aws-ec2-metadata-token-ttl-seconds": str(TOKEN_TTL_S)})
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                self._token = response.read().decode()
+            self._expires = time.monotonic() + TOKEN_TTL_S
+        return self._token
+
+    def get(self, path: str) -> tuple[int, str]:
+        """(HTTP status, body) of `/latest/meta-data/<path>`; 404 is an answer, not an error."""
+        for attempt in (0, 1):
+            request = urllib.request.Request(f"{self.url}/latest/meta-data/{path}",
+                                             headers={"X-aws-ec2-metadata-token": self.token(force=attempt > 0)})
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                    return response.status, response.read().decode()
+            except urllib.error.HTTPError as error:
+                if error.code == 401 and attempt == 0:  # the token expired or IMDS restarted: a new one
+                    continue
+                return error.code, ""
+        return 401, ""
+
+    def instance(self) -> dict:
+        """The instance type and lifecycle ("spot" or "on-demand") for the run's machine record."""
+        info = {}
+        for key, path in (("instance_type", "instance-type"), ("lifecycle", "instance-life-cycle")):
+            status, body = self.get(path)
+            if status == 200:
+                info[key] = body.strip()
+        return info
+
+
+def probe(url: str | None, timeout_s: float = PROBE_TIMEOUT_S) -> IMDS | None:
+    """An IMDS client if IMDS at `url` hands out a token within `timeout_s`, else None."""
+    if url is None:
+        return None
+    imds = IMDS(url, timeout_s)
+    try:
+        imds.token()
+    except (OSError, urllib.error.URLError, ValueError):
+        return None
+    imds.timeout_s = 2.0
+    return imds
+
+
+class SpotWatcher:
+    """Polls IMDS in a daemon thread; `ask(reason)` is called once on a notice (a StopRequest's)."""
+
+    def __init__(self, imds: IMDS, ask, log=print, interval_s: float = POLL_INTERVAL_S):
+        self.imds = imds
+        self._ask = ask
+        self._log = log
+        self._interval = interval_s
+        self._stop = threading.Event()
+        self.notice: dict | None = None
+        self.noticed_at: float | None = None  # time.time() when the notice was seen
+        self._rebalance_seen = False
+        self._thread = threading.Thread(target=self._run, name="spot-watcher", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                status, body = self.imds.get("spot/instance-action")
+                if status == 200:
+                    self.notice = _json_or_text(body)
+                    self.noticed_at = time.time()
+                    self._log(f"EC2 {NOTICE}: {body.strip()}")
+                    self._ask(NOTICE)
+                    return
+                if not self._rebalance_seen:
+                    status, body = self.imds.get("events/recommendations/rebalance")
+                    if status == 200:
+                        self._rebalance_seen = True
+                        self._log(f"EC2 rebalance recommendation: {body.strip()} (a reclaim may follow)")
+            except (OSError, urllib.error.URLError, ValueError) as error:  # IMDS hiccup: try again next round
+                self._log(f"spot watcher: IMDS did not answer ({error}); polling on")
+            self._stop.wait(self._interval)
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def _json_or_text(body: str):
+    try:
+        return json.loads(body)
+    except ValueError:
+        return body
