@@ -46,11 +46,11 @@ demo: install $(BUILD)/sample/.done
 	@echo "report:      file://$(CURDIR)/$(DEMO_RUN)/report.html"
 	@echo "the demo:    $(PY) app.py --checkpoint $(DEMO_RUN)/best.pt   (then open http://127.0.0.1:7860)"
 
-# Two test processes (pytest-xdist): most tests wait on subprocesses, so 2 cores give ~1.4x;
-# loadgroup keeps the readers of one shared run on one worker, which builds it once.
+# Two test processes (pytest-xdist): most tests wait on subprocesses, so 2 cores give ~1.4x.
+# The runs several tests share are built once for all workers (conftest.built_once).
 # `make test` runs everything; `.venv/bin/python -m pytest -m "not slow"` is the quick loop (~30 s).
 test: install browser cloud-venv
-	$(PY) -m pytest -q -n auto --dist loadgroup
+	$(PY) -m pytest -q -n auto
 
 bench: install
 	$(PY) -m benchmarks

@@ -7,14 +7,13 @@ The story: `setup` builds everything and checks every input before anything is w
 epoch by epoch, `train_one_epoch` trains (checkpointing mid-epoch when due) and says what
 happened, and `end_epoch` validates and checkpoints; a NaN loss on any rank stops every rank with
 the last good checkpoint untouched. A run never loses more than `checkpoint_minutes` of work:
-checkpoints are atomic, SIGTERM/SIGINT finish the step, checkpoint and exit 0, and
-`--resume auto` continues exactly where the last checkpoint left off, locally or from S3,
-without decoding the epoch's earlier batches again.
+checkpoints are atomic; SIGTERM, SIGINT and EC2's spot notice finish the step, checkpoint and
+exit 0; `--resume auto` continues exactly where the last checkpoint left off, locally or from S3
+(with the run's history), without decoding the epoch's earlier batches again.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import dataclass
 
@@ -24,7 +23,7 @@ from tqdm import tqdm
 from dali_imagenet import distributed, make_loader, recipe, resume, run_folder, spot
 from dali_imagenet.checkpoint import TrainState, contents
 from dali_imagenet.config import TrainConfig, load_config, to_dict
-from dali_imagenet.errors import DaliImagenetError, UsageError, one_line_errors
+from dali_imagenet.errors import DaliImagenetError, one_line_errors
 from dali_imagenet.evaluation import evaluate
 from dali_imagenet.interrupts import StopCheck, StopRequest
 from dali_imagenet.loader import Loader
@@ -117,16 +116,13 @@ def setup(args) -> Run:
     request = StopRequest(announce=procs.master)
     stops = StopCheck(request, procs, checkpoint_minutes=cfg.checkpoint_minutes, max_minutes=cfg.max_minutes,
                       max_steps=cfg.max_steps, earlier_s=state.wall_s)
-    imds = spot.probe(spot.endpoint()) if args.spot != "off" else None
-    if args.spot == "on" and imds is None:
-        raise UsageError(f"--spot on, but no instance metadata service answers at {spot.endpoint()}")
+    imds = spot.connect(args.spot)
     instance = imds.instance() if imds else {}
     outputs = RunOutputs(run_dir, to_dict(cfg), procs, overwrite=args.overwrite, s3_url=args.s3, s3_held=s3_held,
                          wandb=wandb_wanted(args.wandb), wandb_id=state.wandb_id, instance=instance,
                          extra={"loader": backend, "world_size": procs.world, "data": args.data})
     watcher = spot.SpotWatcher(imds, request.ask, log=outputs.note, interval_s=cfg.spot_poll_seconds) if imds else None
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", procs.world))
-    cost_basis = dict(gpus=procs.world if procs.device.type == "cuda" else 0, machines=max(1, procs.world // local_world),
+    cost_basis = dict(gpus=procs.world if procs.device.type == "cuda" else 0, machines=distributed.machines(procs),
                       price_per_hour=cfg.price_per_hour, spot_price_per_hour=cfg.spot_price_per_hour,
                       lifecycle=instance.get("lifecycle"))
     if resumed_from:

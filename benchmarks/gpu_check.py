@@ -91,7 +91,7 @@ def loaders(check: Check, shards: Path) -> None:
              ["--warmup-batches", "5", "--batches", "20", "--repeats", "3"]
     common = ["--data", str(shards), "--backend", "dali", "--device", check.device, "--batch-size", str(batch),
               "--image-size", str(size), *timing]
-    for split in ("train", "validation"):
+    for split in ("train",) if check.smoke else ("train", "validation"):  # --smoke: each section once
         check.measure("loader", f"DALI {split}, all {os.cpu_count()} cores", "benchmarks.loaders",
                       [*common, "--split", split, "--threads", str(min(os.cpu_count() or 1, 8))])
     for load in ((0.7, 0.0) if check.device == "cuda" else (0.7,)):
@@ -107,7 +107,7 @@ def steps(check: Check, shards: Path) -> None:
              ["--warmup-steps", "5", "--steps", "15", "--repeats", "3"]
     common = ["--arch", arch, "--device", check.device, "--dtype", "bfloat16", "--batch-size", str(batch), *timing]
     for size in sizes:
-        for blurpool in (True, False):
+        for blurpool in (True,) if check.smoke else (True, False):
             flag = "--blurpool" if blurpool else "--no-blurpool"
             tag = f"{size} px, BlurPool {'on' if blurpool else 'off'}, b{batch}"
             check.measure("step", f"synthetic, {tag}", "benchmarks.steps",
@@ -123,8 +123,9 @@ def graphs(check: Check) -> None:
     timing = ["--warmup-steps", "1", "--steps", "2", "--repeats", "3"] if check.smoke else \
              ["--warmup-steps", "8", "--steps", "20", "--repeats", "3"]
     pinned = four_cores()
-    for batch, prefix, cores in ((sizes[0], pinned, "4 cores" if pinned else f"all {os.cpu_count()} cores"),
-                                 (sizes[1], [], f"all {os.cpu_count()} cores")):
+    shapes = ((sizes[0], pinned, "4 cores" if pinned else f"all {os.cpu_count()} cores"),
+              (sizes[1], [], f"all {os.cpu_count()} cores"))
+    for batch, prefix, cores in shapes[:1] if check.smoke else shapes:
         for mode in ("eager", "compiled", "cuda_graph"):
             if check.over_budget("eager/compiled/graph"):
                 return

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmarks.common import machine
+from benchmarks.common import endless, machine
 from dali_imagenet.config import TrainConfig, load_config
 from dali_imagenet.distributed import Processes
 from dali_imagenet.errors import one_line_errors
@@ -63,16 +63,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_rate(work, images_per_call: int, seconds: float, device: torch.device) -> float:
-    """Images/s of `work()` over at least `seconds` (and at least 3 calls), synced at both ends."""
+def timed_rate(work, seconds: float, device: torch.device) -> float:
+    """Images/s of `work()` (which returns the images it handled) over at least `seconds` and at
+    least 3 calls, synced at both ends."""
     sync(device)
     start = time.perf_counter()
     calls = 0
+    images = 0
     while calls < 3 or time.perf_counter() - start < seconds:
-        work()
+        images += work()
         calls += 1
     sync(device)
-    return calls * images_per_call / (time.perf_counter() - start)
+    return images / (time.perf_counter() - start)
 
 
 def measure_steps(cfg: TrainConfig, sizes: list[int], device: torch.device, seconds: float) -> dict[int, dict]:
@@ -89,13 +91,16 @@ def measure_steps(cfg: TrainConfig, sizes: list[int], device: torch.device, seco
     for size in sizes:
         images = torch.randn(cfg.batch_size, 3, size, size, device=device).to(
             precision.loader_dtype).contiguous(memory_format=torch.channels_last)
-        step = lambda: train_step(images, labels, step=next(counter), lr=training.peak_lr)  # noqa: E731
+        def step():
+            train_step(images, labels, step=next(counter), lr=training.peak_lr)
+            return cfg.batch_size
+
         started = time.perf_counter()
         for _ in range(4):  # compile, cuDNN autotuning, a CUDA graph's warm-up and capture
             step()
         sync(device)
         warmup_s = time.perf_counter() - started
-        results[size] = {"images_per_s": timed_rate(step, cfg.batch_size, seconds, device), "warmup_s": warmup_s}
+        results[size] = {"images_per_s": timed_rate(step, seconds, device), "warmup_s": warmup_s}
     return results
 
 
@@ -117,14 +122,14 @@ def measure_validation(cfg: TrainConfig, device: torch.device, seconds: float) -
         with precision.autocast():
             for _ in range(models):
                 predict_logits(model, images, cfg.val_flip)
+        return cfg.batch_size
 
     forward()
-    return timed_rate(forward, cfg.batch_size, seconds, device)
+    return timed_rate(forward, seconds, device)
 
 
 def measure_loader(cfg: TrainConfig, data: str, split: str, size: int, device: torch.device, seconds: float) -> float:
     from dali_imagenet import make_loader
-    from dali_imagenet.precision import Precision
 
     precision = Precision.for_device(cfg.amp_dtype, device)
     options = dict(device=device, dtype=precision.loader_dtype, backend="dali", num_threads=cfg.loader_threads)
@@ -134,27 +139,9 @@ def measure_loader(cfg: TrainConfig, data: str, split: str, size: int, device: t
     else:
         loader = make_loader(data, "validation", cfg.batch_size, image_size=size, crop_fraction=cfg.val_crop_fraction,
                              **options)
-    stream = _endless(loader)
+    stream = endless(loader)
     next(stream)  # the pipeline's start-up and its first prefetch are not the steady rate
-    counted = [0]
-
-    def take():
-        images, _ = next(stream)
-        counted[0] += images.shape[0]
-
-    sync(device)
-    start = time.perf_counter()
-    calls = 0
-    while calls < 3 or time.perf_counter() - start < seconds:
-        take()
-        calls += 1
-    sync(device)
-    return counted[0] / (time.perf_counter() - start)
-
-
-def _endless(loader):
-    while True:
-        yield from loader
+    return timed_rate(lambda: next(stream)[0].shape[0], seconds, device)
 
 
 def plan(cfg: TrainConfig, *, data: str | None, device: torch.device, seconds: float, train_images: int,

@@ -15,7 +15,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from dali_imagenet import s3, seeding
-from dali_imagenet.partition import rank_pieces
+from dali_imagenet.partition import EpochPosition, rank_pieces
 from dali_imagenet.preprocess import train_transform, val_transform
 from dali_imagenet.shardformat import index_keys, parse_index
 from dali_imagenet.shards import ShardError, SplitShards
@@ -74,22 +74,16 @@ def _read(pieces, indices: dict[str, str]):
     return samples
 
 
-class TorchvisionLoader:
+class TorchvisionLoader(EpochPosition):
     def __init__(self, shards: SplitShards, batch_size: int, *, device: torch.device, image_size: int, rank: int,
                  world_size: int, batches: int, seed: int, dtype: torch.dtype, train: bool, threads: int,
                  shuffle_buffer: int, crop_fraction: float, crop_min_area: float, resume: dict | None,
                  hw_decoder_load: float):  # DALI's GPU decoder knob: nothing to do here
         if any(s3.is_s3(t) for t in shards.tars):
             raise ShardError("the torchvision baseline reads local shards only; use the DALI loader for s3://")
+        super().__init__(shards, batch_size, batches, train, resume)
         self.device = device
-        self.train = train
-        self.batch_size = batch_size
-        self.num_samples = shards.samples
-        self.num_classes = shards.num_classes
-        self._batches = batches
         self._empty = (torch.empty((0, 3, image_size, image_size), dtype=dtype), torch.empty(0, dtype=torch.int64))
-        self.position = resume["batch"] if resume else 0
-        self.batches_read = 0
         pieces = rank_pieces(shards, world_size, rank)
         transform = Transform(train, image_size, crop_fraction, crop_min_area, dtype)
         dataset = RankSamples(pieces, dict(zip(shards.tars, shards.indices)), transform, batch_size, shuffle_buffer,
@@ -98,9 +92,6 @@ class TorchvisionLoader:
             dataset, batch_size=None, num_workers=max(1, min(threads, len(pieces))),
             pin_memory=device.type == "cuda", persistent_workers=True, prefetch_factor=4,
             generator=torch.Generator().manual_seed(seed))  # the workers' augmentation RNGs: reproducible
-
-    def __len__(self) -> int:
-        return self._batches
 
     def state_dict(self) -> dict:
         return {"batch": self.position}

@@ -12,11 +12,11 @@ import os
 
 import torch
 
-from dali_imagenet.partition import rank_range
+from dali_imagenet.partition import EpochPosition, rank_range
 from dali_imagenet.shards import ShardError, SplitShards, find_undecodable
 
 
-class DaliLoader:
+class DaliLoader(EpochPosition):
     def __init__(self, shards: SplitShards, batch_size: int, *, device: torch.device, image_size: int, rank: int,
                  world_size: int, batches: int, seed: int, dtype: torch.dtype, train: bool, threads: int,
                  shuffle_buffer: int, crop_fraction: float, crop_min_area: float, resume: dict | None,
@@ -27,16 +27,10 @@ class DaliLoader:
 
         from dali_imagenet.pipelines import imagenet_pipeline
 
+        super().__init__(shards, batch_size, batches, train, resume)
         self.shards = shards
-        self.batch_size = batch_size
-        self.train = train
-        self.num_samples = shards.samples
-        self.num_classes = shards.num_classes
-        self._batches = batches
         restorable = resume is not None and resume.get("samples", shards.samples) == shards.samples
-        self.position = min(resume["batch"], batches) if resume else 0  # batches of this epoch already handed out
         self._replay = self.position if resume and not restorable else 0
-        self.batches_read = 0  # batches pulled from DALI by this process: a resume must not replay
         # DALI has no bfloat16 output: emit float16 and convert on the device (one cheap kernel).
         self._cast_to = torch.bfloat16 if dtype == torch.bfloat16 else None
         on_gpu = device.type == "cuda"
@@ -56,9 +50,6 @@ class DaliLoader:
                 last_batch_policy=LastBatchPolicy.DROP if train else LastBatchPolicy.FILL)
         except RuntimeError as error:
             raise ShardError(_dali_message(error, shards)) from None
-
-    def __len__(self) -> int:
-        return self._batches
 
     def state_dict(self) -> dict:
         """Where this epoch stands: the batches handed out, DALI's reader and RNG state after them,

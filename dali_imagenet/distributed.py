@@ -56,6 +56,11 @@ def setup(device_type: str, deterministic: bool = False) -> Processes:
     return Processes(rank, world, local_rank, device)
 
 
+def machines(processes: Processes) -> int:
+    """How many machines the run spans (torchrun's LOCAL_WORLD_SIZE processes on each)."""
+    return max(1, processes.world // int(os.environ.get("LOCAL_WORLD_SIZE", processes.world)))
+
+
 def teardown(processes: Processes) -> None:
     if processes.world > 1:
         dist.destroy_process_group()

@@ -42,6 +42,22 @@ def rank_pieces(shards: SplitShards, world_size: int, rank: int) -> list[tuple[s
     return pieces
 
 
+class EpochPosition:
+    """What both loaders keep of the epoch under way: the `loader.Loader` fields and `len`."""
+
+    def __init__(self, shards: SplitShards, batch_size: int, batches: int, train: bool, resume: dict | None):
+        self.num_samples = shards.samples
+        self.num_classes = shards.num_classes
+        self.batch_size = batch_size
+        self.train = train
+        self._batches = batches
+        self.position = min(resume["batch"], batches) if resume else 0  # batches of this epoch already handed out
+        self.batches_read = 0  # batches this process decoded: a resume that restores must not replay
+
+    def __len__(self) -> int:
+        return self._batches
+
+
 def epoch_shards(shards: SplitShards, seed: int, epoch: int) -> SplitShards:
     """The shards in a new order for every (seed, epoch), the same on every rank: DALI's shuffle
     buffer only mixes a few thousand neighbours, so without this, epochs would see the samples

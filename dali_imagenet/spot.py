@@ -90,6 +90,18 @@ def probe(url: str | None, timeout_s: float = PROBE_TIMEOUT_S) -> IMDS | None:
     return imds
 
 
+def connect(mode: str) -> IMDS | None:
+    """`--spot`: "off" -> None; "auto" -> a client when IMDS answers; "on" -> one, or UsageError."""
+    if mode == "off":
+        return None
+    imds = probe(endpoint())
+    if mode == "on" and imds is None:
+        from dali_imagenet.errors import UsageError
+
+        raise UsageError(f"--spot on, but no instance metadata service answers at {endpoint()}")
+    return imds
+
+
 class SpotWatcher:
     """Polls IMDS in a daemon thread; `ask(reason)` is called once on a notice (a StopRequest's)."""
 

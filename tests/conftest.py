@@ -80,13 +80,52 @@ def sample_shards(sample_dir, tmp_path_factory) -> Path:
     return out
 
 
+def built_once(tmp_path_factory, worker_id: str, name: str, build) -> Path:
+    """`build(folder)` once per test run, however many xdist workers ask (a file lock in the run's
+    own temporary folder, which the workers share); without xdist, once per session."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        root = root.parent  # pytest-N/, shared by this run's popen-gwK/ workers
+    folder = root / name
+    with FileLock(str(folder) + ".lock"):
+        if not (folder / ".built").exists():
+            build(folder)
+            (folder / ".built").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
-def trained_run(sample_shards, tmp_path_factory) -> Path:
+def worker_id(request) -> str:
+    """xdist's worker id ("gw0", ...), or "master" without xdist (xdist provides this fixture too)."""
+    workerinput = getattr(request.config, "workerinput", None)
+    return workerinput["workerid"] if workerinput else "master"
+
+
+@pytest.fixture(scope="session")
+def trained_run(sample_shards, tmp_path_factory, worker_id) -> Path:
     """A finished 3-epoch run (no mixing, an EMA, val at 40 px): best.pt, last.pt, final weights,
     metrics.jsonl and report.html. Tests read it and never change it (copy it to change it)."""
-    out = tmp_path_factory.mktemp("trained") / "run"
-    train(sample_shards, out, "epochs=3", "mixup_alpha=0", "cutmix_alpha=0", "ema_decay=0.8", "val_image_size=40")
-    return out
+    def build(folder: Path) -> None:
+        train(sample_shards, folder / "run", "epochs=3", "mixup_alpha=0", "cutmix_alpha=0", "ema_decay=0.8",
+              "val_image_size=40")
+
+    return built_once(tmp_path_factory, worker_id, "trained", build) / "run"
+
+
+# A run with every part a resume must restore: mixup, cutmix, drop path, an EMA, BlurPool, a size
+# ramp (16 px in epoch 1, 32 px in epoch 2), flip TTA; deterministic, so a resume can be exact.
+EXACT = ("epochs=2", "image_size=32", "min_image_size=16", "ramp_start_epoch=0", "ramp_end_epoch=1",
+         "image_size_step=16", "ema_decay=0.9", "lr_schedule=linear", "min_lr=0", "deterministic=true",
+         "blurpool=true", "val_image_size=40", "val_flip=true", "drop_path=0.2")
+
+
+@pytest.fixture(scope="session")
+def straight_run(sample_shards, tmp_path_factory, worker_id) -> Path:
+    """EXACT, trained straight through: what a stopped and resumed run must equal bit for bit."""
+    return built_once(tmp_path_factory, worker_id, "straight",
+                      lambda folder: train(sample_shards, folder / "run", *EXACT)) / "run"
 
 
 @pytest.fixture(scope="session")

@@ -50,10 +50,10 @@ def test_gpu_check_runs_in_smoke_mode_on_cpu(tmp_path):
     assert {r["section"] for r in rows} == {"loader", "step", "loader -> step", "eager/compiled/graph", "train.py"}
     assert not [r for r in rows if "error" in r], [r for r in rows if "error" in r]
     measured = [r for r in rows if r["section"] in ("loader", "step", "loader -> step")]
-    assert len(measured) == 3 + 2 * 2 and all(r["images_per_s"] > 0 for r in measured)
+    assert len(measured) == 2 + 2 and all(r["images_per_s"] > 0 for r in measured)  # --smoke: each kind once
     graphs = [r for r in rows if r["section"] == "eager/compiled/graph"]
-    assert [r.get("result") for r in graphs if "cuda_graph" in r["what"]] == ["needs a GPU"] * 2
-    assert [r["images_per_s"] > 0 for r in graphs if r["what"].startswith("eager")] == [True, True]
+    assert [r.get("result") for r in graphs if "cuda_graph" in r["what"]] == ["needs a GPU"]
+    assert [r["images_per_s"] > 0 for r in graphs if r["what"].startswith("eager")] == [True]
     resumed = [r for r in rows if r["section"] == "train.py"]
     assert [r["result"] for r in resumed] == ["identical weights"]
     assert "| train.py | g6-l4: straight vs stopped at" in result.stdout

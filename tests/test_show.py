@@ -51,9 +51,7 @@ def val_images(shards: Path, folder: Path) -> dict[str, int]:
     return labels
 
 
-# Real processes (predict.py, evaluate.py, the Gradio app, a browser) on the shared trained run:
-# one xdist worker builds that run for all of its readers.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("trained_run")]
+pytestmark = pytest.mark.slow  # real processes (predict.py, evaluate.py, the Gradio app, a browser)
 
 
 def test_predict_agrees_with_evaluate(sample_shards, demo_run, tmp_path):

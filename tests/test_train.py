@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, S3Server, child_env, records, train, train_command
+from conftest import EXACT, REPO, S3Server, child_env, records, train, train_command
 
 pytestmark = pytest.mark.slow  # each starts train.py (a few seconds of imports, then real training)
 
@@ -29,7 +29,6 @@ def ended(run_dir: Path) -> dict:
     return [r for r in records(run_dir) if r.get("event") in ("finished", "stopped")][-1]
 
 
-@pytest.mark.xdist_group("trained_run")
 def test_loss_falls_and_evaluate_reads_the_checkpoint(trained_run, sample_shards):
     steps = [r for r in records(trained_run) if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 19))  # 3 epochs x 6 steps, one record each (log_every=1)
@@ -49,20 +48,6 @@ def test_loss_falls_and_evaluate_reads_the_checkpoint(trained_run, sample_shards
     assert metrics["top1"] == pytest.approx(validations[best_step]["val_top1"])  # the run's own number, re-measured
 
 
-@pytest.fixture(scope="module")
-def straight_run(sample_shards, tmp_path_factory) -> Path:
-    """2 epochs straight through, with every part that a resume must restore: mixup, cutmix,
-    drop path, an EMA, BlurPool, a size ramp (16 px in epoch 1, 32 px in epoch 2), flip TTA."""
-    out = tmp_path_factory.mktemp("straight") / "run"
-    train(sample_shards, out, *EXACT)
-    return out
-
-
-EXACT = ("epochs=2", "image_size=32", "min_image_size=16", "ramp_start_epoch=0", "ramp_end_epoch=1",
-         "image_size_step=16", "ema_decay=0.9", "lr_schedule=linear", "min_lr=0", "deterministic=true",
-         "blurpool=true", "val_image_size=40", "val_flip=true", "drop_path=0.2")
-
-
 def same_weights(a: Path, b: Path) -> None:
     first, second = load(a / "last.pt"), load(b / "last.pt")
     assert first["model"].keys() == second["model"].keys()
@@ -72,7 +57,6 @@ def same_weights(a: Path, b: Path) -> None:
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
 
 
-@pytest.mark.xdist_group("straight_run")
 def test_resume_mid_epoch_gives_identical_weights(straight_run, sample_shards, tmp_path):
     split = tmp_path / "split"
     train(sample_shards, split, *EXACT, "max_steps=3")
@@ -85,7 +69,6 @@ def test_resume_mid_epoch_gives_identical_weights(straight_run, sample_shards, t
     same_weights(straight_run, split)  # 3 steps + resume + 9 steps = 12 straight steps, bit for bit
 
 
-@pytest.mark.xdist_group("straight_run")
 def test_resume_across_a_size_change_with_ema_is_exact(straight_run, sample_shards, tmp_path):
     """Stopping inside epoch 2 (32 px) and resuming (DALI's reader restored, not replayed) gives
     the same raw and EMA weights as training straight through epoch 1 (16 px) and 2."""
@@ -275,7 +258,6 @@ def test_evaluate_reads_a_plain_torchvision_state_dict(sample_shards, tmp_path):
     assert metrics["top1"] == pytest.approx(100 * correct / 40)
 
 
-@pytest.mark.xdist_group("trained_run")
 def test_a_finished_run_is_never_overwritten_unless_asked(trained_run, sample_shards, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(trained_run, out)
