@@ -7,7 +7,9 @@ with their sha256 in the object metadata, so `--resume` can verify them without 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 from dali_imagenet import s3
@@ -69,6 +71,8 @@ class S3Output:
         self.url = url
         self.client = s3.client()
         self._staging = Path(tempfile.mkdtemp(prefix="shard-imagenet-"))
+        # Removed when this output is done with (or at exit): shards are uploaded from here, one at a time.
+        weakref.finalize(self, shutil.rmtree, str(self._staging), True)
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except Exception as error:
