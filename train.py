@@ -70,7 +70,6 @@ class Run:
     val_loader: Loader
     loader_options: dict  # what every epoch's train loader shares with the val loader
     schedule: LRSchedule
-    steps_per_epoch: int
     stops: StopCheck
     outputs: RunOutputs
     state: TrainState
@@ -131,8 +130,8 @@ def setup(args) -> Run:
         print(f"{cfg.arch}, {shards.num_classes} classes, {shards.samples} train images, {steps_per_epoch} steps/"
               f"epoch x {cfg.epochs} epochs, global batch {cfg.batch_size * procs.world}, peak LR {training.peak_lr:g}, "
               f"{backend} loader on {procs.device.type}, {procs.world} process(es), run folder {run_dir}")
-    return Run(cfg, procs, precision, shards, train_step, val_loader, loader_options, schedule, steps_per_epoch,
-               stops, outputs, state, watcher, cost_basis)
+    return Run(cfg, procs, precision, shards, train_step, val_loader, loader_options, schedule, stops, outputs, state,
+               watcher, cost_basis)
 
 
 def train_loader(run: Run) -> Loader:
