@@ -48,7 +48,7 @@ demo: install $(BUILD)/sample/.done
 
 # Two test processes (pytest-xdist): most tests wait on subprocesses, so 2 cores give ~1.4x.
 # The runs several tests share are built once for all workers (conftest.built_once).
-# `make test` runs everything; `.venv/bin/python -m pytest -m "not slow"` is the quick loop (~30 s).
+# `make test` runs everything; `.venv/bin/python -m pytest -m "not slow"` is the quick loop (~70 s).
 test: install browser cloud-venv
 	$(PY) -m pytest -q -n auto
 
