@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks.common import endless, machine
-from dali_imagenet.config import TrainConfig, load_config
+from dali_imagenet.config import TrainConfig, load_config, to_dict
 from dali_imagenet.distributed import Processes
 from dali_imagenet.errors import one_line_errors
 from dali_imagenet.precision import Precision
@@ -170,7 +170,7 @@ def plan(cfg: TrainConfig, *, data: str | None, device: torch.device, seconds: f
                  "step_images_per_s": None, "loader_images_per_s": None, "bound": "compile",
                  "hours": sum(steps[s]["warmup_s"] for s in sizes) / 3600})
     hours = sum(row["hours"] for row in rows)
-    return {"config": cfg.__dict__, "machine": machine(), "device": str(device), "seconds": seconds,
+    return {"config": to_dict(cfg), "machine": machine(), "device": str(device), "seconds": seconds,
             "train_images": train_images, "val_images": val_images, "loader_measured": bool(data), "phases": rows,
             "total_hours": hours, "price_per_hour": price_per_hour, "dollars": hours * price_per_hour,
             "spot_price_per_hour": spot_price_per_hour,

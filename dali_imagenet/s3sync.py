@@ -44,7 +44,6 @@ class S3Sync:
         self._max_backoff = max_backoff_s
         self._staging = Path(staging)
         self._staging.mkdir(parents=True, exist_ok=True)
-        self.uploaded: list[tuple[str, float]] = []  # (key, monotonic time its upload finished)
         self._thread = threading.Thread(target=self._run, name="s3sync", daemon=True)
         self._thread.start()
 
@@ -91,7 +90,6 @@ class S3Sync:
                 if self._pending.get(key) is staged:
                     del self._pending[key]
                 staged.unlink(missing_ok=True)
-                self.uploaded.append((key, time.monotonic()))
 
     def close(self, timeout_s: float) -> list[str]:
         """Waits up to `timeout_s` for the queue to drain; returns the keys still not uploaded."""

@@ -21,6 +21,8 @@ import time
 import urllib.error
 import urllib.request
 
+from dali_imagenet.errors import UsageError
+
 DEFAULT_ENDPOINT = "http://169.254.169.254"
 TOKEN_TTL_S = 21600  # the largest IMDS allows: 6 hours
 PROBE_TIMEOUT_S = 1.0
@@ -96,8 +98,6 @@ def connect(mode: str) -> IMDS | None:
         return None
     imds = probe(endpoint())
     if mode == "on" and imds is None:
-        from dali_imagenet.errors import UsageError
-
         raise UsageError(f"--spot on, but no instance metadata service answers at {endpoint()}")
     return imds
 
