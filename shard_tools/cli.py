@@ -30,8 +30,9 @@ from shard_tools.sources import SPLITS
 @click.option("--strict", is_flag=True, help="stop at the first undecodable image instead of rejecting it")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def main(source, output, split, shard_size, seed, max_side, quality, name, workers, resume, overwrite, strict, quiet):
-    """Convert SOURCE (a folder of the hub's parquet files, or an ImageFolder tree) into
-    webdataset shards with DALI index files in OUTPUT (a folder or s3://bucket/prefix)."""
+    """Convert SOURCE (hf://datasets/OWNER/NAME[@REVISION] read from the Hugging Face Hub, a folder
+    of the hub's parquet files, or an ImageFolder tree) into webdataset shards with DALI index
+    files in OUTPUT (a folder or s3://bucket/prefix)."""
     splits = SPLITS if split == "all" else (split,)
     options = Options(shard_size=shard_size, seed=seed, max_side=max_side, quality=quality, name=name)
     try:
@@ -53,6 +54,9 @@ def summary_table(manifest: dict) -> str:
                      f"{info['converted_count']:>11}{len(info['shards']):>8}{megabytes:>10.1f}")
         lines.append(f"{'':<12}read = written + rejected: {info['read']} = {info['samples']} + {info['rejected_count']}")
     seconds = max(stats["seconds"], 1e-9)
+    if stats["fetched_bytes_now"]:
+        lines.append(f"{stats['fetched_bytes_now'] / 1e6:.1f} MB fetched from the Hub: "
+                     f"{stats['fetched_bytes_now'] / 1e6 / seconds:.1f} MB/s")
     lines.append(f"{stats['converted_now']} images in {seconds:.1f} s: {stats['converted_now'] / seconds:.0f} img/s, "
                  f"{stats['source_bytes_now'] / 1e6 / seconds:.1f} MB/s of source; "
                  f"{stats['skipped_chunks']} chunk(s) kept from an earlier run; peak RSS {stats['peak_rss_mb']:.0f} MB")

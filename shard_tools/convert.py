@@ -67,6 +67,7 @@ class ChunkResult:
     split: str
     read: int = 0
     source_bytes: int = 0
+    fetched_bytes: int = 0  # from the Hub, over HTTP (0 for a local source)
     shards: list[dict] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)
     converted: list[dict] = field(default_factory=list)
@@ -108,11 +109,15 @@ class ChunkJob:
 
 def process_chunk(job: ChunkJob) -> ChunkResult:
     chunk, options = job.chunk, job.options
-    records = [r for unit in chunk.units for r in read_unit(unit, job.root)]
+    records, fetched = [], 0
+    for unit in chunk.units:
+        unit_records, unit_fetched = read_unit(unit, job.root)
+        records += unit_records
+        fetched += unit_fetched
     if len(records) != chunk.rows:
         raise ConvertError(f"{chunk.units[0].file}: read {len(records)} rows where the metadata promised {chunk.rows}")
     result = ChunkResult(chunk.id, chunk.split, read=len(records),
-                         source_bytes=sum(len(r.data or b"") for r in records))
+                         source_bytes=sum(len(r.data or b"") for r in records), fetched_bytes=fetched)
     rng = np.random.default_rng([options.seed, SPLITS.index(chunk.split), chunk.index])
     order = rng.permutation(len(records))
     staging = job.output.staging_dir(chunk.split)
@@ -190,7 +195,7 @@ def build_manifest(source: Source, options: Options, splits: list[str], results:
     manifest = {
         "version": MANIFEST_VERSION,
         "complete": complete,
-        "source": {"kind": source.kind, "fingerprint": source.fingerprint},
+        "source": {"kind": source.kind, "fingerprint": source.fingerprint, **source.details},
         "options": asdict(options),
         "classes": source.class_names,
         "synsets": source.synsets,
@@ -229,6 +234,7 @@ def convert(source_path: str | Path, output_url: str, splits: tuple[str, ...], o
         raise ConvertError(f"{output.url}/{MANIFEST} exists: pass --resume to continue that run or --overwrite to start over")
     if previous is not None and resume:
         old = json.loads(previous)
+        _check_same_commit(old.get("source", {}), source, output.url)
         if old.get("source", {}).get("fingerprint") != source.fingerprint:
             raise ConvertError(f"{output.url}/{MANIFEST}: made from a different source; cannot resume")
         if old.get("options") != asdict(options):
@@ -239,13 +245,16 @@ def convert(source_path: str | Path, output_url: str, splits: tuple[str, ...], o
     jobs = [ChunkJob(c, source.root, options, output, len(source.class_names), source.synsets, strict) for c in todo]
     bar = tqdm(total=sum(c.rows for c in chunks), initial=sum(r.read for r in done.values()), unit="img",
                unit_scale=True, disable=not progress, desc="shard-imagenet", smoothing=0.1)
-    source_bytes = 0
+    source_bytes = fetched_bytes = 0
     try:
         for result in _run(jobs, workers):
             done[result.chunk] = result
             source_bytes += result.source_bytes
+            fetched_bytes += result.fetched_bytes
             bar.update(result.read)
-            bar.set_postfix_str(f"{source_bytes / 1e6 / max(bar.format_dict['elapsed'], 1e-9):.1f} MB/s")
+            elapsed = max(bar.format_dict["elapsed"], 1e-9)
+            bar.set_postfix_str(f"{fetched_bytes / 1e6 / elapsed:.1f} MB/s from the Hub" if fetched_bytes else
+                                f"{source_bytes / 1e6 / elapsed:.1f} MB/s")
             output.write_text(MANIFEST, json.dumps(build_manifest(source, options, splits_present, done, False), indent=1))
     finally:
         bar.close()
@@ -263,11 +272,22 @@ def convert(source_path: str | Path, output_url: str, splits: tuple[str, ...], o
         "seconds": elapsed,
         "converted_now": sum(r.read for r in done.values() if r.chunk in {c.id for c in todo}),
         "source_bytes_now": source_bytes,
+        "fetched_bytes_now": fetched_bytes,
         "peak_rss_mb": max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024,
         "skipped_chunks": len(chunks) - len(todo),
     }
     return manifest
+
+
+def _check_same_commit(old: dict, source: Source, output_url: str) -> None:
+    """A Hub conversion resumes only against the commit it started from: a branch that moved
+    may hold other bytes under the same file names."""
+    new_sha = source.details.get("sha")
+    if old.get("sha") and new_sha and old["sha"] != new_sha:
+        raise ConvertError(f"{output_url}/{MANIFEST}: made from {old.get('repo')} at commit {old['sha'][:12]}, but "
+                           f"{source.root} is now at {new_sha[:12]}: resume with "
+                           f"hf://datasets/{old.get('repo')}@{old['sha']}, or pass --overwrite")
 
 
 def _run(jobs: list[ChunkJob], workers: int):

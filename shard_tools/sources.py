@@ -1,4 +1,5 @@
-"""Input datasets: the Hugging Face hub's parquet files, or an ImageFolder tree.
+"""Input datasets: the Hugging Face hub's parquet files (a local copy, or read from the Hub by byte
+range: `shard_tools.hub`), or an ImageFolder tree.
 
 A source is cut into *units* that can be read independently and cheaply: a parquet row group
 (~100 rows in the hub's files, so memory stays bounded) or one ImageFolder file. Rows are numbered
@@ -9,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 
 import pyarrow.parquet as pq
 
 from dali_imagenet.classes import imagenet1k
 from dali_imagenet.errors import DaliImagenetError
+from shard_tools import hub
 
 SPLITS = ("train", "validation", "test")
 IMAGEFOLDER_SPLIT_DIRS = {"train": ("train",), "validation": ("val", "validation"), "test": ("test",)}
@@ -29,7 +31,7 @@ class SourceError(DaliImagenetError):
 
 @dataclass(frozen=True)
 class Unit:
-    file: str  # absolute path
+    file: str  # a local path, or hf://datasets/OWNER/NAME@SHA/PATH
     row_group: int | None  # None: the whole file is one image (ImageFolder)
     rows: int
     first_index: int  # canonical index of the unit's first row within its split
@@ -55,12 +57,13 @@ class SplitSource:
 
 @dataclass
 class Source:
-    kind: str  # "parquet" | "imagefolder"
-    root: Path
+    kind: str  # "parquet" | "imagefolder" | "hub"
+    root: Path | str  # a folder, or the hf:// URL
     splits: dict[str, SplitSource]
     class_names: list[str]
     synsets: list[str | None]
     fingerprint: str
+    details: dict = field(default_factory=dict)  # recorded in the manifest (the Hub: repo, commit, files)
 
 
 def imagenet_classes() -> dict[str, tuple[int, str]]:
@@ -68,55 +71,88 @@ def imagenet_classes() -> dict[str, tuple[int, str]]:
     return {synset: (index, names) for index, (synset, names) in enumerate(imagenet1k())}
 
 
-def open_source(root: str | Path, splits: tuple[str, ...]) -> Source:
-    root = Path(root)
+def open_source(source: str | Path, splits: tuple[str, ...]) -> Source:
+    """A folder of parquet files or an ImageFolder tree, or a Hub dataset (hf://datasets/OWNER/NAME)."""
+    if hub.is_hub(str(source)):
+        return _open_hub(str(source), splits)
+    root = Path(source)
     if not root.exists():
         raise SourceError(f"{root}: no such file or folder")
     if not root.is_dir():
         raise SourceError(f"{root}: not a folder (give the folder that holds the parquet files or train/ and val/)")
     parquet_dir = root / "data" if any((root / "data").glob("*.parquet")) else root
     if any(parquet_dir.glob("*.parquet")):
-        return _open_parquet(parquet_dir, splits)
+        files = [ParquetInput(str(p), p.name, p.stat().st_size) for p in sorted(parquet_dir.glob("*.parquet"))]
+        return _open_parquet(parquet_dir, _by_split(parquet_dir, files, splits), _local_footer)
     if any((root / d).is_dir() for names in IMAGEFOLDER_SPLIT_DIRS.values() for d in names):
         return _open_imagefolder(root, splits)
     raise SourceError(f"{root}: holds no parquet files (data/*.parquet) and no ImageFolder tree (train/<class>/*.JPEG)")
 
 
-def _open_parquet(folder: Path, splits: tuple[str, ...]) -> Source:
-    files_by_split: dict[str, list[Path]] = {s: [] for s in SPLITS}
-    for path in sorted(folder.glob("*.parquet")):
-        match = PARQUET_NAME.match(path.name)
+@dataclass(frozen=True)
+class ParquetInput:
+    location: str  # a local path, or hf://datasets/OWNER/NAME@SHA/PATH
+    name: str  # the file name: train-00000-of-00294.parquet
+    size: int  # bytes
+
+
+def _open_hub(url: str, splits: tuple[str, ...]) -> Source:
+    dataset = hub.open_dataset(url)
+    files = [ParquetInput(f.location, PurePosixPath(f.path).name, f.size) for f in dataset.files]
+    if not files:
+        raise SourceError(f"{url}: holds no parquet files (looked in data/ and the top folder at commit {dataset.sha})")
+    by_split = _by_split(url, files, splits)
+    wanted = [f.location for split_files in by_split.values() for f in split_files]
+    footers = dict(zip(wanted, hub.read_footers(wanted)))
+    source = _open_parquet(url, by_split, lambda f: footers[f.location], kind="hub")
+    source.details = dataset.describe()
+    return source
+
+
+def _local_footer(file: ParquetInput) -> pq.FileMetaData:
+    try:
+        return pq.read_metadata(file.location)
+    except Exception as error:
+        raise SourceError(f"{file.location}: not a readable parquet file ({error})") from None
+
+
+def _by_split(where: str | Path, files: list[ParquetInput], splits: tuple[str, ...]) -> dict[str, list[ParquetInput]]:
+    by_split: dict[str, list[ParquetInput]] = {s: [] for s in SPLITS}
+    for file in files:
+        match = PARQUET_NAME.match(file.name)
         if match is None:
-            raise SourceError(f"{path}: name does not start with train-, validation- or test- as the hub's files do")
-        files_by_split[match["split"]].append(path)
+            raise SourceError(f"{file.location}: name does not start with train-, validation- or test- as the hub's files do")
+        by_split[match["split"]].append(file)
+    wanted = {s: by_split[s] for s in splits if by_split[s]}
+    if not wanted:
+        raise SourceError(f"{where}: no parquet files for split(s) {', '.join(splits)}")
+    return wanted
+
+
+def _open_parquet(root: Path | str, files_by_split: dict[str, list[ParquetInput]], read_footer,
+                  kind: str = "parquet") -> Source:
+    """Units (row groups) and the fingerprint, from each file's footer: the same for a local copy
+    and the Hub (name, size and rows of each file), so either gives the same shards."""
     class_names: list[str] | None = None
     fingerprint = hashlib.sha256()
     split_sources = {}
-    for split in splits:
-        if not files_by_split[split]:
-            continue
+    for split, files in files_by_split.items():
         units, rows = [], 0
-        for path in files_by_split[split]:
-            try:
-                parquet = pq.ParquetFile(path)
-            except Exception as error:
-                raise SourceError(f"{path}: not a readable parquet file ({error})") from None
-            names = _check_schema(path, parquet)
+        for file in files:
+            meta = read_footer(file)
+            names = _check_schema(file.location, meta.schema.to_arrow_schema())
             if names is not None:
                 if class_names is not None and names != class_names:
-                    raise SourceError(f"{path}: its ClassLabel names differ from the other files'")
+                    raise SourceError(f"{file.location}: its ClassLabel names differ from the other files'")
                 class_names = names
-            meta = parquet.metadata
             file_row = 0
             for group in range(meta.num_row_groups):
                 group_rows = meta.row_group(group).num_rows
-                units.append(Unit(str(path), group, group_rows, rows, file_row=file_row))
+                units.append(Unit(file.location, group, group_rows, rows, file_row=file_row))
                 rows += group_rows
                 file_row += group_rows
-            fingerprint.update(json.dumps([split, path.name, path.stat().st_size, meta.num_rows]).encode())
+            fingerprint.update(json.dumps([split, file.name, file.size, meta.num_rows]).encode())
         split_sources[split] = SplitSource(split, units, rows)
-    if not split_sources:
-        raise SourceError(f"{folder}: no parquet files for split(s) {', '.join(splits)}")
     known = imagenet_classes()
     if class_names is None:  # a plain pyarrow file without the hub's metadata
         class_names, synsets = [], []
@@ -124,11 +160,10 @@ def _open_parquet(folder: Path, splits: tuple[str, ...]) -> Source:
         synsets = sorted(known)
     else:
         synsets = [None] * len(class_names)
-    return Source("parquet", folder, split_sources, class_names, synsets, fingerprint.hexdigest())
+    return Source(kind, root, split_sources, class_names, synsets, fingerprint.hexdigest())
 
 
-def _check_schema(path: Path, parquet: pq.ParquetFile) -> list[str] | None:
-    schema = parquet.schema_arrow
+def _check_schema(path: str, schema) -> list[str] | None:
     if "image" not in schema.names or "label" not in schema.names:
         raise SourceError(f"{path}: wrong schema, expected columns image {{bytes, path}} and label, found {schema.names}")
     image_type = schema.field("image").type
@@ -176,21 +211,26 @@ def _open_imagefolder(root: Path, splits: tuple[str, ...]) -> Source:
     return Source("imagefolder", root, split_sources, names, list(synsets), fingerprint.hexdigest())
 
 
-def read_unit(unit: Unit, root: Path) -> list[Record]:
-    """All rows of one unit, with their bytes. Memory: one row group (~10 MB on the hub's files)."""
+def read_unit(unit: Unit, root: Path | str) -> tuple[list[Record], int]:
+    """All rows of one unit, with their bytes, and the bytes fetched from the Hub for it (0 for a
+    local file). Memory: one row group (~10 MB in the hub's files)."""
     if unit.row_group is None:
         data = Path(unit.file).read_bytes()
-        return [Record(unit.first_index, str(Path(unit.file).relative_to(root)), unit.label, data, unit.file)]
-    try:
-        table = pq.ParquetFile(unit.file).read_row_group(unit.row_group, columns=["image", "label"])
-    except Exception as error:
-        raise SourceError(f"{unit.file}: row group {unit.row_group} unreadable ({error})") from None
+        return [Record(unit.first_index, str(Path(unit.file).relative_to(root)), unit.label, data, unit.file)], 0
+    fetched = 0
+    if hub.is_hub(unit.file):
+        table, fetched = hub.read_row_group(unit.file, unit.row_group, ["image", "label"])
+    else:
+        try:
+            table = pq.ParquetFile(unit.file).read_row_group(unit.row_group, columns=["image", "label"])
+        except Exception as error:
+            raise SourceError(f"{unit.file}: row group {unit.row_group} unreadable ({error})") from None
     records = []
     for offset, (image, label) in enumerate(zip(table.column("image").to_pylist(), table.column("label").to_pylist())):
         image = image or {}
         records.append(Record(unit.first_index + offset, image.get("path") or "", label, image.get("bytes"),
-                              f"{Path(unit.file).name}:row {unit.file_row + offset}"))
-    return records
+                              f"{PurePosixPath(unit.file).name}:row {unit.file_row + offset}"))
+    return records, fetched
 
 
 def synset_from_path(path: str) -> str | None:

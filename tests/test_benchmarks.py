@@ -97,3 +97,31 @@ def test_accuracy_benchmark_smoke_writes_json_and_chart(tmp_path):
     assert records[1]["ema_top1"] is None
     assert "| imagenette-cpu |" in result.stdout
     assert out.with_suffix(".png").stat().st_size > 5000
+
+
+def test_hub_benchmark_smoke_compares_hub_and_local_on_an_imagefolder_tree(tmp_path):
+    """An ImageFolder tree is written in the Hub's format, then converted from the stand-in Hub
+    and from disk; the record has both rates, the ratio, and no scratch disk for the Hub run."""
+    import numpy as np
+
+    from shard_tools.sample import draw_image, encode
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 6), ("val", 2)):
+        for label, synset in enumerate(("n01440764", "n02102040")):
+            folder = tmp_path / "photos" / split / synset
+            folder.mkdir(parents=True)
+            for i in range(count):
+                (folder / f"{i}.JPEG").write_bytes(encode(draw_image(label, rng), "jpeg", rng))
+    out = tmp_path / "hub.jsonl"
+    result = subprocess.run([sys.executable, "-m", "benchmarks.hub", "--smoke", "--data", str(tmp_path / "photos"),
+                             "--work", str(tmp_path / "work"), "--out", str(out)], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    local, hub = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (local["source"], hub["source"]) == ("local", "hub")
+    assert local["images"] == hub["images"] == 16 and local["images_per_s"] > 0 and hub["images_per_s"] > 0
+    assert hub["ratio_to_local"] == hub["images_per_s"] / local["images_per_s"] and hub["shards_identical"]
+    assert hub["peak_scratch_mb"] < 0.1  # nothing of the source lands on disk
+    assert list((tmp_path / "work" / "hub-parquet-photos" / "data").glob("train-*.parquet"))
+    assert "Hub / local:" in result.stdout

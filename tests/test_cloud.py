@@ -57,15 +57,23 @@ def run_task(name: str, home, **envs) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_the_tasks_run_commands_work_end_to_end(sample_dir, s3_bucket, tmp_path):
-    """shard.yaml writes shards to S3; train-l4.yaml trains from them to an S3 run prefix and, run
+    """shard.yaml streams the (stand-in) Hub's parquet files into shards on S3, with nothing of the
+    source on the instance's disk; train-l4.yaml trains from them to an S3 run prefix and, run
     again (a relaunch after a reclaim), resumes from S3; train-multinode.yaml trains with two
     processes on one node through SkyPilot's node variables."""
+    from benchmarks.standin_hub import StandInHub
     from dali_imagenet.s3 import client
 
-    shard = run_task("shard", tmp_path / "shard-home", BUCKET=s3_bucket, SOURCE=str(sample_dir),
-                     SHARD_ARGS="--shard-size 32 --quiet")
+    hub = StandInHub(sample_dir)
+    try:
+        shard = run_task("shard", tmp_path / "shard-home", BUCKET=s3_bucket, HF_ENDPOINT=hub.url,
+                         HF_TOKEN="hf_accepted", SHARD_ARGS="--shard-size 32 --quiet")
+    finally:
+        hub.close()
     assert shard.returncode == 0, shard.stderr[-2000:]
-    assert client().head_object(Bucket=s3_bucket, Key="imagenet-shards/manifest.json")
+    manifest = json.loads(client().get_object(Bucket=s3_bucket, Key="imagenet-shards/manifest.json")["Body"].read())
+    assert manifest["complete"] and manifest["source"]["repo"] == "ILSVRC/imagenet-1k"
+    assert not list((tmp_path / "shard-home").rglob("*.parquet"))
 
     first = run_task("train-l4", tmp_path / "l4-home", BUCKET=s3_bucket, CONFIG="configs/cpu-demo.yaml",
                      TRAIN_ARGS=TINY.replace("epochs=1", "epochs=2 --set max_steps=2"))
