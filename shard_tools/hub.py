@@ -43,7 +43,6 @@ class HubFile:
 
 @dataclass(frozen=True)
 class HubDataset:
-    url: str  # as given
     repo_id: str
     revision: str  # as asked ("main" unless @REVISION)
     sha: str  # the commit it resolved to
@@ -84,7 +83,7 @@ def open_dataset(url: str) -> HubDataset:
     retrying(url, lambda: api.auth_check(repo_id, repo_type="dataset"))
     entries = retrying(url, lambda: _list_parquet(api, repo_id, info.sha))
     files = [HubFile(e.path, e.size, f"{PREFIX}datasets/{repo_id}@{info.sha}/{e.path}") for e in entries]
-    return HubDataset(url, repo_id, revision, info.sha, constants.ENDPOINT, sorted(files, key=lambda f: f.path))
+    return HubDataset(repo_id, revision, info.sha, constants.ENDPOINT, sorted(files, key=lambda f: f.path))
 
 
 def _list_parquet(api, repo_id: str, sha: str) -> list:

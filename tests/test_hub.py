@@ -77,6 +77,14 @@ def test_the_hub_gives_the_local_copys_shards(hub, sample_dir, local_shards, tmp
     assert not list((tmp_path / "hf-home").rglob("*.parquet"))  # nothing of the source on disk
 
 
+def test_the_progress_bar_shows_mb_per_s_from_the_hub(hub, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "shard_tools.cli", URL, str(tmp_path / "out"), "--split",
+                             "validation", *SHARDS], cwd=REPO, env=hub_env(hub, tmp_path), capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+    assert "MB/s from the Hub]" in result.stderr and "MB fetched from the Hub" in result.stdout
+
+
 @pytest.mark.parametrize("token, says", [
     (None, "no Hugging Face token was found: accept its licence at {url}/datasets/ILSVRC/imagenet-1k, then set HF_TOKEN"),
     ("hf_not_accepted", "your Hugging Face token has no access to this gated dataset: accept its licence at {url}"),
