@@ -208,7 +208,7 @@ def explain(error: Exception, url: str, what: str | None = None) -> str:
         return (f"{url}: your Hugging Face token has no access to this gated dataset: accept its licence at {page} "
                 "with the account the token belongs to")
     if isinstance(error, RevisionNotFoundError):
-        return f"{url}: the dataset has no revision {parse(url)[1]!r} (a branch, tag or commit sha)"
+        return f"{url}: the dataset has no revision {_revision_of(url)!r} (a branch, tag or commit sha)"
     if isinstance(error, RepositoryNotFoundError):
         hidden = "no token was given" if not has_token else "your token cannot see it"
         return f"{url}: no dataset {repo_id} on {constants.ENDPOINT} (or it is private and {hidden})"
@@ -225,6 +225,11 @@ def explain(error: Exception, url: str, what: str | None = None) -> str:
 def _repo_of(url: str) -> str:
     match = re.match(rf"{PREFIX}datasets/([^/@]+/[^/@]+)", url)
     return match.group(1) if match else url
+
+
+def _revision_of(url: str) -> str:
+    match = re.match(rf"{PREFIX}datasets/[^/@]+/[^/@]+@([^/]+)", url)
+    return match.group(1) if match else "main"
 
 
 def _reason(error: Exception, limit: int = 300) -> str:
