@@ -145,7 +145,7 @@ def main() -> None:
         data = hub_parquet_from_imagefolder(data, work / f"hub-parquet-{data.name}")
     files = sorted((data / "data" if (data / "data").is_dir() else data).glob("*.parquet"))
     source_bytes = sum(p.stat().st_size for p in files)
-    hub = StandInHub(files[0].parent.parent if files[0].parent.name == "data" else files[0].parent, REPO_ID)
+    hub = StandInHub(data, REPO_ID)  # data/*.parquet, or parquet files at the top: both found as locally
     scratch = [work / "hub-scratch" / "tmp", work / "hub-scratch" / "hf-home"]
     for folder in scratch:
         shutil.rmtree(folder, ignore_errors=True)
