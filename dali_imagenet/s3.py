@@ -6,11 +6,11 @@ points it at another server, such as a local test server.
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from urllib.parse import urlparse
 
 from dali_imagenet.errors import DaliImagenetError
+from dali_imagenet.retry import with_backoff
 
 
 class S3Error(DaliImagenetError):
@@ -66,18 +66,13 @@ def is_missing(error: Exception) -> bool:
 def retrying(what: str, call, timeout_s: float, first_wait_s: float = 1.0):
     """`call()`, retried with exponential backoff on any error but "not there" (which is
     returned as None) for up to `timeout_s`; then S3Error naming `what` with botocore's reason."""
-    deadline = time.monotonic() + timeout_s
-    wait = first_wait_s
-    while True:
-        try:
-            return call()
-        except Exception as error:  # botocore raises many types; a missing key is an answer, not a failure
-            if is_missing(error):
-                return None
-            if time.monotonic() + wait > deadline:
-                raise S3Error(f"{what}: {reason(error)} (retried for {timeout_s:g} s)") from None
-            time.sleep(wait)
-            wait = min(wait * 2, 30.0)
+    try:
+        # botocore raises many types; a missing key is an answer, not a failure
+        return with_backoff(call, lambda error: not is_missing(error), timeout_s, first_wait_s)
+    except Exception as error:
+        if is_missing(error):
+            return None
+        raise S3Error(f"{what}: {reason(error)} (retried for {timeout_s:g} s)") from None
 
 
 def run_files_at(url: str, names: tuple[str, ...], timeout_s: float) -> list[str]:

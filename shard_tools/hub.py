@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -22,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dali_imagenet.errors import DaliImagenetError
+from dali_imagenet.retry import with_backoff
 
 RETRY_S = 600.0  # s a call may keep failing on network errors before the conversion gives up
 FOOTER_THREADS = 16  # footers read at once when a repo is opened (one small range request each)
@@ -161,20 +161,17 @@ def _count_fetches(file) -> list[int]:
 def retrying(url: str, call, what: str | None = None, timeout_s: float | None = None):
     """`call()`, retried with exponential backoff while it fails on the network, for up to
     `timeout_s` (RETRY_S); any other failure, or the last, becomes one HubError line."""
-    deadline = time.monotonic() + (RETRY_S if timeout_s is None else timeout_s)
-    wait = 2.0
-    while True:
-        try:
-            return call()
-        except Exception as error:  # httpx, huggingface_hub and pyarrow errors: sorted by `explain`
-            if not is_transient(error):
-                raise HubError(explain(error, url, what)) from None
-            if time.monotonic() + wait > deadline:
-                raise HubError(f"{url}: cannot read from the Hub: {_reason(error)} "
-                               f"(retried for {RETRY_S if timeout_s is None else timeout_s:g} s)") from None
-            log.warning("%s: %s; retrying in %g s", url, _reason(error), wait)
-            time.sleep(wait)
-            wait = min(wait * 2, 60.0)
+    timeout_s = RETRY_S if timeout_s is None else timeout_s
+
+    def waiting(error: Exception, wait_s: float) -> None:
+        log.warning("%s: %s; retrying in %g s", url, _reason(error), wait_s)
+
+    try:
+        return with_backoff(call, is_transient, timeout_s, first_wait_s=2.0, max_wait_s=60.0, on_wait=waiting)
+    except Exception as error:  # httpx, huggingface_hub and pyarrow errors: sorted by `explain`
+        if is_transient(error):
+            raise HubError(f"{url}: cannot read from the Hub: {_reason(error)} (retried for {timeout_s:g} s)") from None
+        raise HubError(explain(error, url, what)) from None
 
 
 def is_transient(error: Exception) -> bool:

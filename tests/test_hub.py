@@ -207,10 +207,11 @@ def raising(error: Exception):
 def test_retrying_retries_the_network_and_nothing_else(monkeypatch):
     import httpx2
 
+    from dali_imagenet import retry
     from shard_tools import hub
 
     waits = []
-    monkeypatch.setattr(hub.time, "sleep", waits.append)
+    monkeypatch.setattr(retry.time, "sleep", waits.append)
     calls = []
 
     def flaky():
@@ -227,3 +228,24 @@ def test_retrying_retries_the_network_and_nothing_else(monkeypatch):
     with pytest.raises(hub.HubError, match=r"^hf://datasets/a/b/x.parquet: not a readable parquet file \(no magic\)$"):
         hub.retrying("hf://datasets/a/b/x.parquet", raising(OSError("no magic")), what="not a readable parquet file")
     assert waits == [], "a bad file is not retried"
+
+
+def test_backoff_doubles_to_its_cap_and_passes_a_refused_error_through(monkeypatch):
+    from dali_imagenet import retry
+
+    waits, told = [], []
+    monkeypatch.setattr(retry.time, "sleep", waits.append)
+    errors = iter([TimeoutError("t")] * 6)
+
+    def call():
+        error = next(errors, None)
+        if error:
+            raise error
+        return 7
+
+    assert retry.with_backoff(call, lambda e: True, 1e6, 1.0, 5.0, on_wait=lambda e, w: told.append(w)) == 7
+    assert waits == told == [1.0, 2.0, 4.0, 5.0, 5.0, 5.0]
+    refused = ValueError("not retried")
+    with pytest.raises(ValueError) as caught:
+        retry.with_backoff(raising(refused), lambda e: not isinstance(e, ValueError), 1e6)
+    assert caught.value is refused and waits == told
