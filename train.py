@@ -4,30 +4,34 @@
     torchrun --nproc_per_node 8 train.py --dali --data SHARDS ...      # DDP: NCCL on GPU, gloo on CPU
 
 The story: `setup` builds everything and checks every input before anything is written; then,
-epoch by epoch, `train_one_epoch` trains (checkpointing mid-epoch when due) and says what
-happened, and `end_epoch` validates and checkpoints; a NaN loss on any rank stops every rank with
-the last good checkpoint untouched. A run never loses more than `checkpoint_minutes` of work:
-checkpoints are atomic; SIGTERM, SIGINT and EC2's spot notice finish the step, checkpoint and
-exit 0; `--resume auto` continues exactly where the last checkpoint left off, locally or from S3
-(with the run's history), without decoding the epoch's earlier batches again.
+epoch by epoch, `train_one_epoch` trains (checkpointing mid-epoch when due) and `end_epoch`
+checkpoints, then validates. Every way out goes through `Leaving`: the closing record, the report
+and the uploads, waited for, then an exit code that says how the run ended (`exits`: 0 complete,
+75 stopped for a reclaim: relaunch). A run never loses more than `checkpoint_minutes` of work:
+checkpoints are atomic; EC2's spot notice and SIGTERM are acted on at the next step or batch
+(validation, a replay and start-up included), with a checkpoint in S3; `--resume auto` continues
+exactly where the newest checkpoint, local or in S3, left off, decoding no batch twice.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import threading
+import traceback
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-from dali_imagenet import distributed, make_loader, recipe, resume, run_folder, spot
+from dali_imagenet import distributed, exits, make_loader, recipe, resume, run_folder, spot
 from dali_imagenet.checkpoint import TrainState, contents
 from dali_imagenet.config import TrainConfig, load_config, to_dict
-from dali_imagenet.errors import DaliImagenetError, one_line_errors
+from dali_imagenet.errors import DaliImagenetError, Interrupted, debug
 from dali_imagenet.evaluation import evaluate
 from dali_imagenet.interrupts import StopCheck, StopRequest
 from dali_imagenet.loader import Loader
-from dali_imagenet.metrics import ThroughputMeter, cost, wandb_wanted
+from dali_imagenet.metrics import ThroughputMeter, cost, describe_cost, wandb_wanted
 from dali_imagenet.outputs import RunOutputs
 from dali_imagenet.partition import batches_per_epoch
 from dali_imagenet.precision import Precision
@@ -39,14 +43,15 @@ from dali_imagenet.step import TrainStep
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=exits.TABLE,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--data", required=True, help="shard folder, s3://bucket/prefix, or timm-layout folder")
     add("--dali", action="store_true", help="DALI loader (GPU decoding); without it: the torchvision baseline")
     add("--config", help="YAML file overriding the TrainConfig defaults")
     add("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config field")
     add("--out", help="run folder (default: runs/<arch>-<time>)")
-    add("--resume", help="'auto' (newest checkpoint in --out, else in --s3) or a checkpoint path")
+    add("--resume", help="'auto' (the newer checkpoint of --out and --s3) or a checkpoint path")
     add("--overwrite", action="store_true", help="replace the run that --out holds")
     add("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     add("--s3", help="s3://bucket/prefix for checkpoints, weights and metrics")
@@ -56,6 +61,14 @@ def parse_args() -> argparse.Namespace:
         "(auto: when the instance metadata service answers at start)")
     add("--price-per-hour", type=float, help="US$ per machine-hour, for the run's cost (default: the config's)")
     return parser.parse_args()
+
+
+class LossDiverged(DaliImagenetError):
+    """A NaN or inf loss, agreed on by every rank (each raises it at the same step)."""
+
+    def __init__(self, step: int, last: str):
+        super().__init__(f"loss is NaN or inf at step {step}; stopping with the last good checkpoint ({last}) untouched")
+        self.step = step
 
 
 @dataclass
@@ -82,15 +95,94 @@ class EpochResult:
     """What `train_one_epoch` saw: the loop decides from it, not from side effects on the state."""
     ended: bool  # the epoch's last batch was trained
     stop: str | None  # why the run stops early (a signal, max_steps, max_minutes), or None
-    bad_step: int | None  # the first step whose loss was NaN or inf on any rank, or None
     rates: dict  # images_per_s, data_wait over the epoch's steps
 
 
-def setup(args) -> Run:
-    """Everything the loop needs; nothing is written until every check has passed."""
+class Leaving:
+    """Every way out of the process, taken once, from the main thread or from the thread that
+    hears of another rank's error: rank 0 writes the closing record and the report and waits for
+    the uploads (`s3_flush_timeout_s`); each rank prints its line; the exit code is returned (and
+    written for the cloud task's `run:`, `exits.record`). Filled in as `setup` builds the run."""
+
+    def __init__(self, request: StopRequest):
+        self.request = request
+        self.lock = threading.Lock()
+        self.outputs: RunOutputs | None = None
+        self.state: TrainState | None = None
+        self.watcher: SpotWatcher | None = None
+        self.peers: distributed.PeerErrors | None = None
+        self.flush_timeout_s = TrainConfig.s3_flush_timeout_s
+
+    def end_outputs(self, record: dict, **kwargs) -> list[str]:
+        """The outputs' last word (rank 0), and one line for what did not reach S3."""
+        pending = self.outputs.end(record, flush_timeout_s=self.flush_timeout_s, **kwargs) if self.outputs else []
+        if pending:
+            print(self.outputs.pending_line(pending), file=sys.stderr, flush=True)
+        elif self.outputs and self.outputs.uploader:
+            print(f"uploaded to {self.outputs.s3_url}", flush=True)
+        return pending
+
+    def failed(self, error: BaseException) -> int:
+        """An exception ended the run on this rank: a user error is one line, a bug keeps its
+        traceback; the other ranks are told (unless all raised it together, like a NaN loss)."""
+        self.lock.acquire()
+        if isinstance(error, KeyboardInterrupt):  # a second Ctrl-C: leave now, waiting for nothing
+            code, message, self.flush_timeout_s = exits.INTERRUPTED, "stopped at once by a second Ctrl-C", 0.0
+        else:
+            code = exits.ERROR
+            message = str(error) if isinstance(error, DaliImagenetError) else f"{type(error).__name__}: {error}"
+        tell_others = self.peers is not None and not isinstance(error, LossDiverged)
+        if tell_others:
+            self.peers.post(message)
+        step = getattr(error, "step", self.state.step if self.state else 0)
+        reason = (f"loss NaN or inf at step {step}" if isinstance(error, LossDiverged)
+                  else message if code == exits.INTERRUPTED else f"error: {message}")
+        self.end_outputs({"step": step, "event": "stopped", "reason": reason})
+        if isinstance(error, (DaliImagenetError, KeyboardInterrupt)) and not debug():
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        else:
+            traceback.print_exception(error)
+        if tell_others:
+            self.peers.wait_for_others(self.flush_timeout_s + 15)
+        return code
+
+    def peer_failed(self, line: str) -> None:
+        """Another rank failed (the peer-error thread): stop this one too, with one line, now."""
+        if not self.lock.acquire(blocking=False):
+            return  # the main thread is already leaving
+        self.end_outputs({"step": self.state.step if self.state else 0, "event": "stopped",
+                          "reason": f"error on {line}"})
+        print(f"error: stopping: {line}", file=sys.stderr, flush=True)
+        self.peers.acknowledge()
+        leave_now(exits.ERROR)
+
+    def close(self) -> None:
+        for part in (self.watcher, self.peers):
+            if part is not None:
+                part.close()
+
+
+def leave_now(code: int) -> None:
+    """Exits at once, threads and all (an upload stuck in its timeout, a peer's error)."""
+    exits.record(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def setup(args, leaving: Leaving) -> Run:
+    """Everything the loop needs; nothing is written until every check has passed. EC2's notice
+    is watched from the start: one during the resume download or the pipeline build is acted on
+    before training starts."""
     cfg = load_config(args.config, [*args.set, *([f"price_per_hour={args.price_per_hour}"] if args.price_per_hour
                                                    is not None else [])])
+    leaving.flush_timeout_s = cfg.s3_flush_timeout_s
     procs = distributed.setup(args.device, cfg.deterministic)
+    leaving.peers = distributed.PeerErrors(procs, leaving.peer_failed)
+    imds = spot.connect(args.spot)
+    watcher = spot.SpotWatcher(imds, leaving.request.ask, log=lambda m: print(m, file=sys.stderr, flush=True),
+                               interval_s=cfg.spot_poll_seconds) if imds else None
+    leaving.watcher = watcher
     precision = Precision.for_device(cfg.amp_dtype, procs.device)
     torch.manual_seed(derive_seed(cfg.seed, "torch", procs.rank))
     shards = find_shards(args.data, "train")
@@ -99,9 +191,12 @@ def setup(args) -> Run:
     s3_held = resume.check_s3_prefix(args.s3, resume=args.resume, overwrite=args.overwrite,
                                      timeout_s=cfg.s3_resume_timeout_s) if procs.master else []
     training = recipe.build(cfg, shards.num_classes, procs, precision)
-    state, resumed_from = resume.resume(args.resume, run_dir, args.s3, procs, model=training.model,
-                                        optimizer=training.optimizer, scaler=training.scaler, ema=training.ema,
-                                        seed=cfg.seed, s3_timeout_s=cfg.s3_resume_timeout_s)
+    point = resume.resume(args.resume, run_dir, args.s3, procs, model=training.model, optimizer=training.optimizer,
+                          scaler=training.scaler, ema=training.ema, config=cfg, s3_timeout_s=cfg.s3_resume_timeout_s)
+    state = leaving.state = point.state
+    stops = StopCheck(leaving.request, procs, checkpoint_minutes=cfg.checkpoint_minutes, max_minutes=cfg.max_minutes,
+                      max_steps=cfg.max_steps, earlier_s=state.wall_s)
+    stops.interrupt_if_asked()  # a notice during the resume download: leave before anything is written
     backend = "dali" if args.dali else "torchvision"
     loader_options = dict(batch_size=cfg.batch_size, device=procs.device, rank=procs.rank, world_size=procs.world,
                           dtype=precision.loader_dtype, backend=backend, num_threads=cfg.loader_threads,
@@ -112,20 +207,21 @@ def setup(args) -> Run:
     steps_per_epoch = batches_per_epoch(shards.samples, procs.world, cfg.batch_size, train=True)
     schedule = LRSchedule(training.peak_lr, cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch),
                           cfg.min_lr, cfg.lr_schedule)
-    request = StopRequest(announce=procs.master)
-    stops = StopCheck(request, procs, checkpoint_minutes=cfg.checkpoint_minutes, max_minutes=cfg.max_minutes,
-                      max_steps=cfg.max_steps, earlier_s=state.wall_s)
-    imds = spot.connect(args.spot)
     instance = imds.instance() if imds else {}
     outputs = RunOutputs(run_dir, to_dict(cfg), procs, overwrite=args.overwrite, s3_url=args.s3, s3_held=s3_held,
                          wandb=wandb_wanted(args.wandb), wandb_id=state.wandb_id, instance=instance,
                          extra={"loader": backend, "world_size": procs.world, "data": args.data})
-    watcher = spot.SpotWatcher(imds, request.ask, log=outputs.note, interval_s=cfg.spot_poll_seconds) if imds else None
+    leaving.outputs = outputs
+    if watcher:
+        watcher.log = outputs.note
     cost_basis = dict(gpus=procs.world if procs.device.type == "cuda" else 0, machines=distributed.machines(procs),
                       price_per_hour=cfg.price_per_hour, spot_price_per_hour=cfg.spot_price_per_hour,
                       lifecycle=instance.get("lifecycle"))
-    if resumed_from:
-        outputs.log({"event": "resumed", "step": state.step, "epoch": state.epoch, "from": str(resumed_from)})
+    if point.path is not None:
+        outputs.checkpoint_step = state.step
+        if point.s3_behind and procs.master:
+            outputs.catch_up(state.run_id, state.step)
+        outputs.log({"event": "resumed", "step": state.step, "epoch": state.epoch, "from": str(point.path)})
     if procs.master:
         print(f"{cfg.arch}, {shards.num_classes} classes, {shards.samples} train images, {steps_per_epoch} steps/"
               f"epoch x {cfg.epochs} epochs, global batch {cfg.batch_size * procs.world}, peak LR {training.peak_lr:g}, "
@@ -136,19 +232,22 @@ def setup(args) -> Run:
 
 def train_loader(run: Run) -> Loader:
     """The loader of epoch `run.state.epoch`, at that epoch's image size, restored mid-epoch if the
-    checkpoint stopped there."""
+    checkpoint stopped there (a replay, where one is needed, can be cut short by a stop request)."""
     cfg, state = run.cfg, run.state
     resume_at = state.loader[run.procs.rank] if state.loader else None
     return make_loader(run.shards, "train", seed=cfg.seed, epoch=state.epoch,
                        image_size=cfg.train_image_size(state.epoch), shuffle_buffer=cfg.shuffle_buffer,
-                       crop_min_area=cfg.crop_min_area, resume=resume_at, **run.loader_options)
+                       crop_min_area=cfg.crop_min_area, resume=resume_at, interrupt=run.stops.interrupt_if_asked,
+                       **run.loader_options)
 
 
-def agreed_bad_step(train_step: TrainStep, procs: distributed.Processes) -> int | None:
-    """The first step (1-based, as metrics.jsonl counts) whose loss was NaN or inf on any rank, the
-    same on every rank (a host sync): all then stop together instead of waiting for one that left."""
+def check_loss(train_step: TrainStep, procs: distributed.Processes, outputs: RunOutputs) -> None:
+    """Raises LossDiverged at the first step (1-based, as metrics.jsonl counts) whose loss was NaN
+    or inf on any rank, the same on every rank (a host sync): all then stop together instead of
+    waiting for one that left."""
     bad = [step + 1 for step in distributed.gather(train_step.bad_step(), procs) if step is not None]
-    return min(bad) if bad else None
+    if bad:
+        raise LossDiverged(min(bad), str(outputs.run_dir / run_folder.LAST))
 
 
 def train_one_epoch(train_step: TrainStep, loader: Loader, state: TrainState, schedule: LRSchedule,
@@ -157,6 +256,7 @@ def train_one_epoch(train_step: TrainStep, loader: Loader, state: TrainState, sc
     """Trains the rest of epoch `state.epoch`, advancing `state.step` and `state.batch_in_epoch`;
     checkpoints mid-epoch when one is due or the run stops."""
     steps_in_epoch = len(loader)
+    first_batch = state.batch_in_epoch
     meter = ThroughputMeter(procs.world)
     progress = tqdm(total=steps_in_epoch, initial=state.batch_in_epoch, unit="step", leave=False,
                     desc=f"epoch {state.epoch + 1}/{cfg.epochs}", disable=None if procs.master else True)
@@ -173,9 +273,7 @@ def train_one_epoch(train_step: TrainStep, loader: Loader, state: TrainState, sc
         progress.update(1)
         at_log = state.step % cfg.log_every == 0 or state.batch_in_epoch >= steps_in_epoch
         if at_log:  # the only host syncs of the step loop
-            bad_step = agreed_bad_step(train_step, procs)
-            if bad_step is not None:
-                return EpochResult(False, None, bad_step, meter.epoch())
+            check_loss(train_step, procs, outputs)
             record = {"step": state.step, "epoch": state.epoch, "lr": lr, "image_size": images.shape[-1],
                       "loss": float(loss_sum) / window, **meter.take_window()}
             if procs.device.type == "cuda":
@@ -185,96 +283,144 @@ def train_one_epoch(train_step: TrainStep, loader: Loader, state: TrainState, sc
                                  wait=f"{record['data_wait']:.0%}")
             loss_sum = 0.0
             window = 0
-        stop, checkpoint_due = stops.after_step(state.step, at_log)
+        # The epoch's first step may have compiled for a new image size (a minute): look then too.
+        stop, checkpoint_due = stops.after_step(state.step, at_log or state.batch_in_epoch == first_batch + 1)
         if (stop or checkpoint_due) and state.batch_in_epoch < steps_in_epoch:  # an epoch's end checkpoints anyway
             # Every rank's reader state: a resume starts each where it stopped, decoding nothing twice.
             state.loader = distributed.gather(loader.state_dict(), procs)
-            bad_step = save_checkpoint(train_step, state, outputs, cfg, procs, class_names, stops.run_s())
-            if bad_step is not None:
-                return EpochResult(False, None, bad_step, meter.epoch())
+            save_checkpoint(train_step, state, outputs, cfg, procs, class_names, stops.run_s())
             stops.checkpointed()
         if stop:
             break
     progress.close()
-    return EpochResult(state.batch_in_epoch >= steps_in_epoch, stop, None, meter.epoch())
+    return EpochResult(state.batch_in_epoch >= steps_in_epoch, stop, meter.epoch())
 
 
-def end_epoch(run: Run, rates: dict) -> int | None:
-    """Validates the raw (and EMA) weights when due, prints the epoch's numbers, moves the state to
-    the next epoch and checkpoints; returns the bad step if the loss went NaN instead."""
-    cfg = run.cfg
-    state = run.state
-    train_step = run.train_step
+def end_epoch(run: Run, rates: dict) -> None:
+    """Checkpoints the finished epoch, then validates it when due: a stop request during the
+    validation loses nothing, and the resumed run validates that epoch first."""
+    cfg, state = run.cfg, run.state
     epoch = state.epoch + 1  # 1-based, as printed
     line = (f"epoch {epoch}/{cfg.epochs} ({cfg.train_image_size(state.epoch)} px): train "
             f"{rates['images_per_s']:.0f} img/s, data wait {rates['data_wait']:.0%}")
-    is_best = False
-    if (cfg.val_every and epoch % cfg.val_every == 0) or epoch == cfg.epochs:
-        models = {"": train_step.model, **({"ema": train_step.ema.module} if train_step.ema else {})}
-        metrics = evaluate(models, run.val_loader, run.precision, flip=cfg.val_flip, channels_last=cfg.channels_last)
-        state.history.append({**metrics, "step": state.step, "epoch": epoch})
-        top1 = max(metrics["top1"], metrics.get("ema_top1", -1.0))
-        is_best = top1 > state.best_top1
-        state.best_top1 = max(state.best_top1, top1)
-        run.outputs.log({"step": state.step, "epoch": epoch, "images_seen": state.step * cfg.batch_size * run.procs.world,
-                         "time_s": run.stops.elapsed_s(), **{f"val_{k}": v for k, v in metrics.items()}})
-        line += (f"; val top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.3f}"
-                 + (f"; EMA top-1 {metrics['ema_top1']:.2f}%" if train_step.ema else "") + f"  ({metrics['images']} images)")
-    if run.procs.master:
+    state.finish_epoch(validate=cfg.validates_after(epoch))
+    save_checkpoint(run.train_step, state, run.outputs, cfg, run.procs, run.shards.class_names, run.stops.run_s())
+    run.stops.checkpointed()
+    if state.validation_due:
+        run.stops.interrupt_if_asked()
+        validate(run, line)
+    elif run.procs.master:
         print(line)
-    state.finish_epoch()
-    return save_checkpoint(train_step, state, run.outputs, cfg, run.procs, run.shards.class_names, run.stops.run_s(),
-                           is_best)
+
+
+def validate(run: Run, line: str = "") -> None:
+    """Validates the raw (and EMA) weights for epoch `state.validation_due`, records it in the
+    history and checkpoints (best.pt too, if it is the best so far)."""
+    cfg, state, train_step = run.cfg, run.state, run.train_step
+    epoch = state.validation_due
+    models = {"": train_step.model, **({"ema": train_step.ema.module} if train_step.ema else {})}
+    metrics = evaluate(models, run.val_loader, run.precision, flip=cfg.val_flip, channels_last=cfg.channels_last,
+                       interrupt=run.stops.interrupt_if_asked)
+    state.history.append({**metrics, "step": state.step, "epoch": epoch})
+    top1 = max(metrics["top1"], metrics.get("ema_top1", -1.0))
+    is_best = top1 > state.best_top1
+    state.best_top1 = max(state.best_top1, top1)
+    state.validation_due = 0
+    run.outputs.log({"step": state.step, "epoch": epoch, "images_seen": state.step * cfg.batch_size * run.procs.world,
+                     "time_s": run.stops.elapsed_s(), **{f"val_{k}": v for k, v in metrics.items()}})
+    if run.procs.master:
+        print(f"{line or f'epoch {epoch}/{cfg.epochs}'}; val top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
+              f"loss {metrics['loss']:.3f}" + (f"; EMA top-1 {metrics['ema_top1']:.2f}%" if train_step.ema else "")
+              + f"  ({metrics['images']} images)")
+    save_checkpoint(train_step, state, run.outputs, cfg, run.procs, run.shards.class_names, run.stops.run_s(), is_best)
 
 
 def save_checkpoint(train_step: TrainStep, state: TrainState, outputs: RunOutputs, cfg: TrainConfig,
-                    procs: distributed.Processes, class_names, run_s: float, is_best: bool = False) -> int | None:
+                    procs: distributed.Processes, class_names, run_s: float, is_best: bool = False) -> None:
     """Saves last.pt (and best.pt) on rank 0, with `run_s` wall-clock seconds trained, unless a loss
-    went NaN on any rank: then nothing is written (a NaN model never replaces a good checkpoint)
-    and the bad step is returned."""
-    bad_step = agreed_bad_step(train_step, procs)
-    if bad_step is not None:
-        return bad_step
+    went NaN on any rank: then nothing is written (a NaN model never replaces a good checkpoint)."""
+    check_loss(train_step, procs, outputs)
     state.wall_s = run_s
     if procs.master:
         state.wandb_id = outputs.wandb_id
         outputs.save(contents(state, model=train_step.model, optimizer=train_step.optimizer, scaler=train_step.scaler,
                               ema=train_step.ema, config=to_dict(cfg), class_names=class_names), is_best)
+
+
+def train(run: Run) -> str | None:
+    """Trains the epochs left; returns why the run stopped early, or None when every epoch ran.
+    A stop request outside a train step raises `Interrupted` (nothing new to checkpoint there)."""
+    state = run.state
+    if state.validation_due:  # a stop cut that validation short: the resumed run does it first
+        validate(run)
+    while state.epoch < run.cfg.epochs:
+        run.stops.interrupt_if_asked()  # before the epoch's loader is built and its first step compiles
+        result = train_one_epoch(run.train_step, train_loader(run), state, run.schedule, run.stops, run.outputs,
+                                 run.cfg, run.procs, run.shards.class_names)
+        if result.ended:
+            end_epoch(run, result.rates)
+        if result.stop:
+            return result.stop
     return None
 
 
-def stop_on_bad_loss(bad_step: int, outputs: RunOutputs, procs: distributed.Processes) -> None:
-    """Every rank ends here together, with the same one line and exit code 1."""
-    outputs.close({"step": bad_step, "event": "stopped", "reason": f"loss NaN or inf at step {bad_step}"})
-    distributed.teardown(procs)
-    sys.exit(f"error: loss is NaN or inf at step {bad_step}; stopping with the last good checkpoint "
-             f"({outputs.run_dir / run_folder.LAST}) untouched")
-
-
-def main() -> None:
-    run = setup(parse_args())
-    state = run.state
-    stop = None
-    try:
-        while state.epoch < run.cfg.epochs and stop is None:
-            result = train_one_epoch(run.train_step, train_loader(run), state, run.schedule, run.stops, run.outputs,
-                                     run.cfg, run.procs, run.shards.class_names)
-            bad_step = result.bad_step
-            if result.ended:
-                bad_step = end_epoch(run, result.rates)
-            if bad_step is not None:
-                stop_on_bad_loss(bad_step, run.outputs, run.procs)
-            stop = result.stop
-    except DaliImagenetError as error:  # e.g. a sample that does not decode: the log says why the run ended
-        run.outputs.close({"step": state.step, "event": "stopped", "reason": f"error: {error}"})
-        raise
-    if run.spot:
-        run.spot.close()
+def finish(run: Run, stop: str | None, leaving: Leaving) -> int:
+    """Every rank, together: the replicas' checksums; rank 0 writes the final weights (a finished
+    run), the closing record and the report and waits for the uploads; every rank then exits
+    with rank 0's code."""
+    checksums = distributed.gather(distributed.replica_checksum(run.train_step.model), run.procs)
+    code = exits.for_stop(stop)
     run_cost = cost(run.stops.run_s(), **run.cost_basis)
-    run.outputs.finish(run.train_step.model, state.step, stop, run.procs, run.cfg.s3_flush_timeout_s, run_cost)
-    distributed.teardown(run.procs)
+    notice = run.spot.timing() if run.spot and stop and stop.startswith(spot.NOTICE) else {}
+    record = {"step": run.state.step, "event": "stopped" if stop else "finished", "reason": stop,
+              "exit_code": code, "replica_checksums": checksums, "replicas_identical": len(set(checksums)) == 1,
+              "cost": run_cost, **({"notice": notice} if notice else {})}
+    if run.procs.master:
+        print(f"{'stopped (' + stop + ')' if stop else 'finished'} at step {run.state.step} after "
+              f"{describe_cost(run_cost)}; checkpoint {run.outputs.run_dir / run_folder.LAST}, report "
+              f"{run.outputs.run_dir / run_folder.REPORT}")
+    with leaving.lock:
+        pending = leaving.end_outputs(record, final_model=run.train_step.model if stop is None else None,
+                                      summary=run_cost)
+    code = distributed.broadcast(exits.with_uploads(code, pending), run.procs)
+    if run.procs.master and code in (exits.RECLAIM, exits.INTERRUPTED):
+        timing = run.spot.timing() if notice else {}
+        print(f"exit {code}: continue with --resume auto" + (
+              f" ({timing['since_notice_s']:.1f} s after the spot notice; EC2 reclaims at {timing['reclaim_at']})"
+              if timing.get("reclaim_at") else f" ({timing['since_notice_s']:.1f} s after the spot notice)"
+              if timing else ""), file=sys.stderr, flush=True)
+    return code
+
+
+def main() -> int:
+    args = parse_args()
+    leaving = Leaving(StopRequest(announce=os.environ.get("RANK", "0") == "0"))
+    run = None
+    try:
+        try:
+            run = setup(args, leaving)
+            stop = train(run)
+        except Interrupted as interrupted:
+            stop = interrupted.reason
+            if run is None:  # during start-up: nothing trained, nothing written
+                print(f"{stop}: stopped during start-up, nothing trained; exit {exits.for_stop(stop)}",
+                      file=sys.stderr, flush=True)
+                return exits.for_stop(stop)
+        code = finish(run, stop, leaving)
+    except BaseException as error:  # noqa: BLE001 - every way out is closed properly, then reported
+        if isinstance(error, SystemExit):
+            raise
+        return leaving.failed(error)
+    finally:
+        leaving.close()
+    if run.procs.world > 1:
+        distributed.teardown(run.procs)
+    if leaving.outputs is not None and leaving.outputs.stuck():
+        leave_now(code)  # an upload still in its timeout must not outlive the interpreter
+    return code
 
 
 if __name__ == "__main__":
-    with one_line_errors():  # a user error is one line; any other exception is a bug and keeps its traceback
-        main()
+    exit_code = main()
+    exits.record(exit_code)
+    sys.exit(exit_code)

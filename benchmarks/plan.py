@@ -54,8 +54,7 @@ def phases(cfg: TrainConfig) -> list[Phase]:
 
 def validations(cfg: TrainConfig) -> int:
     """How many validation passes the run makes (train.py's rule: every val_every epochs and at the end)."""
-    return sum(1 for epoch in range(1, cfg.epochs + 1)
-               if (cfg.val_every and epoch % cfg.val_every == 0) or epoch == cfg.epochs)
+    return sum(1 for epoch in range(1, cfg.epochs + 1) if cfg.validates_after(epoch))
 
 
 def sync(device: torch.device) -> None:

@@ -78,11 +78,12 @@ class TorchvisionLoader(EpochPosition):
     def __init__(self, shards: SplitShards, batch_size: int, *, device: torch.device, image_size: int, rank: int,
                  world_size: int, batches: int, seed: int, dtype: torch.dtype, train: bool, threads: int,
                  shuffle_buffer: int, crop_fraction: float, crop_min_area: float, resume: dict | None,
-                 hw_decoder_load: float):  # DALI's GPU decoder knob: nothing to do here
+                 hw_decoder_load: float, interrupt=None):  # hw_decoder_load: DALI's GPU decoder knob, not ours
         if any(s3.is_s3(t) for t in shards.tars):
             raise ShardError("the torchvision baseline reads local shards only; use the DALI loader for s3://")
         super().__init__(shards, batch_size, batches, train, resume)
         self.device = device
+        self._interrupt = interrupt
         self._empty = (torch.empty((0, 3, image_size, image_size), dtype=dtype), torch.empty(0, dtype=torch.int64))
         pieces = rank_pieces(shards, world_size, rank)
         transform = Transform(train, image_size, crop_fraction, crop_min_area, dtype)
@@ -102,6 +103,8 @@ class TorchvisionLoader(EpochPosition):
             self.batches_read += 1
             self.position += 1
             if self.position <= skip:  # resuming mid-epoch: replay up to the stop point
+                if self._interrupt is not None:
+                    self._interrupt(self.position - 1)
                 continue
             images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             yield images, labels.to(self.device, non_blocking=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,12 +34,17 @@ class TrainState:
     wandb_id: str | None = None
     loader: list | None = None  # every rank's train-loader state mid-epoch (None at an epoch boundary)
     wall_s: float = 0.0  # wall-clock seconds trained up to this checkpoint, over all resumes (the run's cost)
+    run_id: str = ""  # drawn when the run starts, kept by every resume: which run a checkpoint belongs to
+    validation_due: int = 0  # the epoch (1-based) whose validation has not happened yet; 0: none
 
-    def finish_epoch(self) -> None:
-        """The epoch under way is complete: the next one starts at its first batch."""
+    def finish_epoch(self, validate: bool) -> None:
+        """The epoch under way is complete: the next one starts at its first batch; with
+        `validate`, its validation is due (the checkpoint written now says so, so that a stop
+        during validation redoes it after the resume)."""
         self.epoch += 1
         self.batch_in_epoch = 0
         self.loader = None
+        self.validation_due = self.epoch if validate else 0
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -110,7 +116,9 @@ def load(path: str | Path, map_location="cpu") -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
-        loaded = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a damaged file draws pickle warnings: its one line below says it all
+            warnings.simplefilter("ignore")
+            loaded = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
         first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"{path}: not a checkpoint: PyTorch cannot read it ({first})") from None

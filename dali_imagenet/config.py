@@ -81,6 +81,10 @@ class TrainConfig:
                              ramp_start_epoch=self.ramp_start_epoch, ramp_end_epoch=self.ramp_end_epoch,
                              step=self.image_size_step)
 
+    def validates_after(self, epoch: int) -> bool:
+        """Whether epoch `epoch` (1-based) ends with a validation: every `val_every`, and the last."""
+        return bool(self.val_every and epoch % self.val_every == 0) or epoch == self.epochs
+
     def validate(self) -> None:
         from dali_imagenet.model import LAYOUTS
         from dali_imagenet.precision import AMP_DTYPES
@@ -107,6 +111,23 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+
+
+# What a resumed run may set differently from the run it continues: how it runs, logs and is
+# paid for, not what it learns (the schedule, the data, the recipe). Any other field that differs
+# makes `--resume auto` refuse: a fixed S3 prefix must not continue another config's run.
+CHANGEABLE_ON_RESUME = ("compile", "cuda_graph", "loader_threads", "hw_decoder_load", "log_every", "val_every",
+                        "checkpoint_minutes", "max_steps", "max_minutes", "s3_flush_timeout_s", "s3_resume_timeout_s",
+                        "spot_poll_seconds", "wandb_project", "price_per_hour", "spot_price_per_hour")
+
+
+def differences(saved: dict, config: TrainConfig) -> list[str]:
+    """The fields, beyond `CHANGEABLE_ON_RESUME`, in which the run `saved` (a run's config as
+    saved; fields it predates take their defaults) differs from `config`: "name: saved -> now"."""
+    before = to_dict(from_dict(saved))
+    now = to_dict(config)
+    return [f"{key} {before[key]!r} -> {now[key]!r}" for key in now
+            if key not in CHANGEABLE_ON_RESUME and before[key] != now[key]]
 
 
 def _field_types() -> dict[str, type]:

@@ -20,7 +20,7 @@ class DaliLoader(EpochPosition):
     def __init__(self, shards: SplitShards, batch_size: int, *, device: torch.device, image_size: int, rank: int,
                  world_size: int, batches: int, seed: int, dtype: torch.dtype, train: bool, threads: int,
                  shuffle_buffer: int, crop_fraction: float, crop_min_area: float, resume: dict | None,
-                 hw_decoder_load: float):
+                 hw_decoder_load: float, interrupt=None):
         from nvidia.dali import types
         from nvidia.dali.plugin.base_iterator import LastBatchPolicy
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
@@ -31,6 +31,7 @@ class DaliLoader(EpochPosition):
         self.shards = shards
         restorable = resume is not None and resume.get("samples", shards.samples) == shards.samples
         self._replay = self.position if resume and not restorable else 0
+        self._interrupt = interrupt
         # DALI has no bfloat16 output: emit float16 and convert on the device (one cheap kernel).
         self._cast_to = torch.bfloat16 if dtype == torch.bfloat16 else None
         on_gpu = device.type == "cuda"
@@ -58,7 +59,9 @@ class DaliLoader(EpochPosition):
 
     def __iter__(self):
         remaining = self._real_rank_samples - self.position * self.batch_size
-        for _ in range(self._replay):  # a reader state that no longer fits the shards: read up to the stop point
+        for batch in range(self._replay):  # a reader state that no longer fits the shards: read up to the stop point
+            if self._interrupt is not None:
+                self._interrupt(batch)
             self._next_batch()
         self._replay = 0
         while self.position < self._batches:

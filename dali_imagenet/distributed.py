@@ -1,13 +1,18 @@
 """Processes and devices: one process per GPU under `torchrun` (NCCL; gloo on CPU), or one alone.
 
 Everything that makes ranks talk lives here: the process group, agreeing on a flag (all stop at
-the same step), checking that all found the same checkpoint, and the replica checksum at the end.
+the same step), checking that all found the same checkpoint, one rank's fatal error told to the
+others (`PeerErrors`), and the replica checksum at the end.
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
+import threading
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -95,3 +100,93 @@ def replica_checksum(model: torch.nn.Module) -> str:
     for parameter in model.parameters():
         digest.update(parameter.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def broadcast(value, processes: Processes):
+    """Rank 0's `value` (a small picklable object) on every rank."""
+    if processes.world == 1:
+        return value
+    values = [value]
+    dist.broadcast_object_list(values, src=0)
+    return values[0]
+
+
+class PeerErrors:
+    """One rank's fatal error (a sample that does not decode, a bug), told to the other ranks
+    through torchrun's TCP store (MASTER_ADDR:MASTER_PORT), so that every rank stops within
+    seconds with one line of its own, instead of hanging in an NCCL collective or dying of a gloo
+    "connection closed by peer" traceback.
+
+    The failing rank `post`s its line, then waits (`wait_for_others`) until each other rank has
+    acknowledged: torchrun ends the other processes as soon as one exits, and rank 0 must first
+    upload the closing record and the last good checkpoint. The others learn of it from a thread
+    that polls the store every `poll_s` and calls `on_peer_error(line)`, wherever their main thread
+    is (an NCCL wait included); that callback acknowledges and ends the process.
+    """
+    PREFIX = "dali-imagenet"
+
+    def __init__(self, processes: Processes, on_peer_error: Callable[[str], None], poll_s: float = 0.5):
+        self.processes = processes
+        self._store = None
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        if processes.world == 1 or "MASTER_ADDR" not in os.environ:
+            return
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # a torchrun restart starts a new exchange
+        self._key, self._acks = f"{self.PREFIX}/{attempt}/error", f"{self.PREFIX}/{attempt}/acks"
+        try:  # a client of its own: the process group's store is busy in the main thread
+            self._store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                        timeout=datetime.timedelta(seconds=30))
+        except (RuntimeError, ValueError):  # no store to reach: a peer's error then ends in its own traceback
+            return
+        self._on_peer_error = on_peer_error
+        self._poll_s = poll_s
+        threading.Thread(target=self._watch, name="peer-errors", daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self._done.wait(self._poll_s):
+            try:
+                with self._lock:
+                    line = self._store.get(self._key).decode() if self._store.check([self._key]) else None
+            except RuntimeError:  # the store went away: the run is over
+                return
+            if line is not None and not line.startswith(f"rank {self.processes.rank}:"):
+                self._done.set()
+                self._on_peer_error(line)
+                return
+
+    def post(self, message: str) -> None:
+        """This rank failed with `message`: tells the others (the first rank to fail is the one told)."""
+        if self._store is None:
+            return
+        self._done.set()
+        try:
+            with self._lock:
+                self._store.compare_set(self._key, "", f"rank {self.processes.rank}: {message}")
+        except RuntimeError:
+            pass
+
+    def acknowledge(self) -> None:
+        if self._store is not None:
+            try:
+                with self._lock:
+                    self._store.add(self._acks, 1)
+            except RuntimeError:
+                pass
+
+    def wait_for_others(self, timeout_s: float) -> None:
+        """Until every other rank has acknowledged a `post`, or `timeout_s` passed."""
+        if self._store is None:
+            return
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                with self._lock:
+                    if self._store.add(self._acks, 0) >= self.processes.world - 1:
+                        return
+            except RuntimeError:
+                return
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        self._done.set()

@@ -20,6 +20,15 @@ class UsageError(DaliImagenetError):
     """An argument or combination of arguments that cannot work (the message says what would)."""
 
 
+class Interrupted(Exception):
+    """A stop request acted on outside a train step (validation, a replay, start-up): nothing
+    changed since the last checkpoint, so the run leaves without writing another. Not an error."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
 def debug() -> bool:
     return os.environ.get("DALI_IMAGENET_DEBUG", "") not in ("", "0")
 

@@ -3,6 +3,8 @@ one or more models (the raw weights and their EMA) in one pass over the loader, 
 decoded once; optionally with flip test-time augmentation."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -20,15 +22,19 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, flip: bool = Fa
 
 @torch.no_grad()
 def evaluate(models: dict[str, torch.nn.Module], loader, precision: Precision, *, flip: bool = False,
-             channels_last: bool = True) -> dict:
+             channels_last: bool = True, interrupt: Callable[[int], None] | None = None) -> dict:
     """{"top1", "top5", "loss", "images"} for the model named "" and `{name}_top1`... for the
-    others, summed over all ranks (each image once). Accuracies in %, loss per image."""
+    others, summed over all ranks (each image once). Accuracies in %, loss per image.
+    `interrupt(batch)` is called before each batch and may raise to cut the pass short (a spot
+    notice must not wait for four passes over 50,000 images)."""
     was_training = {name: model.training for name, model in models.items()}
     for model in models.values():
         model.eval()
     # per model: correct@1, correct@5, loss sum; then images: device sums, read once at the end
     totals = torch.zeros(3 * len(models) + 1, dtype=torch.float64, device=precision.device)
-    for images, labels in loader:
+    for batch, (images, labels) in enumerate(loader):
+        if interrupt is not None:
+            interrupt(batch)
         if images.shape[0] == 0:  # a rank's padding-only batch
             continue
         if channels_last:

@@ -1,15 +1,18 @@
 """Requests to stop from outside the loop: SIGTERM (a scheduler, a spot instance's shutdown),
-SIGINT (Ctrl-C) and EC2's spot interruption notice (`spot.SpotWatcher`). Each sets a flag; the
-loop reads it between steps, agrees on it across ranks, finishes the step, checkpoints and exits
-0. A second SIGINT (an impatient Ctrl-C) stops at once.
-`StopCheck` turns these requests and the run's limits into one decision per step."""
+SIGINT (Ctrl-C) and EC2's spot interruption notice (`spot.SpotWatcher`). Each sets a flag that
+the run reads wherever waiting would cost the two minutes a reclaim leaves: after train steps,
+between validation batches, at an epoch's end, around a recompile, during a replay and at
+start-up. The ranks agree on it, so all stop at the same point. A second SIGINT stops at once.
+`StopCheck` turns these requests and the run's limits into one decision per step.
+"""
 from __future__ import annotations
 
 import signal
 import sys
 import time
 
-from dali_imagenet import distributed
+from dali_imagenet import distributed, exits
+from dali_imagenet.errors import Interrupted
 
 
 class StopRequest:
@@ -17,6 +20,7 @@ class StopRequest:
 
     def __init__(self, announce: bool = True):
         self.reason: str | None = None
+        self.asked_at: float | None = None  # time.time() of the request
         self._announce = announce
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
@@ -28,19 +32,22 @@ class StopRequest:
         self.ask(name)
 
     def ask(self, reason: str) -> None:
-        """Stop after the current step, for `reason` (a signal's name, or the spot notice)."""
+        """Stop at the next point that can, for `reason` (a signal's name, or the spot notice)."""
         if self.reason is not None:
             return  # the first reason is the one the run records
         self.reason = reason
+        self.asked_at = time.time()
         if self._announce:
-            print(f"\n{reason}: stopping after this step with a checkpoint (Ctrl-C again to stop at once)",
+            print(f"\n{reason}: stopping at the next step or batch with a checkpoint (Ctrl-C again to stop at once)",
                   file=sys.stderr, flush=True)
 
 
 class StopCheck:
     """After a step: should the run stop, and is a mid-epoch checkpoint due? Decided alike on every
     rank (one all-reduce), so all stop and checkpoint at the same step; in one process every
-    step, under torchrun at log steps only (an all-reduce is a sync)."""
+    step, under torchrun only where the caller syncs anyway (an all-reduce is a sync)."""
+
+    BATCHES_BETWEEN_CHECKS = 8  # under torchrun, outside train steps (validation, replay): one all-reduce per 8 batches
 
     def __init__(self, request: StopRequest, processes: distributed.Processes, *, checkpoint_minutes: float,
                  max_minutes: float, max_steps: int, earlier_s: float = 0.0):
@@ -54,21 +61,39 @@ class StopCheck:
         self.started = time.monotonic()
         self.last_checkpoint = self.started
 
-    def after_step(self, step: int, at_log: bool) -> tuple[str | None, bool]:
+    def after_step(self, step: int, may_sync: bool) -> tuple[str | None, bool]:
         """(why to stop now, or None; whether a checkpoint is due) after global step `step`."""
         stop, due = None, False
-        if self.processes.world == 1 or at_log:
+        if self.processes.world == 1 or may_sync:
             now = time.monotonic()
             asked, due, late = distributed.any_rank(
                 [self.request.reason is not None, now - self.last_checkpoint > self.checkpoint_s,
                  0 < self.max_s < now - self.started], self.processes)
             if asked:
-                stop = self.request.reason or "signal on another rank"
+                stop = self.agreed_reason()
             elif late:
                 stop = f"max_minutes={self.max_s / 60:g}"
         if stop is None and self.max_steps and step >= self.max_steps:
             stop = f"max_steps={self.max_steps}"
         return stop, due
+
+    def agreed_reason(self) -> str:
+        """The request that stops the run, the same on every rank (a gather: call it only once a
+        stop was agreed): the strongest of the ranks' requests (a reclaim over a Ctrl-C)."""
+        reasons = distributed.gather(self.request.reason, self.processes)
+        asked = [(rank, reason) for rank, reason in enumerate(reasons) if reason is not None]
+        rank, reason = max(asked, key=lambda pair: (exits.for_stop(pair[1]) == exits.RECLAIM, -pair[0]))
+        return reason if rank == self.processes.rank or self.processes.world == 1 else f"{reason} on rank {rank}"
+
+    def interrupt_if_asked(self, batch: int = 0) -> None:
+        """Outside a train step (between validation or replay batches, at an epoch's end, at
+        start-up): raises `Interrupted` if a stop was asked for on any rank. Nothing changed since
+        the last checkpoint there, so the run can leave at once. Under torchrun it all-reduces
+        only every `BATCHES_BETWEEN_CHECKS` batches (every rank counts the same batches)."""
+        if self.processes.world > 1 and batch % self.BATCHES_BETWEEN_CHECKS:
+            return
+        if distributed.any_rank([self.request.reason is not None], self.processes)[0]:
+            raise Interrupted(self.agreed_reason())
 
     def checkpointed(self) -> None:
         self.last_checkpoint = time.monotonic()

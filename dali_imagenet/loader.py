@@ -9,7 +9,7 @@ Which samples a rank reads is `partition`'s rule, the same for both backends.
 from __future__ import annotations
 
 import os
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 
@@ -43,7 +43,7 @@ def make_loader(data, split: str, batch_size: int, *, device: str | torch.device
                 backend: str = "dali", train: bool | None = None, num_threads: int | None = None,
                 shuffle_buffer: int = SHUFFLE_BUFFER, crop_fraction: float = CROP_FRACTION,
                 crop_min_area: float = TRAIN_CROP_MIN_AREA, cache_dir=None, resume: dict | None = None,
-                hw_decoder_load: float = HW_DECODER_LOAD) -> Loader:
+                hw_decoder_load: float = HW_DECODER_LOAD, interrupt: Callable[[int], None] | None = None) -> Loader:
     """`data`: a shard folder, `s3://` prefix or timm-layout folder, or the `SplitShards` of one.
     `train` defaults to `split == "train"` (random crops, flips, shuffling, dropped last batch).
 
@@ -51,7 +51,8 @@ def make_loader(data, split: str, batch_size: int, *, device: str | torch.device
     only on (seed, epoch), so each epoch can be rebuilt on its own for an exact resume.
     `resume`: a `state_dict()` taken mid-epoch from a loader built with the same arguments; the
     DALI loader restores its reader there without decoding the batches before it, the baseline
-    replays them. `dtype` defaults to float16 on a GPU and float32 on a CPU (the fastest there).
+    replays them, calling `interrupt(batch)` before each replayed batch (it may raise to stop: a
+    replay decodes without training). `dtype` defaults to float16 on a GPU and float32 on a CPU (the fastest there).
     `hw_decoder_load`: DALI on a GPU, the share of JPEGs for the hardware decoder (0: nvJPEG's hybrid path).
     """
     if backend not in BACKENDS:
@@ -74,7 +75,7 @@ def make_loader(data, split: str, batch_size: int, *, device: str | torch.device
                    seed=seeding.derive_seed(seed, "loader", epoch, rank), dtype=dtype, train=train,
                    threads=num_threads or max(1, min(os.cpu_count() or 1, 8)), shuffle_buffer=shuffle_buffer,
                    crop_fraction=crop_fraction, crop_min_area=crop_min_area, resume=resume,
-                   hw_decoder_load=hw_decoder_load)
+                   hw_decoder_load=hw_decoder_load, interrupt=interrupt)
     if backend == "torchvision":
         from dali_imagenet.baseline import TorchvisionLoader  # torchvision and webdataset: only when asked for
 

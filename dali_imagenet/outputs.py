@@ -12,8 +12,8 @@ from dali_imagenet import distributed, s3
 from dali_imagenet import run_folder as folder
 from dali_imagenet.checkpoint import save_atomic
 from dali_imagenet.html_report import write_report
-from dali_imagenet.metrics import RunLogger, describe_cost, machine
-from dali_imagenet.s3sync import S3Sync
+from dali_imagenet.metrics import RunLogger, machine
+from dali_imagenet.s3sync import S3Sync, lineage_metadata
 
 
 class RunOutputs:
@@ -29,6 +29,8 @@ class RunOutputs:
         self.s3_url = s3_url
         self.logger = None
         self.uploader = None
+        self.ended = False
+        self.checkpoint_step: int | None = None  # of the last checkpoint written
         if not self.active:
             return
         if overwrite:
@@ -47,9 +49,11 @@ class RunOutputs:
     def wandb_id(self) -> str | None:
         return self.logger.wandb_id if self.logger else None
 
-    def _push(self, name: str) -> None:
+    def _push(self, name: str, lineage: dict | None = None) -> None:
         if self.uploader:
-            self.uploader.push(self.run_dir / name, replaced_by_rename=name.endswith(".pt"))
+            is_checkpoint = name in folder.CHECKPOINTS
+            self.uploader.push(self.run_dir / name, replaced_by_rename=name.endswith(".pt"),
+                               lineage=lineage if is_checkpoint else None)
 
     def log(self, record: dict) -> None:
         if self.logger:
@@ -62,37 +66,55 @@ class RunOutputs:
             self.log({"event": "note", "message": message})
 
     def save(self, contents: dict, is_best: bool) -> None:
-        """The checkpoint as last.pt (and best.pt), then its upload with the metrics so far."""
+        """The checkpoint as last.pt (and best.pt), then its upload (with its run id and step, so
+        that nothing older is ever uploaded over it) and the metrics so far."""
         if not self.active:
             return
         save_atomic(contents, self.run_dir / folder.LAST)
+        state = contents["state"]
+        self.checkpoint_step = state["step"]
+        lineage = lineage_metadata(state["run_id"], state["step"])
         if is_best:
             folder.mark_best(self.run_dir)
         for name in (folder.LAST, *((folder.BEST,) if is_best else ()), folder.METRICS):
-            self._push(name)
+            self._push(name, lineage)
 
-    def finish(self, model, step: int, stopping: str | None, processes: distributed.Processes,
-               flush_timeout_s: float, cost: dict) -> None:
-        """On every rank: the replicas' checksums must agree. Then the final weights (a finished
-        run only), the closing record with what the run cost, the report, and the last uploads."""
-        checksums = distributed.gather(distributed.replica_checksum(model), processes)
-        if not self.active:
-            return
-        if stopping is None:
-            save_atomic(model.state_dict(), self.run_dir / folder.FINAL)
+    def catch_up(self, run_id: str, step: int) -> None:
+        """The run folder's checkpoint is newer than S3's (this machine trained on after its last
+        upload): its checkpoint and history go up before anything else."""
+        lineage = lineage_metadata(run_id, step)
+        for name in (folder.LAST, folder.BEST, folder.METRICS):
+            if (self.run_dir / name).exists():
+                self._push(name, lineage)
+
+    def end(self, record: dict, *, flush_timeout_s: float, final_model=None, summary: dict | None = None) -> list[str]:
+        """The run's last word, on every way out (finished, stopped, failed; rank 0 only): the final
+        weights (a finished run), `record` as the log's last line, the report, and the uploads,
+        waited for up to `flush_timeout_s`. Returns the S3 keys still not uploaded then."""
+        if not self.active or self.ended:
+            return []
+        self.ended = True
+        if final_model is not None:
+            save_atomic(final_model.state_dict(), self.run_dir / folder.FINAL)
             self._push(folder.FINAL)
-        self.close({"step": step, "event": "stopped" if stopping else "finished", "reason": stopping,
-                    "replica_checksums": checksums, "replicas_identical": len(set(checksums)) == 1, "cost": cost},
-                   summary=cost)
+        self.close({**record, "checkpoint_step": self.checkpoint_step}, summary)
         self._push(folder.METRICS)
-        write_report([self.run_dir], self.run_dir / folder.REPORT)
-        self._push(folder.REPORT)
-        print(f"{'stopped (' + stopping + ')' if stopping else 'finished'} at step {step} after {describe_cost(cost)}; "
-              f"checkpoint {self.run_dir / folder.LAST}, report {self.run_dir / folder.REPORT}")
-        if self.uploader:
-            pending = self.uploader.close(flush_timeout_s)
-            print(f"warning: {len(pending)} upload(s) to {self.s3_url} still pending at exit: {', '.join(pending)}"
-                  if pending else f"uploaded to {self.s3_url}", file=sys.stderr if pending else sys.stdout)
+        try:
+            write_report([self.run_dir], self.run_dir / folder.REPORT)
+            self._push(folder.REPORT)
+        except Exception as error:  # noqa: BLE001 - a report that fails must not hide why the run ended
+            print(f"warning: the report could not be written ({type(error).__name__}: {error})", file=sys.stderr)
+        return self.uploader.close(flush_timeout_s) if self.uploader else []
+
+    def stuck(self) -> bool:
+        """An upload is still in flight after `end`'s deadline (the process should leave now)."""
+        return bool(self.uploader and self.uploader.stuck())
+
+    def pending_line(self, pending: list[str]) -> str:
+        """One line for uploads that did not make it, naming the keys and where the files are."""
+        why = self.uploader.refused or self.uploader.last_error if self.uploader else None
+        return (f"error: {len(pending)} file(s) not uploaded to {self.s3_url}: {', '.join(pending)}"
+                f"{f' ({why})' if why else ''}; they are in {self.run_dir}")
 
     def close(self, record: dict | None = None, summary: dict | None = None) -> None:
         """Ends the log (with `record` as its last line; `summary` to W&B's run summary)."""

@@ -84,6 +84,15 @@ def run_files_at(url: str, names: tuple[str, ...], timeout_s: float) -> list[str
     return [name for name in names if join_key(prefix, name) in keys]
 
 
+def metadata(url: str, name: str, timeout_s: float) -> dict[str, str] | None:
+    """The user metadata (`x-amz-meta-*`) of `<url>/<name>`, or None when S3 says it is not
+    there; any other failure is retried for `timeout_s`, then S3Error."""
+    bucket, prefix = split_s3_url(url)
+    head = retrying(f"{url}/{name}: cannot read", lambda: client().head_object(Bucket=bucket, Key=join_key(prefix, name)),
+                    timeout_s)
+    return None if head is None else dict(head.get("Metadata", {}))
+
+
 def download(url: str, name: str, dest, timeout_s: float = 0.0) -> bool:
     """Fetches `<url>/<name>` to `dest`, atomically (a temporary name, then a rename). False when
     S3 says the object is not there; any other failure is retried for `timeout_s`, then S3Error."""

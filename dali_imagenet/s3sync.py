@@ -2,10 +2,20 @@
 
 `push(path)` queues a file; the newest request for a key wins (a newer checkpoint supersedes a
 pending older one). The snapshot it uploads is staged in the run folder's own file system
-(`staging`), so a checkpoint of hundreds of MB is a hard link, not a copy; boto3's transfer
-manager uploads it (multipart, parallel parts, its own retries), and the staged file is removed
-once uploaded. Failed uploads are retried with exponential backoff for as long as the run lives;
-`close(timeout)` waits for the queue to drain and returns what is still pending.
+(`staging`), so a checkpoint of hundreds of MB is a hard link, not a copy, and is removed once
+uploaded or superseded (never while it is being uploaded). Failed uploads are retried with
+exponential backoff until `close(timeout)`, which waits for the queue to drain and returns what
+is still not in S3.
+
+Uploads run in this module's one daemon thread, with boto3's transfer manager in that thread
+(`use_threads=False`: no pool of its own), so nothing is left to run at interpreter shutdown:
+after `close`'s deadline the thread only waits for its current request's timeout, and
+`stuck()` tells the caller to leave with `os._exit`.
+
+A checkpoint pushed with its `lineage` (run id and step) carries it as S3 metadata, and before it
+is uploaded the one in S3 is looked at: if S3 holds another run's checkpoint, or a later step of
+this run's, nothing more is uploaded to the prefix (another process writes there) and `close`
+reports it.
 """
 from __future__ import annotations
 
@@ -13,11 +23,14 @@ import logging
 import shutil
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from dali_imagenet import s3
 
 log = logging.getLogger(__name__)
+
+STEP, RUN_ID = "step", "run-id"  # S3 object metadata of a checkpoint (x-amz-meta-step, x-amz-meta-run-id)
 
 
 def _hardlink(source: Path, link: Path) -> bool:
@@ -26,6 +39,27 @@ def _hardlink(source: Path, link: Path) -> bool:
         return True
     except OSError:  # another file system, or none that supports links
         return False
+
+
+def lineage_metadata(run_id: str, step: int) -> dict[str, str]:
+    return {RUN_ID: run_id, STEP: str(step)}
+
+
+def older_than(ours: dict[str, str], theirs: dict[str, str]) -> str | None:
+    """Why uploading a checkpoint of lineage `ours` over one of lineage `theirs` (both S3
+    metadata dicts) would go back in time, or None when it may go ahead."""
+    their_run, our_run = theirs.get(RUN_ID, ""), ours.get(RUN_ID, "")
+    if their_run and our_run and their_run != our_run:
+        return f"it holds run {their_run}'s checkpoint, not this run's ({our_run})"
+    if theirs.get(STEP, "").isdigit() and int(theirs[STEP]) > int(ours.get(STEP, 0)):
+        return f"it holds step {theirs[STEP]}, later than this run's step {ours.get(STEP)}"
+    return None
+
+
+@dataclass(frozen=True)
+class _Staged:
+    path: Path
+    metadata: dict[str, str] | None  # a checkpoint's lineage, checked against S3's before upload
 
 
 class S3Sync:
@@ -37,17 +71,21 @@ class S3Sync:
         self.url = url.rstrip("/")
         self._client = s3.client()
         self._transfer = TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20,
-                                        max_concurrency=4)
-        self._pending: dict[str, Path] = {}  # key -> staged snapshot
+                                        use_threads=False)
+        self._pending: dict[str, _Staged] = {}  # key -> staged snapshot
+        self._in_flight: Path | None = None
+        self.refused: str | None = None  # why nothing more goes to this prefix
+        self.last_error: str | None = None
         self._lock = threading.Condition()
         self._closing = False
+        self._abandoned = False
         self._max_backoff = max_backoff_s
         self._staging = Path(staging)
         self._staging.mkdir(parents=True, exist_ok=True)
         self._thread = threading.Thread(target=self._run, name="s3sync", daemon=True)
         self._thread.start()
 
-    def push(self, path: str | Path, *, replaced_by_rename: bool = False) -> None:
+    def push(self, path: str | Path, *, replaced_by_rename: bool = False, lineage: dict[str, str] | None = None) -> None:
         """Queues `path` for upload as `<prefix>/<name>`. A snapshot is taken now, so the file may
         change right after: a hard link for files that are only ever replaced by rename
         (checkpoints: no copy of hundreds of MB), a copy for files appended in place."""
@@ -58,9 +96,9 @@ class S3Sync:
             shutil.copyfile(path, staged)
         with self._lock:
             old = self._pending.pop(key, None)
-            if old is not None:
-                old.unlink(missing_ok=True)
-            self._pending[key] = staged
+            if old is not None and old.path != self._in_flight:  # the one in flight is the worker's to remove
+                old.path.unlink(missing_ok=True)
+            self._pending[key] = _Staged(staged, lineage)
             self._lock.notify()
 
     def pending(self) -> list[str]:
@@ -73,35 +111,69 @@ class S3Sync:
             with self._lock:
                 while not self._pending and not self._closing:
                     self._lock.wait()
-                if not self._pending:
+                if not self._pending or self._abandoned:
                     return
-                key, staged = next(iter(self._pending.items()))
+                key, item = next(iter(self._pending.items()))
+                self._in_flight = item.path
             try:
-                self._client.upload_file(str(staged), self.bucket, key, Config=self._transfer)
-            except Exception as error:  # an outage: warn, keep the file queued, retry later
+                self._upload(key, item)
+                backoff = 1.0
+                uploaded = not self.refused
+            except Exception as error:  # noqa: BLE001 - an outage, in botocore's many types: keep it queued
+                self.last_error = s3.reason(error, 160)
                 log.warning("S3 upload of s3://%s/%s failed (%s); retrying in %.0f s", self.bucket, key,
-                            s3.reason(error, 160), backoff)
-                with self._lock:
-                    self._lock.wait(backoff)
-                backoff = min(self._max_backoff, backoff * 2)
-                continue
-            backoff = 1.0
+                            self.last_error, backoff)
+                uploaded = False
             with self._lock:
-                if self._pending.get(key) is staged:
+                self._in_flight = None
+                superseded = self._pending.get(key) is not item
+                if uploaded and not superseded:
                     del self._pending[key]
-                staged.unlink(missing_ok=True)
+                if self.refused:
+                    return  # what is queued stays queued: close() reports it
+                if uploaded or superseded:
+                    item.path.unlink(missing_ok=True)
+                if not uploaded and not self._abandoned:
+                    self._lock.wait(backoff)  # close() cuts this short
+                    backoff = min(self._max_backoff, backoff * 2)
+
+    def _upload(self, key: str, item: _Staged) -> None:
+        extra = {}
+        if item.metadata is not None:
+            try:
+                theirs = self._client.head_object(Bucket=self.bucket, Key=key).get("Metadata", {})
+            except Exception as error:  # noqa: BLE001
+                if not s3.is_missing(error):
+                    raise
+                theirs = {}
+            why = older_than(item.metadata, theirs)
+            if why:
+                self.refused = f"s3://{self.bucket}/{key}: not uploaded: {why} (another process writes this prefix?)"
+                log.error(self.refused)
+                return
+            extra = {"Metadata": item.metadata}
+        self._client.upload_file(str(item.path), self.bucket, key, ExtraArgs=extra or None, Config=self._transfer)
 
     def close(self, timeout_s: float) -> list[str]:
-        """Waits up to `timeout_s` for the queue to drain; returns the keys still not uploaded."""
+        """Waits up to `timeout_s` for the queue to drain; returns the keys still not uploaded
+        (all that were queued, if the prefix was refused). The staging folder goes once empty."""
         deadline = time.monotonic() + timeout_s
         with self._lock:
             self._closing = True
             self._lock.notify_all()
         while self._thread.is_alive() and time.monotonic() < deadline:
-            self._thread.join(timeout=0.2)
+            self._thread.join(timeout=0.1)
             with self._lock:
                 self._lock.notify_all()  # cut a backoff wait short: we are leaving
+        with self._lock:
+            self._abandoned = True  # past the deadline: the thread ends after its current request
+            self._lock.notify_all()
+        self._thread.join(timeout=0.5)
         pending = self.pending()
         if not pending:
             shutil.rmtree(self._staging, ignore_errors=True)
         return pending
+
+    def stuck(self) -> bool:
+        """True when `close` returned with a request still in flight (a dead endpoint's timeout)."""
+        return self._thread.is_alive()

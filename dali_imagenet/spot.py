@@ -4,8 +4,8 @@ EC2 announces a spot reclaim about two minutes ahead through IMDS, not with a si
 gets SIGTERM only at the very end): `PUT /latest/api/token` gives a session token (with a TTL;
 refreshed before it runs out), then `GET /latest/meta-data/spot/instance-action` answers 404
 until a notice exists, 200 with `{"action": ..., "time": ...}` after. `SpotWatcher` polls it every
-few seconds in a background thread and, on a notice, asks the loop to stop exactly as SIGTERM
-does: finish the step, checkpoint with the loader state, flush the uploads, exit 0. It also logs
+few seconds in a background thread and, on a notice, asks the run to stop exactly as SIGTERM
+does: at the next step or batch, with a checkpoint in S3, exit code 75 (`exits.RECLAIM`: relaunch). It also logs
 a rebalance recommendation (`events/recommendations/rebalance`), an earlier, softer hint.
 
 The endpoint is botocore's: `AWS_EC2_METADATA_SERVICE_ENDPOINT`, else the link-local address;
@@ -14,6 +14,7 @@ request that fails within `PROBE_TIMEOUT_S`. Only IMDSv2: a request without a to
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import threading
@@ -86,7 +87,7 @@ def probe(url: str | None, timeout_s: float = PROBE_TIMEOUT_S) -> IMDS | None:
     imds = IMDS(url, timeout_s)
     try:
         imds.token()
-    except (OSError, urllib.error.URLError, ValueError):
+    except Exception:  # noqa: BLE001 - nothing that answers like IMDS (http.client's errors included)
         return None
     imds.timeout_s = 2.0
     return imds
@@ -103,16 +104,19 @@ def connect(mode: str) -> IMDS | None:
 
 
 class SpotWatcher:
-    """Polls IMDS in a daemon thread; `ask(reason)` is called once on a notice (a StopRequest's)."""
+    """Polls IMDS in a daemon thread; `ask(reason)` is called once on a notice (a StopRequest's).
+    A poll that fails in any way (no answer, a malformed reply) is logged once, and polling goes
+    on: one bad answer must not blind the run to the notice that follows."""
 
     def __init__(self, imds: IMDS, ask, log=print, interval_s: float = POLL_INTERVAL_S):
         self.imds = imds
         self._ask = ask
-        self._log = log
+        self.log = log  # may be replaced once the run's log exists
         self._interval = interval_s
         self._stop = threading.Event()
-        self.notice: dict | None = None
+        self.notice: dict | str | None = None
         self.noticed_at: float | None = None  # time.time() when the notice was seen
+        self.failed_polls = 0  # in a row
         self._rebalance_seen = False
         self._thread = threading.Thread(target=self._run, name="spot-watcher", daemon=True)
         self._thread.start()
@@ -120,24 +124,63 @@ class SpotWatcher:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                status, body = self.imds.get("spot/instance-action")
-                if status == 200:
-                    self.notice = _json_or_text(body)
-                    self.noticed_at = time.time()
-                    self._log(f"EC2 {NOTICE}: {body.strip()}")
-                    self._ask(NOTICE)
+                if self._poll():
                     return
-                if not self._rebalance_seen:
-                    status, body = self.imds.get("events/recommendations/rebalance")
-                    if status == 200:
-                        self._rebalance_seen = True
-                        self._log(f"EC2 rebalance recommendation: {body.strip()} (a reclaim may follow)")
-            except (OSError, urllib.error.URLError, ValueError) as error:  # IMDS hiccup: try again next round
-                self._log(f"spot watcher: IMDS did not answer ({error}); polling on")
+                if self.failed_polls:
+                    self.log(f"spot watcher: IMDS answers again after {self.failed_polls} failed poll(s)")
+                self.failed_polls = 0
+            except Exception as error:  # noqa: BLE001 - any failure (http.client's too): log it, poll on
+                if not self.failed_polls:
+                    self.log(f"spot watcher: IMDS poll failed ({type(error).__name__}: {error}); polling on")
+                self.failed_polls += 1
             self._stop.wait(self._interval)
 
+    def _poll(self) -> bool:
+        """One look at IMDS; True once the notice was seen and passed on."""
+        status, body = self.imds.get("spot/instance-action")
+        if status == 200:
+            self.notice = _json_or_text(body)
+            self.noticed_at = time.time()
+            self.log(f"EC2 {NOTICE}: {body.strip()}")
+            self._ask(NOTICE)
+            return True
+        if not self._rebalance_seen:
+            status, body = self.imds.get("events/recommendations/rebalance")
+            if status == 200:
+                self._rebalance_seen = True
+                self.log(f"EC2 rebalance recommendation: {body.strip()} (a reclaim may follow)")
+        return False
+
+    def timing(self, now: float | None = None) -> dict:
+        """For the run's closing record: when the notice came, when EC2 said it reclaims the
+        instance, and how long ago the notice was (seconds); empty without a notice."""
+        if self.noticed_at is None:
+            return {}
+        now = time.time() if now is None else now
+        info = {"noticed_at": _iso(self.noticed_at), "since_notice_s": round(now - self.noticed_at, 2)}
+        reclaim = reclaim_time(self.notice)
+        if reclaim is not None:
+            info.update(reclaim_at=_iso(reclaim), notice_to_reclaim_s=round(reclaim - self.noticed_at, 1))
+        return info
+
     def close(self) -> None:
+        """Stops polling and waits for the thread (one IMDS timeout at most)."""
         self._stop.set()
+        self._thread.join(timeout=self.imds.timeout_s + 1)
+
+
+def reclaim_time(notice) -> float | None:
+    """EC2's reclaim time (`{"action": ..., "time": "2026-12-01T12:00:00Z"}`) as a Unix time, or None."""
+    if not isinstance(notice, dict) or not isinstance(notice.get("time"), str):
+        return None
+    try:
+        return datetime.datetime.fromisoformat(notice["time"].replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def _iso(unix: float) -> str:
+    return datetime.datetime.fromtimestamp(unix, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
 
 
 def _json_or_text(body: str):

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from conftest import REPO, child_env, records
+from dali_imagenet import exits
 
 SKY_PYTHON = os.environ.get("DALI_IMAGENET_SKY_PYTHON", str(REPO / ".venv-cloud" / "bin" / "python"))
 TASKS = ("shard", "train-l4", "train-multinode")
@@ -19,26 +20,57 @@ TINY = ("--device cpu --no-wandb --set arch=resnet18 --set image_size=32 --set m
         "--set batch_size=16 --set epochs=1 --set compile=false --set loader_threads=1 --set amp_dtype=float32")
 
 
+PARSE = """
+import asyncio, json, sky
+from sky import backends
+from sky.jobs import recovery_strategy
+t = sky.Task.from_yaml(%r)
+r = list(t.resources)[0]
+task = {'num_nodes': t.num_nodes, 'run': t.run, 'setup': t.setup, 'envs': dict(t.envs),
+        'secrets': {k: v.get_secret_value() for k, v in t.secrets.items()}, 'accelerators': r.accelerators,
+        'use_spot': r.use_spot, 'job_recovery': dict(r.job_recovery), 'version': sky.__version__}
+# SkyPilot's own recovery executor, as its jobs controller builds it, asked what it does on each code
+def executor():  # a fresh one per code: it counts restarts on errors
+    return recovery_strategy.StrategyExecutor.make('c', backends.CloudVmRayBackend(), sky.Task.from_yaml(%r), 1, 0,
+                                                   None, set(), asyncio.Lock(), asyncio.Condition())
+task['executor'] = type(executor()).__name__
+task['relaunches'] = {}
+for code in (75, 1, 74):
+    answers = executor()
+    task['relaunches'][code] = [answers.should_restart_on_failure([code]) for _ in range(4)]
+print(json.dumps(task))
+"""
+
+
 def parse(name: str) -> dict:
     if not os.path.exists(SKY_PYTHON):
         pytest.fail(f"{SKY_PYTHON} is missing: `make test` builds it (make cloud-venv)")
-    script = ("import json, sky; t = sky.Task.from_yaml(%r); r = list(t.resources)[0]; print(json.dumps({"
-              "'num_nodes': t.num_nodes, 'run': t.run, 'setup': t.setup, 'envs': dict(t.envs), "
-              "'accelerators': r.accelerators, 'use_spot': r.use_spot, 'job_recovery': r.job_recovery, "
-              "'version': sky.__version__}))") % str(REPO / "cloud" / f"{name}.yaml")
-    result = subprocess.run([SKY_PYTHON, "-c", script], capture_output=True, text=True, timeout=120)
+    path = str(REPO / "cloud" / f"{name}.yaml")
+    result = subprocess.run([SKY_PYTHON, "-c", PARSE % (path, path)], capture_output=True,
+                            text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("name", TASKS)
-def test_skypilot_reads_the_task(name):
+def test_skypilot_reads_the_task_and_relaunches_on_the_reclaim_code(name):
     task = parse(name)
-    assert task["use_spot"] is True and task["job_recovery"]["strategy"] == "FAILOVER"
+    assert task["version"] == "0.14.1"
+    assert task["use_spot"] is True and task["job_recovery"]["strategy"] == "EAGER_NEXT_REGION"
+    assert task["executor"] == "EagerFailoverStrategyExecutor"  # terminates the instance under notice first
     assert "pip install" in task["setup"] and "BUCKET" in task["envs"]
+    assert not {"HF_TOKEN", "WANDB_API_KEY"} & set(task["envs"])  # tokens are secrets, never envs
+    relaunches = {int(code): answers for code, answers in task["relaunches"].items()}
+    assert relaunches[1] == [True, True, False, False]  # a crash: max_restarts_on_errors (2) more tries
     if name.startswith("train"):
-        assert task["accelerators"] == {"L4": 1}
+        assert task["accelerators"] == {"L4": 1} and task["secrets"] == {"WANDB_API_KEY": ""}
+        assert task["job_recovery"]["recover_on_exit_codes"] == [exits.RECLAIM]
+        assert relaunches[exits.RECLAIM] == [True] * 4  # every reclaim relaunches, uncounted
+        assert relaunches[exits.UPLOADS_PENDING] == [True, True, False, False]
         assert "--resume auto" in task["run"] and "--s3" in task["run"] and "--spot auto" in task["run"]
+        assert "basename \"$CONFIG\" .yaml" in task["run"]  # the default RUN prefix names the config
+    else:
+        assert task["secrets"] == {"HF_TOKEN": ""}
     assert task["num_nodes"] == (2 if name == "train-multinode" else 1)
 
 
@@ -51,18 +83,20 @@ def run_task(name: str, home, **envs) -> subprocess.CompletedProcess:
         wrapper = venv / tool
         wrapper.write_text(f'#!/bin/sh\nexec {os.path.join(os.path.dirname(sys.executable), tool)} "$@"\n')
         wrapper.chmod(0o755)
-    env = child_env(**{**task["envs"], **envs, "HOME": str(home)})
+    env = child_env(**{**task["envs"], **task["secrets"], **envs, "HOME": str(home)})
     return subprocess.run(["bash", "-c", task["run"]], cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
 
 
 @pytest.mark.slow
 def test_the_tasks_run_commands_work_end_to_end(sample_dir, s3_bucket, tmp_path):
     """shard.yaml streams the (stand-in) Hub's parquet files into shards on S3, with nothing of the
-    source on the instance's disk; train-l4.yaml trains from them to an S3 run prefix and, run
-    again (a relaunch after a reclaim), resumes from S3; train-multinode.yaml trains with two
-    processes on one node through SkyPilot's node variables."""
+    source on the instance's disk; train-l4.yaml trains from them to an S3 run prefix named after
+    its config, exits 75 on a spot notice, and its relaunch on a new machine (an empty home)
+    resumes from S3 and exits 0; train-multinode.yaml's `run:` under torchrun with two processes
+    (SkyPilot's node variables), a notice heard by rank 1 only: torchrun exits 1, the task 75."""
     from benchmarks.standin_hub import StandInHub
     from dali_imagenet.s3 import client
+    from standin_imds import NOTICE_HOOK, StandInIMDS
 
     hub = StandInHub(sample_dir)
     try:
@@ -75,22 +109,40 @@ def test_the_tasks_run_commands_work_end_to_end(sample_dir, s3_bucket, tmp_path)
     assert manifest["complete"] and manifest["source"]["repo"] == "ILSVRC/imagenet-1k"
     assert not list((tmp_path / "shard-home").rglob("*.parquet"))
 
-    first = run_task("train-l4", tmp_path / "l4-home", BUCKET=s3_bucket, CONFIG="configs/cpu-demo.yaml",
-                     TRAIN_ARGS=TINY.replace("epochs=1", "epochs=2 --set max_steps=2"))
-    assert first.returncode == 0, first.stderr[-2000:]
-    assert client().head_object(Bucket=s3_bucket, Key="runs/r50-l4-16h/last.pt")
-    # the relaunch after a reclaim: a new machine (an empty home) resumes from S3 and finishes
-    relaunch = run_task("train-l4", tmp_path / "l4-home-2", BUCKET=s3_bucket, CONFIG="configs/cpu-demo.yaml",
-                        TRAIN_ARGS=TINY.replace("epochs=1", "epochs=2"))
-    assert relaunch.returncode == 0, relaunch.stderr[-2000:]
-    events = [(r["event"], r["step"]) for r in records(tmp_path / "l4-home-2" / "run") if r.get("event") in
-              ("resumed", "finished")]
-    assert events == [("resumed", 2), ("finished", 2 * (96 // 16))]
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(NOTICE_HOOK)
+    two_epochs = TINY.replace("epochs=1", "epochs=2") + " --set spot_poll_seconds=0.2"
+    imds = StandInIMDS()
+    try:
+        first = run_task("train-l4", tmp_path / "l4-home", BUCKET=s3_bucket, CONFIG="configs/cpu-demo.yaml",
+                         TRAIN_ARGS=two_epochs, PYTHONPATH=str(hook), NOTICE_URL=imds.notice_url, NOTICE_AT="step",
+                         NOTICE_STEP="1", AWS_EC2_METADATA_SERVICE_ENDPOINT=imds.url, AWS_EC2_METADATA_DISABLED="false")
+        assert first.returncode == exits.RECLAIM, first.stderr[-2000:]
+        assert client().head_object(Bucket=s3_bucket, Key="runs/cpu-demo/last.pt")["Metadata"]["step"] == "2"
+        # SkyPilot's relaunch after the reclaim: a new machine (an empty home) resumes from S3 and finishes
+        relaunch = run_task("train-l4", tmp_path / "l4-home-2", BUCKET=s3_bucket, CONFIG="configs/cpu-demo.yaml",
+                            TRAIN_ARGS=two_epochs)
+        assert relaunch.returncode == 0, relaunch.stderr[-2000:]
+        events = [(r["event"], r["step"]) for r in records(tmp_path / "l4-home-2" / "run") if r.get("event") in
+                  ("resumed", "finished")]
+        assert events == [("resumed", 2), ("finished", 2 * (96 // 16))]
 
-    multi = run_task("train-multinode", tmp_path / "multi-home", BUCKET=s3_bucket, CONFIG="configs/cpu-demo.yaml",
-                     TRAIN_ARGS=TINY, RUN=f"s3://{s3_bucket}/runs/multi", SKYPILOT_NODE_IPS="127.0.0.1\n",
-                     SKYPILOT_NUM_NODES="1", SKYPILOT_NODE_RANK="0", SKYPILOT_NUM_GPUS_PER_NODE="1",
-                     MASTER_PORT="29533")
-    assert multi.returncode == 0, multi.stderr[-2000:]
-    final = records(tmp_path / "multi-home" / "run")[-1]
-    assert final["event"] == "finished" and final["step"] == 96 // 16
+        nodes = dict(BUCKET=s3_bucket, CONFIG="configs/cpu-demo.yaml", TRAIN_ARGS=two_epochs,
+                     SKYPILOT_NODE_IPS="127.0.0.1\n", SKYPILOT_NUM_NODES="1", SKYPILOT_NODE_RANK="0",
+                     SKYPILOT_NUM_GPUS_PER_NODE="2", MASTER_PORT="29533")
+        imds.close()
+        imds = StandInIMDS()  # another machine's IMDS, with no notice yet
+        multi = run_task("train-multinode", tmp_path / "multi-home", **nodes, PYTHONPATH=str(hook),
+                         NOTICE_URL=imds.notice_url, NOTICE_AT="step", NOTICE_STEP="1", NOTICE_RANK="1",
+                         NOTICE_IMDS=imds.url)
+    finally:
+        imds.close()
+    assert multi.returncode == exits.RECLAIM, multi.stderr[-3000:]
+    assert "exitcode  : 75" in multi.stderr  # torchrun itself reported its workers' 75 as a failure (exit 1)
+    stopped = records(tmp_path / "multi-home" / "run")[-1]
+    assert stopped["event"] == "stopped" and stopped["reason"] == "spot interruption notice on rank 1"
+    relaunched = run_task("train-multinode", tmp_path / "multi-home-2", **nodes)
+    assert relaunched.returncode == 0, relaunched.stderr[-2000:]
+    final = records(tmp_path / "multi-home-2" / "run")[-1]
+    assert final["event"] == "finished" and final["step"] == 2 * (96 // 2 // 16)

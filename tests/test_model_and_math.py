@@ -9,7 +9,8 @@ import torchvision
 
 from dali_imagenet import checkpoint as ckpt
 from dali_imagenet import run_folder
-from dali_imagenet.resume import newest_valid
+from dali_imagenet.resume import read_last
+from dali_imagenet.run_folder import RunError
 from dali_imagenet.config import ConfigError, TrainConfig, load_config
 from dali_imagenet.model import build_model, drop_path
 from dali_imagenet.schedule import lr_at, parameter_groups, scaled_lr
@@ -125,19 +126,26 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         ckpt.save_atomic(fake_checkpoint(2, w=torch.zeros(3)), tmp_path / run_folder.LAST)
     monkeypatch.undo()
-    path, state = newest_valid(tmp_path)
-    assert path.name == run_folder.LAST and state["state"]["step"] == 1
+    assert read_last(tmp_path)["state"]["step"] == 1
     run_folder.clean_temporaries(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [run_folder.LAST]
 
 
-def test_newest_valid_skips_a_corrupt_file(tmp_path):
+def test_an_unreadable_last_checkpoint_is_refused_not_passed_over(tmp_path):
+    """A resume never goes back in time silently: a garbage last.pt beside a good older best.pt
+    stops the run with one line naming it, instead of continuing from best.pt."""
     ckpt.save_atomic(fake_checkpoint(5), tmp_path / run_folder.LAST)
     run_folder.mark_best(tmp_path)
     ckpt.save_atomic(fake_checkpoint(9), tmp_path / run_folder.LAST)
-    assert newest_valid(tmp_path)[1]["state"]["step"] == 9
+    assert read_last(tmp_path)["state"]["step"] == 9
     (tmp_path / run_folder.LAST).write_bytes(b"garbage")
-    assert newest_valid(tmp_path)[1]["state"]["step"] == 5
+    with pytest.raises(RunError) as error:
+        read_last(tmp_path)
+    assert str(error.value).startswith(f"{tmp_path / run_folder.LAST}: not a checkpoint")
+    assert "no older checkpoint is used" in str(error.value) and "\n" not in str(error.value)
+    (tmp_path / run_folder.LAST).unlink()
+    with pytest.raises(RunError, match="best.pt but no last.pt: pass --resume"):
+        read_last(tmp_path)
 
 
 def test_rng_state_round_trips_through_weights_only_load(tmp_path):

@@ -1,77 +1,24 @@
-"""A run on spot that loses nothing: EC2's interruption notice (a stand-in IMDSv2 on 127.0.0.1),
-a resume from S3 on a fresh machine that continues the run's history, an S3 outage at resume that
-stops the run without touching S3, and uploads that never hold up the step loop."""
+"""A run on spot that loses nothing and that SkyPilot brings back: EC2's interruption notice (a
+stand-in IMDSv2 on 127.0.0.1) at a train step, during validation and at an epoch's end, each
+ending in the reclaim exit code with the checkpoint in S3 and a resume on a new machine equal to
+an uninterrupted run; every other way out (S3 gone, a NaN, a data error) flushed to S3 with a
+non-zero code; and a resume that never goes back in time."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
 import subprocess
-import threading
+import sys
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
 
-from conftest import EXACT, child_env, records, train, train_command
-from dali_imagenet import spot
-
-
-class StandInIMDS:
-    """IMDSv2 as EC2 serves it, on 127.0.0.1: PUT a token, then GET meta-data with it (401
-    without, or with an old one after `rotate()`); spot/instance-action is 404 until `notice()`."""
-
-    def __init__(self, lifecycle: str = "spot"):
-        self.tokens = {"token-1"}
-        self.current = "token-1"
-        self.noticed_at = None
-        self.requests: list[str] = []
-        self.lifecycle = lifecycle
-        imds = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _send(self, status: int, body: str = "") -> None:
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body.encode())
-
-            def do_PUT(self):
-                imds.requests.append(f"PUT {self.path}")
-                if self.path == "/latest/api/token" and self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
-                    self._send(200, imds.current)
-                else:
-                    self._send(400)
-
-            def do_GET(self):
-                imds.requests.append(f"GET {self.path}")
-                if self.headers.get("X-aws-ec2-metadata-token") not in {imds.current}:
-                    return self._send(401)  # IMDSv2 only
-                answers = {"/latest/meta-data/instance-type": "g6.xlarge",
-                           "/latest/meta-data/instance-life-cycle": imds.lifecycle}
-                if self.path == "/latest/meta-data/spot/instance-action" and imds.noticed_at:
-                    return self._send(200, json.dumps({"action": "terminate", "time": "2026-12-01T12:00:00Z"}))
-                if self.path in answers:
-                    return self._send(200, answers[self.path])
-                self._send(404)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def notice(self) -> None:
-        self.noticed_at = time.time()
-
-    def rotate(self) -> None:
-        self.current = f"token-{len(self.tokens) + 1}"
-        self.tokens.add(self.current)
-
-    def close(self) -> None:
-        self.server.shutdown()
+from conftest import EXACT, REPO, child_env, records, train, train_command
+from dali_imagenet import exits, spot
+from standin_imds import NOTICE_HOOK, RECLAIM_AT, StandInIMDS
 
 
 @pytest.fixture
@@ -106,17 +53,38 @@ def test_imdsv2_token_is_required_and_refreshed(imds):
     assert status == 200 and json.loads(body)["action"] == "terminate"
 
 
-def test_the_watcher_asks_to_stop_on_a_notice(imds):
-    asked = []
-    watcher = spot.SpotWatcher(spot.probe(imds.url), asked.append, log=lambda message: None, interval_s=0.05)
-    time.sleep(0.2)
-    assert asked == []
-    imds.notice()
-    deadline = time.monotonic() + 5
-    while not asked and time.monotonic() < deadline:
+def wait_for(condition, seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
         time.sleep(0.02)
+
+
+def test_a_malformed_reply_is_logged_once_and_the_notice_after_it_still_acted_on(imds):
+    asked, notes = [], []
+    watcher = spot.SpotWatcher(spot.probe(imds.url), asked.append, log=notes.append, interval_s=0.05)
+    imds.malformed(6)  # several polls in a row get bytes that are not HTTP (http.client.BadStatusLine)
+    wait_for(lambda: imds._malformed == 0)
+    wait_for(lambda: any("answers again" in n for n in notes))
+    imds.notice()
+    wait_for(lambda: asked)
     watcher.close()
-    assert asked == [spot.NOTICE] and watcher.notice["action"] == "terminate"
+    failures = [n for n in notes if "poll failed" in n]
+    assert len(failures) == 1 and "BadStatusLine" in failures[0], notes  # logged once, not once a poll
+    assert asked == [spot.NOTICE] and watcher.notice["time"] == RECLAIM_AT
+    timing = watcher.timing()
+    assert timing["reclaim_at"] == "2026-12-01T12:00:00.000Z" and timing["since_notice_s"] >= 0
+    assert not watcher._thread.is_alive()  # close() joins the thread
+
+
+def test_exit_codes_for_each_way_a_run_stops():
+    assert exits.for_stop(None) == exits.COMPLETE
+    assert exits.for_stop("max_steps=3") == exits.for_stop("max_minutes=5") == exits.COMPLETE
+    assert exits.for_stop(spot.NOTICE) == exits.for_stop("SIGTERM") == exits.RECLAIM
+    assert exits.for_stop(f"{spot.NOTICE} on rank 1") == exits.RECLAIM
+    assert exits.for_stop("SIGINT") == exits.for_stop("SIGINT on rank 3") == exits.INTERRUPTED
+    assert exits.with_uploads(exits.COMPLETE, ["k"]) == exits.with_uploads(exits.RECLAIM, ["k"]) == exits.UPLOADS_PENDING
+    assert exits.with_uploads(exits.ERROR, ["k"]) == exits.ERROR and exits.with_uploads(exits.RECLAIM, []) == exits.RECLAIM
+    assert exits.RECLAIM not in (0, 1, 2, 130, 137, 143) and exits.UPLOADS_PENDING not in (0, 1, 2, 130, 137, 143)
 
 
 # The shared straight run's recipe (conftest.EXACT): these extra knobs change no weight.
@@ -129,45 +97,55 @@ def s3_records(bucket: str, key: str) -> list[dict]:
     return [json.loads(line) for line in client().get_object(Bucket=bucket, Key=key)["Body"].read().splitlines()]
 
 
-@pytest.mark.slow
-def test_a_spot_notice_checkpoints_and_a_new_machine_finishes_the_run(sample_shards, straight_run, s3_bucket, imds,
-                                                                      tmp_path):
-    url = f"s3://{s3_bucket}/runs/spot"
-    on_spot = child_env(AWS_EC2_METADATA_SERVICE_ENDPOINT=imds.url, AWS_EC2_METADATA_DISABLED="false")
-    process = subprocess.Popen(train_command(sample_shards, tmp_path / "first", *SETS, extra=["--s3", url]),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=on_spot)
-    metrics = tmp_path / "first" / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (metrics.exists() and metrics.read_text().count('"loss"') >= 3):
-        time.sleep(0.05)
-    noticed_step = max(r["step"] for r in records(tmp_path / "first") if "loss" in r)
-    imds.notice()
-    stdout, stderr = process.communicate(timeout=120)
-    exited = time.time()
-    assert process.returncode == 0, stderr[-3000:]
-    assert "spot interruption notice: stopping after this step" in stderr
-    closing = records(tmp_path / "first")[-1]
-    assert closing["event"] == "stopped" and closing["reason"] == spot.NOTICE
-    assert closing["cost"]["lifecycle"] == "spot" and closing["cost"]["wall_hours"] > 0
-    started = records(tmp_path / "first")[0]
-    assert started["machine"]["instance_type"] == "g6.xlarge" and started["machine"]["lifecycle"] == "spot"
+def s3_checkpoint(bucket: str, key: str) -> dict:
     from dali_imagenet.s3 import client
 
-    uploaded = client().get_object(Bucket=s3_bucket, Key="runs/spot/last.pt")["Body"].read()
-    step = torch.load(__import__("io").BytesIO(uploaded), weights_only=True)["state"]["step"]
-    assert noticed_step <= step < noticed_step + 6  # stopped within a few steps of the notice
-    print(f"notice -> exit 0 with the checkpoint in S3: {exited - imds.noticed_at:.1f} s (step {noticed_step} -> {step})")
+    return torch.load(io.BytesIO(client().get_object(Bucket=bucket, Key=key)["Body"].read()), weights_only=True)
 
-    train(sample_shards, tmp_path / "second", *SETS, extra=["--resume", "auto", "--s3", url, "--spot", "off"])
+
+# phase -> (extra env for the hook, the step of the checkpoint the run must leave in S3)
+PHASES = {"step": ({"NOTICE_STEP": "3"}, 4),  # the 4th step trains while the notice comes: stop after it
+          "validation": ({}, 6),  # epoch 1 is 6 steps: its end checkpoint, written before validation
+          "epoch_end": ({}, 6)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", PHASES)
+def test_a_notice_at_any_moment_exits_75_with_the_checkpoint_in_s3_and_a_new_machine_finishes(
+        phase, sample_shards, straight_run, s3_bucket, imds, tmp_path):
+    url = f"s3://{s3_bucket}/runs/{phase}"
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(NOTICE_HOOK)
+    env, step = PHASES[phase]
+    on_spot = child_env(AWS_EC2_METADATA_SERVICE_ENDPOINT=imds.url, AWS_EC2_METADATA_DISABLED="false",
+                        PYTHONPATH=str(hook), NOTICE_URL=imds.notice_url, NOTICE_AT=phase, **env)
+    first = train(sample_shards, tmp_path / "first", *SETS, extra=["--s3", url], env=on_spot, check=False)
+    exited = time.time()
+    assert first.returncode == exits.RECLAIM, first.stderr[-3000:]
+    assert f"{spot.NOTICE}: stopping" in first.stderr and "exit 75: continue with --resume auto" in first.stderr
+    assert imds.noticed_at and exited - imds.noticed_at < 60
+    closing = records(tmp_path / "first")[-1]
+    assert closing["event"] == "stopped" and closing["reason"] == spot.NOTICE and closing["exit_code"] == 75
+    assert closing["notice"]["reclaim_at"].startswith("2026-12-01T12:00:00") and closing["notice"]["since_notice_s"] < 60
+    assert closing["cost"]["lifecycle"] == "spot" and closing["checkpoint_step"] == step
+    uploaded = s3_checkpoint(s3_bucket, f"runs/{phase}/last.pt")
+    assert uploaded["state"]["step"] == step
+    assert uploaded["state"]["validation_due"] == (1 if phase != "step" else 0)
+    assert s3_records(s3_bucket, f"runs/{phase}/metrics.jsonl")[-1] == closing  # the closing record is in S3 too
+    print(f"{phase}: notice -> exit 75 with the checkpoint in S3: {exited - imds.noticed_at:.1f} s (step {step})")
+
+    second = train(sample_shards, tmp_path / "second", *SETS, extra=["--resume", "auto", "--s3", url, "--spot", "off"])
     a = torch.load(straight_run / "final_weights.pt", weights_only=True)
     b = torch.load(tmp_path / "second" / "final_weights.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a), "stopped on a notice + resumed elsewhere != straight"
-    history = s3_records(s3_bucket, "runs/spot/metrics.jsonl")
+    history = s3_records(s3_bucket, f"runs/{phase}/metrics.jsonl")
     events = [r["event"] for r in history if r.get("event") not in (None, "note")]
     assert events == ["started", "stopped", "started", "resumed", "finished"]
-    assert any(r.get("event") == "note" and "spot interruption notice" in r["message"] for r in history)
+    assert any(r.get("event") == "note" and spot.NOTICE in r["message"] for r in history)
     assert [r["step"] for r in history if "loss" in r] == list(range(1, 13))  # every step of both parts, once
-    assert [r["epoch"] for r in history if "val_top1" in r] == [1, 2]
+    assert [r["epoch"] for r in history if "val_top1" in r] == [1, 2]  # one validation per epoch
+    assert [v["epoch"] for v in torch.load(tmp_path / "second" / "last.pt", weights_only=True)["state"]["history"]] == [1, 2]
 
 
 @pytest.mark.slow
@@ -181,7 +159,7 @@ def test_s3_unreachable_at_resume_stops_and_changes_nothing(sample_shards, s3_bu
         closed.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{closed.getsockname()[1]}"  # nothing listens there once closed
     started = time.monotonic()
-    result = train(sample_shards, tmp_path / "b", "epochs=2", "s3_resume_timeout_s=3", check=False,
+    result = train(sample_shards, tmp_path / "b", "epochs=1", "s3_resume_timeout_s=3", check=False,
                    extra=["--resume", "auto", "--s3", url], env=child_env(AWS_ENDPOINT_URL=dead))
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
@@ -200,6 +178,199 @@ def test_a_fresh_run_never_replaces_a_run_on_s3(sample_shards, s3_bucket, tmp_pa
     assert result.returncode == 1 and f"{url} holds a run (last.pt)" in result.stderr
     assert client().get_object(Bucket=s3_bucket, Key="runs/held/last.pt")["Body"].read() == b"a run's checkpoint"
     assert not (tmp_path / "run").exists()
+
+
+def test_a_corrupt_checkpoint_in_s3_is_refused_and_s3_left_as_it_is(sample_shards, s3_bucket, tmp_path):
+    from dali_imagenet.s3 import client
+
+    url = f"s3://{s3_bucket}/runs/corrupt"
+    for name, body in (("last.pt", b"\x80half a checkpoint"), ("best.pt", b"never read"), ("metrics.jsonl", b"{}\n")):
+        client().put_object(Bucket=s3_bucket, Key=f"runs/corrupt/{name}", Body=body)
+    before = {o["Key"]: o["ETag"] for o in client().list_objects_v2(Bucket=s3_bucket)["Contents"]}
+    result = train(sample_shards, tmp_path / "run", check=False, extra=["--resume", "auto", "--s3", url])
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith(f"error: {url}/last.pt: not a checkpoint") and "S3 is left as it is" in lines[0]
+    assert {o["Key"]: o["ETag"] for o in client().list_objects_v2(Bucket=s3_bucket)["Contents"]} == before
+    assert not (tmp_path / "run" / "last.pt").exists() and not (tmp_path / "run" / "best.pt").exists()
+
+
+def test_the_newer_checkpoint_wins_and_other_runs_or_configs_are_refused(s3_bucket, tmp_path):
+    """resume.choose on one machine, with real checkpoint files and S3 (moto): by step within one
+    run, whichever side is newer; two runs, or another config, refused in one line."""
+    from dali_imagenet import checkpoint as ckpt
+    from dali_imagenet import resume
+    from dali_imagenet.config import TrainConfig, to_dict
+    from dali_imagenet.run_folder import RunError
+    from dali_imagenet.s3 import client
+    from dali_imagenet.s3sync import S3Sync, lineage_metadata
+
+    config = TrainConfig(epochs=3)
+
+    def checkpoint(folder, step: int, run_id: str = "run-a", **changes) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {"step": step, "run_id": run_id, "epoch": 0, "batch_in_epoch": step}
+        ckpt.save_atomic({"model": {}, "optimizer": {}, "scaler": {}, "state": state,
+                          "config": {**to_dict(config), **changes}}, folder / "last.pt")
+
+    def upload(step: int, run_id: str = "run-a", **changes) -> None:
+        checkpoint(tmp_path / "s3-side", step, run_id, **changes)
+        sync = S3Sync(url, staging=tmp_path / "staging")
+        sync.push(tmp_path / "s3-side" / "last.pt", replaced_by_rename=True, lineage=lineage_metadata(run_id, step))
+        assert sync.close(30) == []
+
+    url = f"s3://{s3_bucket}/runs/choose"
+    local = tmp_path / "machine"
+    upload(10)
+    checkpoint(local, 4)  # a stale folder on a machine that comes back: S3's newer lineage wins
+    assert resume.choose(local, url, 5, config) is False
+    assert ckpt.load_training(local / "last.pt")["state"]["step"] == 10
+    checkpoint(local, 12)  # this machine trained on after S3's: S3 must catch up, nothing is fetched
+    assert resume.choose(local, url, 5, config) is True
+    assert ckpt.load_training(local / "last.pt")["state"]["step"] == 12
+    checkpoint(local, 12, run_id="run-b")
+    with pytest.raises(RunError, match="belong to different runs"):
+        resume.choose(local, url, 5, config)
+    (local / "last.pt").unlink()
+    upload(11, lr=0.5)  # S3 holds a run of another config: refused before anything is fetched
+    with pytest.raises(RunError) as refused:
+        resume.choose(local, url, 5, config)
+    assert "a run of another config (lr 0.5 -> 0.1)" in str(refused.value) and not (local / "last.pt").exists()
+    upload(11, log_every=7, max_steps=99)  # how a run logs or is cut short may change on resume
+    assert resume.choose(local, url, 5, config) is False and (local / "last.pt").exists()
+    # an older lineage is never uploaded over a newer one: the uploader looks first and refuses
+    checkpoint(tmp_path / "old", 3)
+    sync = S3Sync(url, staging=tmp_path / "staging")
+    sync.push(tmp_path / "old" / "last.pt", replaced_by_rename=True, lineage=lineage_metadata("run-a", 3))
+    assert sync.close(30) == [f"runs/choose/last.pt"] and "later than this run's step 3" in sync.refused
+    assert client().head_object(Bucket=s3_bucket, Key="runs/choose/last.pt")["Metadata"]["step"] == "11"
+
+
+def test_a_push_never_removes_the_file_being_uploaded(s3_bucket, tmp_path, monkeypatch):
+    """A newer push of a key while its older snapshot is uploading keeps the older one until the
+    upload ends; then both land in order and the staging folder is empty."""
+    from dali_imagenet.s3 import client
+    from dali_imagenet.s3sync import S3Sync
+
+    sync = S3Sync(f"s3://{s3_bucket}/race", staging=tmp_path / "staging")
+    uploading, release, seen = __import__("threading").Event(), __import__("threading").Event(), []
+    real = sync._client.upload_file
+
+    def slow_upload(filename, *args, **kwargs):
+        seen.append(open(filename, "rb").read())
+        uploading.set()
+        release.wait(10)
+        return real(filename, *args, **kwargs)
+
+    monkeypatch.setattr(sync._client, "upload_file", slow_upload)
+    (tmp_path / "metrics.jsonl").write_text("one\n")
+    sync.push(tmp_path / "metrics.jsonl")
+    assert uploading.wait(10)
+    (tmp_path / "metrics.jsonl").write_text("one\ntwo\n")
+    sync.push(tmp_path / "metrics.jsonl")  # supersedes while the first is in flight
+    release.set()
+    assert sync.close(30) == []
+    assert seen == [b"one\n", b"one\ntwo\n"]  # the first upload read its whole file: it was not removed
+    assert client().get_object(Bucket=s3_bucket, Key="race/metrics.jsonl")["Body"].read() == b"one\ntwo\n"
+    assert not (tmp_path / "staging").exists()
+
+
+def test_close_past_its_deadline_returns_and_leaves_no_thread_working(tmp_path, monkeypatch):
+    """S3 that never answers: close() returns within its deadline (plus one short join) naming the
+    key, and `stuck()` says whether a request is still in its timeout (the caller then os._exits)."""
+    from dali_imagenet.s3sync import S3Sync
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        sync = S3Sync("s3://nobody/run", staging=tmp_path / "staging")
+        (tmp_path / "config.yaml").write_text("a: 1\n")
+        sync.push(tmp_path / "config.yaml")
+        started = time.monotonic()
+        assert sync.close(1.0) == ["run/config.yaml"]
+        assert time.monotonic() - started < 2.5
+        assert sync.stuck()  # its request is waiting on a server that never answers
+
+
+@pytest.mark.slow
+def test_s3_gone_at_the_end_is_not_success(sample_shards, tmp_path, s3_server):
+    """S3 goes away mid-run: training goes on, but the run exits 74 with one line naming the
+    files not uploaded, within the flush timeout, and no thread outlives the interpreter."""
+    from conftest import S3Server
+    from dali_imagenet.s3 import client
+
+    server = S3Server()
+    server.start()
+    run_env = child_env(AWS_ENDPOINT_URL=server.endpoint)
+    os.environ["AWS_ENDPOINT_URL"] = server.endpoint
+    try:
+        client().create_bucket(Bucket="outage")
+    finally:
+        os.environ["AWS_ENDPOINT_URL"] = s3_server.endpoint
+    process = subprocess.Popen(train_command(sample_shards, tmp_path / "run", "epochs=3", "s3_flush_timeout_s=3")
+                               + ["--s3", "s3://outage/run"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=run_env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (tmp_path / "run" / "last.pt").exists():
+        time.sleep(0.05)
+    server.stop()  # S3 goes away mid-run
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == exits.UPLOADS_PENDING, stderr[-2000:]
+    assert [r["event"] for r in records(tmp_path / "run") if r.get("event") in ("finished", "stopped")] == ["finished"]
+    line = [x for x in stderr.splitlines() if x.startswith("error: ")]
+    assert len(line) == 1 and "not uploaded to s3://outage/run" in line[0] and "final_weights.pt" in line[0]
+    assert "metrics.jsonl" in line[0] and str(tmp_path / "run") in line[0]
+    assert "interpreter shutdown" not in stderr and "Traceback" not in stderr
+
+
+POISON_FROM_STEP = """
+import dali_imagenet.step as step
+body = step.TrainStep.body
+def poisoned(self, images, labels, draws, ema_weight):
+    if int(self.step_number) >= 7:  # from the 8th step on, as an overflow would
+        images = images * float("nan")
+    return body(self, images, labels, draws, ema_weight)
+step.TrainStep.body = poisoned
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("way_out", ["nan", "data_error"])
+def test_a_nan_or_a_data_error_leaves_the_stopped_record_and_the_last_good_checkpoint_in_s3(
+        way_out, sample_shards, s3_bucket, tmp_path):
+    import shutil
+
+    from dali_imagenet.s3 import client
+    from test_verify import wipe_a_jpeg_header
+
+    url = f"s3://{s3_bucket}/runs/{way_out}"
+    shards, env = sample_shards, child_env()
+    if way_out == "nan":
+        hook = tmp_path / "hook"
+        hook.mkdir()
+        (hook / "sitecustomize.py").write_text(POISON_FROM_STEP)
+        env = child_env(PYTHONPATH=str(hook))
+        sets = ("epochs=2", "mixup_alpha=0", "cutmix_alpha=0")
+    else:
+        shards = tmp_path / "shards"
+        shutil.copytree(sample_shards, shards)
+        wipe_a_jpeg_header(shards)
+        sets = ("epochs=2", "checkpoint_minutes=0")  # a checkpoint after every step
+    result = train(shards, tmp_path / "run", *sets, extra=["--s3", url], env=env, check=False)
+    assert result.returncode == exits.ERROR
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in result.stderr
+    local = records(tmp_path / "run")
+    assert s3_records(s3_bucket, f"runs/{way_out}/metrics.jsonl") == local  # the whole log, closing record too
+    assert local[-1]["event"] == "stopped"
+    assert ("NaN" in local[-1]["reason"]) if way_out == "nan" else ("undecodable" in local[-1]["reason"])
+    in_s3 = s3_checkpoint(s3_bucket, f"runs/{way_out}/last.pt")
+    on_disk = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert in_s3["state"]["step"] == on_disk["state"]["step"] == local[-1]["checkpoint_step"] >= 1
+    if way_out == "nan":
+        assert in_s3["state"]["step"] == 6 and local[-1]["step"] == 8  # the epoch end; NaN seen at step 8
+    assert "report.html" in {o["Key"].split("/")[-1] for o in
+                             client().list_objects_v2(Bucket=s3_bucket, Prefix=f"runs/{way_out}/")["Contents"]}
 
 
 def test_a_large_upload_does_not_hold_up_the_steps(s3_bucket, tmp_path):
@@ -236,3 +407,59 @@ def test_a_large_upload_does_not_hold_up_the_steps(s3_bucket, tmp_path):
     median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     print(f"step {1e3 * median(quiet):.1f} ms without an upload, {1e3 * median(during):.1f} ms during it "
           f"({len(during)} steps while 128 MB went up)")
+
+
+@pytest.mark.slow
+def test_a_data_error_on_one_rank_stops_both_with_a_line_each(sample_shards, s3_bucket, tmp_path):
+    """torchrun, 2 CPU ranks (gloo): one sample that only one rank reads does not decode. That rank
+    names it; the other says which rank stopped the run; both exit within seconds (no collective
+    timeout, no gloo traceback), and rank 0 leaves the stopped record and checkpoint in S3."""
+    import shutil
+
+    from test_verify import wipe_a_jpeg_header
+
+    shards = tmp_path / "shards"
+    shutil.copytree(sample_shards, shards)
+    tar, key = wipe_a_jpeg_header(shards)
+    out, url = tmp_path / "ddp", f"s3://{s3_bucket}/runs/ddp"
+    args = train_command(shards, out, "epochs=2", "checkpoint_minutes=0", extra=["--s3", url])
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                             "--log-dir", str(tmp_path / "logs"), "--redirects", "3", *args[1:]],
+                            capture_output=True, text=True, env=child_env(), timeout=240, cwd=REPO)
+    seconds = time.monotonic() - started
+    assert result.returncode != 0
+    last_lines = [path.read_text().strip().splitlines()[-1] for path in sorted((tmp_path / "logs").rglob("stderr.log"))]
+    assert len(last_lines) == 2, last_lines
+    failing = [line for line in last_lines if f"sample {key}.jpg is undecodable" in line and "stopping:" not in line]
+    other = [line for line in last_lines if line.startswith("error: stopping: rank ")]
+    assert len(failing) == 1 and len(other) == 1, last_lines
+    assert failing[0].startswith("error: ") and key in other[0]
+    assert not any("Traceback" in p.read_text() for p in (tmp_path / "logs").rglob("stderr.log"))
+    assert seconds < 90, seconds
+    closing = s3_records(s3_bucket, "runs/ddp/metrics.jsonl")[-1]
+    assert closing["event"] == "stopped" and "undecodable" in closing["reason"]
+    print(f"one rank's data error: both ranks out in {seconds:.1f} s (torchrun start included)")
+
+
+@pytest.mark.parametrize("backend", ["dali", "torchvision"])
+def test_a_stop_request_cuts_a_replay_short(sample_shards, backend):
+    """A resume whose reader state no longer fits the shards (after a repair) decodes and drops
+    the epoch's earlier batches: a stop asked for meanwhile is acted on between those batches."""
+    from dali_imagenet import make_loader
+    from dali_imagenet.errors import Interrupted
+
+    asked_at = []
+
+    def interrupt(batch: int) -> None:
+        asked_at.append(batch)
+        if batch == 1:
+            raise Interrupted(spot.NOTICE)
+
+    loader = make_loader(sample_shards, "train", 16, device="cpu", image_size=32, backend=backend, num_threads=1,
+                         resume={"batch": 4, "samples": 95, "dali": None}, interrupt=interrupt)
+    with pytest.raises(Interrupted):
+        next(iter(loader))
+    assert asked_at == [0, 1]
+    # DALI: asked before each batch is read; the baseline: as each batch arrives from its workers
+    assert loader.batches_read == (1 if backend == "dali" else 2)

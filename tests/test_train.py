@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import EXACT, REPO, S3Server, child_env, records, train, train_command
+from conftest import EXACT, REPO, child_env, records, train, train_command
 
 pytestmark = pytest.mark.slow  # each starts train.py (a few seconds of imports, then real training)
 
@@ -157,7 +157,7 @@ def test_sigterm_checkpoints_and_resume_auto_continues(sample_shards, tmp_path):
         time.sleep(0.1)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 0, stderr[-2000:]
+    assert process.returncode == 75, stderr[-2000:]  # a scheduler's SIGTERM: checkpointed, relaunch me
     step = load(out / "last.pt")["state"]["step"]
     assert ended(out) == {**ended(out), "event": "stopped", "reason": "SIGTERM", "step": step}
     assert 2 <= step < 50 * 6
@@ -174,12 +174,12 @@ def test_s3_upload_resume_from_s3_and_no_secrets(sample_shards, s3_bucket, tmp_p
     run_env = child_env(AWS_SECRET_ACCESS_KEY=secret, WANDB_API_KEY=wandb_key, WANDB_MODE="offline")
     url = f"s3://{s3_bucket}/runs/a"
     args = ["--s3", url]
-    result = subprocess.run(train_command(sample_shards, tmp_path / "a", "epochs=1", extra=["--wandb", *args]),
-                            capture_output=True, text=True, env=run_env, timeout=300)
+    result = subprocess.run(train_command(sample_shards, tmp_path / "a", "epochs=2", "max_steps=6",
+                                          extra=["--wandb", *args]), capture_output=True, text=True, env=run_env,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     keys = {o["Key"] for o in client().list_objects_v2(Bucket=s3_bucket, Prefix="runs/a/")["Contents"]}
-    assert {f"runs/a/{n}" for n in ("last.pt", "best.pt", "final_weights.pt", "metrics.jsonl", "config.yaml",
-                                    "report.html")} <= keys
+    assert {f"runs/a/{n}" for n in ("last.pt", "best.pt", "metrics.jsonl", "config.yaml", "report.html")} <= keys
     uploaded = client().get_object(Bucket=s3_bucket, Key="runs/a/metrics.jsonl")["Body"].read()
     assert uploaded == (tmp_path / "a" / "metrics.jsonl").read_bytes()  # the closing record made it too
     for path in (tmp_path / "a").rglob("*"):
@@ -191,30 +191,7 @@ def test_s3_upload_resume_from_s3_and_no_secrets(sample_shards, s3_bucket, tmp_p
     train(sample_shards, tmp_path / "b", "epochs=2", extra=["--resume", "auto", *args], env=run_env)
     assert [r["step"] for r in records(tmp_path / "b") if r.get("event") == "resumed"] == [6]
     assert load(tmp_path / "b" / "last.pt")["state"]["step"] == 12
-
-
-def test_training_survives_an_s3_outage(sample_shards, tmp_path, s3_server):
-    from dali_imagenet.s3 import client
-
-    server = S3Server()
-    server.start()
-    run_env = child_env(AWS_ENDPOINT_URL=server.endpoint)
-    os.environ["AWS_ENDPOINT_URL"] = server.endpoint
-    try:
-        client().create_bucket(Bucket="outage")
-    finally:
-        os.environ["AWS_ENDPOINT_URL"] = s3_server.endpoint
-    process = subprocess.Popen(train_command(sample_shards, tmp_path / "run", "epochs=4", "s3_flush_timeout_s=3")
-                               + ["--s3", "s3://outage/run"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env=run_env)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (tmp_path / "run" / "last.pt").exists():
-        time.sleep(0.05)
-    server.stop()  # S3 goes away mid-run
-    stdout, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0, stderr[-2000:]
-    assert ended(tmp_path / "run") == {**ended(tmp_path / "run"), "event": "finished", "step": 24}
-    assert "still pending at exit" in stderr  # the one warning the user gets
+    assert client().head_object(Bucket=s3_bucket, Key="runs/a/final_weights.pt")
 
 
 @pytest.mark.parametrize("log_every", [1, 1000])  # 1000: caught by the check before the checkpoint at max_steps
