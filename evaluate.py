@@ -46,6 +46,7 @@ def main() -> None:
     loaded = load_model(args.checkpoint, arch=args.arch, which=args.weights, device=args.device)
     precision = Precision.for_device(args.amp or loaded.config.amp_dtype, args.device, fallback=True)
     shards = find_shards(args.data, args.split)
+    shards.require_labels("scoring")
     crop_fraction = args.crop_fraction or loaded.config.val_crop_fraction
     for image_size in args.image_size or [loaded.config.val_image_size]:
         loader = make_loader(shards, args.split, args.batch_size, device=args.device, image_size=image_size,

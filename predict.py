@@ -1,6 +1,7 @@
 """Top-k classes of image files with a trained checkpoint.
 
     python predict.py photo.jpg photos/ --checkpoint runs/r50/best.pt [--top 5] [--json]
+    python predict.py --data SHARDS --split test --checkpoint runs/r50/best.pt --json   # a shard split
 
 JPEG and PNG files of any mode (RGB, grayscale, CMYK); folders are searched for image files.
 Preprocessing is the validation preprocessing the checkpoint was evaluated with (the run's
@@ -10,6 +11,7 @@ others are still predicted, and the exit status is 1 if any failed.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -44,9 +46,34 @@ def read_classes(path: str) -> list[str]:
     return parse_classes_tsv(text, path) if text.startswith("index\t") else [l for l in text.splitlines() if l]
 
 
+def shard_images(data: str, split: str):
+    """(name, image bytes) of every sample of a shard split, read through the indices (local
+    shards, or each s3:// shard fetched once): e.g. ImageNet's unlabelled test split."""
+    import io
+    import tempfile
+
+    from dali_imagenet import s3
+    from dali_imagenet.shardformat import iter_components
+    from dali_imagenet.shards import find_shards
+
+    shards = find_shards(data, split)
+    for tar, idx in zip(shards.tars, shards.indices):
+        with tempfile.TemporaryDirectory(prefix="predict-") as folder:
+            local = {}
+            for remote, name in ((tar, "shard.tar"), (idx, "shard.idx")):
+                local[name] = remote
+                if s3.is_s3(remote):
+                    local[name] = f"{folder}/{name}"
+                    s3.download(*remote.rsplit("/", 1), local[name])
+            for name, jpeg in iter_components(local["shard.tar"], local["shard.idx"], "jpg"):
+                yield f"{tar}:{name[: -len('.jpg')]}", io.BytesIO(jpeg)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("images", nargs="+", help="image files or folders")
+    parser.add_argument("images", nargs="*", help="image files or folders")
+    parser.add_argument("--data", help="a shard folder or s3:// prefix: predict every sample of --split instead")
+    parser.add_argument("--split", default="test", help="with --data: the split (default: test, unlabelled)")
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--top", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="one JSON object per image")
@@ -57,31 +84,34 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, help="crop size in px (default: the run's val_image_size)")
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
+    if bool(args.images) == bool(args.data):
+        raise UsageError("give image files or folders, or --data SHARDS [--split SPLIT], not both or neither")
 
     loaded = load_model(args.checkpoint, arch=args.arch, which=args.weights, device=args.device)
     predictor = Predictor(loaded, image_size=args.image_size, device=args.device,
                           class_names=read_classes(args.classes) if args.classes else None)
-    files = image_files(args.images)
-    failed = 0
-    if not files:
-        raise UsageError(f"no image files in {' '.join(args.images)}")
-    for start in range(0, len(files), args.batch_size):
+    items = shard_images(args.data, args.split) if args.data else ((str(p), p) for p in image_files(args.images))
+    failed = seen = 0
+    while chunk := list(itertools.islice(items, args.batch_size)):
+        seen += len(chunk)
         batch = []
-        for path in files[start:start + args.batch_size]:
+        for name, source in chunk:
             try:
-                batch.append((path, load_image(path)))
+                batch.append((name, load_image(source)))
             except (ImageError, OSError) as error:  # a missing file is one line too
                 failed += 1
-                print(f"{path}: {error}", file=sys.stderr, flush=True)
+                print(f"{name}: {error}", file=sys.stderr, flush=True)
         if not batch:
             continue
         tops = predictor.top(predictor.probabilities([image for _, image in batch]), args.top)
-        for (path, _), top in zip(batch, tops):
+        for (name, _), top in zip(batch, tops):
             if args.json:
-                print(json.dumps({"path": str(path), "top": [{"index": i, "name": n, "probability": p}
-                                                              for i, n, p in top]}), flush=True)
+                print(json.dumps({"path": name, "top": [{"index": i, "name": n, "probability": p}
+                                                         for i, n, p in top]}), flush=True)
             else:
-                print(f"{path}:\n" + "".join(f"  {p:7.2%}  {n}\n" for _, n, p in top), end="", flush=True)
+                print(f"{name}:\n" + "".join(f"  {p:7.2%}  {n}\n" for _, n, p in top), end="", flush=True)
+    if not seen:
+        raise UsageError(f"no image files in {' '.join(args.images) or args.data}")
     sys.exit(1 if failed else 0)
 
 

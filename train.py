@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from dali_imagenet import distributed, exits, make_loader, recipe, resume, run_folder, spot
+from dali_imagenet import decoder, distributed, exits, make_loader, recipe, resume, run_folder, spot
 from dali_imagenet.checkpoint import TrainState, contents
 from dali_imagenet.config import TrainConfig, load_config, to_dict
 from dali_imagenet.errors import DaliImagenetError, Interrupted, debug
@@ -187,6 +187,8 @@ def setup(args, leaving: Leaving) -> Run:
     torch.manual_seed(derive_seed(cfg.seed, "torch", procs.rank))
     shards = find_shards(args.data, "train")
     val_shards = find_shards(args.data, "validation")
+    shards.require_labels("training")
+    val_shards.require_labels("validation")
     run_dir = run_folder.choose(args.out, cfg.arch, resume=args.resume, overwrite=args.overwrite, world=procs.world)
     s3_held = resume.check_s3_prefix(args.s3, resume=args.resume, overwrite=args.overwrite,
                                      timeout_s=cfg.s3_resume_timeout_s) if procs.master else []
@@ -208,8 +210,10 @@ def setup(args, leaving: Leaving) -> Run:
     schedule = LRSchedule(training.peak_lr, cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch),
                           cfg.min_lr, cfg.lr_schedule)
     instance = imds.instance() if imds else {}
+    decoding = decoder.describe(backend, procs.device, cfg.hw_decoder_load) if procs.master else {}
     outputs = RunOutputs(run_dir, to_dict(cfg), procs, overwrite=args.overwrite, s3_url=args.s3, s3_held=s3_held,
-                         wandb=wandb_wanted(args.wandb), wandb_id=state.wandb_id, instance=instance,
+                         wandb=wandb_wanted(args.wandb), wandb_id=state.wandb_id,
+                         instance={**instance, **decoding},
                          extra={"loader": backend, "world_size": procs.world, "data": args.data})
     leaving.outputs = outputs
     if watcher:
@@ -226,6 +230,7 @@ def setup(args, leaving: Leaving) -> Run:
         print(f"{cfg.arch}, {shards.num_classes} classes, {shards.samples} train images, {steps_per_epoch} steps/"
               f"epoch x {cfg.epochs} epochs, global batch {cfg.batch_size * procs.world}, peak LR {training.peak_lr:g}, "
               f"{backend} loader on {procs.device.type}, {procs.world} process(es), run folder {run_dir}")
+        print(decoder.line(decoding))
     return Run(cfg, procs, precision, shards, train_step, val_loader, loader_options, schedule, stops, outputs, state,
                watcher, cost_basis)
 

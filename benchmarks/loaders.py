@@ -18,10 +18,11 @@ from dali_imagenet.preprocess import HW_DECODER_LOAD
 def measure_loader(data: str, backend: str, split: str, batch_size: int, device: str, image_size: int,
                    threads: int, warmup_batches: int, batches: int, repeats: int,
                    hw_decoder_load: float = HW_DECODER_LOAD) -> dict:
-    from dali_imagenet import make_loader
+    from dali_imagenet import decoder, make_loader
 
     loader = make_loader(data, split, batch_size, device=device, image_size=image_size, backend=backend,
                          num_threads=threads, train=split == "train", hw_decoder_load=hw_decoder_load)
+    decoding = decoder.describe(backend, torch.device(device), hw_decoder_load)
 
     stream = endless(loader)
     for _ in range(warmup_batches):  # pipeline start, worker start, first allocations
@@ -36,7 +37,7 @@ def measure_loader(data: str, backend: str, split: str, batch_size: int, device:
         if device == "cuda":
             torch.cuda.synchronize()
         rates.append(images / (time.perf_counter() - start))
-    return summarize(rates)
+    return {**summarize(rates), "jpeg_decoder": decoding}
 
 
 def jpegs_of(data: str, split: str, limit: int) -> list[bytes]:

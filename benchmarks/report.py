@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from benchmarks.common import save_figure
+from dali_imagenet.decoder import short
 
 
 def _rate(record: dict) -> float | None:
@@ -36,20 +37,22 @@ def add_ratios(results: list[dict]) -> None:
 
 
 def markdown_table(results: list[dict]) -> str:
-    lines = ["| stage | what | shards / device | img/s (median) | spread | vs baseline | vs limit / ceiling | data wait |",
-             "| --- | --- | --- | ---: | --- | ---: | ---: | ---: |"]
+    lines = ["| stage | what | shards / device | img/s (median) | spread | vs baseline | vs limit / ceiling | data wait "
+             "| JPEG decoder |", "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | --- |"]
     for r in results:
         where = r.get("shards") or r.get("device", "")
         if r["stage"] == "step":
             where = f"{r['device']}, batch {r['batch_size']}, {r['image_size']} px"
         if "error" in r:
-            lines.append(f"| {r['stage']} | {r['name']} | {where} | failed | {r['error']} | | | |")
+            lines.append(f"| {r['stage']} | {r['name']} | {where} | failed | {r['error']} | | | | |")
             continue
         ratio = lambda key: f"{r[key]:.2f}x" if key in r else ""
         limit = ratio("vs_limit") or ratio("vs_ceiling")
         wait = f"{r['data_wait']:.0%}" if "data_wait" in r else ""
+        decoding = short(r["jpeg_decoder"]) if "jpeg_decoder" in r else ""
         lines.append(f"| {r['stage']} | {r['name']} | {where} | {r['images_per_s']:,.0f} | "
-                     f"{r['images_per_s_min']:,.0f}-{r['images_per_s_max']:,.0f} | {ratio('vs_baseline')} | {limit} | {wait} |")
+                     f"{r['images_per_s_min']:,.0f}-{r['images_per_s_max']:,.0f} | {ratio('vs_baseline')} | {limit} | {wait} "
+                     f"| {decoding} |")
     machine = results[0]["env"] if results else {}
     lines.append("")
     lines.append(f"machine: {machine.get('cpu_count')} CPUs, GPU {machine.get('gpu') or 'none'}; torch "

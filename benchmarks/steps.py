@@ -16,6 +16,7 @@ from benchmarks.common import endless, summarize
 from dali_imagenet.config import TrainConfig
 from dali_imagenet.distributed import Processes
 from dali_imagenet.precision import AMP_DTYPES, Precision
+from dali_imagenet.preprocess import HW_DECODER_LOAD
 from dali_imagenet.recipe import build
 
 
@@ -57,7 +58,7 @@ def synthetic(args) -> dict:
 
 
 def end_to_end(args) -> dict:
-    from dali_imagenet import make_loader
+    from dali_imagenet import decoder, make_loader
 
     device = torch.device(args.device)
     loader = make_loader(args.data, "train", args.batch_size, device=device, image_size=args.image_size,
@@ -83,7 +84,8 @@ def end_to_end(args) -> dict:
         elapsed = time.perf_counter() - start
         rates.append(args.steps * args.batch_size / elapsed)
         waits.append(wait / elapsed)
-    return {**summarize(rates), "data_wait": sorted(waits)[len(waits) // 2]}
+    return {**summarize(rates), "data_wait": sorted(waits)[len(waits) // 2],
+            "jpeg_decoder": decoder.describe(args.backend, device, HW_DECODER_LOAD)}
 
 
 def main() -> None:

@@ -22,16 +22,31 @@ from dali_imagenet.shards import ShardError, SplitShards
 
 
 class Transform:
-    """Picklable per-sample transform for the DataLoader workers."""
+    """Picklable per-sample transform for the DataLoader workers. A sample that does not decode
+    is one line naming the shard and the key (`hint`: what to run about it), as in the DALI loader."""
 
-    def __init__(self, train: bool, image_size: int, crop_fraction: float, crop_min_area: float, dtype: torch.dtype):
+    def __init__(self, train: bool, image_size: int, crop_fraction: float, crop_min_area: float, dtype: torch.dtype,
+                 hint: str = ""):
         self.pipeline = (train_transform(image_size, crop_min_area, dtype) if train
                          else val_transform(image_size, crop_fraction, dtype))
+        self.hint = hint
 
     def __call__(self, sample):
-        jpeg, cls = sample
-        image = decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        jpeg, cls, key, shard = sample
+        try:
+            image = decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except RuntimeError as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ShardError(f"{shard}: sample {key}.jpg is undecodable ({reason}); {self.hint}") from None
         return self.pipeline(image), int(cls)
+
+
+def _worker_error_line(error: ShardError) -> str:
+    """A DataLoader re-raises a worker's error with the worker's traceback in the message: its last line is ours."""
+    text = str(error).strip()
+    if "Original Traceback" not in text:
+        return text
+    return text.splitlines()[-1].split(f"{ShardError.__name__}: ", 1)[-1]
 
 
 class RankSamples(torch.utils.data.IterableDataset):
@@ -56,7 +71,8 @@ class RankSamples(torch.utils.data.IterableDataset):
         if self.train:
             stages.append(wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 256),
                                       rng=random.Random(seeding.derive_seed(self.seed, "loader", self.epoch, worker))))
-        stages += [wds.to_tuple("jpg", "cls"), wds.map(self.transform), wds.batched(self.batch_size, partial=True)]
+        stages += [wds.to_tuple("jpg", "cls", "__key__", "__url__"), wds.map(self.transform),
+                   wds.batched(self.batch_size, partial=True)]
         yield from wds.DataPipeline(*stages)
 
 
@@ -86,7 +102,7 @@ class TorchvisionLoader(EpochPosition):
         self._interrupt = interrupt
         self._empty = (torch.empty((0, 3, image_size, image_size), dtype=dtype), torch.empty(0, dtype=torch.int64))
         pieces = rank_pieces(shards, world_size, rank)
-        transform = Transform(train, image_size, crop_fraction, crop_min_area, dtype)
+        transform = Transform(train, image_size, crop_fraction, crop_min_area, dtype, shards.repair_hint())
         dataset = RankSamples(pieces, dict(zip(shards.tars, shards.indices)), transform, batch_size, shuffle_buffer,
                               seed, train)
         self._loader = torch.utils.data.DataLoader(
@@ -115,7 +131,14 @@ class TorchvisionLoader(EpochPosition):
         partial: those are merged; train drops what is left over, validation yields it, then
         empty batches, so that a rank with fewer samples yields as many batches as the others."""
         handed, held = 0, None
-        for images, labels in self._loader:  # the whole epoch, so that persistent workers end it too
+        batches = iter(self._loader)  # the whole epoch, so that persistent workers end it too
+        while True:
+            try:
+                images, labels = next(batches)
+            except StopIteration:
+                break
+            except ShardError as error:
+                raise ShardError(_worker_error_line(error)) from None
             if held is not None:
                 images, labels = torch.cat([held[0], images]), torch.cat([held[1], labels])
             while len(labels) >= self.batch_size and handed < self._batches:

@@ -107,5 +107,5 @@ def _dali_message(error: Exception, shards: SplitShards) -> str:
     if "decoder" in str(error):
         culprit = find_undecodable(shards)
         cause += f"; {culprit}" if culprit else "; no undecodable sample found in the local shards within 60 s"
-        cause += f"; drop it from the shards with: verify-shards {shards.root or os.path.dirname(shards.tars[0])} --repair"
+        cause += f"; {shards.repair_hint()}"
     return f"DALI failed reading shards under {os.path.dirname(shards.tars[0])}: {cause}"

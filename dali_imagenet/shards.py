@@ -3,8 +3,10 @@
 `data` can be
 - a folder written by `shard-imagenet` (its `manifest.json` lists shards and counts),
 - an `s3://bucket/prefix` holding the same (DALI reads s3:// tar and index paths itself),
-- a folder of shards in the public `timm/imagenet-1k-wds` layout, with no index files: the
-  indices are built once into a cache folder (DALI would otherwise scan every tar at start).
+- a folder or s3:// prefix of shards in the public `timm/imagenet-1k-wds` layout, with no index
+  files: the indices are built once per shard version into a cache folder (DALI would otherwise
+  scan every tar at start; on S3 that is one download of each tar, once), the same cache
+  `verify-shards` fills.
 Everything a loader needs to know before it reads an image (sample counts, classes) is here,
 so no pipeline is built just to ask.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +38,24 @@ class SplitShards:
     counts: tuple[int, ...]  # samples in each shard
     class_names: tuple[str, ...]
     root: str = ""  # the data folder or s3:// prefix they were found in (what `verify-shards` takes)
+    layout: str = "manifest"  # "manifest" (shard-imagenet's) or "timm" (tars only, indices in the cache)
+    unlabelled: int = 0  # samples with label -1 (ImageNet's test split); 0 where no manifest says
+    split: str = ""
+
+    def repair_hint(self) -> str:
+        """What to run about a sample that does not decode (the loaders' one line ends with it)."""
+        root = self.root or os.path.dirname(self.tars[0])
+        if self.layout == "manifest":
+            return f"drop it from the shards with: verify-shards {root} --repair --split {self.split}"
+        return (f"list every such sample with: verify-shards {root} (a timm-layout set has no manifest to repair: "
+                f"convert it with shard-imagenet)")
+
+    def require_labels(self, purpose: str) -> None:
+        """One line, if this split's samples carry no labels (-1): fine to predict, not to `purpose`."""
+        if self.unlabelled:
+            raise ShardError(f"{self.root}: split {self.split} has {self.unlabelled} unlabelled samples (label -1, "
+                             f"as in ImageNet's test split): it cannot be used for {purpose}; predict on it with "
+                             f"predict.py --data {self.root} --split {self.split}")
 
     @property
     def samples(self) -> int:
@@ -47,19 +68,19 @@ class SplitShards:
     def reordered(self, order) -> "SplitShards":
         """The same shards in another order (a new order every epoch)."""
         return SplitShards(*(tuple(column[i] for i in order) for column in (self.tars, self.indices, self.counts)),
-                           self.class_names, self.root)
+                           self.class_names, self.root, self.layout, self.unlabelled, self.split)
 
 
 def find_shards(data: str | os.PathLike, split: str, cache_dir: str | os.PathLike | None = None) -> SplitShards:
     data = str(data)
     if s3.is_s3(data):
-        return _from_s3(data, split)
+        return _from_s3(data, split, cache_dir)
     root = Path(data)
     if not root.is_dir():
         raise ShardError(f"{root}: no such data folder")
     if (root / MANIFEST).is_file():
         return _from_manifest((root / MANIFEST).read_text(), split, str(root), check_local=True)
-    return _from_timm_layout(root, split, Path(cache_dir) if cache_dir else _default_cache())
+    return _from_timm_layout(root, split, Path(cache_dir) if cache_dir else default_index_cache())
 
 
 def _from_manifest(text: str | bytes, split: str, base: str, check_local: bool) -> SplitShards:
@@ -74,7 +95,7 @@ def _from_manifest(text: str | bytes, split: str, base: str, check_local: bool) 
         for shard, tar in zip(info["shards"], tars):
             _check_local_shard(Path(tar), Path(index_name(tar)), shard["bytes"], shard["samples"])
     return SplitShards(tars, tuple(map(index_name, tars)), tuple(s["samples"] for s in info["shards"]),
-                       tuple(manifest["classes"]), base)
+                       tuple(manifest["classes"]), base, unlabelled=info.get("unlabelled", 0), split=split)
 
 
 def _check_local_shard(tar: Path, idx: Path, expected_bytes: int | None, expected_samples: int) -> None:
@@ -98,53 +119,115 @@ def _check_local_shard(tar: Path, idx: Path, expected_bytes: int | None, expecte
         raise ShardError(f"{tar}: shard is truncated ({size} bytes, its index points to byte {end})")
 
 
-def _from_s3(url: str, split: str) -> SplitShards:
+def _from_s3(url: str, split: str, cache_dir=None) -> SplitShards:
     bucket, prefix = s3.split_s3_url(url)
     try:
         body = s3.client().get_object(Bucket=bucket, Key=s3.join_key(prefix, MANIFEST))["Body"].read()
     except Exception as error:
+        if s3.is_missing(error):  # no manifest: the public timm layout, perhaps
+            return _from_timm_layout(url.rstrip("/"), split, Path(cache_dir) if cache_dir else default_index_cache())
         raise ShardError(f"{url}/{MANIFEST}: cannot read ({s3.reason(error)})") from None
     return _from_manifest(body, split, url.rstrip("/"), check_local=False)
 
 
-TIMM_SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "val")}
+TIMM_SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "val"), "test": ("test",)}
 
 
-def _from_timm_layout(root: Path, split: str, cache: Path) -> SplitShards:
+@dataclass(frozen=True)
+class TimmTar:
+    """A shard of a timm-layout set (no manifest, no index beside it) and its index in the cache."""
+    location: str  # a local path, or s3://bucket/key
+    name: str  # relative to the set's root, e.g. imagenet1k-train-0003.tar
+    index: Path  # in the index cache, keyed by what identifies this version of the tar
+
+    @property
+    def indexed(self) -> bool:
+        return self.index.is_file()
+
+    def make_index(self, local_tar: str | Path) -> int:
+        """Indexes the tar (a local copy of it) into the cache; its sample count. Files that are
+        no sample's (LICENSE, dotfiles) are left out, as DALI's wds2idx does."""
+        self.index.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return index_existing_tar(local_tar, self.index)[0]
+        except Exception as error:
+            raise ShardError(f"{self.location}: cannot index this shard ({error})") from None
+
+
+def timm_tars(root: str, split: str, cache: Path) -> list[TimmTar]:
+    """The split's tars of a timm-layout set (`*-<split>-NNNN.tar` at the root or in `<split>/`),
+    local or under an s3:// prefix, each with its index's place in the cache: keyed by path, size
+    and mtime locally, by URL, size and ETag on S3, so a replaced shard gets a new index."""
     names = TIMM_SPLIT_NAMES.get(split, (split,))
     pattern = re.compile(rf"-(?:{'|'.join(names)})-\d+\.tar$")
-    tars = sorted(p for folder in (root, *(root / n for n in names)) if folder.is_dir()
-                  for p in folder.glob("*.tar") if pattern.search(p.name))
-    if not tars:
-        raise ShardError(f"{root}: no {MANIFEST} and no *-{names[0]}-NNNN.tar shards (timm/imagenet-1k-wds layout)")
-    indices, counts = [], []
-    for tar in tars:
-        stat = tar.stat()
-        # Keyed by path, size and mtime: a replaced shard gets a new index.
-        tag = hashlib.sha256(f"{tar.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-        idx = cache / f"{tar.stem}-{tag}.idx"
-        if not idx.is_file():
-            cache.mkdir(parents=True, exist_ok=True)
-            try:
-                index_existing_tar(tar, idx)  # files that are no sample's (LICENSE, dotfiles) are left out
-            except Exception as error:
-                raise ShardError(f"{tar}: cannot index this shard ({error})") from None
-        indices.append(str(idx))
-        counts.append(index_sample_count(idx))
-    classes_file = root / CLASSES_TSV
-    if classes_file.is_file():
+    found: list[tuple[str, str, str]] = []  # (location, name, identity)
+    if s3.is_s3(root):
+        bucket, prefix = s3.split_s3_url(root)
+        folder = f"{prefix}/" if prefix else ""
+        pages = s3.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=folder)
         try:
-            class_names = parse_classes_tsv(classes_file.read_text(), str(classes_file))
-        except FormatError as error:
-            raise ShardError(str(error)) from None
-    else:  # the public shards carry no class list: they are ImageNet-1K's
+            for page in pages:
+                for item in page.get("Contents", []):
+                    name = item["Key"][len(folder):]
+                    if pattern.search(name) and (name.count("/") == 0 or name.split("/")[0] in names):
+                        found.append((f"s3://{bucket}/{item['Key']}", name, f"{item['Size']}:{item['ETag']}"))
+        except Exception as error:
+            raise ShardError(f"{root}: cannot list ({s3.reason(error)})") from None
+    else:
+        base = Path(root)
+        for path in sorted(p for folder in (base, *(base / n for n in names)) if folder.is_dir()
+                           for p in folder.glob("*.tar") if pattern.search(p.name)):
+            stat = path.stat()
+            found.append((str(path), str(path.relative_to(base)), f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"))
+    tars = []
+    for location, name, identity in sorted(found, key=lambda item: item[1]):
+        tag = hashlib.sha256(f"{location}:{identity}".encode()).hexdigest()[:16]
+        tars.append(TimmTar(location, name, cache / f"{Path(name).stem}-{tag}.idx"))
+    return tars
+
+
+def timm_classes(root: str) -> tuple[str, ...]:
+    """The set's classes.tsv if it has one, else ImageNet-1K's (the public shards carry none)."""
+    text = None
+    if s3.is_s3(root):
+        bucket, prefix = s3.split_s3_url(root)
+        try:
+            text = s3.client().get_object(Bucket=bucket, Key=s3.join_key(prefix, CLASSES_TSV))["Body"].read().decode()
+        except Exception as error:
+            if not s3.is_missing(error):
+                raise ShardError(f"{root}/{CLASSES_TSV}: cannot read ({s3.reason(error)})") from None
+    elif (Path(root) / CLASSES_TSV).is_file():
+        text = (Path(root) / CLASSES_TSV).read_text()
+    if text is None:
         from dali_imagenet.classes import imagenet1k
 
-        class_names = [names for _, names in imagenet1k()]
-    return SplitShards(tuple(map(str, tars)), tuple(indices), tuple(counts), tuple(class_names), str(root))
+        return tuple(names for _, names in imagenet1k())
+    try:
+        return tuple(parse_classes_tsv(text, f"{root}/{CLASSES_TSV}"))
+    except FormatError as error:
+        raise ShardError(str(error)) from None
 
 
-def _default_cache() -> Path:
+def _from_timm_layout(root: Path | str, split: str, cache: Path) -> SplitShards:
+    tars = timm_tars(str(root), split, cache)
+    if not tars:
+        raise ShardError(f"{root}: no {MANIFEST} and no *-{TIMM_SPLIT_NAMES.get(split, (split,))[0]}-NNNN.tar shards "
+                         f"(timm/imagenet-1k-wds layout)")
+    for tar in tars:
+        if not tar.indexed:  # once per shard version: DALI would otherwise scan every tar at every start
+            if s3.is_s3(tar.location):
+                with tempfile.TemporaryDirectory(prefix="dali-imagenet-index-") as folder:
+                    local = Path(folder) / "shard.tar"
+                    s3.download(*tar.location.rsplit("/", 1), local)
+                    tar.make_index(local)
+            else:
+                tar.make_index(tar.location)
+    return SplitShards(tuple(t.location for t in tars), tuple(str(t.index) for t in tars),
+                       tuple(index_sample_count(t.index) for t in tars), timm_classes(str(root)), str(root), "timm",
+                       split=split)
+
+
+def default_index_cache() -> Path:
     return Path(os.environ.get("DALI_IMAGENET_CACHE", Path.home() / ".cache" / "dali_imagenet")) / "wds-index"
 
 

@@ -52,7 +52,9 @@ def summary_table(manifest: dict) -> str:
         megabytes = sum(s["bytes"] for s in info["shards"]) / 1e6
         lines.append(f"{split:<12}{info['read']:>10}{info['samples']:>10}{info['rejected_count']:>10}"
                      f"{info['converted_count']:>11}{len(info['shards']):>8}{megabytes:>10.1f}")
-        lines.append(f"{'':<12}read = written + rejected: {info['read']} = {info['samples']} + {info['rejected_count']}")
+        lines.append(f"{'':<12}read = written + rejected: {info['read']} = {info['samples']} + {info['rejected_count']}"
+                     + (f"; {info['unlabelled']} unlabelled (label -1: for prediction, not training or scoring)"
+                        if info.get("unlabelled") else ""))
     seconds = max(stats["seconds"], 1e-9)
     if stats["fetched_bytes_now"]:
         lines.append(f"{stats['fetched_bytes_now'] / 1e6:.1f} MB fetched from the Hub: "
@@ -62,7 +64,9 @@ def summary_table(manifest: dict) -> str:
                  f"{stats['skipped_chunks']} chunk(s) kept from an earlier run; peak RSS {stats['peak_rss_mb']:.0f} MB")
     for split, info in manifest["splits"].items():
         for entry in info["rejected"][:10]:
-            lines.append(f"rejected {entry['source']} ({entry['path']}): {entry['reason']}")
+            where = (f"{entry['source']} ({entry['path']})" if "source" in entry
+                     else f"{entry['shard']}: sample {entry['key']} (by {entry.get('by', 'a repair')})")
+            lines.append(f"rejected {where}: {entry['reason']}")
     return "\n".join(lines)
 
 

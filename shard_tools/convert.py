@@ -23,6 +23,7 @@ from tqdm import tqdm
 from dali_imagenet.errors import DaliImagenetError
 from dali_imagenet.shardformat import (CLASSES_TSV, MANIFEST, MANIFEST_VERSION, TIMM_INFO, ShardWriter, classes_tsv,
                                        index_name, sha256_file, shard_name, timm_info)
+from shard_tools import hub
 from shard_tools.images import Rejected, prepare_image
 from shard_tools.sources import SPLITS, Record, Source, Unit, open_source, read_unit, synset_from_path
 from shard_tools.storage import open_output
@@ -68,6 +69,7 @@ class ChunkResult:
     read: int = 0
     source_bytes: int = 0
     fetched_bytes: int = 0  # from the Hub, over HTTP (0 for a local source)
+    unlabelled: int = 0  # samples written with label -1 (ImageNet's test split: all of them)
     shards: list[dict] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)
     converted: list[dict] = field(default_factory=list)
@@ -105,10 +107,14 @@ class ChunkJob:
     num_classes: int
     synsets: list
     strict: bool
+    footers: dict = field(default_factory=dict)  # the Hub: the footers of this chunk's files (read by the planner)
+    keep: dict = field(default_factory=dict)  # shard name -> an earlier run's entry for a tar still intact
+    repairs: dict = field(default_factory=dict)  # shard name -> verify-shards --repair entries (kept with its tar)
 
 
 def process_chunk(job: ChunkJob) -> ChunkResult:
     chunk, options = job.chunk, job.options
+    hub.remember_footers(job.footers)
     records, fetched = [], 0
     for unit in chunk.units:
         unit_records, unit_fetched = read_unit(unit, job.root)
@@ -138,6 +144,7 @@ def process_chunk(job: ChunkJob) -> ChunkResult:
                     continue
                 key, components, converted = sample
                 writer.add(key, components)
+                result.unlabelled += record.label == -1
                 if converted:
                     result.converted.append({"chunk": chunk.id, "key": key, "source": record.origin,
                                              "path": record.path, "reason": converted})
@@ -146,6 +153,13 @@ def process_chunk(job: ChunkJob) -> ChunkResult:
             idx_tmp.unlink()
             continue
         digest, size = sha256_file(tar_tmp), tar_tmp.stat().st_size
+        kept = job.keep.get(name)
+        if kept is not None and kept["sha256"] == digest:  # the tar there is this one: keep it, its index, its repairs
+            tar_tmp.unlink()
+            idx_tmp.unlink()
+            result.shards.append(kept)
+            result.rejected += job.repairs.get(name, [])
+            continue
         # Index first: a tar under its final name then always has its index beside it.
         job.output.publish(idx_tmp, index_name(name), sha256_file(idx_tmp))
         job.output.publish(tar_tmp, name, digest)
@@ -172,22 +186,46 @@ def _make_sample(record: Record, job: ChunkJob) -> tuple[str, dict[str, bytes], 
     return sample_key(record), components, prepared.converted
 
 
-def _previous_results(manifest: dict, output, chunks: list[Chunk]) -> dict[str, ChunkResult]:
-    """Chunks of an earlier run whose every shard is present with the recorded size and sha256."""
+@dataclass
+class Earlier:
+    """What an earlier run left of the chunks: those whose every shard is intact, and, of the
+    others, the shards that still are (kept when the chunk is redone)."""
+    done: dict[str, ChunkResult] = field(default_factory=dict)
+    intact: dict[str, dict[str, dict]] = field(default_factory=dict)  # chunk -> shard name -> manifest entry
+    repairs: dict[str, list[dict]] = field(default_factory=dict)  # shard name -> verify-shards --repair entries
+
+
+def _previous_results(manifest: dict, output, chunks: list[Chunk]) -> Earlier:
+    """Chunks of an earlier run whose every shard is present with the recorded size and sha256.
+    A set repaired by `verify-shards --repair` counts too: its tars are unchanged, its indices
+    and shard counts leave the dropped samples out, and its `rejected` entries (which name a shard,
+    not a chunk) stay with the chunk that wrote the shard. A chunk with a tar whose sha256 no
+    longer matches is redone from the source: that tar is rewritten, and its chunk's intact tars
+    (with their indices and repairs) are kept."""
     results: dict[str, ChunkResult] = {}
+    earlier = Earlier()
     for split, info in manifest.get("splits", {}).items():
         for entry in info.get("chunks", []):
-            results[entry["chunk"]] = ChunkResult(entry["chunk"], split, entry["read"], entry["source_bytes"])
+            results[entry["chunk"]] = ChunkResult(entry["chunk"], split, entry["read"], entry["source_bytes"],
+                                                  unlabelled=entry.get("unlabelled", 0))
+        chunk_of_shard = {s["name"]: s["chunk"] for s in info.get("shards", [])}
         for kind in ("shards", "rejected", "converted"):
             for entry in info.get(kind, []):
-                if entry["chunk"] in results:
-                    getattr(results[entry["chunk"]], kind).append(entry)
-    valid = {}
+                chunk = entry.get("chunk") or chunk_of_shard.get(entry.get("shard"))
+                if chunk in results:
+                    getattr(results[chunk], kind).append(entry)
+                if kind == "rejected" and "shard" in entry:
+                    earlier.repairs.setdefault(entry["shard"], []).append(entry)
     for chunk in chunks:
         result = results.get(chunk.id)
-        if result is not None and all(output.verify(s["name"], s["bytes"], s["sha256"]) for s in result.shards):
-            valid[chunk.id] = result
-    return valid
+        if result is None:
+            continue
+        intact = {s["name"]: s for s in result.shards if output.verify(s["name"], s["bytes"], s["sha256"])}
+        if len(intact) == len(result.shards):
+            earlier.done[chunk.id] = result
+        else:
+            earlier.intact[chunk.id] = intact
+    return earlier
 
 
 def build_manifest(source: Source, options: Options, splits: list[str], results: dict[str, ChunkResult],
@@ -210,10 +248,12 @@ def build_manifest(source: Source, options: Options, splits: list[str], results:
             "samples": sum(s["samples"] for s in shards),
             "rejected_count": sum(len(r.rejected) for r in ordered),
             "converted_count": sum(len(r.converted) for r in ordered),
+            "unlabelled": sum(r.unlabelled for r in ordered),
             "shards": shards,
             "rejected": [e for r in ordered for e in r.rejected],
             "converted": [e for r in ordered for e in r.converted],
-            "chunks": [{"chunk": r.chunk, "read": r.read, "source_bytes": r.source_bytes} for r in ordered],
+            "chunks": [{"chunk": r.chunk, "read": r.read, "source_bytes": r.source_bytes, "unlabelled": r.unlabelled}
+                       for r in ordered],
         }
     return manifest
 
@@ -239,10 +279,15 @@ def convert(source_path: str | Path, output_url: str, splits: tuple[str, ...], o
             raise ConvertError(f"{output.url}/{MANIFEST}: made from a different source; cannot resume")
         if old.get("options") != asdict(options):
             raise ConvertError(f"{output.url}/{MANIFEST}: made with options {old.get('options')}; cannot resume with {asdict(options)}")
-        done = _previous_results(old, output, chunks)
+        earlier = _previous_results(old, output, chunks)
+        done = earlier.done
+    else:
+        earlier = Earlier()
 
     todo = [c for c in chunks if c.id not in done]
-    jobs = [ChunkJob(c, source.root, options, output, len(source.class_names), source.synsets, strict) for c in todo]
+    jobs = [ChunkJob(c, source.root, options, output, len(source.class_names), source.synsets, strict,
+                     {u.file: source.footers[u.file] for u in c.units if u.file in source.footers},
+                     earlier.intact.get(c.id, {}), earlier.repairs) for c in todo]
     bar = tqdm(total=sum(c.rows for c in chunks), initial=sum(r.read for r in done.values()), unit="img",
                unit_scale=True, disable=not progress, desc="shard-imagenet", smoothing=0.1)
     source_bytes = fetched_bytes = 0

@@ -114,6 +114,12 @@ def read_footers(locations: list[str]) -> list[pq.FileMetaData]:
 _footers: dict[str, pq.FileMetaData] = {}  # a worker reads many row groups of each file: its footer once
 
 
+def remember_footers(footers: dict[str, pq.FileMetaData]) -> None:
+    """Footers the planner read, handed to a worker: it then reads none again (each is one
+    `resolve` request, and the Hub limits those)."""
+    _footers.update(footers)
+
+
 def footer(location: str, filesystem=None) -> pq.FileMetaData:
     if location not in _footers:
         def read() -> pq.FileMetaData:

@@ -123,8 +123,9 @@ def hf_schema(class_names: list[str]) -> pa.Schema:
 
 
 def write_split(outdir: Path, split: str, per_class: int, num_files: int, seed: int,
-                odd_files: bool) -> int:
-    """Writes `data/{split}-NNNNN-of-MMMMM.parquet`; returns the number of rows."""
+                odd_files: bool, unlabelled: bool = False) -> int:
+    """Writes `data/{split}-NNNNN-of-MMMMM.parquet`; returns the number of rows. `unlabelled`:
+    every label -1 and no synset in the path, as in ImageNet's test split."""
     rng = np.random.default_rng([seed, sum(map(ord, split))])
     labels = np.repeat(np.arange(len(CLASSES)), per_class)
     rng.shuffle(labels)  # the hub's files are not sorted by class
@@ -140,8 +141,9 @@ def write_split(outdir: Path, split: str, per_class: int, num_files: int, seed: 
         for row in range(start, stop):
             label = int(labels[row])
             data = encode(draw_image(label, rng), odd.get(row, "jpeg"), rng)
-            images.append({"bytes": data, "path": f"{split}_{row:06d}_{synset_of(label)}.JPEG"})
-            row_labels.append(label)
+            path = f"{split}_{row:06d}.JPEG" if unlabelled else f"{split}_{row:06d}_{synset_of(label)}.JPEG"
+            images.append({"bytes": data, "path": path})
+            row_labels.append(-1 if unlabelled else label)
         table = pa.Table.from_pydict({"image": images, "label": row_labels}, schema=schema)
         path = outdir / "data" / f"{split}-{file_index:05d}-of-{num_files:05d}.parquet"
         pq.write_table(table, path, row_group_size=ROWS_PER_ROW_GROUP)
@@ -149,12 +151,16 @@ def write_split(outdir: Path, split: str, per_class: int, num_files: int, seed: 
 
 
 def make_sample(outdir: str | Path, train_per_class: int = 60, val_per_class: int = 20,
-                seed: int = 0, odd_files: bool = True) -> dict[str, int]:
+                seed: int = 0, odd_files: bool = True, test_per_class: int = 0) -> dict[str, int]:
+    """`test_per_class`: a test split too, unlabelled (label -1) like ImageNet's."""
     outdir = Path(outdir)
-    return {
+    counts = {
         "train": write_split(outdir, "train", train_per_class, 2, seed, odd_files),
         "validation": write_split(outdir, "validation", val_per_class, 1, seed, False),
     }
+    if test_per_class:
+        counts["test"] = write_split(outdir, "test", test_per_class, 1, seed, False, unlabelled=True)
+    return counts
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -162,11 +168,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("outdir", help="folder to write; parquet files go to OUTDIR/data/")
     parser.add_argument("--train-per-class", type=int, default=60)
     parser.add_argument("--val-per-class", type=int, default=20)
+    parser.add_argument("--test-per-class", type=int, default=0, help="an unlabelled test split too (label -1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-odd-files", dest="odd_files", action="store_false",
                         help="leave out the CMYK / grayscale / PNG rows")
     args = parser.parse_args(argv)
-    counts = make_sample(args.outdir, args.train_per_class, args.val_per_class, args.seed, args.odd_files)
+    counts = make_sample(args.outdir, args.train_per_class, args.val_per_class, args.seed, args.odd_files,
+                         args.test_per_class)
     total = sum(p.stat().st_size for p in Path(args.outdir, "data").glob("*.parquet"))
     print(f"wrote {counts} ({len(CLASSES)} classes, {total / 1e6:.1f} MB) to {args.outdir}/data")
 

@@ -64,6 +64,7 @@ class Source:
     synsets: list[str | None]
     fingerprint: str
     details: dict = field(default_factory=dict)  # recorded in the manifest (the Hub: repo, commit, files)
+    footers: dict = field(default_factory=dict)  # the Hub: each file's parquet footer, read once, for the workers
 
 
 def imagenet_classes() -> dict[str, tuple[int, str]]:
@@ -106,6 +107,7 @@ def _open_hub(url: str, splits: tuple[str, ...]) -> Source:
     footers = dict(zip(wanted, hub.read_footers(wanted)))
     source = _open_parquet(url, by_split, lambda f: footers[f.location], kind="hub")
     source.details = dataset.describe()
+    source.footers = footers
     return source
 
 

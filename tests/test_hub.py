@@ -249,3 +249,26 @@ def test_backoff_doubles_to_its_cap_and_passes_a_refused_error_through(monkeypat
     with pytest.raises(ValueError) as caught:
         retry.with_backoff(raising(refused), lambda e: not isinstance(e, ValueError), 1e6)
     assert caught.value is refused and waits == told
+
+
+def test_each_footer_is_read_once_whatever_the_workers(hub, sample_dir, tmp_path):
+    """The planner reads each file's footer and hands them to the workers: the Hub sees one
+    `resolve` per footer and one per row group, however many workers read (each is rate-limited
+    on the real Hub: ~14,300 row groups + 336 footers for ImageNet's three splits)."""
+    import pyarrow.parquet as pq
+
+    files = sorted((sample_dir / "data").glob("*.parquet"))
+    row_groups = sum(pq.ParquetFile(f).num_row_groups for f in files)
+    start = len(hub.requests)
+    run_cli(URL, tmp_path / "out", "--shard-size", "4", "--workers", "2", env=hub_env(hub, tmp_path))
+    resolves = [r for r in hub.requests[start:] if "/resolve/" in r[1]]
+    print(f"{len(resolves)} resolve requests for {len(files)} files and {row_groups} row groups (2 workers)")
+    assert len(resolves) <= len(files) + row_groups + 2
+    footer_reads = {}
+    for _, path, byte_range, _ in resolves:  # a footer read is the file's last 64 KiB
+        footer_reads[path] = footer_reads.get(path, 0) + (byte_range.endswith(f"-{_size(sample_dir, path) - 1}"))
+    assert set(footer_reads.values()) == {1}, footer_reads
+
+
+def _size(sample_dir: Path, resolve_path: str) -> int:
+    return (sample_dir / "data" / resolve_path.rsplit("/", 1)[-1]).stat().st_size

@@ -362,3 +362,29 @@ def test_resume_mid_epoch(sample_shards, backend):
         assert torch.equal(y, y0) and torch.equal(x, x0)
     assert resumed.batches_read == (len(straight) - 5 if backend == "dali" else len(straight))
     assert len(list(resumed)) == len(straight)  # the next epoch is whole again
+
+
+def test_the_decoder_is_said_aloud_without_a_gpu():
+    from dali_imagenet import decoder
+
+    cpu = decoder.describe("dali", torch.device("cpu"), 0.7)
+    assert cpu["jpeg_decoder"] == "DALI on the CPU (libjpeg-turbo)" and cpu["jpeg_hardware_decoder"] is False
+    assert cpu["hw_decoder_load"] is None and decoder.short(cpu) == "CPU"
+    baseline = decoder.describe("torchvision", torch.device("cpu"), 0.7)
+    assert "torchvision.io.decode_jpeg" in baseline["jpeg_decoder"]
+    forced = decoder.describe("dali", torch.device("cuda", 0), 0.0)  # hw_decoder_load 0: no probe is made
+    assert "hybrid" in forced["jpeg_decoder"] and decoder.short(forced) == "hybrid"
+    assert decoder.line(cpu).startswith("JPEG decoder: DALI on the CPU")
+
+
+@pytest.mark.gpu
+def test_the_hardware_decoder_probe_on_a_gpu():
+    """On an A100/H100-class card the probe decodes (NVJPG engines); printed for any other card."""
+    from dali_imagenet import decoder
+
+    found = decoder.describe("dali", torch.device("cuda", 0), 0.7)
+    print(decoder.line(found))
+    name = torch.cuda.get_device_name(0)
+    if any(chip in name for chip in ("A100", "A30", "H100", "H200")):
+        assert found["jpeg_hardware_decoder"] is True, found
+    assert found["jpeg_decoder_found_by"].startswith("a probe decode: nvImageCodec's hardware-only backend")
