@@ -18,6 +18,7 @@ import argparse
 import os
 import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 
@@ -95,7 +96,9 @@ class EpochResult:
     """What `train_one_epoch` saw: the loop decides from it, not from side effects on the state."""
     ended: bool  # the epoch's last batch was trained
     stop: str | None  # why the run stops early (a signal, max_steps, max_minutes), or None
-    rates: dict  # images_per_s, data_wait over the epoch's steps
+    rates: dict  # images_per_s, data_wait over the epoch's steps; first_step_s (a compile, a graph
+    # capture or cuDNN's autotuning at a new size: what the first step cost), warm_images_per_s (the
+    # steps after it), peak_gpu_mem_gb and peak_gpu_reserved_gb (this epoch's, on a GPU)
 
 
 class Leaving:
@@ -268,7 +271,12 @@ def train_one_epoch(train_step: TrainStep, loader: Loader, state: TrainState, sc
     loss_sum = 0.0
     window = 0
     stop = None
+    on_gpu = procs.device.type == "cuda"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(procs.device)  # each image size's own peak
+    warm = None  # (time, images) after the epoch's first step
     train_step.train_model.train()
+    epoch_started = time.perf_counter()
     for images, labels in meter.batches(loader):
         lr = schedule.at(state.step)
         loss_sum = loss_sum + train_step(images, labels, step=state.step, lr=lr)
@@ -276,6 +284,11 @@ def train_one_epoch(train_step: TrainStep, loader: Loader, state: TrainState, sc
         state.step += 1
         state.batch_in_epoch += 1
         progress.update(1)
+        if warm is None:
+            if on_gpu:
+                torch.cuda.synchronize(procs.device)  # once an epoch: what the first step (a compile) cost
+            warm = (time.perf_counter(), images.shape[0] * procs.world)
+            first_step_s = warm[0] - epoch_started
         at_log = state.step % cfg.log_every == 0 or state.batch_in_epoch >= steps_in_epoch
         if at_log:  # the only host syncs of the step loop
             check_loss(train_step, procs, outputs)
@@ -298,7 +311,14 @@ def train_one_epoch(train_step: TrainStep, loader: Loader, state: TrainState, sc
         if stop:
             break
     progress.close()
-    return EpochResult(state.batch_in_epoch >= steps_in_epoch, stop, meter.epoch())
+    rates = meter.epoch()
+    if warm is not None:  # the epoch's last step was a log step: its sync is behind us
+        warm_images = rates["images"] - warm[1]
+        rates.update(first_step_s=first_step_s,
+                     warm_images_per_s=warm_images / max(time.perf_counter() - warm[0], 1e-9) if warm_images else None,
+                     peak_gpu_mem_gb=torch.cuda.max_memory_allocated(procs.device) / 2**30 if on_gpu else None,
+                     peak_gpu_reserved_gb=torch.cuda.max_memory_reserved(procs.device) / 2**30 if on_gpu else None)
+    return EpochResult(state.batch_in_epoch >= steps_in_epoch, stop, rates)
 
 
 def end_epoch(run: Run, rates: dict) -> None:
@@ -308,6 +328,9 @@ def end_epoch(run: Run, rates: dict) -> None:
     epoch = state.epoch + 1  # 1-based, as printed
     line = (f"epoch {epoch}/{cfg.epochs} ({cfg.train_image_size(state.epoch)} px): train "
             f"{rates['images_per_s']:.0f} img/s, data wait {rates['data_wait']:.0%}")
+    run.outputs.log({"step": state.step, "epoch": epoch, "image_size": cfg.train_image_size(state.epoch),
+                     **{f"epoch_{k}" if k in ("images_per_s", "data_wait", "images") else k: v
+                        for k, v in rates.items()}})
     state.finish_epoch(validate=cfg.validates_after(epoch))
     save_checkpoint(run.train_step, state, run.outputs, cfg, run.procs, run.shards.class_names, run.stops.run_s())
     run.stops.checkpointed()

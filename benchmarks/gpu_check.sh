@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The whole GPU product on one GPU (benchmarks/gpu_check.py says what): DALI loaders, steps, graphs,
-# train.py with resume, pytest -m gpu. Aims at 6 minutes on an H100/H200. Prints a table; with $OUT
-# set, also writes $OUT/gpu_check.json and $OUT/gpu_check.md. Needs DALI importable (on the lent
+# The whole GPU product on one GPU (benchmarks/gpu_check.py says what): train.py with the L4 config
+# as it runs (compile, the size ramp, resume), cuda_graph's memory over the ramp, pytest -m gpu, the
+# DALI loaders, steps and graphs. At most 8 minutes on an H100/H200 (--budget-s 450 for the
+# sections). With $OUT set, $OUT gets gpu_check.json, gpu_check.md and gpu_check.log, nothing else;
+# the shards and runs go to a temporary folder (--work, --keep). Needs DALI importable (on the lent
 # machine: source .device/dali-device-unpack; PYTHONPATH=/tmp/site:$PWD).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,4 +14,4 @@ if ! "$python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() el
     exit 2
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-PYTHONUNBUFFERED=1 timeout 420 "$python" -m benchmarks.gpu_check "$@"
+PYTHONUNBUFFERED=1 timeout 480 "$python" -m benchmarks.gpu_check "$@"

@@ -128,4 +128,5 @@ class ThroughputMeter:
         return rates
 
     def epoch(self) -> dict:
-        return self._rates(self._epoch, self.world_size)
+        """The epoch's rates and the images it trained, over all ranks."""
+        return {**self._rates(self._epoch, self.world_size), "images": self._epoch[1] * self.world_size}

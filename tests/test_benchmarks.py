@@ -41,23 +41,49 @@ def test_bench_smoke_writes_records_table_and_chart(tmp_path):
 
 
 def test_gpu_check_runs_in_smoke_mode_on_cpu(tmp_path):
-    """The CPU self-check of the GPU script: every section runs (tiny sizes), one table comes out,
-    and train.py's stopped + resumed run equals its straight run."""
-    result = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--smoke", "--device", "cpu"],
-                            cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OUT": str(tmp_path)})
+    """The CPU self-check of the GPU script: every section has its row (run at tiny sizes, or
+    saying why not), one table comes out, train.py's stopped + resumed l4-16h run equals its
+    straight run, and $OUT holds the results only: at most 8 files, no shard, run or checkpoint."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    out.mkdir()
+    result = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--smoke", "--device", "cpu", "--work",
+                             str(work)], cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OUT": str(out)})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    rows = json.loads((tmp_path / "gpu_check.json").read_text())["rows"]
-    assert {r["section"] for r in rows} == {"loader", "step", "loader -> step", "eager/compiled/graph", "train.py"}
+    files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert [str(p) for p in files] == ["gpu_check.json", "gpu_check.log", "gpu_check.md"]
+    assert sum((out / p).stat().st_size for p in files) < 1_000_000
+    assert not work.exists()  # the work folder goes at the end (--keep keeps it)
+    rows = json.loads((out / "gpu_check.json").read_text())["rows"]
+    assert {r["section"] for r in rows} == {"setup", "train.py", "cuda_graph memory", "pytest -m gpu", "loader", "step",
+                                            "loader -> step", "eager/graph", "total"}
+    assert all("seconds" in r for r in rows if r["section"] not in ("train.py",) or "straight vs" in r["what"])
     assert not [r for r in rows if "error" in r], [r for r in rows if "error" in r]
     measured = [r for r in rows if r["section"] in ("loader", "step", "loader -> step")]
     assert len(measured) == 2 + 2 and all(r["images_per_s"] > 0 for r in measured)  # --smoke: each kind once
-    graphs = [r for r in rows if r["section"] == "eager/compiled/graph"]
-    assert [r.get("result") for r in graphs if "cuda_graph" in r["what"]] == ["needs a GPU"]
-    assert [r["images_per_s"] > 0 for r in graphs if r["what"].startswith("eager")] == [True]
-    resumed = [r for r in rows if r["section"] == "train.py"]
-    assert [r["result"] for r in resumed] == ["identical weights"]
-    assert "| train.py | g6-l4: straight vs stopped at" in result.stdout
-    assert (tmp_path / "gpu_check.md").read_text().startswith("gpu_check on CPU")
+    assert [r.get("result") for r in rows if r["section"] in ("cuda_graph memory", "pytest -m gpu")] == ["needs a GPU"] * 2
+    sizes = [r for r in rows if r["section"] == "train.py" and "epoch" in r["what"]]
+    assert [r["image_size"] for r in sizes] == [32, 48, 48] and [r["new_size"] for r in sizes] == [True, True, False]
+    assert all(r["first_step_s"] > 0 and r["steps_per_s"] > 0 for r in sizes)
+    verdict = next(r for r in rows if "straight vs stopped" in r["what"])
+    assert verdict["result"] == "identical weights" and verdict["tolerance"] == 0 and verdict["passed"] is True
+    assert "| train.py | l4-16h: straight vs stopped at step" in result.stdout
+    assert (out / "gpu_check.md").read_text().startswith("gpu_check on CPU")
+    assert "[train.py]" in (out / "gpu_check.log").read_text()
+
+
+def test_the_resume_verdict_is_exact_for_deterministic_eager_and_bounded_otherwise():
+    from benchmarks.gpu_check import LOSS_RTOL, resume_verdict
+
+    assert resume_verdict([], [], 0.0, exact=True)["passed"] is True
+    exact_off = resume_verdict([], [], 1e-7, exact=True)
+    assert exact_off["passed"] is False and exact_off["tolerance"] == 0.0 and "weights differ" in exact_off["result"]
+    close = resume_verdict([2.0, 1.9, 1.8, 9.9], [2.01, 1.89, 1.81, 0.0], 3e-3, exact=False)
+    assert close["passed"] is True and close["difference"] == pytest.approx(0.01 / 1.8) and close["tolerance"] == LOSS_RTOL
+    # only the first LOSS_WINDOWS windows are compared: round-off grows with every step after
+    wrong = resume_verdict([2.0, 1.9], [2.0, 1.9 * (1 + 2 * LOSS_RTOL)], 0.1, exact=False)
+    assert wrong["passed"] is False and "FAILED" in wrong["result"]
+    assert resume_verdict([], [], 0.0, exact=False)["passed"] is False  # nothing compared is not a pass
 
 
 def test_gpu_check_says_what_is_missing_in_one_line():
