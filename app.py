@@ -1,4 +1,5 @@
-"""A Gradio demo of a trained checkpoint: drop or upload a photo, see its top-5 classes.
+"""A Gradio demo of a trained checkpoint: drop or upload a photo, see its top-5 classes and where
+the model looked for the first of them (a Grad-CAM heat map over the crop it saw).
 
     python app.py --checkpoint runs/r50/best.pt [--host 127.0.0.1] [--port 7860] [--device cpu]
 
@@ -52,16 +53,20 @@ def build_demo(predictor: Predictor, header: str, examples: list[str]):
 
     def classify(image):
         if image is None:
-            return None
-        probabilities = predictor.probabilities([image_tensor(image)])
-        return {name: probability for _, name, probability in predictor.top(probabilities, 5)[0]}
+            return None, None
+        pixels = image_tensor(image)
+        top = predictor.top(predictor.probabilities([pixels]), 5)[0]
+        _, _, heat = predictor.heat_map(pixels, top[0][0], display_px=320)  # where it looked for its top-1
+        return {name: probability for _, name, probability in top}, heat
 
     with gr.Blocks(title="dali-imagenet demo") as demo:
         gr.Markdown(f"# dali-imagenet: what is in the photo?\n{header}")
         with gr.Row():
             image = gr.Image(type="pil", label="photo", sources=["upload", "clipboard"], elem_id="photo")
             top5 = gr.Label(num_top_classes=5, label="top-5", elem_id="top5")
-        image.change(classify, inputs=image, outputs=top5)
+            heat = gr.Image(type="pil", label="where it looked for its top-1 (Grad-CAM)", interactive=False,
+                            elem_id="gradcam")
+        image.change(classify, inputs=image, outputs=[top5, heat])
         if examples:
             gr.Examples(examples, inputs=image, label="examples from the bundled sample")
     return demo

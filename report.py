@@ -1,32 +1,55 @@
-"""One self-contained HTML page (plots embedded, no network needed to view it) from run folders.
+"""A run's page, several runs' curves side by side, or an index of runs: self-contained HTML
+(plots and images embedded, nothing fetched when it is viewed).
 
-    python report.py runs/r50 [runs/r50-ema ...] [-o report.html] [--s3 s3://bucket/prefix]
+    python report.py runs/r50                        # the run's page: runs/r50/report.html
+    python report.py runs/r50 runs/r50-ema -o compare.html
+    python report.py runs/                           # an index of the runs in runs/: runs/index.html
+    python report.py s3://my-bucket/runs/ --s3 s3://my-bucket/runs/   # an index of the runs under a prefix, put
+                                                     # back as its index.html (text/html: an S3 static website)
 
-Train loss, LR, images/s and data wait against steps; val top-1/top-5/loss (raw and EMA)
-against epochs; the config, the machine and the final numbers of each run. Several run folders:
-their curves overlaid. train.py writes RUN/report.html at the end of every run.
+A run's page: the curves, the final numbers, per-class accuracy, the most confused classes, example
+val images with Grad-CAM heat maps, the machine and the config. train.py writes RUN/report.html at
+the end of every run.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from dali_imagenet import s3
 from dali_imagenet.errors import one_line_errors
-from dali_imagenet.html_report import write_report
-from dali_imagenet.s3 import upload_page
+from dali_imagenet.html_report import write_page, write_report
+from dali_imagenet.run_folder import METRICS
+from dali_imagenet.run_index import render_index, runs_in
+
+
+def is_index(sources: list[str]) -> bool:
+    """One source that is an s3:// prefix, or a folder that holds run folders but is none itself."""
+    if len(sources) != 1:
+        return False
+    source = sources[0]
+    return s3.is_s3(source) or (Path(source).is_dir() and not (Path(source) / METRICS).is_file()
+                                and any((p / METRICS).is_file() for p in Path(source).iterdir()))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", help="run folders (each with metrics.jsonl and config.yaml)")
-    parser.add_argument("-o", "--output", help="the page (default: RUN/report.html for one run, report.html for several)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("runs", nargs="+", help="run folders; or one folder of runs, or an s3://bucket/prefix/ of runs")
+    parser.add_argument("-o", "--output", help="the page (default: RUN/report.html for one run, FOLDER/index.html "
+                                               "for a folder of runs, else report.html or index.html here)")
     parser.add_argument("--s3", help="also upload it as s3://bucket/prefix/index.html (text/html), a static site")
     args = parser.parse_args()
-    output = Path(args.output or (Path(args.runs[0]) / "report.html" if len(args.runs) == 1 else "report.html"))
-    path = write_report(args.runs, output)
-    print(f"report: {path.resolve()}  (open file://{path.resolve()})")
+    if is_index(args.runs):
+        source = args.runs[0]
+        default = Path("index.html") if s3.is_s3(source) else Path(source) / "index.html"
+        path = write_page(render_index(runs_in(source), source.rstrip("/") + "/"), args.output or default)
+    else:
+        default = Path(args.runs[0]) / "report.html" if len(args.runs) == 1 else Path("report.html")
+        path = write_report(args.runs, args.output or default)
+    print(f"page: {path.resolve()}  (open file://{path.resolve()})")
     if args.s3:
-        print(f"uploaded: {upload_page(path, args.s3)}")
+        print(f"uploaded: {s3.upload_page(path, args.s3)}")
 
 
 if __name__ == "__main__":

@@ -25,11 +25,11 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from dali_imagenet import decoder, distributed, exits, make_loader, recipe, resume, run_folder, spot
+from dali_imagenet import decoder, distributed, exits, make_loader, predictions, recipe, resume, run_folder, spot
 from dali_imagenet.checkpoint import TrainState, contents
 from dali_imagenet.config import TrainConfig, load_config, to_dict
 from dali_imagenet.errors import DaliImagenetError, Interrupted, debug
-from dali_imagenet.evaluation import evaluate
+from dali_imagenet.evaluation import evaluate, evaluate_with_top5
 from dali_imagenet.interrupts import StopCheck, StopRequest
 from dali_imagenet.loader import Loader
 from dali_imagenet.metrics import ThroughputMeter, cost, describe_cost, wandb_wanted
@@ -38,7 +38,7 @@ from dali_imagenet.partition import batches_per_epoch
 from dali_imagenet.precision import Precision
 from dali_imagenet.schedule import LRSchedule
 from dali_imagenet.seeding import derive_seed
-from dali_imagenet.shards import SplitShards, find_shards
+from dali_imagenet.shards import SplitShards, find_shards, sample_locations
 from dali_imagenet.spot import SpotWatcher
 from dali_imagenet.step import TrainStep
 
@@ -80,6 +80,7 @@ class Run:
     procs: distributed.Processes
     precision: Precision
     shards: SplitShards  # the train split
+    val_shards: SplitShards
     train_step: TrainStep  # holds the model, its DDP/compiled wrapper, optimizer, scaler and EMA
     val_loader: Loader
     loader_options: dict  # what every epoch's train loader shares with the val loader
@@ -217,7 +218,8 @@ def setup(args, leaving: Leaving) -> Run:
     outputs = RunOutputs(run_dir, to_dict(cfg), procs, overwrite=args.overwrite, s3_url=args.s3, s3_held=s3_held,
                          wandb=wandb_wanted(args.wandb), wandb_id=state.wandb_id,
                          instance={**instance, **decoding},
-                         extra={"loader": backend, "world_size": procs.world, "data": args.data})
+                         extra={"loader": backend, "world_size": procs.world, "data": args.data,
+                                "config_file": args.config})
     leaving.outputs = outputs
     if watcher:
         watcher.log = outputs.note
@@ -234,8 +236,8 @@ def setup(args, leaving: Leaving) -> Run:
               f"epoch x {cfg.epochs} epochs, global batch {cfg.batch_size * procs.world}, peak LR {training.peak_lr:g}, "
               f"{backend} loader on {procs.device.type}, {procs.world} process(es), run folder {run_dir}")
         print(decoder.line(decoding))
-    return Run(cfg, procs, precision, shards, train_step, val_loader, loader_options, schedule, stops, outputs, state,
-               watcher, cost_basis)
+    return Run(cfg, procs, precision, shards, val_shards, train_step, val_loader, loader_options, schedule, stops, outputs,
+               state, watcher, cost_basis)
 
 
 def train_loader(run: Run) -> Loader:
@@ -347,20 +349,31 @@ def validate(run: Run, line: str = "") -> None:
     cfg, state, train_step = run.cfg, run.state, run.train_step
     epoch = state.validation_due
     models = {"": train_step.model, **({"ema": train_step.ema.module} if train_step.ema else {})}
-    metrics = evaluate(models, run.val_loader, run.precision, flip=cfg.val_flip, channels_last=cfg.channels_last,
-                       interrupt=run.stops.interrupt_if_asked)
+    final = epoch == cfg.epochs and run.loader_options["backend"] == "dali"  # DALI keeps the shards' order
+    metrics, top5 = (evaluate_with_top5 if final else _without_top5)(
+        models, run.val_loader, run.precision, flip=cfg.val_flip, channels_last=cfg.channels_last,
+        interrupt=run.stops.interrupt_if_asked)
+    if final and run.procs.master:  # every val sample's top-5, for the run's page
+        best = "ema" if metrics.get("ema_top1", -1.0) > metrics["top1"] else ""
+        run.outputs.save_predictions(predictions.from_top5(
+            [key for _, key, _ in sample_locations(run.val_shards)], *top5[best], "ema" if best else "raw", epoch))
     state.history.append({**metrics, "step": state.step, "epoch": epoch})
     top1 = max(metrics["top1"], metrics.get("ema_top1", -1.0))
     is_best = top1 > state.best_top1
     state.best_top1 = max(state.best_top1, top1)
     state.validation_due = 0
     run.outputs.log({"step": state.step, "epoch": epoch, "images_seen": state.step * cfg.batch_size * run.procs.world,
-                     "time_s": run.stops.elapsed_s(), **{f"val_{k}": v for k, v in metrics.items()}})
+                     "time_s": run.stops.elapsed_s(), "run_s": run.stops.run_s(),
+                     **{f"val_{k}": v for k, v in metrics.items()}})
     if run.procs.master:
         print(f"{line or f'epoch {epoch}/{cfg.epochs}'}; val top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
               f"loss {metrics['loss']:.3f}" + (f"; EMA top-1 {metrics['ema_top1']:.2f}%" if train_step.ema else "")
               + f"  ({metrics['images']} images)")
     save_checkpoint(train_step, state, run.outputs, cfg, run.procs, run.shards.class_names, run.stops.run_s(), is_best)
+
+
+def _without_top5(*args, **kwargs) -> tuple[dict, dict]:
+    return evaluate(*args, **kwargs), {}
 
 
 def save_checkpoint(train_step: TrainStep, state: TrainState, outputs: RunOutputs, cfg: TrainConfig,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -27,11 +28,27 @@ def evaluate(models: dict[str, torch.nn.Module], loader, precision: Precision, *
     others, summed over all ranks (each image once). Accuracies in %, loss per image.
     `interrupt(batch)` is called before each batch and may raise to cut the pass short (a spot
     notice must not wait for four passes over 50,000 images)."""
+    return _evaluate(models, loader, precision, flip, channels_last, interrupt, keep=False)[0]
+
+
+@torch.no_grad()
+def evaluate_with_top5(models: dict[str, torch.nn.Module], loader, precision: Precision, *, flip: bool = False,
+                       channels_last: bool = True, interrupt: Callable[[int], None] | None = None
+                       ) -> tuple[dict, dict[str, tuple]]:
+    """`evaluate`'s metrics, and per model its (labels, top-5 classes, their probabilities) per
+    image as numpy arrays, in the loader's order over all ranks (rank 0's images, then rank 1's...):
+    what a final validation saves for the run's page. The same single host sync at the end."""
+    return _evaluate(models, loader, precision, flip, channels_last, interrupt, keep=True)
+
+
+def _evaluate(models, loader, precision: Precision, flip: bool, channels_last: bool, interrupt, keep: bool):
     was_training = {name: model.training for name, model in models.items()}
     for model in models.values():
         model.eval()
     # per model: correct@1, correct@5, loss sum; then images: device sums, read once at the end
     totals = torch.zeros(3 * len(models) + 1, dtype=torch.float64, device=precision.device)
+    kept: dict[str, list] = {name: [] for name in models}  # device tensors, moved to the host once
+    kept_labels = []
     for batch, (images, labels) in enumerate(loader):
         if interrupt is not None:
             interrupt(batch)
@@ -40,14 +57,19 @@ def evaluate(models: dict[str, torch.nn.Module], loader, precision: Precision, *
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         sums = []
-        for model in models.values():
+        for name, model in models.items():
             with precision.autocast():
                 logits = predict_logits(model, images, flip)
             top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
             hits = top5 == labels.view(-1, 1)
             sums += [hits[:, 0].sum(), hits.any(1).sum(), F.cross_entropy(logits.float(), labels, reduction="sum")]
+            if keep:
+                kept[name].append((top5, logits.float().softmax(dim=1).gather(1, top5)))
+        if keep:
+            kept_labels.append(labels)
         totals += torch.stack([*sums, torch.ones_like(labels).sum()]).to(torch.float64)
-    if dist.is_available() and dist.is_initialized():
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed:
         dist.all_reduce(totals)
     for name, model in models.items():
         model.train(was_training[name])
@@ -59,4 +81,14 @@ def evaluate(models: dict[str, torch.nn.Module], loader, precision: Precision, *
         correct1, correct5, loss = values[3 * i: 3 * i + 3]
         metrics.update({f"{prefix}top1": 100.0 * correct1 / count, f"{prefix}top5": 100.0 * correct5 / count,
                         f"{prefix}loss": loss / count})
-    return metrics
+    if not keep:
+        return metrics, {}
+    labels = torch.cat(kept_labels).cpu().numpy() if kept_labels else np.zeros(0, np.int64)
+    top5s = {name: (labels, *(torch.cat([part[j] for part in parts]).cpu().numpy() if parts else np.zeros((0, 5))
+                              for j in (0, 1))) for name, parts in kept.items()}
+    if distributed:  # every rank's rows, in rank order: the shards' reading order
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, top5s)
+        top5s = {name: tuple(np.concatenate([rank[name][j] for rank in gathered]) for j in range(3))
+                 for name in models}
+    return metrics, top5s

@@ -1,20 +1,25 @@
-"""A run's report, rendered: one self-contained HTML page (plots embedded as PNG, no script, no network)
-from the run folder's config.yaml, metrics.jsonl and checkpoint. Several runs: curves overlaid."""
+"""A run's page: one self-contained HTML file (plots and images embedded as data URIs, one small
+inline script that sorts tables, nothing fetched) from the run folder's config.yaml, metrics.jsonl,
+checkpoint and predictions. Several runs: their curves overlaid, their numbers side by side.
+
+The page of one run says each fact once: its name in the title, the headline (final top-1, state,
+cost), the curves, the results, what it learned (`run_results`: per-class accuracy, confusions,
+example images with Grad-CAM), the machine and the config."""
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from dali_imagenet.checkpoint import CheckpointError, load
 from dali_imagenet.errors import DaliImagenetError
+from dali_imagenet.html_page import page, plot_uri, table
 from dali_imagenet.metrics import describe_cost
-from dali_imagenet.run_folder import BEST, CONFIG, FINAL, LAST, METRICS
+from dali_imagenet.run_results import learned_sections
+from dali_imagenet.run_folder import BEST, CONFIG, FINAL, LAST, METRICS, PREDICTIONS
 
 
 class ReportError(DaliImagenetError):
@@ -28,7 +33,8 @@ class Run:
     config: dict
     steps: list[dict]  # train windows: step, loss, lr, images_per_s, data_wait
     validations: list[dict]  # per validation: step, epoch, val_top1, val_top5, (val_ema_top1)
-    events: list[dict]  # started / finished / stopped records
+    events: list[dict]  # started / resumed / finished / stopped records
+    epochs: list[dict] = field(default_factory=list)  # per finished epoch: first_step_s, warm rate, peak memory
 
     @property
     def final(self) -> dict:
@@ -40,8 +46,37 @@ class Run:
         tops = [max(v["val_top1"], v.get("val_ema_top1", -1)) for v in self.validations]
         return max(tops) if tops else None
 
+    @property
+    def started(self) -> dict:
+        return next((e for e in self.events if e["event"] == "started"), {})
 
-def read_run(folder: str | Path) -> Run:
+    @property
+    def ended(self) -> dict:
+        """The closing record of the last process, if it closed (a run under way has none)."""
+        last = next((e for e in reversed(self.events) if e["event"] in ("started", "finished", "stopped")), {})
+        return last if last.get("event") in ("finished", "stopped") else {}
+
+    def state(self) -> str:
+        ended = self.ended
+        if not ended:
+            return "running"
+        if ended["event"] == "finished":
+            return "complete"
+        return f"stopped ({ended['reason']})" if ended.get("reason") else "stopped"
+
+    def wall_hours(self) -> float | None:
+        """Wall-clock hours over every process of the run: the closing record's, else the last validation's."""
+        if self.ended.get("cost"):
+            return self.ended["cost"]["wall_hours"]
+        runs = [v.get("run_s") for v in self.validations if v.get("run_s") is not None]
+        return runs[-1] / 3600 if runs else None
+
+    def median_rate(self) -> float | None:
+        rates = sorted(r["images_per_s"] for r in self.steps)
+        return rates[len(rates) // 2] if rates else None
+
+
+def read_run(folder: str | Path, name: str | None = None) -> Run:
     folder = Path(folder)
     metrics = folder / METRICS
     if not metrics.is_file():
@@ -53,8 +88,9 @@ def read_run(folder: str | Path) -> Run:
         except ValueError:
             raise ReportError(f"{metrics}: line {number} is not JSON") from None
     config = yaml.safe_load((folder / CONFIG).read_text()) if (folder / CONFIG).is_file() else {}
-    return Run(folder.name, folder, config or {}, [r for r in records if "loss" in r and "lr" in r],
-               [r for r in records if "val_top1" in r], [r for r in records if "event" in r])
+    return Run(name or folder.name, folder, config or {}, [r for r in records if "loss" in r and "lr" in r],
+               [r for r in records if "val_top1" in r], [r for r in records if "event" in r],
+               [r for r in records if "first_step_s" in r])
 
 
 def _plot(runs: list[Run], records: str, panels: list[tuple[str, str, list[tuple[str, str]]]]) -> str:
@@ -72,42 +108,58 @@ def _plot(runs: list[Run], records: str, panels: list[tuple[str, str, list[tuple
                 points = [(r[x_key], r[y_key]) for r in getattr(run, records) if y_key in r and x_key in r]
                 if points:
                     ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3,
-                            label=f"{run.name}{suffix}")
+                            label=f"{run.name}{suffix}" if len(runs) > 1 else (suffix.strip() or "raw"))
         ax.set_title(title)
         ax.set_xlabel(x_key)
         ax.grid(alpha=0.3)
-        if ax.lines:
+        if len(ax.lines) > 1:
             ax.legend(fontsize=7)
     # Fixed margins, not tight_layout: that draws the figure once more (~0.3 s a report, at every run's end).
     fig.subplots_adjust(left=0.06 if len(panels) > 3 else 0.07, right=0.99, bottom=0.14, top=0.9, wspace=0.28)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return plot_uri(fig)
 
 
-def _checkpoint_summary(run: Run) -> dict:
+def _checkpoint(run: Run) -> tuple[str | None, dict | None]:
+    """(the newest checkpoint's file name, its contents), or (name, None) for an unreadable one."""
     for name in (LAST, BEST):
-        path = run.folder / name
-        if path.is_file():
+        if (run.folder / name).is_file():
             try:
-                checkpoint = load(path)
+                return name, load(run.folder / name)
             except CheckpointError:  # a damaged file: the page says so instead of failing
-                return {"checkpoint": f"{name} (unreadable)"}
-            state = checkpoint.get("state", {})
-            return {"checkpoint": name, "saved": checkpoint.get("saved_at", ""), "arch": checkpoint.get("arch"),
-                    "classes": checkpoint.get("num_classes"), "steps": state.get("step"),
-                    "ema": checkpoint.get("ema") is not None}
-    return {"checkpoint": "none"}
+                return name, None
+    return None, None
 
 
-def _table(rows: list[tuple[str, object]]) -> str:
-    return "<table>" + "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
-                               for k, v in rows) + "</table>"
+def _numbers(run: Run, checkpoint_name: str | None, checkpoint: dict | None) -> list[tuple[str, object]]:
+    final, ended = run.final, run.ended
+    epochs_done = final.get("epoch", 0)
+    rate = run.median_rate()
+    rows = [
+        ("final val top-1", f"{final['val_top1']:.2f} %" if final else "no validation yet"),
+        *([("final val top-5", f"{final['val_top5']:.2f} %")] if final else []),
+        *([("final EMA val top-1", f"{final['val_ema_top1']:.2f} %")] if "val_ema_top1" in final else []),
+        *([("best of raw/EMA val top-1", f"{run.best_top1:.2f} %")] if run.best_top1 is not None else []),
+        ("epochs validated", f"{epochs_done} of {run.config.get('epochs', '?')}"),
+        ("steps", ended.get("step", run.steps[-1]["step"] if run.steps else 0)),
+        *([("median images/s", f"{rate:,.0f}")] if rate else []),
+    ]
+    if checkpoint_name:
+        saved = checkpoint.get("saved_at", "") if checkpoint else "unreadable"
+        rows.append(("checkpoint", f"{checkpoint_name}, saved {saved}" +
+                     (f", {checkpoint.get('num_classes')} classes" if checkpoint else "")))
+    if (run.folder / FINAL).is_file():
+        rows.append(("final weights", FINAL))
+    for epoch in run.epochs:  # the first step at each size: a compile or a graph capture
+        memory = f", peak {epoch['peak_gpu_mem_gb']:.1f} GiB" if epoch.get("peak_gpu_mem_gb") is not None else ""
+        rows.append((f"epoch {epoch['epoch']} ({epoch['image_size']} px)",
+                     f"first step {epoch['first_step_s']:.1f} s, then {epoch.get('warm_images_per_s') or 0:,.0f} img/s"
+                     f"{memory}"))
+    return rows
 
 
 def render(runs: list[Run], title: str | None = None) -> str:
-    title = title or ("dali-imagenet run " + runs[0].name if len(runs) == 1 else f"dali-imagenet: {len(runs)} runs")
+    single = len(runs) == 1
+    title = title or (f"{runs[0].name} · dali-imagenet" if single else f"dali-imagenet: {len(runs)} runs")
     plots = [
         ("training", _plot(runs, "steps", [("train loss", "step", [("loss", "")]), ("learning rate", "step", [("lr", "")]),
                                   ("images/s", "step", [("images_per_s", "")]),
@@ -116,47 +168,34 @@ def render(runs: list[Run], title: str | None = None) -> str:
                                     ("val top-5 %", "epoch", [("val_top5", ""), ("val_ema_top5", " EMA")]),
                                     ("val loss", "epoch", [("val_loss", ""), ("val_ema_loss", " EMA")])])),
     ]
+    figures = "".join(f"<h2>{name}</h2><img class=curves alt=\"{name} curves\" src=\"{uri}\">" for name, uri in plots)
     sections = []
     for run in runs:
-        final, started = run.final, next((e for e in run.events if e["event"] == "started"), {})
-        ended = next((e for e in reversed(run.events) if e["event"] in ("finished", "stopped")), {})
-        rates = sorted(r["images_per_s"] for r in run.steps)
-        numbers = [
-            ("final val top-1", f"{final['val_top1']:.2f} %" if final else "no validation yet"),
-            ("final val top-5", f"{final['val_top5']:.2f} %" if final else ""),
-            *([("final EMA val top-1", f"{final['val_ema_top1']:.2f} %")] if "val_ema_top1" in final else []),
-            ("best of raw/EMA val top-1", f"{run.best_top1:.2f} %" if run.best_top1 is not None else ""),
-            ("epochs", f"{final.get('epoch', 0)} of {run.config.get('epochs', '?')}"),
-            ("steps", ended.get("step", run.steps[-1]["step"] if run.steps else 0)),
-            ("median images/s", f"{rates[len(rates) // 2]:,.0f}" if rates else ""),
-            ("state", ended.get("event", "running") + (f" ({ended['reason']})" if ended.get("reason") else "")),
-            *([("cost", describe_cost(ended["cost"]))] if ended.get("cost") else []),
-            *_checkpoint_summary(run).items(),
-            *([("final weights", FINAL)] if (run.folder / FINAL).is_file() else []),
-        ]
-        machine = started.get("machine", {})
-        headline = (f"<p class=final>final top-1 <span class=top1>{final['val_top1']:.2f}</span> %</p>" if final
-                    else "<p class=final>no validation yet</p>")
+        final, ended = run.final, run.ended
+        checkpoint_name, checkpoint = _checkpoint(run)
+        headline = (f"<p class=final>final top-1 <span class=top1>{final['val_top1']:.2f}</span> % · "
+                    f"{html.escape(run.state())}</p>" if final
+                    else f"<p class=final>no validation yet · {html.escape(run.state())}</p>")
         if ended.get("cost"):
             headline += f"<p class=cost>{html.escape(describe_cost(ended['cost']))}</p>"
-        sections.append(f"<section><h2>{html.escape(run.name)}</h2>{headline}<h3>Results</h3>{_table(numbers)}"
-                        f"<h3>Machine</h3>{_table(sorted(machine.items())) if machine else '<p>not recorded</p>'}"
-                        f"<h3>Config</h3>{_table(sorted(run.config.items()))}</section>")
-    figures = "".join(f"<h2>{name}</h2><img alt=\"{name} curves\" src=\"{uri}\">" for name, uri in plots)
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em;color:#222}}
-img{{max-width:100%;display:block;margin:1em 0}}table{{border-collapse:collapse;margin:.5em 0}}
-th,td{{border:1px solid #ccc;padding:2px 8px;text-align:left;font-size:90%}}th{{background:#f4f4f4}}
-.final{{font-size:140%}}</style></head>
-<body><h1>{html.escape(title)}</h1>{figures}{''.join(sections)}</body></html>
-"""
+        learned = learned_sections(run, checkpoint, run.folder / PREDICTIONS) if single else ""
+        machine = run.started.get("machine", {})
+        sections.append(f"<section>{'' if single else f'<h2>{html.escape(run.name)}</h2>'}{headline}"
+                        f"<h2>Results</h2>{table(_numbers(run, checkpoint_name, checkpoint))}{learned}"
+                        f"<h2>Machine</h2>{table(sorted(machine.items())) if machine else '<p>not recorded</p>'}"
+                        f"<h2>Config</h2>{table(sorted(run.config.items()))}</section>")
+    if single:  # the headline first, then the curves
+        return page(title, sections[0].replace("<h2>Results</h2>", figures + "<h2>Results</h2>", 1))
+    return page(title, figures + "".join(sections))
 
 
-def write_report(folders: list[str | Path], output: str | Path) -> Path:
+def write_page(text: str, output: str | Path) -> Path:
     output = Path(output)
-    text = render([read_run(folder) for folder in folders])
     tmp = output.with_name(f".{output.name}.tmp")
     tmp.write_text(text)
     tmp.replace(output)
     return output
+
+
+def write_report(folders: list[str | Path], output: str | Path) -> Path:
+    return write_page(render([read_run(folder) for folder in folders]), output)

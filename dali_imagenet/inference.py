@@ -93,12 +93,15 @@ class Predictor:
     def __init__(self, loaded: LoadedModel, *, image_size: int | None = None, device: str | torch.device = "cpu",
                  class_names: list[str] | None = None):
         from dali_imagenet.classes import display_names, imagenet1k
+        from torchvision.transforms import v2
+
         from dali_imagenet.precision import Precision
-        from dali_imagenet.preprocess import val_transform
+        from dali_imagenet.preprocess import val_geometry, val_transform
 
         self.loaded, self.device = loaded, torch.device(device)
         self.image_size = image_size or loaded.config.val_image_size
         self.transform = val_transform(self.image_size, loaded.config.val_crop_fraction)
+        self.geometry = v2.Compose(val_geometry(self.image_size, loaded.config.val_crop_fraction))
         self.precision = Precision.for_device(loaded.config.amp_dtype, self.device, fallback=True)
         names = class_names or loaded.class_names
         if names is None and loaded.num_classes == len(imagenet1k()):
@@ -119,3 +122,21 @@ class Predictor:
         values, indices = probabilities.topk(min(k, probabilities.shape[1]), dim=1)
         return [[(int(i), self.names[int(i)], float(v)) for v, i in zip(row_v, row_i)]
                 for row_v, row_i in zip(values, indices)]
+
+    def heat_map(self, image: torch.Tensor, class_index: int | None = None, display_px: int = 224):
+        """Grad-CAM of `image` (uint8 CHW) for `class_index` (default: the top-1), over the crop the
+        model saw, in full precision whatever the run trained in: (the class, the crop and the heat
+        map as PIL images, at least `display_px` a side: a 32 px crop is drawn at a size one can see)."""
+        from PIL import Image
+
+        from dali_imagenet.gradcam import grad_cam, overlay
+
+        batch = self.transform(image)[None].to(self.device).contiguous(memory_format=torch.channels_last)
+        if class_index is None:
+            with torch.no_grad():
+                class_index = int(self.loaded.model(batch).argmax(dim=1))
+        crop = self.geometry(image)
+        heat = overlay(crop, grad_cam(self.loaded.model, batch, class_index))
+        side = max(display_px, crop.shape[-1])
+        pictures = (Image.fromarray(crop.permute(1, 2, 0).numpy()), heat)
+        return (class_index, *(picture.resize((side, side), Image.BILINEAR) for picture in pictures))

@@ -79,6 +79,12 @@ class RunOutputs:
         for name in (folder.LAST, *((folder.BEST,) if is_best else ()), folder.METRICS):
             self._push(name, lineage)
 
+    def save_predictions(self, predictions) -> None:
+        """The final validation's top-5 of every val sample (`predictions.Predictions`), and its upload."""
+        if self.active:
+            predictions.save(self.run_dir / folder.PREDICTIONS)
+            self._push(folder.PREDICTIONS)
+
     def catch_up(self, run_id: str, step: int) -> None:
         """The run folder's checkpoint is newer than S3's (this machine trained on after its last
         upload): its checkpoint and history go up before anything else."""

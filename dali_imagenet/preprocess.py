@@ -30,13 +30,17 @@ def train_transform(image_size: int, min_area: float = TRAIN_CROP_MIN_AREA, dtyp
                                              antialias=True), v2.RandomHorizontalFlip()], dtype)
 
 
-def val_transform(image_size: int, crop_fraction: float = CROP_FRACTION, dtype=None):
-    """torchvision v2 transform of a uint8 CHW tensor for evaluation: the geometry DALI's val graph
-    reproduces with torchvision's rounding (see `pipelines._resize_and_center_like_torchvision`)."""
+def val_geometry(image_size: int, crop_fraction: float = CROP_FRACTION) -> list:
+    """Resize the shorter side, centre crop: the geometry DALI's val graph reproduces with
+    torchvision's rounding (see `pipelines._resize_and_center_like_torchvision`)."""
     from torchvision.transforms import v2
 
-    return _normalised([v2.Resize(val_resize_size(image_size, crop_fraction), antialias=True),
-                        v2.CenterCrop(image_size)], dtype)
+    return [v2.Resize(val_resize_size(image_size, crop_fraction), antialias=True), v2.CenterCrop(image_size)]
+
+
+def val_transform(image_size: int, crop_fraction: float = CROP_FRACTION, dtype=None):
+    """torchvision v2 transform of a uint8 CHW tensor for evaluation: `val_geometry`, normalised."""
+    return _normalised(val_geometry(image_size, crop_fraction), dtype)
 
 
 def _normalised(geometry: list, dtype):

@@ -6,6 +6,7 @@
     RUN/best.pt            the checkpoint that scored best (a hard link to a former last.pt)
     RUN/final_weights.pt   the weights at the end of a finished run (a plain state dict)
     RUN/report.html        the run's report
+    RUN/predictions.npz    the final validation's top-5 for each val sample (the report reads it)
     RUN/wandb/             W&B's files, when it is on
 
 A folder that holds any of these holds a run: a new run never starts there unless asked
@@ -23,9 +24,10 @@ from dali_imagenet.errors import DaliImagenetError
 
 LAST, BEST, FINAL = "last.pt", "best.pt", "final_weights.pt"
 METRICS, CONFIG, REPORT = "metrics.jsonl", "config.yaml", "report.html"
+PREDICTIONS = "predictions.npz"
 WANDB = "wandb"
 S3_STAGING = ".s3-staging"  # snapshots waiting for upload (hard links: the run folder's own file system)
-RUN_FILES = (LAST, BEST, FINAL, METRICS, CONFIG, REPORT)  # what makes a folder hold a run
+RUN_FILES = (LAST, BEST, FINAL, METRICS, CONFIG, REPORT, PREDICTIONS)  # what makes a folder hold a run
 CHECKPOINTS = (LAST, BEST)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from dali_imagenet import s3
 from dali_imagenet.errors import DaliImagenetError
-from dali_imagenet.shardformat import (CLASSES_TSV, MANIFEST, FormatError, index_end, index_existing_tar,
+from dali_imagenet.shardformat import (CLASSES_TSV, MANIFEST, FormatError, index_end, index_existing_tar, index_keys,
                                        index_name, index_sample_count, iter_components, parse_classes_tsv,
                                        parse_index, parse_manifest, split_entry)
 
@@ -252,3 +252,50 @@ def find_undecodable(shards: SplitShards, time_limit_s: float = 60.0) -> str | N
             if time.monotonic() > deadline:
                 return None
     return None
+
+
+def _index_text(location: str) -> str:
+    if not s3.is_s3(location):
+        return Path(location).read_text()
+    bucket, key = s3.split_s3_url(location)
+    try:
+        return s3.client().get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+    except Exception as error:
+        raise ShardError(f"{location}: cannot read ({s3.reason(error)})") from None
+
+
+def sample_locations(shards: SplitShards) -> list[tuple[str, str, dict[str, tuple[int, int]]]]:
+    """(tar, key, {ext: (offset, size)}) of every sample, in the reading order of an unshuffled
+    loader (validation): shard by shard, as each index lists them."""
+    rows = []
+    for tar, idx in zip(shards.tars, shards.indices):
+        try:
+            samples = parse_index(_index_text(idx), idx)
+        except FormatError as error:
+            raise ShardError(str(error)) from None
+        for key, sample in zip(index_keys(samples), samples):
+            rows.append((tar, key, {ext: (offset, size) for ext, offset, size, _ in sample}))
+    return rows
+
+
+def read_components(shards: SplitShards, keys: list[str], ext: str = "jpg") -> dict[str, bytes]:
+    """The `ext` bytes of the samples `keys` names, and only those bytes: a seek per sample in a
+    local tar, a ranged GET per sample on S3."""
+    wanted = set(keys)
+    found = {}
+    for tar, key, components in sample_locations(shards):
+        if key not in wanted or ext not in components:
+            continue
+        offset, size = components[ext]
+        if s3.is_s3(tar):
+            bucket, object_key = s3.split_s3_url(tar)
+            try:
+                found[key] = s3.client().get_object(Bucket=bucket, Key=object_key,
+                                                    Range=f"bytes={offset}-{offset + size - 1}")["Body"].read()
+            except Exception as error:
+                raise ShardError(f"{tar}: cannot read sample {key} ({s3.reason(error)})") from None
+        else:
+            with open(tar, "rb") as data:
+                data.seek(offset)
+                found[key] = data.read(size)
+    return found

@@ -263,3 +263,64 @@ def test_blurpool_is_a_normalised_low_pass():
     assert torch.allclose(BlurPool(4)(flat)[..., 1:-1, 1:-1], flat[..., 1:-1, 1:-1])  # constants pass
     checker = (torch.arange(8)[:, None] + torch.arange(8)[None, :]) % 2 * 2.0 - 1
     assert BlurPool(1)(checker.view(1, 1, 8, 8).float())[..., 1:-1, 1:-1].abs().max() < 1e-6  # Nyquist removed
+
+
+def test_grad_cam_peaks_where_the_logit_looks():
+    """A model whose class-0 features see only the image's top-left quarter and class 1's only its
+    bottom-right: each class's map peaks in its own quarter and is zero in the other."""
+    from dali_imagenet.gradcam import grad_cam
+
+    class Quarters(torch.nn.Module):
+        def forward(self, features):
+            h, w = features.shape[-2:]
+            mask = torch.zeros_like(features)
+            mask[:, :2, : h // 2, : w // 2] = 1
+            mask[:, 2:, h // 2:, w // 2:] = 1
+            return features * mask
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+            torch.nn.init.uniform_(self.conv.weight, 0.01, 0.1)  # positive: every pixel excites every channel
+            self.layer4 = Quarters()
+
+        def forward(self, x):
+            a = self.layer4(torch.relu(self.conv(x)))
+            return torch.stack([a[:, :2].mean(dim=(1, 2, 3)), a[:, 2:].mean(dim=(1, 2, 3))], 1)
+
+    torch.manual_seed(0)
+    model, image = Toy(), torch.rand(1, 3, 32, 32)
+    for target, (rows, cols), (other_rows, other_cols) in ((0, (slice(0, 16), slice(0, 16)), (slice(16, 32), slice(16, 32))),
+                                                           (1, (slice(16, 32), slice(16, 32)), (slice(0, 16), slice(0, 16)))):
+        cam = grad_cam(model, image, target)
+        assert cam.shape == (32, 32) and float(cam.max()) == pytest.approx(1.0)
+        peak_row, peak_col = divmod(int(cam.argmax()), 32)
+        assert rows.start <= peak_row < rows.stop and cols.start <= peak_col < cols.stop
+        assert float(cam[other_rows, other_cols].max()) < 0.05
+    assert all(p.grad is None for p in model.parameters())  # no parameter gradients left behind
+
+
+def test_predictions_per_class_confusions_and_examples(tmp_path):
+    import numpy as np
+
+    from dali_imagenet.predictions import Predictions
+
+    labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    top1 = np.array([0, 1, 1, 1, 0, 2, 2, 1, 2])
+    top5 = np.stack([top1, *(np.full(9, c) for c in (3, 4, 5, 6))], 1)
+    predictions = Predictions(np.array([f"k{i}" for i in range(9)]), labels, top5, np.full((9, 5), 0.2), "ema", 4)
+    path = predictions.save(tmp_path / "predictions.npz")
+    again = Predictions.load(path)
+    assert list(again.keys) == list(predictions.keys) and again.weights == "ema" and again.epoch == 4
+    assert [c["top1"] for c in again.per_class(4)] == [pytest.approx(100 / 3), 50.0, 75.0, None]
+    assert again.confusions() == [{"true": 0, "predicted": 1, "count": 2, "share": pytest.approx(2 / 3)},
+                                  {"true": 1, "predicted": 0, "count": 1, "share": 0.5},
+                                  {"true": 2, "predicted": 1, "count": 1, "share": 0.25}]
+    shown = again.examples(4, seed=3)
+    assert shown == again.examples(4, seed=3) and len(shown) == 4  # the same rows every time
+    assert sum(not again.correct[i] for i in shown) == 2  # half wrong, half right
+    assert len(again.examples(12)) == 9 and sum(not again.correct[i] for i in again.examples(8)) == 4
+    (tmp_path / "bad.npz").write_bytes(b"not numpy")
+    with pytest.raises(Exception, match="not a predictions file"):
+        Predictions.load(tmp_path / "bad.npz")

@@ -106,6 +106,7 @@ def browser():
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--window-size=1280,1000"):
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the page's console, read by the tests
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     yield driver
@@ -151,6 +152,9 @@ def test_gradio_demo_in_a_browser(sample_shards, demo_run, browser, tmp_path):
         shown = browser.find_element(By.ID, "top5").text
         positions = [shown.find(name) for name in names]
         assert all(p >= 0 for p in positions) and positions == sorted(positions), (shown, names)
+        heat = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gradcam img"))[0]  # where it looked
+        wait.until(lambda d: d.execute_script("return arguments[0].naturalWidth", heat) > 0)
+        assert browser.execute_script("return arguments[0].naturalWidth", heat) == 320  # the 40 px val crop, drawn larger
         browser.save_screenshot(str(ARTIFACTS / "gradio-demo.png"))
     finally:
         server.terminate()
@@ -158,21 +162,70 @@ def test_gradio_demo_in_a_browser(sample_shards, demo_run, browser, tmp_path):
     assert (ARTIFACTS / "gradio-demo.png").stat().st_size > 10_000
 
 
-def test_report_in_a_browser(demo_run, browser, s3_bucket, tmp_path):
+def network_and_console(browser) -> tuple[list, list]:
+    """What the page fetched (resource timing: data: URIs are not fetches) and what its console said."""
+    fetched = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    console = [entry for entry in browser.get_log("browser") if entry["level"] in ("SEVERE", "WARNING")]
+    return fetched, console
+
+
+def test_the_run_page_shows_what_the_model_learned(demo_run, sample_shards, browser):
+    """train.py's own page of the shared run, in Chromium from file://: the headline, curves,
+    results, per-class table (sortable), confusions, example thumbnails and Grad-CAM maps; no
+    console error, nothing fetched, the run named once in the title."""
     from selenium.webdriver.common.by import By
 
-    page = demo_run / "report.html"  # written by train.py at the end of the run
+    from dali_imagenet.predictions import Predictions
+    from dali_imagenet.shards import find_shards, sample_locations
+
+    predictions = Predictions.load(demo_run / "predictions.npz")  # the final validation, one row per val sample
+    val = find_shards(sample_shards, "validation")
+    assert list(predictions.keys) == [key for _, key, _ in sample_locations(val)]
+    assert len(predictions) == 40 and predictions.top5.shape == (40, 5) and predictions.epoch == 3
+    final = [r for r in records(demo_run) if "val_top1" in r][-1]
+    best = max(final["val_top1"], final["val_ema_top1"])
+    assert 100 * predictions.correct.mean() == pytest.approx(best)  # the better weights of the final validation
+    page = demo_run / "report.html"
     text = page.read_text()
     assert "http://" not in text and "https://" not in text  # nothing to fetch: it renders offline
+    browser.get_log("browser")  # what earlier pages said
     browser.get(page.as_uri())
-    images = browser.find_elements(By.TAG_NAME, "img")
-    assert len(images) >= 2
-    for image in images:
-        width, height = browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", image)
-        assert width > 100 and height > 100
-    final = [r for r in records(demo_run) if "val_top1" in r][-1]["val_top1"]
-    assert browser.find_element(By.CSS_SELECTOR, ".top1").text == f"{final:.2f}"
+    assert browser.title == f"{demo_run.name} · dali-imagenet" and browser.title.count(demo_run.name) == 1
+    assert browser.find_element(By.CSS_SELECTOR, ".top1").text == f"{final['val_top1']:.2f}"
+    headings = [h.text for h in browser.find_elements(By.CSS_SELECTOR, "h2, h3")]
+    for section in ("training", "validation", "Results", "What it learned", "Per class", "Most confused", "Examples",
+                    "Where it looked (Grad-CAM)", "Machine", "Config"):
+        assert section in headings, (section, headings)
+    results = browser.find_elements(By.CSS_SELECTOR, "section > table")[0].text
+    assert results.count("steps") == 1  # each fact once
+    rows = browser.find_elements(By.CSS_SELECTOR, "table.per-class tbody tr")
+    assert len(rows) == 8
+    first = [float(r.find_elements(By.TAG_NAME, "td")[4].text) for r in rows]
+    assert first == sorted(first)  # worst first
+    browser.find_elements(By.CSS_SELECTOR, "table.per-class th")[4].click()  # sort by top-1: ascending
+    browser.find_elements(By.CSS_SELECTOR, "table.per-class th")[4].click()  # and again: best first
+    after = [float(r.find_elements(By.TAG_NAME, "td")[4].text)
+             for r in browser.find_elements(By.CSS_SELECTOR, "table.per-class tbody tr")]
+    assert after == sorted(first, reverse=True)
+    wrong = int((~predictions.correct).sum())
+    assert len(browser.find_elements(By.CSS_SELECTOR, "table.confusions tbody tr")) == min(20, len(
+        predictions.confusions(20))) and wrong > 0
+    thumbnails = browser.find_elements(By.CSS_SELECTOR, "figure.example img")
+    assert len(thumbnails) == 24
+    heat_maps = browser.find_elements(By.CSS_SELECTOR, "figure.cam img.heat")
+    assert len(heat_maps) == 8
+    for image in thumbnails + heat_maps:
+        assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image) > 30
+    assert len(browser.find_elements(By.CSS_SELECTOR, "figure.example.wrong")) == min(12, wrong)
+    fetched, console = network_and_console(browser)
+    assert fetched == [] and console == [], (fetched, console)
     browser.save_screenshot(str(ARTIFACTS / "run-report.png"))
+    print(f"run page: {page.stat().st_size:,} bytes")
+
+
+def test_two_runs_overlaid_and_the_page_uploaded(demo_run, browser, s3_bucket, tmp_path):
+    """report.py RUN RUN: both runs' curves in one page, a section each; --s3 puts it up as text/html."""
+    from selenium.webdriver.common.by import By
 
     from dali_imagenet.s3 import client
 
@@ -182,5 +235,54 @@ def test_report_in_a_browser(demo_run, browser, s3_bucket, tmp_path):
     assert "uploaded: s3://" in result.stdout
     both = (tmp_path / "both.html").read_text()
     assert both.count("<section>") == 2
+    browser.get((tmp_path / "both.html").as_uri())
+    for image in browser.find_elements(By.CSS_SELECTOR, "img.curves"):
+        assert browser.execute_script("return arguments[0].naturalWidth", image) > 500
     head = client().head_object(Bucket=s3_bucket, Key="site/index.html")
     assert head["ContentType"].startswith("text/html")
+
+
+def test_an_index_of_runs_local_and_on_s3(demo_run, browser, s3_bucket, tmp_path):
+    """report.py over a folder of runs, and over an s3:// prefix of them: one row per run (its
+    state, numbers, last update), each linking to its page; top-1 against hours; uploaded as the
+    prefix's index.html (text/html), nothing fetched by the page, no console error."""
+    from selenium.webdriver.common.by import By
+
+    from dali_imagenet.s3 import client
+
+    runs = tmp_path / "runs"
+    shutil.copytree(demo_run, runs / "finished")
+    shutil.copytree(demo_run, runs / "under-way")
+    (runs / "under-way" / "report.html").unlink()
+    lines = (runs / "under-way" / "metrics.jsonl").read_text().splitlines()
+    (runs / "under-way" / "metrics.jsonl").write_text("\n".join(lines[:-1]) + "\n")  # no closing record yet
+    (runs / "not-a-run").mkdir()
+    run_script("report.py", runs)
+    browser.get_log("browser")  # what earlier pages said
+    browser.get((runs / "index.html").as_uri())
+    rows = {r.find_elements(By.TAG_NAME, "td")[0].text.split()[0]: r.text
+            for r in browser.find_elements(By.CSS_SELECTOR, "table.runs tbody tr")}
+    assert sorted(rows) == ["finished", "under-way"]
+    assert "complete" in rows["finished"] and "running" in rows["under-way"] and "no page yet" in rows["under-way"]
+    final = [r for r in records(demo_run) if "val_top1" in r][-1]
+    assert f"{final['val_top1']:.2f}" in rows["finished"] and "3 / 3" in rows["finished"]
+    link = browser.find_element(By.LINK_TEXT, "finished")
+    link.click()
+    assert browser.current_url.endswith("/finished/report.html")  # the run's own page, through the index's link
+    assert browser.title.endswith("· dali-imagenet")
+    browser.back()
+    assert browser.execute_script("return document.images[0].naturalWidth") > 300  # top-1 against hours
+    fetched, console = network_and_console(browser)
+    assert fetched == [] and console == [], (fetched, console)
+    browser.save_screenshot(str(ARTIFACTS / "run-index.png"))
+
+    for path in runs.rglob("*"):
+        if path.is_file() and path.suffix != ".pt":
+            client().upload_file(str(path), s3_bucket, f"team/{path.relative_to(runs)}")
+    result = run_script("report.py", f"s3://{s3_bucket}/team/", "-o", tmp_path / "index.html", "--s3",
+                        f"s3://{s3_bucket}/team")
+    assert "uploaded: s3://" in result.stdout
+    head = client().head_object(Bucket=s3_bucket, Key="team/index.html")
+    assert head["ContentType"].startswith("text/html")
+    page = client().get_object(Bucket=s3_bucket, Key="team/index.html")["Body"].read().decode()
+    assert 'href="finished/report.html"' in page and "under-way" in page and "running" in page

@@ -1,0 +1,138 @@
+"""What a run learned, for its page: every class's val accuracy (a sortable table, worst first),
+the class pairs it mixes up most, example val images with their true and predicted classes, and
+Grad-CAM heat maps over some of them. Read from the final validation's `predictions.npz`; the
+images are read from the run's val shards through their indices (only those samples' bytes);
+Grad-CAM runs the run's best weights on the CPU (a few images: seconds)."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+from dali_imagenet.errors import DaliImagenetError
+from dali_imagenet.html_page import sortable
+
+EXAMPLES = 24  # thumbnails, half wrong and half right
+HEAT_MAPS = 8  # of which this many with Grad-CAM (half wrong, half right)
+THUMBNAIL_PX = 128
+CAM_PX = 160  # the smallest side a heat map is drawn at
+CONFUSIONS = 20
+
+
+def _jpeg_uri(image, quality: int = 80) -> str:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, "JPEG", quality=quality)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _names(checkpoint: dict | None, count: int) -> list[str]:
+    from dali_imagenet.classes import display_names
+
+    names = (checkpoint or {}).get("class_names")
+    return display_names(list(names)) if names and len(names) == count else [f"class {i}" for i in range(count)]
+
+
+def per_class_table(predictions, names: list[str]) -> str:
+    rows = sorted((c for c in predictions.per_class(len(names)) if c["images"]),
+                  key=lambda c: (c["top1"], -c["images"], c["index"]))
+    body = [[(str(c["index"]), c["index"]), (html.escape(names[c["index"]]), names[c["index"]]),
+             (str(c["images"]), c["images"]), (str(c["correct"]), c["correct"]), (f"{c['top1']:.1f}", c["top1"])]
+            for c in rows]
+    best = ", ".join(f"{names[c['index']]} {c['top1']:.0f} %" for c in rows[::-1][:3])
+    worst = ", ".join(f"{names[c['index']]} {c['top1']:.0f} %" for c in rows[:3])
+    return (f"<h3>Per class</h3><p>{len(rows)} classes; worst {html.escape(worst)}; best {html.escape(best)}. Worst "
+            f"first: click a column's head to sort by it.</p><div class=scroll>"
+            f"{sortable(['class', 'name', 'val images', 'top-1 right', 'top-1 %'], body, 'per-class')}</div>")
+
+
+def confusions_table(predictions, names: list[str]) -> str:
+    pairs = predictions.confusions(CONFUSIONS)
+    if not pairs:
+        return "<h3>Most confused</h3><p>no top-1 was wrong</p>"
+    body = [[(html.escape(names[p["true"]]), names[p["true"]]), (html.escape(names[p["predicted"]]), names[p["predicted"]]),
+             (str(p["count"]), p["count"]), (f"{100 * p['share']:.1f}", 100 * p["share"])] for p in pairs]
+    return (f"<h3>Most confused</h3><p>The {len(pairs)} most frequent wrong top-1s: true class, predicted class, "
+            f"how many val images, and their share of the true class's.</p>"
+            f"{sortable(['true class', 'predicted as', 'images', '% of the class'], body, 'confusions')}")
+
+
+def _examples(run, checkpoint: dict | None, predictions, names: list[str]) -> str:
+    """The thumbnails and heat maps; a line saying why where the shards or the weights are not at hand."""
+    from PIL import Image
+
+    from dali_imagenet.shards import find_shards, read_components
+
+    data = run.started.get("data")
+    rows = predictions.examples(EXAMPLES)
+    keys = [str(predictions.keys[i]) for i in rows]
+    try:
+        jpegs = read_components(find_shards(data, "validation"), keys) if data else {}
+    except DaliImagenetError as error:
+        return f"<h3>Examples</h3><p>the val shards are not at hand ({html.escape(str(error))}): no images</p>"
+    if not jpegs:
+        return f"<h3>Examples</h3><p>the val shards ({html.escape(str(data))}) hold none of the predicted keys</p>"
+    cards, cams = [], []
+    wrong_rows = [i for i in rows if not predictions.correct[i]]
+    right_rows = [i for i in rows if predictions.correct[i]]
+    with_cam = set(wrong_rows[:HEAT_MAPS // 2] + right_rows[:HEAT_MAPS - min(len(wrong_rows), HEAT_MAPS // 2)])
+    predictor = _predictor(run, checkpoint, predictions.weights) if with_cam else None
+    for i in rows:
+        key = str(predictions.keys[i])
+        if key not in jpegs:
+            continue
+        image = Image.open(io.BytesIO(jpegs[key])).convert("RGB")
+        true, guess, confidence = int(predictions.labels[i]), int(predictions.top5[i, 0]), float(predictions.probabilities[i, 0])
+        wrong = " wrong" if true != guess else ""
+        caption = (f"true: {html.escape(names[true])}<br><span class=\"{wrong.strip()}\">predicted: "
+                   f"{html.escape(names[guess])} ({confidence:.0%})</span>")
+        thumbnail = image.copy()
+        thumbnail.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+        cards.append(f"<figure class=\"example{wrong}\"><img alt=\"{html.escape(key)}\" src=\"{_jpeg_uri(thumbnail)}\">"
+                     f"<figcaption>{caption}</figcaption></figure>")
+        if predictor is not None and i in with_cam:
+            from dali_imagenet.inference import image_tensor
+
+            _, crop, heat = predictor.heat_map(image_tensor(image), guess, display_px=CAM_PX)
+            cams.append(f"<figure class=\"cam{wrong}\"><img alt=\"{html.escape(key)}\" src=\"{_jpeg_uri(crop)}\">"
+                        f"<img class=heat alt=\"Grad-CAM of {html.escape(key)}\" src=\"{_jpeg_uri(heat)}\">"
+                        f"<figcaption>{caption}<br>where it looked for {html.escape(names[guess])}</figcaption></figure>")
+    cam_text = ("<h3>Where it looked (Grad-CAM)</h3><p>The last conv stage's activations weighted by the gradient of "
+                "the predicted class: red drove that prediction. " + (f"{predictions.weights} weights of " if predictor
+                                                                       else "") + "the run's checkpoint, on the CPU.</p>"
+                + "".join(cams)) if cams else ("<h3>Where it looked (Grad-CAM)</h3><p>no checkpoint with weights in the "
+                                               "run folder</p>")
+    return (f"<h3>Examples</h3><p>{len(cards)} val images of the final validation, chosen by a fixed seed: the wrong "
+            f"first, then right ones.</p>{''.join(cards)}{cam_text}")
+
+
+def _predictor(run, checkpoint: dict | None, weights: str):
+    from dali_imagenet.inference import Predictor, load_model
+    from dali_imagenet.run_folder import BEST, LAST
+
+    for name in (LAST, BEST):  # the weights that made the final validation's predictions
+        if (Path(run.folder) / name).is_file():
+            try:
+                return Predictor(load_model(Path(run.folder) / name, which=weights), device="cpu")
+            except DaliImagenetError:
+                continue
+    return None
+
+
+def learned_sections(run, checkpoint: dict | None, path: Path) -> str:
+    """The page's "What it learned" part, or one line saying why there is none."""
+    from dali_imagenet.predictions import Predictions
+
+    if not Path(path).is_file():
+        return ("<h2>What it learned</h2><p>no predictions.npz: a run writes it at its final validation (with the "
+                "DALI loader)</p>")
+    try:
+        predictions = Predictions.load(path)
+    except DaliImagenetError as error:
+        return f"<h2>What it learned</h2><p>{html.escape(str(error))}</p>"
+    count = int(max(predictions.labels.max(initial=0), predictions.top5.max(initial=0))) + 1
+    names = _names(checkpoint, max(count, (checkpoint or {}).get("num_classes") or 0))
+    return (f"<h2>What it learned</h2><p>The final validation (epoch {predictions.epoch}, {len(predictions):,} images, "
+            f"{predictions.weights} weights: the better of raw and EMA there), image by image.</p>"
+            f"{per_class_table(predictions, names)}{confusions_table(predictions, names)}"
+            f"{_examples(run, checkpoint, predictions, names)}")
