@@ -14,12 +14,12 @@ import json
 import torch
 
 from dali_imagenet import make_loader
+from dali_imagenet.data.shards import find_shards
 from dali_imagenet.errors import one_line_errors
-from dali_imagenet.evaluation import evaluate
-from dali_imagenet.inference import WEIGHT_CHOICES, load_model
-from dali_imagenet.model import LAYOUTS
-from dali_imagenet.precision import AMP_DTYPES, Precision
-from dali_imagenet.shards import find_shards
+from dali_imagenet.training.evaluation import evaluate
+from dali_imagenet.training.inference import WEIGHT_CHOICES, load_model
+from dali_imagenet.training.model import LAYOUTS
+from dali_imagenet.training.precision import AMP_DTYPES, Precision
 
 
 def main() -> None:

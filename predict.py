@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from dali_imagenet.errors import UsageError, one_line_errors
-from dali_imagenet.inference import WEIGHT_CHOICES, ImageError, Predictor, load_image, load_model
-from dali_imagenet.model import LAYOUTS
+from dali_imagenet.training.inference import WEIGHT_CHOICES, ImageError, Predictor, load_image, load_model
+from dali_imagenet.training.model import LAYOUTS
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".jpe", ".jfif"}
 
@@ -37,7 +37,7 @@ def image_files(paths: list[str]) -> list[Path]:
 
 def read_classes(path: str) -> list[str]:
     """A `classes.tsv` (index, synset, names) as shard-imagenet writes it, or one name per line."""
-    from dali_imagenet.shardformat import parse_classes_tsv
+    from dali_imagenet.data.shardformat import parse_classes_tsv
 
     try:
         text = Path(path).read_text()
@@ -53,8 +53,8 @@ def shard_images(data: str, split: str):
     import tempfile
 
     from dali_imagenet import s3
-    from dali_imagenet.shardformat import iter_components
-    from dali_imagenet.shards import find_shards
+    from dali_imagenet.data.shardformat import iter_components
+    from dali_imagenet.data.shards import find_shards
 
     shards = find_shards(data, split)
     for tar, idx in zip(shards.tars, shards.indices):

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from dali_imagenet import s3
 from dali_imagenet.errors import one_line_errors
-from dali_imagenet.html_report import write_page, write_report
-from dali_imagenet.run_folder import METRICS
-from dali_imagenet.run_index import render_index, runs_in
+from dali_imagenet.report.html_report import write_page, write_report
+from dali_imagenet.report.run_index import render_index, runs_in
+from dali_imagenet.run.run_folder import METRICS
 
 
 def is_index(sources: list[str]) -> bool:

@@ -25,22 +25,26 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from dali_imagenet import decoder, distributed, exits, make_loader, predictions, recipe, resume, run_folder, spot
-from dali_imagenet.checkpoint import TrainState, contents
+from dali_imagenet import distributed, make_loader
 from dali_imagenet.config import TrainConfig, load_config, to_dict
+from dali_imagenet.data import decoder
+from dali_imagenet.data.loader import Loader
+from dali_imagenet.data.partition import batches_per_epoch
+from dali_imagenet.data.shards import SplitShards, find_shards, sample_locations
 from dali_imagenet.errors import DaliImagenetError, Interrupted, debug
-from dali_imagenet.evaluation import evaluate, evaluate_with_top5
-from dali_imagenet.interrupts import StopCheck, StopRequest
-from dali_imagenet.loader import Loader
-from dali_imagenet.metrics import ThroughputMeter, cost, describe_cost, wandb_wanted
-from dali_imagenet.outputs import RunOutputs
-from dali_imagenet.partition import batches_per_epoch
-from dali_imagenet.precision import Precision
-from dali_imagenet.schedule import LRSchedule
+from dali_imagenet.report.html_report import write_report
+from dali_imagenet.run import exits, resume, run_folder, spot
+from dali_imagenet.run.checkpoint import TrainState, contents
+from dali_imagenet.run.interrupts import StopCheck, StopRequest
+from dali_imagenet.run.metrics import ThroughputMeter, cost, describe_cost, wandb_wanted
+from dali_imagenet.run.outputs import RunOutputs
+from dali_imagenet.run.spot import SpotWatcher
 from dali_imagenet.seeding import derive_seed
-from dali_imagenet.shards import SplitShards, find_shards, sample_locations
-from dali_imagenet.spot import SpotWatcher
-from dali_imagenet.step import TrainStep
+from dali_imagenet.training import predictions, recipe
+from dali_imagenet.training.evaluation import evaluate, evaluate_with_top5
+from dali_imagenet.training.precision import Precision
+from dali_imagenet.training.schedule import LRSchedule
+from dali_imagenet.training.step import TrainStep
 
 
 def parse_args() -> argparse.Namespace:
@@ -130,6 +134,7 @@ class Leaving:
         """An exception ended the run on this rank: a user error is one line, a bug keeps its
         traceback; the other ranks are told (unless all raised it together, like a NaN loss)."""
         self.lock.acquire()
+        self.request.leaving()
         if isinstance(error, KeyboardInterrupt):  # a second Ctrl-C: leave now, waiting for nothing
             code, message, self.flush_timeout_s = exits.INTERRUPTED, "stopped at once by a second Ctrl-C", 0.0
         else:
@@ -154,6 +159,7 @@ class Leaving:
         """Another rank failed (the peer-error thread): stop this one too, with one line, now."""
         if not self.lock.acquire(blocking=False):
             return  # the main thread is already leaving
+        self.request.leaving()
         self.end_outputs({"step": self.state.step if self.state else 0, "event": "stopped",
                           "reason": f"error on {line}"})
         print(f"error: stopping: {line}", file=sys.stderr, flush=True)
@@ -164,6 +170,7 @@ class Leaving:
         for part in (self.watcher, self.peers):
             if part is not None:
                 part.close()
+        self.request.restore()
 
 
 def leave_now(code: int) -> None:
@@ -217,7 +224,7 @@ def setup(args, leaving: Leaving) -> Run:
     decoding = decoder.describe(backend, procs.device, cfg.hw_decoder_load) if procs.master else {}
     outputs = RunOutputs(run_dir, to_dict(cfg), procs, overwrite=args.overwrite, s3_url=args.s3, s3_held=s3_held,
                          wandb=wandb_wanted(args.wandb), wandb_id=state.wandb_id,
-                         instance={**instance, **decoding},
+                         instance={**instance, **decoding}, write_report=write_report,
                          extra={"loader": backend, "world_size": procs.world, "data": args.data,
                                 "config_file": args.config})
     leaving.outputs = outputs
@@ -421,6 +428,7 @@ def finish(run: Run, stop: str | None, leaving: Leaving) -> int:
               f"{describe_cost(run_cost)}; checkpoint {run.outputs.run_dir / run_folder.LAST}, report "
               f"{run.outputs.run_dir / run_folder.REPORT}")
     with leaving.lock:
+        leaving.request.leaving()
         pending = leaving.end_outputs(record, final_model=run.train_step.model if stop is None else None,
                                       summary=run_cost)
     code = distributed.broadcast(exits.with_uploads(code, pending), run.procs)

@@ -76,6 +76,8 @@ def step_runs(device: str, smoke: bool, sizes: list[int] | None = None):
     own setting (channels-last; bf16 on a GPU, fp32 on a CPU without fast bf16), eager and compiled."""
     arch, batch, size, timing = step_sizes(device, smoke)
     dtypes = ["float32", "bfloat16"] + (["float16"] if device == "cuda" else [])
+    if smoke:  # the plumbing, once: the product's own dtype on this device
+        dtypes = ["bfloat16" if device == "cuda" else "float32"]
     if sizes:
         dtypes = ["bfloat16" if device == "cuda" else "float32"]
     layouts = (True,) if (smoke or sizes) else (True, False)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from benchmarks.common import REPO, machine, save_figure
 
-SMOKE_SETTINGS = ["arch=resnet18", "epochs=1", "image_size=32", "min_image_size=0", "val_image_size=32",
+SMOKE_SETTINGS = ["arch=resnet10", "epochs=1", "image_size=32", "min_image_size=0", "val_image_size=32",
                   "batch_size=8", "loader_threads=1", "log_every=1", "compile=false", "val_every=1"]
 
 
@@ -66,7 +66,7 @@ def evaluate(checkpoint: Path, shards: Path, device: str, weights: str) -> dict:
 
 def summarize(name: str, config: Path, run_dir: Path, shards: Path, device: str, wall_s: float) -> dict:
     """The run's validation curve and final numbers; a run the budget cut short is evaluated now."""
-    from dali_imagenet.checkpoint import load
+    from dali_imagenet.training.saved import load
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     curve = [{"epoch": r["epoch"], "time_s": r["time_s"], "images_seen": r["images_seen"], "top1": r["val_top1"],

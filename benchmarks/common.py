@@ -2,18 +2,16 @@
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def machine() -> dict:
-    from dali_imagenet.metrics import machine as run_machine
+    from dali_imagenet.run.metrics import machine as run_machine
 
     return {**run_machine(), "git_commit": _git_commit()}
 

@@ -90,8 +90,8 @@ def resume_verdict(straight: list[float], resumed: list[float], max_abs_diff: fl
 class Check:
     """Rows of the table, a time budget, a log, and the isolated processes that measure."""
 
-    def __init__(self, device: str, smoke: bool, budget_s: float, log: Path | None):
-        self.device, self.smoke = device, smoke
+    def __init__(self, device: str, smoke: bool, budget_s: float, log: Path | None, skip: tuple[str, ...] = ()):
+        self.device, self.smoke, self.skip = device, smoke, set(skip)
         self.started = time.monotonic()
         self.deadline = self.started + budget_s
         self.rows: list[dict] = []
@@ -103,8 +103,14 @@ class Check:
             self.log.write(text + "\n")
             self.log.flush()
 
-    def fits(self, section: str) -> bool:
-        """Whether `section` still fits the budget (on a CPU, --smoke: only the deadline counts)."""
+    def fits(self, section: str, also: tuple[str, ...] = ()) -> bool:
+        """Whether `section` is asked for and still fits the budget (on a CPU, --smoke: only the
+        deadline counts); if not, a row says why (for `also`, the sections it brings, too)."""
+        if section in self.skip:
+            for name in (section, *also):
+                self.rows.append({"section": name, "what": "skipped", "seconds": 0, "result": "not asked for (--skip)"})
+            self.say(f"[{section}] skipped: --skip")
+            return False
         left = self.deadline - time.monotonic()
         need = 0 if self.smoke else ESTIMATE_S.get(section, 0)
         if left > need:
@@ -196,7 +202,7 @@ def production_config(check: Check, shards: Path, work: Path) -> None:
     per_epoch = _steps_per_epoch(shards, batch)
     epochs = 3  # epoch 1 at the ramp's first size, 2 and 3 at its last: two compiles, and a warm epoch
     # --smoke on a CPU: a small model and sizes, compile off (a CPU compile takes minutes), deterministic
-    sets = (["arch=resnet18", f"batch_size={batch}", "min_image_size=32", "image_size=48", "image_size_step=16",
+    sets = (["arch=resnet10", f"batch_size={batch}", "min_image_size=32", "image_size=48", "image_size_step=16",
              "val_image_size=32", "compile=false", "deterministic=true", "loader_threads=2"] if check.smoke else [])
     sets += [f"epochs={epochs}", "ramp_start_epoch=0", "ramp_end_epoch=1", "warmup_epochs=1", f"log_every={log_every}",
              "val_every=0"]
@@ -273,14 +279,18 @@ def loaders(check: Check, shards: Path) -> None:
               "--image-size", str(size), *timing]
     check.measure("loader", f"DALI train, all {os.cpu_count()} cores", "benchmarks.loaders",
                   [*common, "--split", "train", "--threads", str(min(os.cpu_count() or 1, 8))])
-    for load in ((0.7, 0.0) if check.device == "cuda" else (0.7,)):
+    if check.device != "cuda":  # on a CPU, hw_decoder_load changes nothing: the row above says it all
+        check.rows.append({"section": "loader", "what": "DALI train, 4 cores, hw_decoder_load=0.7 and 0",
+                           "result": "needs a GPU", "seconds": 0})
+        return
+    for load in (0.7, 0.0):
         cores = "4 cores" if four_cores() else f"all {os.cpu_count()} cores"
         check.measure("loader", f"DALI train, {cores}, 3 threads, hw_decoder_load={load}", "benchmarks.loaders",
                       [*common, "--split", "train", "--threads", "3", "--hw-decoder-load", str(load)], four_cores())
 
 
 def steps(check: Check, shards: Path) -> None:
-    if not check.fits("step"):
+    if not check.fits("step", also=("loader -> step",)):
         return
     arch, batch = ("resnet18", 4) if check.smoke else ("resnet50", 256)
     sizes = (32,) if check.smoke else (160, 192, 224)
@@ -307,6 +317,10 @@ def graphs(check: Check) -> None:
               (sizes[1], [], f"all {os.cpu_count()} cores"))
     for batch, prefix, cores in shapes[:1] if check.smoke else shapes:
         for mode in ("eager", "cuda_graph"):
+            if check.smoke and mode == "eager":  # at --smoke sizes the step section's synthetic row is this one
+                check.rows.append({"section": "eager/graph", "what": f"{mode}, b{batch}, {cores}", "seconds": 0,
+                                   "result": "--smoke: the step section's synthetic row (the same step)"})
+                continue
             if mode == "cuda_graph" and check.device != "cuda":
                 check.rows.append({"section": "eager/graph", "what": f"{mode}, b{batch}, {cores}",
                                    "result": "needs a GPU", "seconds": 0})
@@ -363,6 +377,8 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=450.0, help="skip sections that no longer fit (seconds)")
     parser.add_argument("--work", default=None, help="shards and runs (default: a new folder under /tmp)")
     parser.add_argument("--keep", action="store_true", help="keep --work at the end")
+    parser.add_argument("--skip", nargs="+", default=[], choices=sorted(ESTIMATE_S),
+                        help="sections not to run (each still gets a row saying so)")
     args = parser.parse_args()
     why = missing(args.device)
     if why:
@@ -372,7 +388,7 @@ def main() -> None:
     if out is not None and work.resolve().is_relative_to(out.resolve()):
         sys.exit(f"gpu_check: --work {work} is inside $OUT ({out}), which must hold only the results")
     work.mkdir(parents=True, exist_ok=True)
-    check = Check(args.device, args.smoke, args.budget_s, out / "gpu_check.log" if out else None)
+    check = Check(args.device, args.smoke, args.budget_s, out / "gpu_check.log" if out else None, tuple(args.skip))
     info = machine()
     card = info["gpu"] or f"CPU ({info['cpu_count']} cores)"
     check.say(f"device: {card}; torch {info['torch']}; DALI {info['nvidia-dali-cuda120']}; work {work}")

@@ -12,13 +12,14 @@ import time
 import torch
 
 from benchmarks.common import endless, summarize
-from dali_imagenet.preprocess import HW_DECODER_LOAD
+from dali_imagenet.data.preprocess import HW_DECODER_LOAD
 
 
 def measure_loader(data: str, backend: str, split: str, batch_size: int, device: str, image_size: int,
                    threads: int, warmup_batches: int, batches: int, repeats: int,
                    hw_decoder_load: float = HW_DECODER_LOAD) -> dict:
-    from dali_imagenet import decoder, make_loader
+    from dali_imagenet import make_loader
+    from dali_imagenet.data import decoder
 
     loader = make_loader(data, split, batch_size, device=device, image_size=image_size, backend=backend,
                          num_threads=threads, train=split == "train", hw_decoder_load=hw_decoder_load)
@@ -43,8 +44,8 @@ def measure_loader(data: str, backend: str, split: str, batch_size: int, device:
 def jpegs_of(data: str, split: str, limit: int) -> list[bytes]:
     import itertools
 
-    from dali_imagenet.shardformat import iter_components
-    from dali_imagenet.shards import find_shards
+    from dali_imagenet.data.shardformat import iter_components
+    from dali_imagenet.data.shards import find_shards
 
     shards = find_shards(data, split)
     jpegs = (jpeg for tar, idx in zip(shards.tars, shards.indices) for _, jpeg in iter_components(tar, idx, "jpg"))

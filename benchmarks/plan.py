@@ -26,8 +26,8 @@ from benchmarks.common import endless, machine
 from dali_imagenet.config import TrainConfig, load_config, to_dict
 from dali_imagenet.distributed import Processes
 from dali_imagenet.errors import one_line_errors
-from dali_imagenet.precision import Precision
-from dali_imagenet.recipe import build
+from dali_imagenet.training.precision import Precision
+from dali_imagenet.training.recipe import build
 
 IMAGENET_TRAIN, IMAGENET_VAL = 1_281_167, 50_000
 
@@ -106,8 +106,8 @@ def measure_steps(cfg: TrainConfig, sizes: list[int], device: torch.device, seco
 def measure_validation(cfg: TrainConfig, device: torch.device, seconds: float) -> float:
     """Validation images/s at the val size: every forward pass a validation makes (raw weights,
     their EMA when the run keeps one, each with its mirror image under val_flip)."""
-    from dali_imagenet.evaluation import predict_logits
-    from dali_imagenet.model import build_model
+    from dali_imagenet.training.evaluation import predict_logits
+    from dali_imagenet.training.model import build_model
 
     precision = Precision.for_device(cfg.amp_dtype, device)
     model = build_model(cfg.arch, 1000, blurpool=cfg.blurpool).to(device, memory_format=torch.channels_last).eval()

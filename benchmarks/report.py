@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from benchmarks.common import save_figure
-from dali_imagenet.decoder import short
+from dali_imagenet.data.decoder import short
 
 
 def _rate(record: dict) -> float | None:

@@ -14,10 +14,10 @@ import torch
 
 from benchmarks.common import endless, summarize
 from dali_imagenet.config import TrainConfig
+from dali_imagenet.data.preprocess import HW_DECODER_LOAD
 from dali_imagenet.distributed import Processes
-from dali_imagenet.precision import AMP_DTYPES, Precision
-from dali_imagenet.preprocess import HW_DECODER_LOAD
-from dali_imagenet.recipe import build
+from dali_imagenet.training.precision import AMP_DTYPES, Precision
+from dali_imagenet.training.recipe import build
 
 
 def make_training(arch: str, num_classes: int, device: torch.device, dtype: str, channels_last: bool,
@@ -58,7 +58,8 @@ def synthetic(args) -> dict:
 
 
 def end_to_end(args) -> dict:
-    from dali_imagenet import decoder, make_loader
+    from dali_imagenet import make_loader
+    from dali_imagenet.data import decoder
 
     device = torch.device(args.device)
     loader = make_loader(args.data, "train", args.batch_size, device=device, image_size=args.image_size,

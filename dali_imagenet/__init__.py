@@ -1,4 +1,11 @@
-"""GPU-first ImageNet data path (NVIDIA DALI) and ResNet training pieces.
+"""GPU-first ImageNet data path (NVIDIA DALI) and ResNet training pieces, in layers that import
+only downward:
+
+    data/      the shards, the DALI and baseline loaders, preprocessing: `make_loader`
+    training/  the model, the step, mixing, EMA, precision, schedule, recipe, evaluation, inference
+    run/       checkpoints, resume, the run folder, outputs and S3 upload, spot, stops, exit codes
+    report/    the pages people read: a run's page, an index of runs
+    errors, s3, retry, seeding, distributed: what every layer shares; config: a run's description
 
 Importing the package is cheap: `make_loader` pulls in DALI and PyTorch only when first used.
 """
@@ -8,7 +15,7 @@ __all__ = ["make_loader"]
 
 def __getattr__(name):
     if name == "make_loader":
-        from dali_imagenet.loader import make_loader
+        from dali_imagenet.data.loader import make_loader
 
         return make_loader
     raise AttributeError(f"module 'dali_imagenet' has no attribute {name!r}")

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import yaml
 
+from dali_imagenet.data.partition import SHUFFLE_BUFFER
+from dali_imagenet.data.preprocess import CROP_FRACTION, HW_DECODER_LOAD, TRAIN_CROP_MIN_AREA
 from dali_imagenet.errors import DaliImagenetError
-from dali_imagenet.partition import SHUFFLE_BUFFER
-from dali_imagenet.preprocess import CROP_FRACTION, HW_DECODER_LOAD, TRAIN_CROP_MIN_AREA
 
 
 class ConfigError(DaliImagenetError):
@@ -20,7 +20,7 @@ class ConfigError(DaliImagenetError):
 @dataclass
 class TrainConfig:
     # model
-    arch: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101 | resnet152
+    arch: str = "resnet50"  # resnet10 | resnet18 | resnet34 | resnet50 | resnet101 | resnet152
     drop_path: float = 0.1  # stochastic depth of the last block; rises linearly from 0 with depth
     zero_init_last_bn: bool = True  # each residual branch starts as identity
     blurpool: bool = False  # blur (3x3 binomial) before each strided conv; same weights, so still torchvision's keys
@@ -75,7 +75,7 @@ class TrainConfig:
     spot_price_per_hour: float = 0.0  # US$ per machine-hour on spot, when known (it changes by the hour); 0: unknown
 
     def train_image_size(self, epoch: int) -> int:
-        from dali_imagenet.schedule import image_size_at
+        from dali_imagenet.training.schedule import image_size_at
 
         return image_size_at(epoch, image_size=self.image_size, min_image_size=self.min_image_size,
                              ramp_start_epoch=self.ramp_start_epoch, ramp_end_epoch=self.ramp_end_epoch,
@@ -86,8 +86,8 @@ class TrainConfig:
         return bool(self.val_every and epoch % self.val_every == 0) or epoch == self.epochs
 
     def validate(self) -> None:
-        from dali_imagenet.model import LAYOUTS
-        from dali_imagenet.precision import AMP_DTYPES
+        from dali_imagenet.training.model import LAYOUTS
+        from dali_imagenet.training.precision import AMP_DTYPES
 
         checks = [
             (self.arch in LAYOUTS, f"arch must be one of {', '.join(LAYOUTS)}"),

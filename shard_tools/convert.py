@@ -20,9 +20,19 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from tqdm import tqdm
 
+from dali_imagenet.data.shardformat import (
+    CLASSES_TSV,
+    MANIFEST,
+    MANIFEST_VERSION,
+    TIMM_INFO,
+    ShardWriter,
+    classes_tsv,
+    index_name,
+    sha256_file,
+    shard_name,
+    timm_info,
+)
 from dali_imagenet.errors import DaliImagenetError
-from dali_imagenet.shardformat import (CLASSES_TSV, MANIFEST, MANIFEST_VERSION, TIMM_INFO, ShardWriter, classes_tsv,
-                                       index_name, sha256_file, shard_name, timm_info)
 from shard_tools import hub
 from shard_tools.images import Rejected, prepare_image
 from shard_tools.sources import SPLITS, Record, Source, Unit, open_source, read_unit, synset_from_path

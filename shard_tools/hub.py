@@ -195,8 +195,14 @@ def is_transient(error: Exception) -> bool:
 def explain(error: Exception, url: str, what: str | None = None) -> str:
     """The one line a user needs: which of token, licence, name or revision is wrong, and the fix."""
     from huggingface_hub import constants, get_token
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled,
-                                        RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        OfflineModeIsEnabled,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     repo_id = _repo_of(url)
     page = f"{constants.ENDPOINT}/datasets/{repo_id}"

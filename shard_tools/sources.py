@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 
 import pyarrow.parquet as pq
 
-from dali_imagenet.classes import imagenet1k
+from dali_imagenet.data.classes import imagenet1k
 from dali_imagenet.errors import DaliImagenetError
 from shard_tools import hub
 

@@ -13,8 +13,8 @@ import weakref
 from pathlib import Path
 
 from dali_imagenet import s3
+from dali_imagenet.data.shardformat import sha256_file
 from dali_imagenet.errors import DaliImagenetError
-from dali_imagenet.shardformat import sha256_file
 
 
 class OutputError(DaliImagenetError):

@@ -35,10 +35,21 @@ import click
 from tqdm import tqdm
 
 from dali_imagenet import s3
+from dali_imagenet.data.shardformat import (
+    MANIFEST,
+    TIMM_INFO,
+    index_keys,
+    index_name,
+    index_sample_count,
+    index_without,
+    parse_index,
+    parse_manifest,
+    sample_key,
+    timm_info,
+    write_text_atomic,
+)
+from dali_imagenet.data.shards import TIMM_SPLIT_NAMES, TimmTar, default_index_cache, timm_classes, timm_tars
 from dali_imagenet.errors import DaliImagenetError, debug
-from dali_imagenet.shardformat import (MANIFEST, TIMM_INFO, index_keys, index_name, index_sample_count, index_without,
-                                       parse_index, parse_manifest, sample_key, timm_info, write_text_atomic)
-from dali_imagenet.shards import TIMM_SPLIT_NAMES, TimmTar, default_index_cache, timm_classes, timm_tars
 from shard_tools.images import Rejected, prepare_image
 
 

@@ -2,6 +2,10 @@
 train.py run that every test needing only a finished run's files shares."""
 from __future__ import annotations
 
+import contextlib
+import gc
+import importlib
+import io
 import json
 import os
 import socket
@@ -22,8 +26,8 @@ os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 TRAIN_PER_CLASS, VAL_PER_CLASS = 12, 5  # 96 train / 40 validation images in 8 classes
 
 
-# train.py at test scale: ResNet-18 at 32 px, 6 steps an epoch on the sample's 96 train images.
-TRAIN_BASE = ["arch=resnet18", "image_size=32", "val_image_size=32", "batch_size=16", "epochs=2", "warmup_epochs=0.5",
+# train.py at test scale: ResNet-10 at 32 px, 6 steps an epoch on the sample's 96 train images.
+TRAIN_BASE = ["arch=resnet10", "image_size=32", "val_image_size=32", "batch_size=16", "epochs=2", "warmup_epochs=0.5",
               "log_every=1", "loader_threads=1", "shuffle_buffer=32", "amp_dtype=float32", "lr=0.2"]
 
 
@@ -39,10 +43,64 @@ def child_env(**extra) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1", **extra}
 
 
-def train(data, out, *sets, extra=(), check=True, **kwargs) -> subprocess.CompletedProcess:
-    """train.py in a process of its own, as a user runs it."""
-    result = subprocess.run(train_command(data, out, *sets, extra=extra), capture_output=True, text=True,
-                            env=kwargs.pop("env", child_env()), timeout=300, **kwargs)
+@contextlib.contextmanager
+def environment(values: dict | None):
+    """`os.environ` as `values` (a child_env) for the block, as it was after it."""
+    before = dict(os.environ)
+    if values is not None:
+        os.environ.clear()
+        os.environ.update(values)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(before)
+
+
+def run_in_process(main, argv: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    """A script's `main()` in this process, as its `__main__` would run it (its argv, its stdout and
+    stderr, its exit code, a SystemExit's message on stderr), without a new interpreter's seconds of
+    imports: where the process boundary is not what a test is about."""
+    out, err = io.StringIO(), io.StringIO()
+    saved_argv = sys.argv
+    with environment(env), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        sys.argv = [str(a) for a in argv]
+        try:
+            code = main() or 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+            if isinstance(stop.code, str):
+                print(stop.code, file=sys.stderr)
+        finally:
+            sys.argv = saved_argv
+    gc.collect()  # the run's model, loaders and pipelines go now, not in the next test
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+def script(name: str):
+    """The main() of one of the repository's scripts (train.py, evaluate.py, predict.py, report.py)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    module = importlib.import_module(name)
+    if name == "train":
+        return module.main
+
+    def main():
+        from dali_imagenet.errors import one_line_errors
+
+        with one_line_errors():
+            return module.main()
+    return main
+
+
+def train(data, out, *sets, extra=(), check=True, env=None, process=False) -> subprocess.CompletedProcess:
+    """train.py as a user runs it: in this process (`run_in_process`), or with `process=True` in a
+    process of its own (signals, a sitecustomize hook, what the interpreter does at exit)."""
+    command = train_command(data, out, *sets, extra=extra)
+    if process:
+        result = subprocess.run(command, capture_output=True, text=True, env=env or child_env(), timeout=300)
+    else:
+        result = run_in_process(script("train"), command[1:], env)
     if check and result.returncode != 0:
         raise AssertionError(result.stdout + result.stderr)
     return result

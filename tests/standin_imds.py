@@ -2,60 +2,72 @@
 
 PUT /latest/api/token gives a token; GETs of /latest/meta-data/... need it (401 without, or with an
 old one after `rotate()`); spot/instance-action is 404 until a notice exists, then EC2's JSON.
-`POST /control/notice` gives the notice from inside the process under test (a sitecustomize hook
-that places it at an exact point of a run); `malformed(n)` answers the next n requests with bytes
+`POST /control/notice` gives the notice from inside the run under test (`install_notice_hook`
+places it at an exact point of a run); `malformed(n)` answers the next n requests with bytes
 that are not HTTP, as a broken proxy or a half-dead IMDS would.
 """
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 RECLAIM_AT = "2026-12-01T12:00:00Z"
 
-# Loaded by train.py through PYTHONPATH: gives the notice (POST to $NOTICE_URL) at the phase
-# $NOTICE_AT names, then waits for the watcher to see it (spot_poll_seconds is 0.2 in the tests).
-NOTICE_HOOK = """
-import os, time, urllib.request
+def install_notice_hook(env=os.environ, patch=setattr) -> None:
+    """Gives the notice (POST to $NOTICE_URL) at the phase $NOTICE_AT names, then waits for the
+    watcher to see it (spot_poll_seconds is 0.2 in the tests): `patch(owner, name, value)` swaps
+    the functions that mark the phase (pytest's monkeypatch.setattr in this process; setattr in a
+    train.py started with NOTICE_HOOK as its sitecustomize). $NOTICE_RANK: under torchrun, only
+    that rank's machine is reclaimed (the others see no IMDS)."""
+    import dali_imagenet.run.checkpoint as checkpoint
+    import dali_imagenet.training.evaluation as evaluation
+    import dali_imagenet.training.step as steps
 
-def _notice():
-    urllib.request.urlopen(urllib.request.Request(os.environ["NOTICE_URL"], data=b"", method="POST"), timeout=5).read()
-    time.sleep(1.0)
+    def notice():
+        urllib.request.urlopen(urllib.request.Request(env["NOTICE_URL"], data=b"", method="POST"), timeout=5).read()
+        time.sleep(1.0)
 
-_phase, _step = os.environ.get("NOTICE_AT", ""), int(os.environ.get("NOTICE_STEP", "0"))
-if os.environ.get("NOTICE_RANK") is not None:  # under torchrun: only that rank's machine is reclaimed
-    if os.environ.get("RANK") == os.environ["NOTICE_RANK"]:
-        os.environ.update(AWS_EC2_METADATA_SERVICE_ENDPOINT=os.environ["NOTICE_IMDS"], AWS_EC2_METADATA_DISABLED="false")
-    else:
-        _phase = ""
-if _phase == "step":  # while global step NOTICE_STEP (0-based) trains
-    import dali_imagenet.step as _s
-    _call = _s.TrainStep.__call__
-    def _at_step(self, images, labels, *, step, lr):
-        if step == _step:
-            _notice()
-        return _call(self, images, labels, step=step, lr=lr)
-    _s.TrainStep.__call__ = _at_step
-elif _phase == "validation":  # during the first validation batch
-    import dali_imagenet.evaluation as _e
-    _predict, _seen = _e.predict_logits, []
-    def _during_validation(model, images, flip=False):
-        if not _seen:
-            _seen.append(1)
-            _notice()
-        return _predict(model, images, flip)
-    _e.predict_logits = _during_validation
-elif _phase == "epoch_end":  # after the epoch's last step, before its checkpoint and validation
-    import dali_imagenet.checkpoint as _c
-    _finish = _c.TrainState.finish_epoch
-    def _at_epoch_end(self, validate):
-        if self.epoch == 0:
-            _notice()
-        return _finish(self, validate)
-    _c.TrainState.finish_epoch = _at_epoch_end
-"""
+    phase, notice_step = env.get("NOTICE_AT", ""), int(env.get("NOTICE_STEP", "0"))
+    if env.get("NOTICE_RANK") is not None:
+        if env.get("RANK") == env["NOTICE_RANK"]:
+            env.update(AWS_EC2_METADATA_SERVICE_ENDPOINT=env["NOTICE_IMDS"], AWS_EC2_METADATA_DISABLED="false")
+        else:
+            phase = ""
+    if phase == "step":  # while global step NOTICE_STEP (0-based) trains
+        call = steps.TrainStep.__call__
+
+        def at_step(self, images, labels, *, step, lr):
+            if step == notice_step:
+                notice()
+            return call(self, images, labels, step=step, lr=lr)
+        patch(steps.TrainStep, "__call__", at_step)
+    elif phase == "validation":  # during the first validation batch
+        predict, seen = evaluation.predict_logits, []
+
+        def during_validation(model, images, flip=False):
+            if not seen:
+                seen.append(1)
+                notice()
+            return predict(model, images, flip)
+        patch(evaluation, "predict_logits", during_validation)
+    elif phase == "epoch_end":  # after the epoch's last step, before its checkpoint and validation
+        finish = checkpoint.TrainState.finish_epoch
+
+        def at_epoch_end(self, validate):
+            if self.epoch == 0:
+                notice()
+            return finish(self, validate)
+        patch(checkpoint.TrainState, "finish_epoch", at_epoch_end)
+
+
+# A sitecustomize for a train.py process (or torchrun's) that installs the hook from its environment.
+NOTICE_HOOK = (f"import os, sys\nsys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
+               f"import standin_imds\nstandin_imds.install_notice_hook()\n")
 
 
 class StandInIMDS:

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 pytestmark = pytest.mark.slow  # each runs a benchmark harness in processes of its own
@@ -43,11 +42,12 @@ def test_bench_smoke_writes_records_table_and_chart(tmp_path):
 def test_gpu_check_runs_in_smoke_mode_on_cpu(tmp_path):
     """The CPU self-check of the GPU script: every section has its row (run at tiny sizes, or
     saying why not), one table comes out, train.py's stopped + resumed l4-16h run equals its
-    straight run, and $OUT holds the results only: at most 8 files, no shard, run or checkpoint."""
+    straight run, and $OUT holds the results only: at most 8 files, no shard, run or checkpoint.
+    The step sections measure with benchmarks.steps, which test_bench_smoke runs: skipped here."""
     out, work = tmp_path / "out", tmp_path / "work"
     out.mkdir()
     result = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--smoke", "--device", "cpu", "--work",
-                             str(work)], cwd=REPO, capture_output=True, text=True, timeout=600,
+                             str(work), "--skip", "step"], cwd=REPO, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OUT": str(out)})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
@@ -59,9 +59,11 @@ def test_gpu_check_runs_in_smoke_mode_on_cpu(tmp_path):
                                             "loader -> step", "eager/graph", "total"}
     assert all("seconds" in r for r in rows if r["section"] not in ("train.py",) or "straight vs" in r["what"])
     assert not [r for r in rows if "error" in r], [r for r in rows if "error" in r]
-    measured = [r for r in rows if r["section"] in ("loader", "step", "loader -> step")]
-    assert len(measured) == 2 + 2 and all(r["images_per_s"] > 0 for r in measured)  # --smoke: each kind once
+    measured = [r for r in rows if r["section"] in ("loader", "step", "loader -> step") and "result" not in r]
+    assert len(measured) == 1 and all(r["images_per_s"] > 0 for r in measured)  # --smoke: each kind once
+    assert [r["result"] for r in rows if r["section"] in ("step", "loader -> step")] == ["not asked for (--skip)"] * 2
     assert [r.get("result") for r in rows if r["section"] in ("cuda_graph memory", "pytest -m gpu")] == ["needs a GPU"] * 2
+    assert [r["result"] for r in rows if r["section"] == "loader" and "images_per_s" not in r] == ["needs a GPU"]
     sizes = [r for r in rows if r["section"] == "train.py" and "epoch" in r["what"]]
     assert [r["image_size"] for r in sizes] == [32, 48, 48] and [r["new_size"] for r in sizes] == [True, True, False]
     assert all(r["first_step_s"] > 0 and r["steps_per_s"] > 0 for r in sizes)

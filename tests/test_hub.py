@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from benchmarks.standin_hub import StandInHub
 from conftest import REPO
 from test_shard_imagenet import run_cli, tree_digest
+
+from benchmarks.standin_hub import StandInHub
 
 REPO_ID = "ILSVRC/imagenet-1k"
 URL = f"hf://datasets/{REPO_ID}"

@@ -1,6 +1,6 @@
-"""The layout's rules, read from the source: no import cycle inside the library (imports inside
-functions count), the library never imports the tools or the scripts, and every error class a
-user can meet derives from the one base."""
+"""The layout's rules, read from the source: the library's layers import only downward, no import
+cycle inside the library (imports inside functions count), the library never imports the tools
+or the scripts, and every error class a user can meet derives from the one base."""
 from __future__ import annotations
 
 import ast
@@ -9,13 +9,40 @@ import inspect
 from pathlib import Path
 
 from conftest import REPO
+
 from dali_imagenet.errors import DaliImagenetError, Interrupted
 
 LIBRARY = REPO / "dali_imagenet"
+# Lowest first: a module may import its own layer's and lower layers' modules, never a higher one's.
+LAYERS = ("shared", "data", "training", "run", "report")
+SHARED = {"errors", "s3", "retry", "seeding", "distributed"}  # the top level, beside config
+# config.py describes a whole run, so it knows the layers' defaults (data's, training's): it sits
+# above them; the layers take explicit arguments and never need it, but the recipe, which builds a
+# run's training from a config, does. So: config may import data and training, never run or report.
+CONFIG_MAY_IMPORT = ("shared", "data", "training")
+MOST_AT_THE_TOP, MOST_IN_A_LAYER = 6, 12
+
+
+def modules() -> dict[str, Path]:
+    """Every library module ("dali_imagenet.data.shards") and its file."""
+    found = {}
+    for path in LIBRARY.rglob("*.py"):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+def layer_of(module: str) -> str:
+    """"shared", "config", or the subpackage: data, training, run, report."""
+    parts = module.split(".")
+    if len(parts) > 2:
+        return parts[1]
+    return "config" if parts[-1] == "config" else "shared"
 
 
 def imports(path: Path) -> set[str]:
     """Top-level package names and `dali_imagenet` modules one file imports, anywhere in it."""
+    known = modules()
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -25,19 +52,60 @@ def imports(path: Path) -> set[str]:
         else:
             continue
         for name in names:
-            parts = name.split(".")
-            found.add(parts[0])
-            if parts[0] == "dali_imagenet" and len(parts) > 1 and (LIBRARY / f"{parts[1]}.py").is_file():
-                found.add(f"dali_imagenet.{parts[1]}")
+            found.add(name.split(".")[0])
+            if name in known and name != "dali_imagenet":
+                found.add(name)
     return found
 
 
 def library_graph() -> dict[str, set[str]]:
+    """Module -> the library modules it imports (a subpackage's __init__ is no edge: it imports nothing)."""
     graph = {}
-    for path in LIBRARY.glob("*.py"):
-        module = f"dali_imagenet.{path.stem}"
-        graph[module] = {m for m in imports(path) if m.startswith("dali_imagenet.") and m != module}
+    for module, path in modules().items():
+        graph[module] = {m for m in imports(path) if m.startswith("dali_imagenet.") and m != module
+                         and m.rsplit(".", 1)[-1] not in LAYERS}
     return graph
+
+
+def wrong_way(graph: dict[str, set[str]]) -> list[str]:
+    """Every import that goes up the layers: "dali_imagenet.data.x -> dali_imagenet.run.y"."""
+    found = []
+    for module, imported in sorted(graph.items()):
+        if module == "dali_imagenet":  # the package's face: `from dali_imagenet import make_loader`, lazily
+            continue
+        here = layer_of(module)
+        allowed = CONFIG_MAY_IMPORT if here == "config" else LAYERS[:LAYERS.index(here) + 1]
+        for other in sorted(imported):
+            there = layer_of(other)
+            upward = (here in ("shared", "data")) if there == "config" else there not in allowed
+            if upward:
+                found.append(f"{module} -> {other}")
+    return found
+
+
+def test_the_layers_import_only_downward():
+    assert wrong_way(library_graph()) == []
+
+
+def test_the_layer_check_sees_an_import_going_up():
+    assert wrong_way({"dali_imagenet.data.shards": {"dali_imagenet.run.outputs", "dali_imagenet.errors"},
+                      "dali_imagenet.training.step": {"dali_imagenet.config", "dali_imagenet.data.loader"},
+                      "dali_imagenet.data.loader": {"dali_imagenet.config"},
+                      "dali_imagenet.config": {"dali_imagenet.data.partition", "dali_imagenet.run.spot"},
+                      "dali_imagenet.run.outputs": {"dali_imagenet.report.html_report"}}) == [
+        "dali_imagenet.config -> dali_imagenet.run.spot", "dali_imagenet.data.loader -> dali_imagenet.config",
+        "dali_imagenet.data.shards -> dali_imagenet.run.outputs",
+        "dali_imagenet.run.outputs -> dali_imagenet.report.html_report"]
+
+
+def test_each_layer_is_small_and_says_what_it_holds():
+    top = [p for p in LIBRARY.glob("*.py") if p.stem != "__init__"]
+    assert {p.stem for p in top} == SHARED | {"config"} and len(top) <= MOST_AT_THE_TOP
+    for layer in LAYERS[1:]:
+        folder = LIBRARY / layer
+        assert len([p for p in folder.glob("*.py") if p.stem != "__init__"]) <= MOST_IN_A_LAYER, layer
+        docstring = ast.get_docstring(ast.parse((folder / "__init__.py").read_text()))
+        assert docstring and "Imports" in docstring, f"{layer}/__init__.py must say what it holds and may import"
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -75,17 +143,15 @@ def test_the_cycle_finder_finds_one():
 
 def test_the_library_imports_no_tool_or_script():
     scripts = {p.stem for p in REPO.glob("*.py")} | {"shard_tools", "benchmarks"}
-    for path in LIBRARY.glob("*.py"):
+    for path in LIBRARY.rglob("*.py"):
         assert not imports(path) & scripts, f"{path.name} imports {imports(path) & scripts}"
 
 
 def test_every_error_class_derives_from_the_one_base():
-    modules = [f"dali_imagenet.{p.stem}" for p in LIBRARY.glob("*.py")
-               if p.stem not in ("pipelines", "dali_loader")]  # these two import DALI (CPU-only here; fine too)
-    modules += [f"shard_tools.{p.stem}" for p in (REPO / "shard_tools").glob("*.py") if p.stem != "__init__"]
-    modules += ["dali_imagenet.pipelines", "dali_imagenet.dali_loader"]
+    names = sorted(modules()) + [f"shard_tools.{p.stem}" for p in (REPO / "shard_tools").glob("*.py")
+                                 if p.stem != "__init__"]
     errors = []
-    for name in modules:
+    for name in names:
         module = importlib.import_module(name)
         for _, value in inspect.getmembers(module, inspect.isclass):
             if issubclass(value, Exception) and value.__module__ == name:
@@ -97,6 +163,6 @@ def test_every_error_class_derives_from_the_one_base():
 
 
 def test_no_assert_validates_data_in_the_library():
-    for path in [*LIBRARY.glob("*.py"), *(REPO / "shard_tools").glob("*.py")]:
+    for path in [*LIBRARY.rglob("*.py"), *(REPO / "shard_tools").glob("*.py")]:
         asserts = [n.lineno for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Assert)]
         assert not asserts, f"{path.name}: assert at line(s) {asserts} (python -O removes it; raise an error instead)"

@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 
 from dali_imagenet import make_loader
-from dali_imagenet.preprocess import IMAGENET_MEAN, IMAGENET_STD, val_resize_size
-from dali_imagenet.shardformat import ShardWriter
-from dali_imagenet.shards import ShardError
+from dali_imagenet.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, val_resize_size
+from dali_imagenet.data.shardformat import ShardWriter
+from dali_imagenet.data.shards import ShardError
 
 SIZE = 64  # small images keep the CPU tests fast; the geometry is the same as at 224
 
@@ -124,7 +124,7 @@ def test_two_ranks_train_same_batch_count(sample_shards):
 def test_label_parsing_in_graph():
     from nvidia.dali import fn, pipeline_def
 
-    from dali_imagenet.pipelines import label_from_ascii
+    from dali_imagenet.data.pipelines import label_from_ascii
 
     values = [b"0", b"7", b"42", b"999", b"123456"]
 
@@ -144,8 +144,8 @@ def test_label_parsing_in_graph():
 def test_gpu_graph_is_well_formed_without_a_gpu(sample_shards, train):
     from nvidia.dali import types
 
-    from dali_imagenet.pipelines import imagenet_pipeline
-    from dali_imagenet.shards import find_shards
+    from dali_imagenet.data.pipelines import imagenet_pipeline
+    from dali_imagenet.data.shards import find_shards
 
     shards = find_shards(sample_shards, "train")
     pipe = imagenet_pipeline(shards.tars, shards.indices, device="gpu", train=train, image_size=224,
@@ -289,8 +289,8 @@ def test_every_rank_runs_the_same_steps_and_reads_each_sample_once(uneven_shards
 
 
 def test_rank_pieces_cover_each_sample_once():
-    from dali_imagenet.partition import rank_pieces
-    from dali_imagenet.shards import SplitShards
+    from dali_imagenet.data.partition import rank_pieces
+    from dali_imagenet.data.shards import SplitShards
 
     counts = (7, 7, 6, 6, 6, 4, 4)
     shards = SplitShards(tuple(f"s{i}.tar" for i in range(7)), tuple(f"s{i}.idx" for i in range(7)), counts, ("a",))
@@ -306,8 +306,8 @@ def test_rank_pieces_cover_each_sample_once():
 def test_each_epoch_reads_the_shards_in_a_new_order(sample_shards, backend):
     import webdataset as wds
 
-    from dali_imagenet.partition import epoch_shards
-    from dali_imagenet.shards import find_shards
+    from dali_imagenet.data.partition import epoch_shards
+    from dali_imagenet.data.shards import find_shards
 
     shards = find_shards(sample_shards, "train")
     labels = {tar: [int(s["cls"]) for s in wds.WebDataset([tar], shardshuffle=False, empty_check=False)]
@@ -326,8 +326,8 @@ def test_each_epoch_reads_the_shards_in_a_new_order(sample_shards, backend):
 
 def test_consecutive_epochs_are_unalike_at_imagenet_scale():
     """1,025 shards of 1,250: where a sample lands in epoch 0 says ~nothing about epoch 1."""
-    from dali_imagenet.partition import epoch_shards
-    from dali_imagenet.shards import SplitShards
+    from dali_imagenet.data.partition import epoch_shards
+    from dali_imagenet.data.shards import SplitShards
 
     n_shards, per_shard = 1025, 1250
     shards = SplitShards(tuple(range(n_shards)), tuple(range(n_shards)), (per_shard,) * n_shards, ("a",))
@@ -365,7 +365,7 @@ def test_resume_mid_epoch(sample_shards, backend):
 
 
 def test_the_decoder_is_said_aloud_without_a_gpu():
-    from dali_imagenet import decoder
+    from dali_imagenet.data import decoder
 
     cpu = decoder.describe("dali", torch.device("cpu"), 0.7)
     assert cpu["jpeg_decoder"] == "DALI on the CPU (libjpeg-turbo)" and cpu["jpeg_hardware_decoder"] is False
@@ -380,7 +380,7 @@ def test_the_decoder_is_said_aloud_without_a_gpu():
 @pytest.mark.gpu
 def test_the_hardware_decoder_probe_on_a_gpu():
     """On an A100/H100-class card the probe decodes (NVJPG engines); printed for any other card."""
-    from dali_imagenet import decoder
+    from dali_imagenet.data import decoder
 
     found = decoder.describe("dali", torch.device("cuda", 0), 0.7)
     print(decoder.line(found))

@@ -5,8 +5,14 @@ import pytest
 import torch
 
 from dali_imagenet.config import TrainConfig
-from dali_imagenet.mixing import (MixConfig, apply_mix, cutmix_box, mix_batch, smooth_one_hot,
-                                  soft_target_cross_entropy)
+from dali_imagenet.training.mixing import (
+    MixConfig,
+    apply_mix,
+    cutmix_box,
+    mix_batch,
+    smooth_one_hot,
+    soft_target_cross_entropy,
+)
 
 N, C, H, W, CLASSES = 6, 3, 16, 20, 10
 

@@ -7,13 +7,14 @@ import pytest
 import torch
 import torchvision
 
-from dali_imagenet import checkpoint as ckpt
-from dali_imagenet import run_folder
-from dali_imagenet.resume import read_last
-from dali_imagenet.run_folder import RunError
 from dali_imagenet.config import ConfigError, TrainConfig, load_config
-from dali_imagenet.model import build_model, drop_path
-from dali_imagenet.schedule import lr_at, parameter_groups, scaled_lr
+from dali_imagenet.run import checkpoint as ckpt
+from dali_imagenet.run import run_folder
+from dali_imagenet.run.resume import read_last
+from dali_imagenet.run.run_folder import RunError
+from dali_imagenet.training import saved
+from dali_imagenet.training.model import build_model, drop_path
+from dali_imagenet.training.schedule import lr_at, parameter_groups, scaled_lr
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,6 +28,10 @@ def test_torchvision_state_dicts_round_trip(arch):
     with torch.no_grad():
         assert torch.allclose(ours(x), theirs(x), atol=1e-5)
     theirs.load_state_dict(build_model(arch, 1000).state_dict(), strict=True)
+    if arch == "resnet18":  # resnet10 is resnet18 with one block a stage: a prefix of its state dict
+        small = build_model("resnet10", 1000).state_dict()
+        assert set(small) < set(theirs.state_dict()) and sum(v.numel() for k, v in small.items()
+                                                             if k.endswith(("weight", "bias"))) == 5_418_792
     if arch == "resnet50":
         assert sum(p.numel() for p in ours.parameters()) == 25_557_032
 
@@ -152,7 +157,7 @@ def test_rng_state_round_trips_through_weights_only_load(tmp_path):
     torch.manual_seed(3)
     ckpt.save_atomic({"rng": ckpt.rng_state()}, tmp_path / "r.pt")
     expected = torch.rand(3)
-    ckpt.restore_rng_state(ckpt.load(tmp_path / "r.pt")["rng"])
+    ckpt.restore_rng_state(saved.load(tmp_path / "r.pt")["rng"])
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -171,7 +176,7 @@ def test_linear_lr_schedule_edges():
 
 
 def test_image_size_schedule_edges():
-    from dali_imagenet.schedule import image_size_at
+    from dali_imagenet.training.schedule import image_size_at
 
     ramp = dict(image_size=192, min_image_size=160, ramp_start_epoch=10, ramp_end_epoch=13, step=32)
     sizes = [image_size_at(e, **ramp) for e in range(16)]
@@ -194,7 +199,7 @@ def test_config_train_image_size_and_ramp_checks():
 
 
 def test_ema_decay_warms_up_and_the_update_is_a_lerp():
-    from dali_imagenet.ema import WeightEMA, ema_decay_at
+    from dali_imagenet.training.ema import WeightEMA, ema_decay_at
 
     assert ema_decay_at(0, 0.999) == 0.0  # the first update copies the weights
     assert ema_decay_at(1, 0.999) == pytest.approx(1 - 2 ** -0.75)
@@ -220,8 +225,8 @@ def test_ema_decay_warms_up_and_the_update_is_a_lerp():
 
 
 def test_flip_tta_on_a_flip_symmetric_input():
-    from dali_imagenet.evaluation import evaluate, predict_logits
-    from dali_imagenet.precision import Precision
+    from dali_imagenet.training.evaluation import evaluate, predict_logits
+    from dali_imagenet.training.precision import Precision
 
     torch.manual_seed(0)
     model = build_model("resnet18", 5).eval()
@@ -257,7 +262,7 @@ def test_blurpool_keeps_shapes_and_state_dict_keys():
 
 
 def test_blurpool_is_a_normalised_low_pass():
-    from dali_imagenet.model import BlurPool
+    from dali_imagenet.training.model import BlurPool
 
     flat = torch.full((1, 4, 8, 8), 3.0)
     assert torch.allclose(BlurPool(4)(flat)[..., 1:-1, 1:-1], flat[..., 1:-1, 1:-1])  # constants pass
@@ -268,7 +273,7 @@ def test_blurpool_is_a_normalised_low_pass():
 def test_grad_cam_peaks_where_the_logit_looks():
     """A model whose class-0 features see only the image's top-left quarter and class 1's only its
     bottom-right: each class's map peaks in its own quarter and is zero in the other."""
-    from dali_imagenet.gradcam import grad_cam
+    from dali_imagenet.training.gradcam import grad_cam
 
     class Quarters(torch.nn.Module):
         def forward(self, features):
@@ -304,7 +309,7 @@ def test_grad_cam_peaks_where_the_logit_looks():
 def test_predictions_per_class_confusions_and_examples(tmp_path):
     import numpy as np
 
-    from dali_imagenet.predictions import Predictions
+    from dali_imagenet.training.predictions import Predictions
 
     labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
     top1 = np.array([0, 1, 1, 1, 0, 2, 2, 1, 2])

@@ -3,16 +3,14 @@ benchmark that turns a recipe into measured hours and dollars."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from conftest import REPO, run_in_process
 
-from conftest import REPO
 from dali_imagenet.config import load_config
-from dali_imagenet.partition import batches_per_epoch
-from dali_imagenet.schedule import LRSchedule, scaled_lr
+from dali_imagenet.data.partition import batches_per_epoch
+from dali_imagenet.training.schedule import LRSchedule, scaled_lr
 
 # FFCV's rn50_configs: epochs -> (start_ramp, end_ramp); min_res 160, max_res 192, lr 1.7 at 8 x 512.
 FFCV_RN50 = {16: (11, 13), 24: (17, 20), 40: (29, 34)}
@@ -48,7 +46,7 @@ def test_the_size_at_every_epoch_is_ffcvs(name, epochs):
 
 @pytest.mark.parametrize("start, end", [(0, 0), (3, 3), (29, 34), (11, 13), (5, 20)])
 def test_the_size_rule_at_the_ramp_edges(start, end):
-    from dali_imagenet.schedule import image_size_at
+    from dali_imagenet.training.schedule import image_size_at
 
     for epoch in range(0, 45):
         ours = image_size_at(epoch, image_size=192, min_image_size=160, ramp_start_epoch=start,
@@ -84,13 +82,15 @@ def test_the_lr_at_the_first_step_at_epoch_2_and_at_the_last_step():
 @pytest.mark.slow
 def test_plan_smoke_on_cpu(sample_shards, tmp_path):
     out = tmp_path / "plan.json"
-    result = subprocess.run([sys.executable, "-m", "benchmarks.plan", "--config", "configs/l4-16h.yaml", "--data",
-                             str(sample_shards), "--device", "cpu", "--seconds", "0.2", "--json", str(out),
-                             "--spot-price-per-hour", "0.3",
-                             *[f"--set={item}" for item in ("arch=resnet18", "batch_size=4", "compile=false",
-                                                            "min_image_size=32", "image_size=64", "val_image_size=32",
-                                                            "loader_threads=1", "ema_decay=0.9")]],
-                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    from benchmarks import plan as planner
+
+    result = run_in_process(planner.main, ["plan", "--config", REPO / "configs" / "l4-16h.yaml", "--data", sample_shards,
+                                           "--device", "cpu", "--seconds", "0.2", "--json", out,
+                                           "--spot-price-per-hour", "0.3",
+                                           *[f"--set={item}" for item in ("arch=resnet10", "batch_size=4",
+                                                                          "compile=false", "min_image_size=32",
+                                                                          "image_size=64", "val_image_size=32",
+                                                                          "loader_threads=1", "ema_decay=0.9")]])
     assert result.returncode == 0, result.stderr[-3000:]
     plan = json.loads(out.read_text())
     rows = plan["phases"]

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from shard_tools.convert import Options, convert
-from shard_tools.sample import hf_schema, draw_image, encode
+from shard_tools.sample import draw_image, encode, hf_schema
 
 WDS2IDX = Path(sys.executable).with_name("wds2idx")
 
@@ -308,7 +308,7 @@ def test_errors_are_one_line(case, sample_dir, tmp_path):
 
 def test_s3_error_keeps_its_reason(sample_dir, s3_server):
     from dali_imagenet import make_loader
-    from dali_imagenet.shards import ShardError
+    from dali_imagenet.data.shards import ShardError
 
     result = run_cli(sample_dir, "s3://bad!bucket/x", check=False)
     line = result.stderr.strip()

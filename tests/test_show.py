@@ -14,9 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import REPO, child_env, records, run_in_process, script
 from PIL import Image
-
-from conftest import REPO, child_env, records
 
 ARTIFACTS = REPO / "build" / "test-artifacts"
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -29,8 +28,8 @@ def demo_run(trained_run) -> Path:
 
 
 def run_script(name: str, *args, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, str(REPO / name), *map(str, args)], capture_output=True, text=True,
-                            env=child_env(), timeout=300)
+    """predict.py, evaluate.py or report.py as a user runs them (in this process: `run_in_process`)."""
+    result = run_in_process(script(name[: -len(".py")]), [name, *args])
     if check and result.returncode != 0:
         raise AssertionError(result.stderr[-3000:])
     return result
@@ -144,7 +143,7 @@ def test_gradio_demo_in_a_browser(sample_shards, demo_run, browser, tmp_path):
         header = wait.until(lambda d: d.find_element(By.TAG_NAME, "h1")).text
         assert "dali-imagenet" in header
         page = browser.find_element(By.TAG_NAME, "body").text
-        assert "resnet18" in page and "val top-1" in page  # the model and its training accuracy are shown
+        assert "resnet10" in page and "val top-1" in page  # the model and its training accuracy are shown
         upload = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#photo input[type=file]"))
         upload.send_keys(str(photo))
         names = [item["name"] for item in expected]
@@ -175,8 +174,8 @@ def test_the_run_page_shows_what_the_model_learned(demo_run, sample_shards, brow
     console error, nothing fetched, the run named once in the title."""
     from selenium.webdriver.common.by import By
 
-    from dali_imagenet.predictions import Predictions
-    from dali_imagenet.shards import find_shards, sample_locations
+    from dali_imagenet.data.shards import find_shards, sample_locations
+    from dali_imagenet.training.predictions import Predictions
 
     predictions = Predictions.load(demo_run / "predictions.npz")  # the final validation, one row per val sample
     val = find_shards(sample_shards, "validation")

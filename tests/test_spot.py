@@ -15,10 +15,10 @@ import time
 
 import pytest
 import torch
-
 from conftest import EXACT, REPO, child_env, records, train, train_command
-from dali_imagenet import exits, spot
-from standin_imds import NOTICE_HOOK, RECLAIM_AT, StandInIMDS
+from standin_imds import RECLAIM_AT, StandInIMDS, install_notice_hook
+
+from dali_imagenet.run import exits, spot
 
 
 @pytest.fixture
@@ -112,15 +112,16 @@ PHASES = {"step": ({"NOTICE_STEP": "3"}, 4),  # the 4th step trains while the no
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", PHASES)
 def test_a_notice_at_any_moment_exits_75_with_the_checkpoint_in_s3_and_a_new_machine_finishes(
-        phase, sample_shards, straight_run, s3_bucket, imds, tmp_path):
+        phase, sample_shards, straight_run, s3_bucket, imds, tmp_path, monkeypatch):
+    """train.py in this process, the notice placed by the hook (monkeypatch); test_cloud gives one to
+    a train.py process of its own, through the task's `run:`."""
     url = f"s3://{s3_bucket}/runs/{phase}"
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(NOTICE_HOOK)
     env, step = PHASES[phase]
-    on_spot = child_env(AWS_EC2_METADATA_SERVICE_ENDPOINT=imds.url, AWS_EC2_METADATA_DISABLED="false",
-                        PYTHONPATH=str(hook), NOTICE_URL=imds.notice_url, NOTICE_AT=phase, **env)
+    hooks = dict(NOTICE_URL=imds.notice_url, NOTICE_AT=phase, **env)
+    on_spot = child_env(AWS_EC2_METADATA_SERVICE_ENDPOINT=imds.url, AWS_EC2_METADATA_DISABLED="false", **hooks)
+    install_notice_hook(hooks, monkeypatch.setattr)
     first = train(sample_shards, tmp_path / "first", *SETS, extra=["--s3", url], env=on_spot, check=False)
+    monkeypatch.undo()
     exited = time.time()
     assert first.returncode == exits.RECLAIM, first.stderr[-3000:]
     assert f"{spot.NOTICE}: stopping" in first.stderr and "exit 75: continue with --resume auto" in first.stderr
@@ -135,7 +136,7 @@ def test_a_notice_at_any_moment_exits_75_with_the_checkpoint_in_s3_and_a_new_mac
     assert s3_records(s3_bucket, f"runs/{phase}/metrics.jsonl")[-1] == closing  # the closing record is in S3 too
     print(f"{phase}: notice -> exit 75 with the checkpoint in S3: {exited - imds.noticed_at:.1f} s (step {step})")
 
-    second = train(sample_shards, tmp_path / "second", *SETS, extra=["--resume", "auto", "--s3", url, "--spot", "off"])
+    train(sample_shards, tmp_path / "second", *SETS, extra=["--resume", "auto", "--s3", url, "--spot", "off"])
     a = torch.load(straight_run / "final_weights.pt", weights_only=True)
     b = torch.load(tmp_path / "second" / "final_weights.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a), "stopped on a notice + resumed elsewhere != straight"
@@ -149,11 +150,13 @@ def test_a_notice_at_any_moment_exits_75_with_the_checkpoint_in_s3_and_a_new_mac
 
 
 @pytest.mark.slow
-def test_s3_unreachable_at_resume_stops_and_changes_nothing(sample_shards, s3_bucket, tmp_path):
+def test_s3_unreachable_at_resume_stops_and_changes_nothing(sample_shards, trained_run, s3_bucket, tmp_path):
     from dali_imagenet.s3 import client
 
     url = f"s3://{s3_bucket}/runs/a"
-    train(sample_shards, tmp_path / "a", "epochs=1", extra=["--s3", url])
+    for path in trained_run.iterdir():  # a run's files at the prefix, as a run uploads them
+        if path.is_file():
+            client().upload_file(str(path), s3_bucket, f"runs/a/{path.name}")
     before = {o["Key"]: o["ETag"] for o in client().list_objects_v2(Bucket=s3_bucket)["Contents"]}
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
@@ -198,12 +201,12 @@ def test_a_corrupt_checkpoint_in_s3_is_refused_and_s3_left_as_it_is(sample_shard
 def test_the_newer_checkpoint_wins_and_other_runs_or_configs_are_refused(s3_bucket, tmp_path):
     """resume.choose on one machine, with real checkpoint files and S3 (moto): by step within one
     run, whichever side is newer; two runs, or another config, refused in one line."""
-    from dali_imagenet import checkpoint as ckpt
-    from dali_imagenet import resume
     from dali_imagenet.config import TrainConfig, to_dict
-    from dali_imagenet.run_folder import RunError
+    from dali_imagenet.run import checkpoint as ckpt
+    from dali_imagenet.run import resume
+    from dali_imagenet.run.run_folder import RunError
+    from dali_imagenet.run.s3sync import S3Sync, lineage_metadata
     from dali_imagenet.s3 import client
-    from dali_imagenet.s3sync import S3Sync, lineage_metadata
 
     config = TrainConfig(epochs=3)
 
@@ -242,15 +245,15 @@ def test_the_newer_checkpoint_wins_and_other_runs_or_configs_are_refused(s3_buck
     checkpoint(tmp_path / "old", 3)
     sync = S3Sync(url, staging=tmp_path / "staging")
     sync.push(tmp_path / "old" / "last.pt", replaced_by_rename=True, lineage=lineage_metadata("run-a", 3))
-    assert sync.close(30) == [f"runs/choose/last.pt"] and "later than this run's step 3" in sync.refused
+    assert sync.close(30) == ["runs/choose/last.pt"] and "later than this run's step 3" in sync.refused
     assert client().head_object(Bucket=s3_bucket, Key="runs/choose/last.pt")["Metadata"]["step"] == "11"
 
 
 def test_a_push_never_removes_the_file_being_uploaded(s3_bucket, tmp_path, monkeypatch):
     """A newer push of a key while its older snapshot is uploading keeps the older one until the
     upload ends; then both land in order and the staging folder is empty."""
+    from dali_imagenet.run.s3sync import S3Sync
     from dali_imagenet.s3 import client
-    from dali_imagenet.s3sync import S3Sync
 
     sync = S3Sync(f"s3://{s3_bucket}/race", staging=tmp_path / "staging")
     uploading, release, seen = __import__("threading").Event(), __import__("threading").Event(), []
@@ -278,7 +281,7 @@ def test_a_push_never_removes_the_file_being_uploaded(s3_bucket, tmp_path, monke
 def test_close_past_its_deadline_returns_and_leaves_no_thread_working(tmp_path, monkeypatch):
     """S3 that never answers: close() returns within its deadline (plus one short join) naming the
     key, and `stuck()` says whether a request is still in its timeout (the caller then os._exits)."""
-    from dali_imagenet.s3sync import S3Sync
+    from dali_imagenet.run.s3sync import S3Sync
 
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
@@ -298,6 +301,7 @@ def test_s3_gone_at_the_end_is_not_success(sample_shards, tmp_path, s3_server):
     """S3 goes away mid-run: training goes on, but the run exits 74 with one line naming the
     files not uploaded, within the flush timeout, and no thread outlives the interpreter."""
     from conftest import S3Server
+
     from dali_imagenet.s3 import client
 
     server = S3Server()
@@ -308,7 +312,7 @@ def test_s3_gone_at_the_end_is_not_success(sample_shards, tmp_path, s3_server):
         client().create_bucket(Bucket="outage")
     finally:
         os.environ["AWS_ENDPOINT_URL"] = s3_server.endpoint
-    process = subprocess.Popen(train_command(sample_shards, tmp_path / "run", "epochs=3", "s3_flush_timeout_s=3")
+    process = subprocess.Popen(train_command(sample_shards, tmp_path / "run", "epochs=2", "s3_flush_timeout_s=3")
                                + ["--s3", "s3://outage/run"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env=run_env)
     deadline = time.monotonic() + 120
@@ -324,40 +328,40 @@ def test_s3_gone_at_the_end_is_not_success(sample_shards, tmp_path, s3_server):
     assert "interpreter shutdown" not in stderr and "Traceback" not in stderr
 
 
-POISON_FROM_STEP = """
-import dali_imagenet.step as step
-body = step.TrainStep.body
-def poisoned(self, images, labels, draws, ema_weight):
-    if int(self.step_number) >= 7:  # from the 8th step on, as an overflow would
-        images = images * float("nan")
-    return body(self, images, labels, draws, ema_weight)
-step.TrainStep.body = poisoned
-"""
+def poison_from_step(first_bad: int, monkeypatch) -> None:
+    """From (0-based) step `first_bad` on, the batches are NaN, as an overflow would make them."""
+    from dali_imagenet.training.step import TrainStep
+
+    body = TrainStep.body
+
+    def poisoned(self, images, labels, draws, ema_weight):
+        if int(self.step_number) >= first_bad:
+            images = images * float("nan")
+        return body(self, images, labels, draws, ema_weight)
+    monkeypatch.setattr(TrainStep, "body", poisoned)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("way_out", ["nan", "data_error"])
 def test_a_nan_or_a_data_error_leaves_the_stopped_record_and_the_last_good_checkpoint_in_s3(
-        way_out, sample_shards, s3_bucket, tmp_path):
+        way_out, sample_shards, s3_bucket, tmp_path, monkeypatch):
     import shutil
 
-    from dali_imagenet.s3 import client
     from test_verify import wipe_a_jpeg_header
 
+    from dali_imagenet.s3 import client
+
     url = f"s3://{s3_bucket}/runs/{way_out}"
-    shards, env = sample_shards, child_env()
+    shards = sample_shards
     if way_out == "nan":
-        hook = tmp_path / "hook"
-        hook.mkdir()
-        (hook / "sitecustomize.py").write_text(POISON_FROM_STEP)
-        env = child_env(PYTHONPATH=str(hook))
+        poison_from_step(7, monkeypatch)  # the 8th step's loss is NaN
         sets = ("epochs=2", "mixup_alpha=0", "cutmix_alpha=0")
     else:
         shards = tmp_path / "shards"
         shutil.copytree(sample_shards, shards)
         wipe_a_jpeg_header(shards)
         sets = ("epochs=2", "checkpoint_minutes=0")  # a checkpoint after every step
-    result = train(shards, tmp_path / "run", *sets, extra=["--s3", url], env=env, check=False)
+    result = train(shards, tmp_path / "run", *sets, extra=["--s3", url], check=False)
     assert result.returncode == exits.ERROR
     assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in result.stderr
     local = records(tmp_path / "run")
@@ -376,7 +380,7 @@ def test_a_nan_or_a_data_error_leaves_the_stopped_record_and_the_last_good_check
 def test_a_large_upload_does_not_hold_up_the_steps(s3_bucket, tmp_path):
     """A 128 MB checkpoint goes to S3 (moto) from the background thread while the loop steps: steps
     keep running while it is in flight. The step times with and without the upload are printed."""
-    from dali_imagenet.s3sync import S3Sync
+    from dali_imagenet.run.s3sync import S3Sync
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -3,17 +3,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dali_imagenet.config import TrainConfig
-from dali_imagenet.ema import WeightEMA
 from dali_imagenet.errors import UsageError
-from dali_imagenet.mixing import MixConfig
-from dali_imagenet.model import build_model
-from dali_imagenet.precision import Precision
-from dali_imagenet.schedule import parameter_groups
-from dali_imagenet.step import GraphedTrainStep, TrainStep
+from dali_imagenet.training.ema import WeightEMA
+from dali_imagenet.training.mixing import MixConfig
+from dali_imagenet.training.model import build_model
+from dali_imagenet.training.precision import Precision
+from dali_imagenet.training.schedule import parameter_groups
+from dali_imagenet.training.step import GraphedTrainStep, TrainStep
 
 
 def make_step(step_class, device: str, dtype: str = "float32", ema: bool = True, seed: int = 0):

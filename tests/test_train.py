@@ -3,7 +3,6 @@ The checks read what a run leaves behind (metrics.jsonl, checkpoints), not its c
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -14,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from conftest import EXACT, REPO, child_env, records, train, train_command
+from conftest import EXACT, child_env, records, run_in_process, script, train, train_command
 
 pytestmark = pytest.mark.slow  # each starts train.py (a few seconds of imports, then real training)
 
@@ -39,9 +37,10 @@ def test_loss_falls_and_evaluate_reads_the_checkpoint(trained_run, sample_shards
         assert (trained_run / name).is_file()
     validations = {r["step"]: r for r in records(trained_run) if "val_top1" in r}
     assert sorted(validations) == [6, 12, 18] and all(r["val_images"] == 40 for r in validations.values())
-    evaluation = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--checkpoint", str(trained_run / "best.pt"),
-                                 "--data", str(sample_shards), "--dali", "--device", "cpu", "--weights", "raw",
-                                 "--json"], capture_output=True, text=True, env=child_env(), check=True)
+    evaluation = run_in_process(script("evaluate"), ["evaluate.py", "--checkpoint", trained_run / "best.pt", "--data",
+                                                     sample_shards, "--dali", "--device", "cpu", "--weights", "raw",
+                                                     "--json"])
+    assert evaluation.returncode == 0, evaluation.stderr
     metrics = json.loads(evaluation.stdout.strip().splitlines()[-1])
     best_step = load(trained_run / "best.pt")["state"]["step"]
     assert metrics["images"] == 40 and metrics["top1"] > 100 / 8 * 2  # well above chance (12.5 %)
@@ -57,48 +56,24 @@ def same_weights(a: Path, b: Path) -> None:
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
 
 
-def test_resume_mid_epoch_gives_identical_weights(straight_run, sample_shards, tmp_path):
+def test_resume_mid_epoch_and_across_a_size_change_is_exact(straight_run, sample_shards, tmp_path):
+    """Stopped inside epoch 1 (16 px), resumed and stopped again inside epoch 2 (32 px), resumed
+    to the end (DALI's reader restored each time, not replayed): the same raw and EMA weights as
+    training straight through."""
     split = tmp_path / "split"
     train(sample_shards, split, *EXACT, "max_steps=3")
     assert ended(split) == {**ended(split), "event": "stopped", "reason": "max_steps=3", "step": 3}
     state = load(split / "last.pt")["state"]
     assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (3, 0, 3)
+    train(sample_shards, split, *EXACT, "max_steps=8", extra=["--resume", "auto"])
     train(sample_shards, split, *EXACT, extra=["--resume", "auto"])
     resumed = [r for r in records(split) if r.get("event") == "resumed"]
-    assert [(r["step"], r["epoch"]) for r in resumed] == [(3, 0)] and resumed[0]["from"].endswith("last.pt")
-    same_weights(straight_run, split)  # 3 steps + resume + 9 steps = 12 straight steps, bit for bit
-
-
-def test_resume_across_a_size_change_with_ema_is_exact(straight_run, sample_shards, tmp_path):
-    """Stopping inside epoch 2 (32 px) and resuming (DALI's reader restored, not replayed) gives
-    the same raw and EMA weights as training straight through epoch 1 (16 px) and 2."""
-    split = tmp_path / "split"
-    train(sample_shards, split, *EXACT, "max_steps=8")
-    train(sample_shards, split, *EXACT, extra=["--resume", "auto"])
-    assert [(r["step"], r["epoch"]) for r in records(split) if r.get("event") == "resumed"] == [(8, 1)]
+    assert [(r["step"], r["epoch"]) for r in resumed] == [(3, 0), (8, 1)] and resumed[0]["from"].endswith("last.pt")
     sizes = {r["step"]: r["image_size"] for r in records(straight_run) if "image_size" in r}
     assert sizes[1] == sizes[6] == 16 and sizes[7] == sizes[12] == 32
-    same_weights(straight_run, split)
+    same_weights(straight_run, split)  # 3 + 5 + 4 steps with two resumes = 12 straight steps, bit for bit
     val = [r for r in records(straight_run) if "val_top1" in r]
     assert len(val) == 2 and all("val_ema_top1" in r and r["images_seen"] == 16 * r["step"] for r in val)
-
-
-def test_torchrun_two_processes_keep_identical_weights(sample_shards, tmp_path):
-    out = tmp_path / "ddp"
-    args = train_command(sample_shards, out, "epochs=1")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--standalone", *args[1:]], capture_output=True, text=True, env=child_env(),
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    final = ended(out)
-    assert final["event"] == "finished" and len(final["replica_checksums"]) == 2
-    assert final["replicas_identical"] is True
-    started = records(out)[0]
-    assert started["event"] == "started" and started["world_size"] == 2
-    assert final["step"] == 96 // 2 // 16  # each rank reads half the samples: 3 steps of a global batch of 32
-    val = [r for r in records(out) if "val_images" in r]
-    assert val[-1]["val_images"] == 40  # every validation image counted once across the two ranks
-    assert val[-1]["images_seen"] == 3 * 32
 
 
 POISON_RANK_1 = textwrap.dedent("""
@@ -106,7 +81,7 @@ POISON_RANK_1 = textwrap.dedent("""
     # turn NaN from the call numbered FROM on, as a bad image or an overflow would.
     import os
     if os.environ.get("RANK") == "1":
-        import dali_imagenet.step as step
+        import dali_imagenet.training.step as step
         body = step.TrainStep.body
         calls = [0]
         def poisoned(self, images, labels, draws, ema_weight):
@@ -118,8 +93,7 @@ POISON_RANK_1 = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("log_every, max_steps", [(1, 0), (1000, 2)])  # 1000: caught before the checkpoint at max_steps
-def test_a_nan_on_one_rank_stops_every_rank_with_the_same_line(sample_shards, tmp_path, log_every, max_steps):
+def test_a_nan_on_one_rank_stops_every_rank_with_the_same_line(sample_shards, tmp_path, log_every=1, max_steps=0):
     """Rank 1's loss turns NaN at its second step; rank 0's is still finite there. Both must agree,
     stop at once with the same one line and exit 1, and write no checkpoint after it."""
     hook = tmp_path / "hook"
@@ -213,15 +187,14 @@ def test_evaluate_reads_a_plain_torchvision_state_dict(sample_shards, tmp_path):
     import torchvision
     import webdataset as wds
 
-    from dali_imagenet.preprocess import val_transform
+    from dali_imagenet.data.preprocess import val_transform
 
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=8).eval()
     weights = tmp_path / "resnet18-torchvision.pth"
     torch.save(model.state_dict(), weights)
-    result = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--checkpoint", str(weights), "--arch",
-                             "resnet18", "--data", str(sample_shards), "--device", "cpu", "--image-size",
-                             "32", "--json"], capture_output=True, text=True, env=child_env())
+    result = run_in_process(script("evaluate"), ["evaluate.py", "--checkpoint", weights, "--arch", "resnet18", "--data",
+                                                 sample_shards, "--device", "cpu", "--image-size", "32", "--json"])
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads(result.stdout.strip().splitlines()[-1])
     manifest = json.loads((sample_shards / "manifest.json").read_text())
@@ -275,18 +248,16 @@ def test_a_failed_start_leaves_no_run_folder(sample_shards, tmp_path, case):
     assert expected[case] in lines[0]
 
 
-def test_a_bug_keeps_its_traceback_and_debug_shows_user_errors(sample_shards, tmp_path):
+def test_a_bug_keeps_its_traceback_and_debug_shows_user_errors(sample_shards, tmp_path, monkeypatch):
     """A ValueError raised inside the training loop is a bug, not a user error: the traceback
     stays. DALI_IMAGENET_DEBUG=1 shows the traceback of a user error too."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(textwrap.dedent("""
-        import dali_imagenet.schedule as schedule
-        def broken(self, step):
-            raise ValueError("a bug in the schedule")
-        schedule.LRSchedule.at = broken
-    """))
-    result = train(sample_shards, tmp_path / "run", check=False, env=child_env(PYTHONPATH=str(hook)))
+    from dali_imagenet.training import schedule
+
+    def broken(self, step):
+        raise ValueError("a bug in the schedule")
+    monkeypatch.setattr(schedule.LRSchedule, "at", broken)
+    result = train(sample_shards, tmp_path / "run", check=False)
+    monkeypatch.undo()
     assert result.returncode == 1
     assert "Traceback" in result.stderr and "ValueError: a bug in the schedule" in result.stderr
     assert "in train_one_epoch" in result.stderr

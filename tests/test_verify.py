@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, child_env, records, run_in_process, script, train
 
-from conftest import REPO, child_env, records, train
 from dali_imagenet import make_loader
-from dali_imagenet.shardformat import index_existing_tar, parse_index
-from dali_imagenet.shards import find_shards
+from dali_imagenet.data.shardformat import index_existing_tar, parse_index
+from dali_imagenet.data.shards import find_shards
 
 VERIFY = [sys.executable, "-m", "shard_tools.verify"]
 
@@ -181,7 +181,7 @@ def with_test_split(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def test_an_unlabelled_test_split_is_a_kind_not_an_error(with_test_split, tmp_path):
-    from dali_imagenet.shards import ShardError
+    from dali_imagenet.data.shards import ShardError
 
     _, shards = with_test_split
     manifest = json.loads((shards / "manifest.json").read_text())
@@ -204,14 +204,12 @@ def test_an_unlabelled_test_split_is_a_kind_not_an_error(with_test_split, tmp_pa
 @pytest.mark.slow
 def test_evaluate_refuses_the_unlabelled_split_and_predict_reads_it(with_test_split, trained_run):
     _, shards = with_test_split
-    evaluated = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--checkpoint", str(trained_run / "best.pt"),
-                                "--data", str(shards), "--split", "test", "--dali", "--device", "cpu"],
-                               capture_output=True, text=True, env=child_env(), cwd=REPO, timeout=120)
+    evaluated = run_in_process(script("evaluate"), ["evaluate.py", "--checkpoint", trained_run / "best.pt", "--data",
+                                                    shards, "--split", "test", "--dali", "--device", "cpu"])
     lines = evaluated.stderr.strip().splitlines()
     assert evaluated.returncode == 1 and len(lines) == 1 and "unlabelled samples" in lines[0], evaluated.stderr
-    predicted = subprocess.run([sys.executable, str(REPO / "predict.py"), "--checkpoint", str(trained_run / "best.pt"),
-                                "--data", str(shards), "--split", "test", "--json", "--device", "cpu"],
-                               capture_output=True, text=True, env=child_env(), cwd=REPO, timeout=120)
+    predicted = run_in_process(script("predict"), ["predict.py", "--checkpoint", trained_run / "best.pt", "--data",
+                                                   shards, "--split", "test", "--json", "--device", "cpu"])
     assert predicted.returncode == 0, predicted.stderr
     rows = [json.loads(line) for line in predicted.stdout.splitlines()]
     assert len(rows) == 16 and len({r["path"] for r in rows}) == 16
@@ -306,7 +304,7 @@ def test_a_timm_layout_set_is_verified_through_the_loaders_index_cache(where, sa
 
 
 def test_the_baseline_names_the_sample_that_does_not_decode(damaged):
-    from dali_imagenet.shards import ShardError
+    from dali_imagenet.data.shards import ShardError
 
     shards, tar, key = damaged
     loader = make_loader(shards, "train", 16, device="cpu", image_size=32, backend="torchvision", num_threads=1,

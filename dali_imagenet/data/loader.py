@@ -14,10 +14,10 @@ from typing import Callable, Iterator, Protocol
 import torch
 
 from dali_imagenet import seeding
+from dali_imagenet.data.partition import SHUFFLE_BUFFER, batches_per_epoch, epoch_shards
+from dali_imagenet.data.preprocess import CROP_FRACTION, HW_DECODER_LOAD, TRAIN_CROP_MIN_AREA
+from dali_imagenet.data.shards import SplitShards, find_shards
 from dali_imagenet.errors import UsageError
-from dali_imagenet.partition import SHUFFLE_BUFFER, batches_per_epoch, epoch_shards
-from dali_imagenet.preprocess import CROP_FRACTION, HW_DECODER_LOAD, TRAIN_CROP_MIN_AREA
-from dali_imagenet.shards import SplitShards, find_shards
 
 BACKENDS = ("dali", "torchvision")
 
@@ -77,9 +77,9 @@ def make_loader(data, split: str, batch_size: int, *, device: str | torch.device
                    crop_fraction=crop_fraction, crop_min_area=crop_min_area, resume=resume,
                    hw_decoder_load=hw_decoder_load, interrupt=interrupt)
     if backend == "torchvision":
-        from dali_imagenet.baseline import TorchvisionLoader  # torchvision and webdataset: only when asked for
+        from dali_imagenet.data.baseline import TorchvisionLoader  # torchvision and webdataset: only when asked for
 
         return TorchvisionLoader(shards, batch_size, **options)
-    from dali_imagenet.dali_loader import DaliLoader
+    from dali_imagenet.data.dali_loader import DaliLoader
 
     return DaliLoader(shards, batch_size, **options)

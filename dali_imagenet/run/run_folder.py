@@ -19,8 +19,8 @@ import shutil
 import time
 from pathlib import Path
 
-from dali_imagenet.checkpoint import fsync_folder
 from dali_imagenet.errors import DaliImagenetError
+from dali_imagenet.run.checkpoint import fsync_folder
 
 LAST, BEST, FINAL = "last.pt", "best.pt", "final_weights.pt"
 METRICS, CONFIG, REPORT = "metrics.jsonl", "config.yaml", "report.html"

@@ -9,7 +9,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from dali_imagenet.run_folder import METRICS
+from dali_imagenet.run.run_folder import METRICS
 
 
 class RunLogger:

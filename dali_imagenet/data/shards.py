@@ -21,10 +21,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dali_imagenet import s3
+from dali_imagenet.data.shardformat import (
+    CLASSES_TSV,
+    MANIFEST,
+    FormatError,
+    index_end,
+    index_existing_tar,
+    index_keys,
+    index_name,
+    index_sample_count,
+    iter_components,
+    parse_classes_tsv,
+    parse_index,
+    parse_manifest,
+    split_entry,
+)
 from dali_imagenet.errors import DaliImagenetError
-from dali_imagenet.shardformat import (CLASSES_TSV, MANIFEST, FormatError, index_end, index_existing_tar, index_keys,
-                                       index_name, index_sample_count, iter_components, parse_classes_tsv,
-                                       parse_index, parse_manifest, split_entry)
 
 
 class ShardError(DaliImagenetError):
@@ -199,7 +211,7 @@ def timm_classes(root: str) -> tuple[str, ...]:
     elif (Path(root) / CLASSES_TSV).is_file():
         text = (Path(root) / CLASSES_TSV).read_text()
     if text is None:
-        from dali_imagenet.classes import imagenet1k
+        from dali_imagenet.data.classes import imagenet1k
 
         return tuple(names for _, names in imagenet1k())
     try:

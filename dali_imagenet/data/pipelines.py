@@ -7,11 +7,18 @@ very same graph runs with `cpu` ops, which is how it is developed and tested.
 from __future__ import annotations
 
 import numpy as np
-from nvidia.dali import fn, pipeline_def, types
 import nvidia.dali.math as dmath
+from nvidia.dali import fn, pipeline_def, types
 
-from dali_imagenet.preprocess import (CROP_FRACTION, HW_DECODER_LOAD, IMAGENET_MEAN, IMAGENET_STD,
-                                     TRAIN_CROP_ASPECT, TRAIN_CROP_MIN_AREA, val_resize_size)
+from dali_imagenet.data.preprocess import (
+    CROP_FRACTION,
+    HW_DECODER_LOAD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TRAIN_CROP_ASPECT,
+    TRAIN_CROP_MIN_AREA,
+    val_resize_size,
+)
 
 MAX_LABEL_DIGITS = 6
 

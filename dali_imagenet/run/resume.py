@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from dali_imagenet import checkpoint as ckpt
 from dali_imagenet import distributed, s3, seeding
 from dali_imagenet.config import TrainConfig, differences
 from dali_imagenet.errors import DaliImagenetError
-from dali_imagenet.run_folder import BEST, CONFIG, LAST, METRICS, RUN_FILES, RunError
-from dali_imagenet.s3sync import RUN_ID, STEP, lineage_metadata
+from dali_imagenet.run import checkpoint as ckpt
+from dali_imagenet.run.run_folder import BEST, CONFIG, LAST, METRICS, RUN_FILES, RunError
+from dali_imagenet.run.s3sync import RUN_ID, STEP, lineage_metadata
+from dali_imagenet.training.saved import CheckpointError
 
 FETCHED_WITH_THE_CHECKPOINT = (METRICS, BEST)  # what the run appends to or keeps: its history goes on
 
@@ -62,7 +63,7 @@ def read_last(run_dir: Path) -> dict | None:
         return None
     try:
         return ckpt.load_training(path)
-    except ckpt.CheckpointError as error:
+    except CheckpointError as error:
         raise RunError(f"{error}; no older checkpoint is used instead: pass --resume PATH to continue from another "
                        f"file, or --overwrite") from None
 
@@ -97,7 +98,7 @@ def _fetch(s3_url: str, staging: Path, timeout_s: float) -> dict:
         s3.download(s3_url, name, staging / name, timeout_s)
     try:
         return ckpt.load_training(staging / LAST)
-    except ckpt.CheckpointError as error:
+    except CheckpointError as error:
         message = str(error).replace(str(staging / LAST), f"{s3_url}/{LAST}")
         raise RunError(f"{message}; S3 is left as it is and no older checkpoint is used instead: remove or replace "
                        f"it, or pass --overwrite") from None

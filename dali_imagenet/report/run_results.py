@@ -11,7 +11,7 @@ import io
 from pathlib import Path
 
 from dali_imagenet.errors import DaliImagenetError
-from dali_imagenet.html_page import sortable
+from dali_imagenet.report.html_page import sortable
 
 EXAMPLES = 24  # thumbnails, half wrong and half right
 HEAT_MAPS = 8  # of which this many with Grad-CAM (half wrong, half right)
@@ -27,7 +27,7 @@ def _jpeg_uri(image, quality: int = 80) -> str:
 
 
 def _names(checkpoint: dict | None, count: int) -> list[str]:
-    from dali_imagenet.classes import display_names
+    from dali_imagenet.data.classes import display_names
 
     names = (checkpoint or {}).get("class_names")
     return display_names(list(names)) if names and len(names) == count else [f"class {i}" for i in range(count)]
@@ -61,7 +61,7 @@ def _examples(run, checkpoint: dict | None, predictions, names: list[str]) -> st
     """The thumbnails and heat maps; a line saying why where the shards or the weights are not at hand."""
     from PIL import Image
 
-    from dali_imagenet.shards import find_shards, read_components
+    from dali_imagenet.data.shards import find_shards, read_components
 
     data = run.started.get("data")
     rows = predictions.examples(EXAMPLES)
@@ -91,7 +91,7 @@ def _examples(run, checkpoint: dict | None, predictions, names: list[str]) -> st
         cards.append(f"<figure class=\"example{wrong}\"><img alt=\"{html.escape(key)}\" src=\"{_jpeg_uri(thumbnail)}\">"
                      f"<figcaption>{caption}</figcaption></figure>")
         if predictor is not None and i in with_cam:
-            from dali_imagenet.inference import image_tensor
+            from dali_imagenet.training.inference import image_tensor
 
             _, crop, heat = predictor.heat_map(image_tensor(image), guess, display_px=CAM_PX)
             cams.append(f"<figure class=\"cam{wrong}\"><img alt=\"{html.escape(key)}\" src=\"{_jpeg_uri(crop)}\">"
@@ -107,8 +107,8 @@ def _examples(run, checkpoint: dict | None, predictions, names: list[str]) -> st
 
 
 def _predictor(run, checkpoint: dict | None, weights: str):
-    from dali_imagenet.inference import Predictor, load_model
-    from dali_imagenet.run_folder import BEST, LAST
+    from dali_imagenet.run.run_folder import BEST, LAST
+    from dali_imagenet.training.inference import Predictor, load_model
 
     for name in (LAST, BEST):  # the weights that made the final validation's predictions
         if (Path(run.folder) / name).is_file():
@@ -121,7 +121,7 @@ def _predictor(run, checkpoint: dict | None, weights: str):
 
 def learned_sections(run, checkpoint: dict | None, path: Path) -> str:
     """The page's "What it learned" part, or one line saying why there is none."""
-    from dali_imagenet.predictions import Predictions
+    from dali_imagenet.training.predictions import Predictions
 
     if not Path(path).is_file():
         return ("<h2>What it learned</h2><p>no predictions.npz: a run writes it at its final validation (with the "

@@ -11,8 +11,8 @@ import torch
 
 from dali_imagenet import seeding
 from dali_imagenet.errors import UsageError
-from dali_imagenet.mixing import MixConfig, draw_mix, mix_with_draws, soft_target_cross_entropy
-from dali_imagenet.precision import Precision
+from dali_imagenet.training.mixing import MixConfig, draw_mix, mix_with_draws, soft_target_cross_entropy
+from dali_imagenet.training.precision import Precision
 
 
 class TrainStep:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 LAYOUTS = {
+    "resnet10": ("basic", [1, 1, 1, 1]),  # the smallest: smoke runs, tests and CPU demos (5.4M weights)
     "resnet18": ("basic", [2, 2, 2, 2]),
     "resnet34": ("basic", [3, 4, 6, 3]),
     "resnet50": ("bottleneck", [3, 4, 6, 3]),

@@ -5,24 +5,26 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
 from dali_imagenet import distributed, s3
-from dali_imagenet import run_folder as folder
-from dali_imagenet.checkpoint import save_atomic
-from dali_imagenet.html_report import write_report
-from dali_imagenet.metrics import RunLogger, machine
-from dali_imagenet.s3sync import S3Sync, lineage_metadata
+from dali_imagenet.run import run_folder as folder
+from dali_imagenet.run.checkpoint import save_atomic
+from dali_imagenet.run.metrics import RunLogger, machine
+from dali_imagenet.run.s3sync import S3Sync, lineage_metadata
 
 
 class RunOutputs:
     def __init__(self, run_dir: Path, config: dict, processes: distributed.Processes, *, overwrite: bool,
                  s3_url: str | None, wandb: bool, wandb_id: str | None, extra: dict, s3_held: list[str] = (),
-                 instance: dict | None = None):
+                 instance: dict | None = None, write_report: Callable[[list, Path], object] | None = None):
         """Creates the run folder (after `--overwrite` removed the old run's files, here and at
         `s3_url`: `s3_held`) and starts the log; `extra`: what the config does not say (loader,
-        world size, data), logged with it; `instance`: the cloud's word on the machine (type, spot)."""
+        world size, data), logged with it; `instance`: the cloud's word on the machine (type, spot);
+        `write_report(run_folders, page)`: writes the run's page at the end (the report layer's,
+        handed in: the run layer does not import the pages built on it)."""
         instance = instance or {}
         self.run_dir = run_dir
         self.active = processes.master
@@ -30,6 +32,7 @@ class RunOutputs:
         self.logger = None
         self.uploader = None
         self.ended = False
+        self.write_report = write_report
         self.checkpoint_step: int | None = None  # of the last checkpoint written
         if not self.active:
             return
@@ -106,8 +109,9 @@ class RunOutputs:
         self.close({**record, "checkpoint_step": self.checkpoint_step}, summary)
         self._push(folder.METRICS)
         try:
-            write_report([self.run_dir], self.run_dir / folder.REPORT)
-            self._push(folder.REPORT)
+            if self.write_report is not None:
+                self.write_report([self.run_dir], self.run_dir / folder.REPORT)
+                self._push(folder.REPORT)
         except Exception as error:  # noqa: BLE001 - a report that fails must not hide why the run ended
             print(f"warning: the report could not be written ({type(error).__name__}: {error})", file=sys.stderr)
         return self.uploader.close(flush_timeout_s) if self.uploader else []

@@ -11,8 +11,9 @@ import signal
 import sys
 import time
 
-from dali_imagenet import distributed, exits
+from dali_imagenet import distributed
 from dali_imagenet.errors import Interrupted
+from dali_imagenet.run import exits
 
 
 class StopRequest:
@@ -22,10 +23,22 @@ class StopRequest:
         self.reason: str | None = None
         self.asked_at: float | None = None  # time.time() of the request
         self._announce = announce
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self._leaving = False
+        self._before = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self) -> None:
+        """Puts back the handlers it replaced (train.py run in-process, in a test, leaves none behind)."""
+        for sig, handler in self._before.items():
+            signal.signal(sig, handler)
+
+    def leaving(self) -> None:
+        """The run is on its way out: a signal now (torchrun's SIGTERM to the other ranks of a run
+        that ended) changes nothing and says nothing."""
+        self._leaving = True
 
     def _handle(self, signum, frame):
+        if self._leaving:
+            return
         name = signal.Signals(signum).name
         if self.reason == "SIGINT" and name == "SIGINT":
             raise KeyboardInterrupt

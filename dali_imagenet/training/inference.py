@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from dali_imagenet.checkpoint import CheckpointError, load, weights
 from dali_imagenet.config import TrainConfig, from_dict
 from dali_imagenet.errors import DaliImagenetError, UsageError
-from dali_imagenet.model import LAYOUTS, build_model
+from dali_imagenet.training.model import LAYOUTS, build_model
+from dali_imagenet.training.saved import CheckpointError, load, weights
 
 WEIGHT_CHOICES = ("auto", "raw", "ema")
 
@@ -92,11 +92,11 @@ class Predictor:
 
     def __init__(self, loaded: LoadedModel, *, image_size: int | None = None, device: str | torch.device = "cpu",
                  class_names: list[str] | None = None):
-        from dali_imagenet.classes import display_names, imagenet1k
         from torchvision.transforms import v2
 
-        from dali_imagenet.precision import Precision
-        from dali_imagenet.preprocess import val_geometry, val_transform
+        from dali_imagenet.data.classes import display_names, imagenet1k
+        from dali_imagenet.data.preprocess import val_geometry, val_transform
+        from dali_imagenet.training.precision import Precision
 
         self.loaded, self.device = loaded, torch.device(device)
         self.image_size = image_size or loaded.config.val_image_size
@@ -129,7 +129,7 @@ class Predictor:
         map as PIL images, at least `display_px` a side: a 32 px crop is drawn at a size one can see)."""
         from PIL import Image
 
-        from dali_imagenet.gradcam import grad_cam, overlay
+        from dali_imagenet.training.gradcam import grad_cam, overlay
 
         batch = self.transform(image)[None].to(self.device).contiguous(memory_format=torch.channels_last)
         if class_index is None:

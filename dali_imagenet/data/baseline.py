@@ -15,10 +15,10 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from dali_imagenet import s3, seeding
-from dali_imagenet.partition import EpochPosition, rank_pieces
-from dali_imagenet.preprocess import train_transform, val_transform
-from dali_imagenet.shardformat import index_keys, parse_index
-from dali_imagenet.shards import ShardError, SplitShards
+from dali_imagenet.data.partition import EpochPosition, rank_pieces
+from dali_imagenet.data.preprocess import train_transform, val_transform
+from dali_imagenet.data.shardformat import index_keys, parse_index
+from dali_imagenet.data.shards import ShardError, SplitShards
 
 
 class Transform:

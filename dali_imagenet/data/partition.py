@@ -9,7 +9,7 @@ keeps the last partial batch, so every rank runs the same number of steps.
 from __future__ import annotations
 
 from dali_imagenet import seeding
-from dali_imagenet.shards import SplitShards
+from dali_imagenet.data.shards import SplitShards
 
 SHUFFLE_BUFFER = 4096  # samples; shards are shuffled when written and reordered each epoch, so a few thousand do
 

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import yaml
 
-from dali_imagenet.checkpoint import CheckpointError, load
 from dali_imagenet.errors import DaliImagenetError
-from dali_imagenet.html_page import page, plot_uri, table
-from dali_imagenet.metrics import describe_cost
-from dali_imagenet.run_results import learned_sections
-from dali_imagenet.run_folder import BEST, CONFIG, FINAL, LAST, METRICS, PREDICTIONS
+from dali_imagenet.report.html_page import page, plot_uri, table
+from dali_imagenet.report.run_results import learned_sections
+from dali_imagenet.run.metrics import describe_cost
+from dali_imagenet.run.run_folder import BEST, CONFIG, FINAL, LAST, METRICS, PREDICTIONS
+from dali_imagenet.training.saved import CheckpointError, load
 
 
 class ReportError(DaliImagenetError):

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dali_imagenet.precision import Precision
+from dali_imagenet.training.precision import Precision
 
 
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, flip: bool = False) -> torch.Tensor:

@@ -12,8 +12,8 @@ import os
 
 import torch
 
-from dali_imagenet.partition import EpochPosition, rank_range
-from dali_imagenet.shards import ShardError, SplitShards, find_undecodable
+from dali_imagenet.data.partition import EpochPosition, rank_range
+from dali_imagenet.data.shards import ShardError, SplitShards, find_undecodable
 
 
 class DaliLoader(EpochPosition):
@@ -25,7 +25,7 @@ class DaliLoader(EpochPosition):
         from nvidia.dali.plugin.base_iterator import LastBatchPolicy
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        from dali_imagenet.pipelines import imagenet_pipeline
+        from dali_imagenet.data.pipelines import imagenet_pipeline
 
         super().__init__(shards, batch_size, batches, train, resume)
         self.shards = shards

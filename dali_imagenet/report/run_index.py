@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dali_imagenet import s3
-from dali_imagenet.html_page import page, plot_uri, sortable
-from dali_imagenet.html_report import ReportError, Run, read_run
-from dali_imagenet.run_folder import CONFIG, METRICS, REPORT
+from dali_imagenet.report.html_page import page, plot_uri, sortable
+from dali_imagenet.report.html_report import ReportError, Run, read_run
+from dali_imagenet.run.run_folder import CONFIG, METRICS, REPORT
 
 
 @dataclass
