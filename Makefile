@@ -46,11 +46,12 @@ demo: install $(BUILD)/sample/.done
 	@echo "report:      file://$(CURDIR)/$(DEMO_RUN)/report.html"
 	@echo "the demo:    $(PY) app.py --checkpoint $(DEMO_RUN)/best.pt   (then open http://127.0.0.1:7860)"
 
-# Two test processes (pytest-xdist): most tests wait on subprocesses, so 2 cores give ~1.4x.
-# The runs several tests share are built once for all workers (conftest.built_once).
-# `make test` runs everything; `.venv/bin/python -m pytest -m "not slow"` is the quick loop (~70 s).
+# Two test processes (pytest-xdist), each taking the next test as it frees up (worksteal: the
+# long end-to-end tests start first and the short ones fill the gaps). The runs several tests share
+# are built once for all workers (conftest.built_once). `make test` runs everything (~3.5 min on 2
+# cores); `.venv/bin/python -m pytest -n auto -m "not slow"` is the quick loop (~45 s).
 test: install browser cloud-venv
-	$(PY) -m pytest -q -n auto
+	$(PY) -m pytest -q -n auto --dist worksteal
 
 bench: install
 	$(PY) -m benchmarks
