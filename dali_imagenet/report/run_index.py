@@ -120,7 +120,7 @@ def _row(item: Listed, now: float) -> list[tuple[object, object]]:
         number(final.get("val_top5"), f"{final.get('val_top5', 0):.2f}"),
         number(final.get("val_ema_top1"), f"{final.get('val_ema_top1', 0):.2f}"),
         number(final.get("val_ema_top5"), f"{final.get('val_ema_top5', 0):.2f}"),
-        number(hours, f"{hours or 0:.2f}"),
+        number(hours, f"{hours or 0:.2f}" if (hours or 0) >= 0.1 else f"{hours or 0:.2g}"),  # a short run: not 0.00
         number(cost.get("dollars"), f"${cost.get('dollars', 0):,.2f}"),
         number(rate, f"{rate or 0:,.0f}"),
         (html.escape(run.state()), run.state()),

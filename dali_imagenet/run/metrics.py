@@ -80,7 +80,10 @@ def cost(wall_s: float, *, gpus: int, machines: int, price_per_hour: float, spot
 
 
 def describe_cost(cost: dict) -> str:
-    line = f"{cost['wall_hours']:.2f} h ({cost['gpu_hours']:.2f} GPU-h), ${cost['dollars']:,.2f}"
+    """"3.52 h (3.52 GPU-h), $2.83"; a run shorter than an hour in minutes or seconds (a demo, a test)."""
+    hours = cost["wall_hours"]
+    wall = f"{hours:.2f} h" if hours >= 1 else f"{hours * 60:.1f} min" if hours >= 1 / 60 else f"{hours * 3600:.0f} s"
+    line = wall + (f" ({cost['gpu_hours']:.2f} GPU-h)" if cost["gpu_hours"] else "") + f", ${cost['dollars']:,.2f}"
     if cost["dollars"] != cost["on_demand_dollars"]:
         line += f" on spot (${cost['on_demand_dollars']:,.2f} on demand)"
     return line
