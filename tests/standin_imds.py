@@ -24,6 +24,7 @@ def install_notice_hook(env=os.environ, patch=setattr) -> None:
     the functions that mark the phase (pytest's monkeypatch.setattr in this process; setattr in a
     train.py started with NOTICE_HOOK as its sitecustomize). $NOTICE_RANK: under torchrun, only
     that rank's machine is reclaimed (the others see no IMDS)."""
+    import dali_imagenet.data.dali_loader as dali_loader
     import dali_imagenet.run.checkpoint as checkpoint
     import dali_imagenet.training.evaluation as evaluation
     import dali_imagenet.training.step as steps
@@ -63,6 +64,15 @@ def install_notice_hook(env=os.environ, patch=setattr) -> None:
                 notice()
             return finish(self, validate)
         patch(checkpoint.TrainState, "finish_epoch", at_epoch_end)
+    elif phase == "startup":  # while the first DALI pipeline (the validation one) is built, before any step
+        build, built = dali_loader.DaliLoader.__init__, []
+
+        def building(self, *args, **kwargs):
+            if not built:
+                built.append(1)
+                notice()
+            return build(self, *args, **kwargs)
+        patch(dali_loader.DaliLoader, "__init__", building)
 
 
 # A sitecustomize for a train.py process (or torchrun's) that installs the hook from its environment.

@@ -150,6 +150,34 @@ def test_a_notice_at_any_moment_exits_75_with_the_checkpoint_in_s3_and_a_new_mac
 
 
 @pytest.mark.slow
+def test_a_notice_at_start_up_exits_75_before_any_step_and_the_relaunch_starts_clean(
+        sample_shards, straight_run, s3_bucket, imds, tmp_path, monkeypatch):
+    """The notice while the first pipeline is built, before any step: nothing trained, nothing to
+    checkpoint; exit 75 with the closing record in S3, and the relaunch (--resume auto at a prefix
+    that holds a run without a checkpoint) trains from the start to the straight run's weights."""
+    url = f"s3://{s3_bucket}/runs/startup"
+    hooks = dict(NOTICE_URL=imds.notice_url, NOTICE_AT="startup")
+    on_spot = child_env(AWS_EC2_METADATA_SERVICE_ENDPOINT=imds.url, AWS_EC2_METADATA_DISABLED="false", **hooks)
+    install_notice_hook(hooks, monkeypatch.setattr)
+    first = train(sample_shards, tmp_path / "first", *SETS, extra=["--s3", url], env=on_spot, check=False)
+    monkeypatch.undo()
+    exited = time.time()
+    assert first.returncode == exits.RECLAIM, first.stderr[-3000:]
+    assert imds.noticed_at and exited - imds.noticed_at < 60
+    closing = s3_records(s3_bucket, "runs/startup/metrics.jsonl")[-1]
+    assert closing["event"] == "stopped" and closing["reason"] == spot.NOTICE and closing["step"] == 0
+    assert closing["checkpoint_step"] is None and closing["exit_code"] == exits.RECLAIM
+    assert not (tmp_path / "first" / "last.pt").exists() and not any("loss" in r for r in records(tmp_path / "first"))
+    print(f"startup: notice -> exit 75: {exited - imds.noticed_at:.1f} s (nothing trained)")
+
+    train(sample_shards, tmp_path / "second", *SETS, extra=["--resume", "auto", "--s3", url, "--spot", "off"])
+    a = torch.load(straight_run / "final_weights.pt", weights_only=True)
+    b = torch.load(tmp_path / "second" / "final_weights.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a), "stopped at start-up + relaunched != straight"
+    assert s3_checkpoint(s3_bucket, "runs/startup/last.pt")["state"]["step"] == 12
+
+
+@pytest.mark.slow
 def test_s3_unreachable_at_resume_stops_and_changes_nothing(sample_shards, trained_run, s3_bucket, tmp_path):
     from dali_imagenet.s3 import client
 
