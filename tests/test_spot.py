@@ -109,6 +109,28 @@ PHASES = {"step": ({"NOTICE_STEP": "3"}, 4),  # the 4th step trains while the no
           "epoch_end": ({}, 6)}
 
 
+def stopped_by_a_notice(phase: str, env: dict, shards, url: str, imds, out, monkeypatch):
+    """train.py (SETS, --s3 `url`) on a spot machine whose notice the hook gives at `phase`: it
+    must exit 75 within 60 s of the notice. Returns its result and those seconds."""
+    hooks = dict(NOTICE_URL=imds.notice_url, NOTICE_AT=phase, **env)
+    on_spot = child_env(AWS_EC2_METADATA_SERVICE_ENDPOINT=imds.url, AWS_EC2_METADATA_DISABLED="false", **hooks)
+    install_notice_hook(hooks, monkeypatch.setattr)
+    result = train(shards, out, *SETS, extra=["--s3", url], env=on_spot, check=False)
+    monkeypatch.undo()
+    seconds = time.time() - imds.noticed_at if imds.noticed_at else float("inf")
+    assert result.returncode == exits.RECLAIM, result.stderr[-3000:]
+    assert seconds < 60
+    return result, seconds
+
+
+def relaunch_ends_as_the_straight_run(shards, straight_run, url: str, out) -> None:
+    """SkyPilot's relaunch: the same command on a new machine (an empty --out), --resume auto from S3."""
+    train(shards, out, *SETS, extra=["--resume", "auto", "--s3", url, "--spot", "off"])
+    a = torch.load(straight_run / "final_weights.pt", weights_only=True)
+    b = torch.load(out / "final_weights.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a), "stopped on a notice + relaunched != straight"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", PHASES)
 def test_a_notice_at_any_moment_exits_75_with_the_checkpoint_in_s3_and_a_new_machine_finishes(
@@ -117,15 +139,8 @@ def test_a_notice_at_any_moment_exits_75_with_the_checkpoint_in_s3_and_a_new_mac
     a train.py process of its own, through the task's `run:`."""
     url = f"s3://{s3_bucket}/runs/{phase}"
     env, step = PHASES[phase]
-    hooks = dict(NOTICE_URL=imds.notice_url, NOTICE_AT=phase, **env)
-    on_spot = child_env(AWS_EC2_METADATA_SERVICE_ENDPOINT=imds.url, AWS_EC2_METADATA_DISABLED="false", **hooks)
-    install_notice_hook(hooks, monkeypatch.setattr)
-    first = train(sample_shards, tmp_path / "first", *SETS, extra=["--s3", url], env=on_spot, check=False)
-    monkeypatch.undo()
-    exited = time.time()
-    assert first.returncode == exits.RECLAIM, first.stderr[-3000:]
+    first, seconds = stopped_by_a_notice(phase, env, sample_shards, url, imds, tmp_path / "first", monkeypatch)
     assert f"{spot.NOTICE}: stopping" in first.stderr and "exit 75: continue with --resume auto" in first.stderr
-    assert imds.noticed_at and exited - imds.noticed_at < 60
     closing = records(tmp_path / "first")[-1]
     assert closing["event"] == "stopped" and closing["reason"] == spot.NOTICE and closing["exit_code"] == 75
     assert closing["notice"]["reclaim_at"].startswith("2026-12-01T12:00:00") and closing["notice"]["since_notice_s"] < 60
@@ -134,12 +149,8 @@ def test_a_notice_at_any_moment_exits_75_with_the_checkpoint_in_s3_and_a_new_mac
     assert uploaded["state"]["step"] == step
     assert uploaded["state"]["validation_due"] == (1 if phase != "step" else 0)
     assert s3_records(s3_bucket, f"runs/{phase}/metrics.jsonl")[-1] == closing  # the closing record is in S3 too
-    print(f"{phase}: notice -> exit 75 with the checkpoint in S3: {exited - imds.noticed_at:.1f} s (step {step})")
-
-    train(sample_shards, tmp_path / "second", *SETS, extra=["--resume", "auto", "--s3", url, "--spot", "off"])
-    a = torch.load(straight_run / "final_weights.pt", weights_only=True)
-    b = torch.load(tmp_path / "second" / "final_weights.pt", weights_only=True)
-    assert all(torch.equal(a[k], b[k]) for k in a), "stopped on a notice + resumed elsewhere != straight"
+    print(f"{phase}: notice -> exit 75 with the checkpoint in S3: {seconds:.1f} s (step {step})")
+    relaunch_ends_as_the_straight_run(sample_shards, straight_run, url, tmp_path / "second")
     history = s3_records(s3_bucket, f"runs/{phase}/metrics.jsonl")
     events = [r["event"] for r in history if r.get("event") not in (None, "note")]
     assert events == ["started", "stopped", "started", "resumed", "finished"]
@@ -156,24 +167,13 @@ def test_a_notice_at_start_up_exits_75_before_any_step_and_the_relaunch_starts_c
     checkpoint; exit 75 with the closing record in S3, and the relaunch (--resume auto at a prefix
     that holds a run without a checkpoint) trains from the start to the straight run's weights."""
     url = f"s3://{s3_bucket}/runs/startup"
-    hooks = dict(NOTICE_URL=imds.notice_url, NOTICE_AT="startup")
-    on_spot = child_env(AWS_EC2_METADATA_SERVICE_ENDPOINT=imds.url, AWS_EC2_METADATA_DISABLED="false", **hooks)
-    install_notice_hook(hooks, monkeypatch.setattr)
-    first = train(sample_shards, tmp_path / "first", *SETS, extra=["--s3", url], env=on_spot, check=False)
-    monkeypatch.undo()
-    exited = time.time()
-    assert first.returncode == exits.RECLAIM, first.stderr[-3000:]
-    assert imds.noticed_at and exited - imds.noticed_at < 60
+    _, seconds = stopped_by_a_notice("startup", {}, sample_shards, url, imds, tmp_path / "first", monkeypatch)
     closing = s3_records(s3_bucket, "runs/startup/metrics.jsonl")[-1]
     assert closing["event"] == "stopped" and closing["reason"] == spot.NOTICE and closing["step"] == 0
     assert closing["checkpoint_step"] is None and closing["exit_code"] == exits.RECLAIM
     assert not (tmp_path / "first" / "last.pt").exists() and not any("loss" in r for r in records(tmp_path / "first"))
-    print(f"startup: notice -> exit 75: {exited - imds.noticed_at:.1f} s (nothing trained)")
-
-    train(sample_shards, tmp_path / "second", *SETS, extra=["--resume", "auto", "--s3", url, "--spot", "off"])
-    a = torch.load(straight_run / "final_weights.pt", weights_only=True)
-    b = torch.load(tmp_path / "second" / "final_weights.pt", weights_only=True)
-    assert all(torch.equal(a[k], b[k]) for k in a), "stopped at start-up + relaunched != straight"
+    print(f"startup: notice -> exit 75: {seconds:.1f} s (nothing trained)")
+    relaunch_ends_as_the_straight_run(sample_shards, straight_run, url, tmp_path / "second")
     assert s3_checkpoint(s3_bucket, "runs/startup/last.pt")["state"]["step"] == 12
 
 
