@@ -123,7 +123,8 @@ class Leaving:
 
     def end_outputs(self, record: dict, **kwargs) -> list[str]:
         """The outputs' last word (rank 0), and one line for what did not reach S3."""
-        pending = self.outputs.end(record, flush_timeout_s=self.flush_timeout_s, **kwargs) if self.outputs else []
+        pending = self.outputs.end(record, flush_timeout_s=self.flush_timeout_s, give_up=lambda: self.request.hurry,
+                                   **kwargs) if self.outputs else []
         if pending:
             print(self.outputs.pending_line(pending), file=sys.stderr, flush=True)
         elif self.outputs and self.outputs.uploader:

@@ -24,6 +24,7 @@ class StopRequest:
         self.asked_at: float | None = None  # time.time() of the request
         self._announce = announce
         self._leaving = False
+        self.hurry = False  # a Ctrl-C while leaving: stop waiting for the uploads
         self._before = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def restore(self) -> None:
@@ -32,14 +33,19 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def leaving(self) -> None:
-        """The run is on its way out: a signal now (torchrun's SIGTERM to the other ranks of a run
-        that ended) changes nothing and says nothing."""
+        """The run is on its way out: SIGTERM now (torchrun's to the other ranks of a run that
+        ended) changes nothing and says nothing; Ctrl-C sets `hurry` (a person does not want to
+        wait for the uploads: the exit line then names what is not in S3)."""
         self._leaving = True
 
     def _handle(self, signum, frame):
-        if self._leaving:
-            return
         name = signal.Signals(signum).name
+        if self._leaving:
+            if name == "SIGINT" and not self.hurry:
+                self.hurry = True
+                if self._announce:
+                    print("\nSIGINT: not waiting for the uploads any longer", file=sys.stderr, flush=True)
+            return
         if self.reason == "SIGINT" and name == "SIGINT":
             raise KeyboardInterrupt
         self.ask(name)

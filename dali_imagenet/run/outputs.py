@@ -96,10 +96,12 @@ class RunOutputs:
             if (self.run_dir / name).exists():
                 self._push(name, lineage)
 
-    def end(self, record: dict, *, flush_timeout_s: float, final_model=None, summary: dict | None = None) -> list[str]:
+    def end(self, record: dict, *, flush_timeout_s: float, final_model=None, summary: dict | None = None,
+            give_up: Callable[[], bool] = lambda: False) -> list[str]:
         """The run's last word, on every way out (finished, stopped, failed; rank 0 only): the final
         weights (a finished run), `record` as the log's last line, the report, and the uploads,
-        waited for up to `flush_timeout_s`. Returns the S3 keys still not uploaded then."""
+        waited for up to `flush_timeout_s` or until `give_up()`. Returns the S3 keys still not
+        uploaded then."""
         if not self.active or self.ended:
             return []
         self.ended = True
@@ -114,7 +116,7 @@ class RunOutputs:
                 self._push(folder.REPORT)
         except Exception as error:  # noqa: BLE001 - a report that fails must not hide why the run ended
             print(f"warning: the report could not be written ({type(error).__name__}: {error})", file=sys.stderr)
-        return self.uploader.close(flush_timeout_s) if self.uploader else []
+        return self.uploader.close(flush_timeout_s, give_up) if self.uploader else []
 
     def stuck(self) -> bool:
         """An upload is still in flight after `end`'s deadline (the process should leave now)."""

@@ -25,6 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from dali_imagenet import s3
 
@@ -154,14 +155,15 @@ class S3Sync:
             extra = {"Metadata": item.metadata}
         self._client.upload_file(str(item.path), self.bucket, key, ExtraArgs=extra or None, Config=self._transfer)
 
-    def close(self, timeout_s: float) -> list[str]:
-        """Waits up to `timeout_s` for the queue to drain; returns the keys still not uploaded
-        (all that were queued, if the prefix was refused). The staging folder goes once empty."""
+    def close(self, timeout_s: float, give_up: Callable[[], bool] = lambda: False) -> list[str]:
+        """Waits up to `timeout_s` for the queue to drain (or until `give_up()` says to stop
+        waiting); returns the keys still not uploaded (all that were queued, if the prefix was
+        refused). The staging folder goes once empty."""
         deadline = time.monotonic() + timeout_s
         with self._lock:
             self._closing = True
             self._lock.notify_all()
-        while self._thread.is_alive() and time.monotonic() < deadline:
+        while self._thread.is_alive() and time.monotonic() < deadline and not give_up():
             self._thread.join(timeout=0.1)
             with self._lock:
                 self._lock.notify_all()  # cut a backoff wait short: we are leaving
