@@ -93,14 +93,15 @@ POISON_RANK_1 = textwrap.dedent("""
 """)
 
 
-def test_a_nan_on_one_rank_stops_every_rank_with_the_same_line(sample_shards, tmp_path, log_every=1, max_steps=0):
+def test_a_nan_on_one_rank_stops_every_rank_with_the_same_line(sample_shards, tmp_path):
     """Rank 1's loss turns NaN at its second step; rank 0's is still finite there. Both must agree,
     stop at once with the same one line and exit 1, and write no checkpoint after it."""
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(POISON_RANK_1.replace("FROM", "1"))
     out = tmp_path / "ddp"
-    args = train_command(sample_shards, out, "epochs=2", f"log_every={log_every}", f"max_steps={max_steps}")
+    # the check at each log step; the one before a checkpoint: test_nan_loss_stops_with_the_step_named[1000]
+    args = train_command(sample_shards, out, "epochs=2", "log_every=1")
     started = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                              "--log-dir", str(tmp_path / "logs"), "--redirects", "3", *args[1:]],
