@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from dali_imagenet import distributed, make_loader
+from dali_imagenet import distributed, make_loader, s3
 from dali_imagenet.config import TrainConfig, load_config, to_dict
-from dali_imagenet.data import decoder
+from dali_imagenet.data import decoder, staging
 from dali_imagenet.data.loader import Loader
 from dali_imagenet.data.partition import batches_per_epoch
 from dali_imagenet.data.shards import SplitShards, find_shards, sample_locations
@@ -36,7 +36,7 @@ from dali_imagenet.report.html_report import write_report
 from dali_imagenet.run import exits, resume, run_folder, spot
 from dali_imagenet.run.checkpoint import TrainState, contents
 from dali_imagenet.run.interrupts import StopCheck, StopRequest
-from dali_imagenet.run.metrics import ThroughputMeter, cost, describe_cost, wandb_wanted
+from dali_imagenet.run.metrics import ThroughputMeter, cost, data_cost, describe_cost, wandb_wanted
 from dali_imagenet.run.outputs import RunOutputs
 from dali_imagenet.run.spot import SpotWatcher
 from dali_imagenet.seeding import derive_seed
@@ -51,7 +51,12 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=exits.TABLE,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--data", required=True, help="shard folder, s3://bucket/prefix, or timm-layout folder")
+    add("--data", required=True, help="shard folder, s3://bucket/prefix (staged to a local disk first), or "
+        "timm-layout folder")
+    add("--stage-dir", help="where s3:// data is staged (default: $DALI_IMAGENET_STAGE_DIR or ~/.cache/dali_imagenet/"
+        "staged/BUCKET/PREFIX); a second start on the same machine fetches only what is missing")
+    add("--stream", action="store_true", help="read s3:// data straight from S3 every epoch instead of staging it "
+        "(~2 GETs per sample and epoch, one after another: slow and billed per request)")
     add("--dali", action="store_true", help="DALI loader (GPU decoding); without it: the torchvision baseline")
     add("--config", help="YAML file overriding the TrainConfig defaults")
     add("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config field")
@@ -94,6 +99,8 @@ class Run:
     state: TrainState
     spot: SpotWatcher | None  # EC2's interruption notice, polled on every machine of the run
     cost_basis: dict  # what `metrics.cost` needs besides the hours
+    data_basis: dict  # what `metrics.data_cost` needs besides the S3 usage
+    streamed: bool  # DALI reads s3:// itself, every epoch (--stream): its GETs are estimated
 
 
 @dataclass(frozen=True)
@@ -186,6 +193,7 @@ def setup(args, leaving: Leaving) -> Run:
     """Everything the loop needs; nothing is written until every check has passed. EC2's notice
     is watched from the start: one during the resume download or the pipeline build is acted on
     before training starts."""
+    s3.usage.reset()  # this process's S3 requests, for the cost record (a resume adds the earlier ones)
     cfg = load_config(args.config, [*args.set, *([f"price_per_hour={args.price_per_hour}"] if args.price_per_hour
                                                    is not None else [])])
     leaving.flush_timeout_s = cfg.s3_flush_timeout_s
@@ -197,8 +205,12 @@ def setup(args, leaving: Leaving) -> Run:
     leaving.watcher = watcher
     precision = Precision.for_device(cfg.amp_dtype, procs.device)
     torch.manual_seed(derive_seed(cfg.seed, "torch", procs.rank))
-    shards = find_shards(args.data, "train")
-    val_shards = find_shards(args.data, "validation")
+    data = local_data(args, procs, leaving.request)
+    shards = find_shards(data, "train")
+    val_shards = find_shards(data, "validation")
+    if args.stream and s3.is_s3(args.data) and procs.master:
+        print(staging.streaming_line(args.data, shards.samples + val_shards.samples, cfg.epochs,
+                                     cfg.s3_get_price_per_1000), file=sys.stderr, flush=True)
     shards.require_labels("training")
     val_shards.require_labels("validation")
     run_dir = run_folder.choose(args.out, cfg.arch, resume=args.resume, overwrite=args.overwrite, world=procs.world)
@@ -208,6 +220,8 @@ def setup(args, leaving: Leaving) -> Run:
     point = resume.resume(args.resume, run_dir, args.s3, procs, model=training.model, optimizer=training.optimizer,
                           scaler=training.scaler, ema=training.ema, config=cfg, s3_timeout_s=cfg.s3_resume_timeout_s)
     state = leaving.state = point.state
+    if procs.master:
+        s3.usage.add(state.s3_usage)  # the run's requests before this process: its cost record covers them all
     stops = StopCheck(leaving.request, procs, checkpoint_minutes=cfg.checkpoint_minutes, max_minutes=cfg.max_minutes,
                       max_steps=cfg.max_steps, earlier_s=state.wall_s)
     stops.interrupt_if_asked()  # a notice during the resume download: leave before anything is written
@@ -227,13 +241,16 @@ def setup(args, leaving: Leaving) -> Run:
                          wandb=wandb_wanted(args.wandb), wandb_id=state.wandb_id,
                          instance={**instance, **decoding}, write_report=write_report,
                          extra={"loader": backend, "world_size": procs.world, "data": args.data,
-                                "config_file": args.config})
+                                **({"staged_to": data} if data != args.data else {}), "config_file": args.config})
     leaving.outputs = outputs
     if watcher:
         watcher.log = outputs.note
     cost_basis = dict(gpus=procs.world if procs.device.type == "cuda" else 0, machines=distributed.machines(procs),
                       price_per_hour=cfg.price_per_hour, spot_price_per_hour=cfg.spot_price_per_hour,
                       lifecycle=instance.get("lifecycle"))
+    data_basis = dict(instance_region=instance.get("region"), get_price_per_1000=cfg.s3_get_price_per_1000,
+                      put_price_per_1000=cfg.s3_put_price_per_1000,
+                      cross_region_price_per_gb=cfg.cross_region_price_per_gb)
     if point.path is not None:
         outputs.checkpoint_step = state.step
         if point.s3_behind and procs.master:
@@ -245,7 +262,26 @@ def setup(args, leaving: Leaving) -> Run:
               f"{backend} loader on {procs.device.type}, {procs.world} process(es), run folder {run_dir}")
         print(decoder.line(decoding))
     return Run(cfg, procs, precision, shards, val_shards, train_step, val_loader, loader_options, schedule, stops, outputs,
-               state, watcher, cost_basis)
+               state, watcher, cost_basis, data_basis, streamed=args.stream and s3.is_s3(args.data))
+
+
+def local_data(args, procs: distributed.Processes, request: StopRequest) -> str:
+    """What the loaders read: `--data` itself, unless it is on S3 and not `--stream`ed: then its
+    local copy, staged first (by one process per machine; the others wait for it and find it
+    complete). A spot notice while staging stops the run before anything is written."""
+    if not s3.is_s3(args.data) or args.stream:
+        return args.data
+    folder = args.stage_dir or staging.default_folder(args.data)
+
+    def stop_if_asked():
+        if request.reason is not None:
+            raise Interrupted(request.reason)
+
+    say = (lambda line: print(line, flush=True)) if procs.local_master else (lambda line: None)
+    staged = staging.stage(args.data, folder, ("train", "validation"), progress=procs.local_master,
+                           interrupt=stop_if_asked, log=say)
+    say(staged.line(args.data))
+    return str(folder)
 
 
 def train_loader(run: Run) -> Loader:
@@ -386,10 +422,12 @@ def _without_top5(*args, **kwargs) -> tuple[dict, dict]:
 
 def save_checkpoint(train_step: TrainStep, state: TrainState, outputs: RunOutputs, cfg: TrainConfig,
                     procs: distributed.Processes, class_names, run_s: float, is_best: bool = False) -> None:
-    """Saves last.pt (and best.pt) on rank 0, with `run_s` wall-clock seconds trained, unless a loss
-    went NaN on any rank: then nothing is written (a NaN model never replaces a good checkpoint)."""
+    """Saves last.pt (and best.pt) on rank 0, with `run_s` wall-clock seconds trained and every
+    rank's S3 requests so far, unless a loss went NaN on any rank: then nothing is written (a NaN
+    model never replaces a good checkpoint)."""
     check_loss(train_step, procs, outputs)
     state.wall_s = run_s
+    state.s3_usage = s3.merged(distributed.gather(s3.usage.snapshot(), procs))
     if procs.master:
         state.wandb_id = outputs.wandb_id
         outputs.save(contents(state, model=train_step.model, optimizer=train_step.optimizer, scaler=train_step.scaler,
@@ -419,7 +457,11 @@ def finish(run: Run, stop: str | None, leaving: Leaving) -> int:
     with rank 0's code."""
     checksums = distributed.gather(distributed.replica_checksum(run.train_step.model), run.procs)
     code = exits.for_stop(stop)
-    run_cost = cost(run.stops.run_s(), **run.cost_basis)
+    streamed_gets = staging.GETS_PER_SAMPLE * (run.state.step * run.cfg.batch_size * run.procs.world + sum(
+        entry.get("images", 0) for entry in run.state.history)) if run.streamed else 0
+    usage = s3.merged(distributed.gather(s3.usage.snapshot(), run.procs))
+    run_cost = cost(run.stops.run_s(), **run.cost_basis,
+                    data=data_cost(usage, streamed_gets=streamed_gets, **run.data_basis))
     notice = run.spot.timing() if run.spot and stop and stop.startswith(spot.NOTICE) else {}
     record = {"step": run.state.step, "event": "stopped" if stop else "finished", "reason": stop,
               "exit_code": code, "replica_checksums": checksums, "replicas_identical": len(set(checksums)) == 1,

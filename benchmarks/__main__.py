@@ -2,6 +2,7 @@
 
     python -m benchmarks                     # all, on the bundled sample (built if missing)
     python -m benchmarks --only loader step  # a subset
+    python -m benchmarks --only s3           # shards on S3 behind 0/10/20 ms: streamed vs staged (benchmarks.s3)
     python -m benchmarks --smoke             # seconds: tiny sizes, checks the plumbing only
 
 Every measurement runs in a process of its own, after a warm-up, as >= 3 repeats (median and
@@ -21,7 +22,7 @@ import torch
 from benchmarks.common import REPO, machine, run_isolated
 from benchmarks.report import add_ratios, markdown_table, save_chart
 
-STAGES = ("loader", "step", "end-to-end")
+STAGES = ("loader", "step", "end-to-end", "s3")
 
 
 def ensure_shards(work: Path, smoke: bool) -> dict[str, Path]:
@@ -127,6 +128,14 @@ def main() -> None:
         plans += [("benchmarks.steps", *run) for run in end_to_end_runs(shards, args.device, args.smoke)]
 
     results = []
+    if "s3" in args.only:  # its own table: streamed and staged at each latency, measured side by side
+        from benchmarks import s3
+
+        print(f"[s3] shards on a local S3 server behind a latency ({shards['full'].name})", flush=True)
+        s3_results = s3.run(shards["full"], [0, 10] if args.smoke else [0, 10, 20], args.smoke, os.cpu_count())
+        with open(out, "a") as sink:
+            sink.writelines(json.dumps({**r, "env": env, "options": {"smoke": args.smoke}}) + "\n" for r in s3_results)
+        print(s3.table(s3_results) + "\n")
     for i, (module, meta, cli) in enumerate(plans, 1):
         print(f"[{i}/{len(plans)}] {meta['stage']}: {meta['name']} ({meta.get('shards', meta.get('device'))})",
               flush=True)
@@ -136,6 +145,8 @@ def main() -> None:
             measured = {"error": str(error).splitlines()[-1][:300]}
             print(f"    failed: {measured['error']}")
         results.append({**meta, **measured, "env": env, "options": {"smoke": args.smoke, "cli": cli}})
+    if not results:
+        return
     add_ratios(results)  # ratios only mean something within one run: they go into its records
     with open(out, "a") as sink:
         sink.writelines(json.dumps(record) + "\n" for record in results)

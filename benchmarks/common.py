@@ -36,12 +36,13 @@ def endless(loader):
         yield from loader
 
 
-def run_isolated(module: str, args: list[str], timeout_s: float = 900, prefix: list[str] = ()) -> dict:
+def run_isolated(module: str, args: list[str], timeout_s: float = 900, prefix: list[str] = (),
+                 env: dict | None = None) -> dict:
     """Runs `python -m module args` in a fresh process (DALI pipelines in one process disturb
     each other's timings) and returns the JSON object it prints last. `prefix`: a command to run
-    it under, such as `taskset -c 0-3`."""
+    it under, such as `taskset -c 0-3`; `env`: its environment (default: this one's)."""
     result = subprocess.run([*prefix, sys.executable, "-m", module, *args], cwd=REPO, capture_output=True,
-                            text=True, timeout=timeout_s)
+                            text=True, timeout=timeout_s, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"{module} {' '.join(args)} failed:\n{result.stderr[-3000:]}")
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]

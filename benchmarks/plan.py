@@ -2,6 +2,7 @@
 
     python -m benchmarks.plan --config configs/l4-16h.yaml [--data SHARDS] [--seconds 20]
                               [--price-per-hour 0.8048] [--spot-price-per-hour Q] [--json plan.json]
+                              [--launches N] [--shards-gb 147] [--network-gbit 2.5] [--cross-region]
 
 For each train size the config's schedule visits, it measures the real train step (the config's
 model, BlurPool, channels-last, compile, precision, batch, mixing: `recipe.build`, as train.py
@@ -12,6 +13,12 @@ Without `--data` the loader is not measured and the table says so: the step is t
 bound. Hours count the real dataset's size (ImageNet-1K by default: `--train-images`), not the
 shards given, which only serve to measure the loader. On a CPU (with a small batch) it checks the
 plumbing, which is how CI runs it.
+
+Each launch (the first, and each spot relaunch on a new machine) stages the shards from S3 onto
+the machine's disk first: `--shards-gb` at `--network-gbit` (a g6.xlarge's 2.5 Gbit/s baseline), a
+phase of its own. The data's costs are added: the staging's S3 requests, the bytes moved across
+regions with `--cross-region` (the bucket elsewhere), and, for comparison, what streaming from
+S3 every epoch would have cost in requests.
 """
 from __future__ import annotations
 
@@ -30,6 +37,9 @@ from dali_imagenet.training.precision import Precision
 from dali_imagenet.training.recipe import build
 
 IMAGENET_TRAIN, IMAGENET_VAL = 1_281_167, 50_000
+IMAGENET_SHARDS_GB = 147.0  # shard-imagenet's train + validation shards, as they are in S3
+IMAGENET_SHARD_FILES = 2 * (1_025 + 40)  # tars and their indices, train + validation
+G6_XLARGE_GBIT = 2.5  # network baseline (bursts to 10 on credits)
 
 
 @dataclass(frozen=True)
@@ -143,8 +153,26 @@ def measure_loader(cfg: TrainConfig, data: str, split: str, size: int, device: t
     return timed_rate(lambda: next(stream)[0].shape[0], seconds, device)
 
 
+def data_costs(cfg: TrainConfig, *, launches: int, shards_gb: float, shard_files: int, cross_region: bool,
+               train_images: int, val_images: int) -> dict:
+    """What the data costs besides the machine: per launch, a HEAD and a GET per file plus a
+    ranged GET per `staging.PART_SIZE` of it; across regions, the bytes; and, for comparison,
+    streaming: DALI's GETs per sample, every epoch (and every validation)."""
+    from dali_imagenet.data.staging import GETS_PER_SAMPLE, PART_SIZE
+
+    gets = launches * (2 * shard_files + round(shards_gb * 1e9 / PART_SIZE))
+    cross_gb = launches * shards_gb if cross_region else 0.0
+    streamed = GETS_PER_SAMPLE * (cfg.epochs * train_images + validations(cfg) * val_images)
+    price = cfg.s3_get_price_per_1000 / 1000
+    return {"staging_gets": gets, "cross_region_gb": cross_gb,
+            "dollars": gets * price + cross_gb * cfg.cross_region_price_per_gb,
+            "streamed_gets": streamed, "streamed_dollars": streamed * price}
+
+
 def plan(cfg: TrainConfig, *, data: str | None, device: torch.device, seconds: float, train_images: int,
-         val_images: int, price_per_hour: float, spot_price_per_hour: float | None) -> dict:
+         val_images: int, price_per_hour: float, spot_price_per_hour: float | None, launches: int = 1,
+         shards_gb: float = IMAGENET_SHARDS_GB, shard_files: int = IMAGENET_SHARD_FILES,
+         network_gbit: float = G6_XLARGE_GBIT, cross_region: bool = False) -> dict:
     schedule = phases(cfg)
     sizes = sorted({p.image_size for p in schedule})
     steps = measure_steps(cfg, sizes, device, seconds)
@@ -168,12 +196,19 @@ def plan(cfg: TrainConfig, *, data: str | None, device: torch.device, seconds: f
     rows.append({"phase": f"warm-up/compile x {len(sizes)}", "epochs": 0, "image_size": None,
                  "step_images_per_s": None, "loader_images_per_s": None, "bound": "compile",
                  "hours": sum(steps[s]["warmup_s"] for s in sizes) / 3600})
+    rows.append({"phase": f"staging x {launches} launch(es)", "epochs": 0, "image_size": None,
+                 "step_images_per_s": None, "loader_images_per_s": None,
+                 "bound": f"network: {shards_gb:g} GB at {network_gbit:g} Gbit/s",
+                 "hours": launches * shards_gb * 8 / network_gbit / 3600})
     hours = sum(row["hours"] for row in rows)
+    data_cost = data_costs(cfg, launches=launches, shards_gb=shards_gb, shard_files=shard_files,
+                           cross_region=cross_region, train_images=train_images, val_images=val_images)
     return {"config": to_dict(cfg), "machine": machine(), "device": str(device), "seconds": seconds,
             "train_images": train_images, "val_images": val_images, "loader_measured": bool(data), "phases": rows,
             "total_hours": hours, "price_per_hour": price_per_hour, "dollars": hours * price_per_hour,
             "spot_price_per_hour": spot_price_per_hour,
-            "spot_dollars": hours * spot_price_per_hour if spot_price_per_hour is not None else None}
+            "spot_dollars": hours * spot_price_per_hour if spot_price_per_hour is not None else None,
+            "data": data_cost, "total_dollars": hours * price_per_hour + data_cost["dollars"]}
 
 
 def _bound(step_rate: float, loader_rate: float | None) -> str:
@@ -195,6 +230,11 @@ def table(result: dict) -> str:
     lines.append(f"\ntotal {result['total_hours']:.2f} h on {gpu} for {result['train_images']:,} train images: "
                  f"${result['dollars']:,.2f} on demand at ${result['price_per_hour']}/h; {spot}"
                  + ("" if result["loader_measured"] else "; the loader was not measured (no --data): a lower bound"))
+    data = result["data"]
+    lines.append(f"data: ${data['dollars']:,.3f} ({data['staging_gets']:,} S3 GETs staging"
+                 + (f", {data['cross_region_gb']:,.0f} GB across regions" if data["cross_region_gb"] else "")
+                 + f"), ${result['total_dollars']:,.2f} in all on demand; streaming from S3 every epoch instead: "
+                 f"{data['streamed_gets']:,} GETs, ${data['streamed_dollars']:,.2f}")
     return "\n".join(lines)
 
 
@@ -210,12 +250,18 @@ def main() -> None:
     parser.add_argument("--price-per-hour", type=float, default=None, help="default: the config's price_per_hour")
     parser.add_argument("--spot-price-per-hour", type=float, default=None)
     parser.add_argument("--json", help="write the plan here too")
+    parser.add_argument("--launches", type=int, default=1, help="machines the run starts on: 1 + spot relaunches "
+                        "(each stages the shards again)")
+    parser.add_argument("--shards-gb", type=float, default=IMAGENET_SHARDS_GB, help="the shards staged per launch")
+    parser.add_argument("--network-gbit", type=float, default=G6_XLARGE_GBIT, help="the machine's network to S3")
+    parser.add_argument("--cross-region", action="store_true", help="the bucket is in another region than the machine")
     args = parser.parse_args()
     cfg = load_config(args.config, args.set)
     result = plan(cfg, data=args.data, device=torch.device(args.device), seconds=args.seconds,
                   train_images=args.train_images, val_images=args.val_images,
                   price_per_hour=args.price_per_hour if args.price_per_hour is not None else cfg.price_per_hour,
-                  spot_price_per_hour=args.spot_price_per_hour)
+                  spot_price_per_hour=args.spot_price_per_hour, launches=args.launches, shards_gb=args.shards_gb,
+                  network_gbit=args.network_gbit, cross_region=args.cross_region)
     print(table(result))
     if args.json:
         with open(args.json, "w") as f:

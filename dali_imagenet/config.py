@@ -73,6 +73,9 @@ class TrainConfig:
     wandb_project: str = "dali-imagenet"
     price_per_hour: float = 0.8048  # US$ per machine-hour: AWS g6.xlarge on demand, us-east-1 Linux (list price, 2025)
     spot_price_per_hour: float = 0.0  # US$ per machine-hour on spot, when known (it changes by the hour); 0: unknown
+    s3_get_price_per_1000: float = 0.0004  # US$ per 1,000 GET/HEAD requests (S3 Standard, us-east-1)
+    s3_put_price_per_1000: float = 0.005  # US$ per 1,000 PUT/COPY/POST/LIST requests
+    cross_region_price_per_gb: float = 0.02  # US$ per GB between the bucket's region and the instance's
 
     def train_image_size(self, epoch: int) -> int:
         from dali_imagenet.training.schedule import image_size_at
@@ -106,7 +109,8 @@ class TrainConfig:
             (0 <= self.ema_decay < 1 and self.ema_warmup_power > 0, "ema_decay must be in [0, 1), ema_warmup_power > 0"),
             (self.lr > 0 and self.min_lr >= 0 and self.warmup_epochs >= 0, "lr > 0, min_lr >= 0, warmup_epochs >= 0"),
             (self.log_every > 0, "log_every must be > 0"),
-            (self.price_per_hour >= 0 and self.spot_price_per_hour >= 0, "prices must be >= 0"),
+            (min(self.price_per_hour, self.spot_price_per_hour, self.s3_get_price_per_1000, self.s3_put_price_per_1000,
+                 self.cross_region_price_per_gb) >= 0, "prices must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -118,7 +122,8 @@ class TrainConfig:
 # makes `--resume auto` refuse: a fixed S3 prefix must not continue another config's run.
 CHANGEABLE_ON_RESUME = ("compile", "cuda_graph", "loader_threads", "hw_decoder_load", "log_every", "val_every",
                         "checkpoint_minutes", "max_steps", "max_minutes", "s3_flush_timeout_s", "s3_resume_timeout_s",
-                        "spot_poll_seconds", "wandb_project", "price_per_hour", "spot_price_per_hour")
+                        "spot_poll_seconds", "wandb_project", "price_per_hour", "spot_price_per_hour",
+                        "s3_get_price_per_1000", "s3_put_price_per_1000", "cross_region_price_per_gb")
 
 
 def differences(saved: dict, config: TrainConfig) -> list[str]:

@@ -1,11 +1,13 @@
 """The S3 helpers shared by the converter, the loader, the trainer and the report.
 
 boto3's standard credential chain is used as is; `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT_URL_S3`)
-points it at another server, such as a local test server.
+points it at another server, such as a local test server. Every client made here counts its
+requests and bytes in `usage` (what a run's cost record prices: S3 bills per request).
 """
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -45,14 +47,109 @@ def reason(error: Exception, limit: int = 300) -> str:
     return " ".join(str(error).split())[:limit]
 
 
-def client():
+# S3's price classes (S3 Standard): PUT, COPY, POST and LIST requests cost ~12x a GET or HEAD; DELETE is free.
+PUT_CLASS = ("Put", "Copy", "List", "Create", "Complete", "UploadPart", "Post", "Restore")
+FREE = ("Delete", "Abort")
+
+
+class Usage:
+    """The S3 requests and bytes of this process, by price class and bucket, counted by botocore's
+    event hooks on every `client()`: each attempt counts (S3 bills retries too). Thread-safe."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self._counts = {"get": 0, "put": 0, "free": 0}
+            self._buckets: dict[str, dict] = {}
+
+    def _bucket(self, name: str) -> dict:
+        return self._buckets.setdefault(name, {"bytes_in": 0, "bytes_out": 0, "region": None})
+
+    def on_send(self, request, operation: str) -> None:
+        kind = "free" if operation.startswith(FREE) else "put" if operation.startswith(PUT_CLASS) else "get"
+        sent = int(request.headers.get("Content-Length") or 0) if operation.startswith(("Put", "UploadPart")) else 0
+        bucket = _bucket_of(request.url)
+        with self._lock:
+            self._counts[kind] += 1
+            if bucket and sent:
+                self._bucket(bucket)["bytes_out"] += sent
+
+    def on_response(self, http_response, operation: str) -> None:
+        bucket = _bucket_of(http_response.url) if http_response is not None else None
+        if not bucket:
+            return
+        headers = http_response.headers
+        received = int(headers.get("Content-Length") or 0) if operation == "GetObject" else 0
+        with self._lock:
+            entry = self._bucket(bucket)
+            entry["bytes_in"] += received
+            entry["region"] = headers.get("x-amz-bucket-region") or entry["region"]
+
+    def snapshot(self) -> dict:
+        """{"get": n, "put": n, "free": n, "buckets": {name: {bytes_in, bytes_out, region}}}, a plain copy."""
+        with self._lock:
+            return {**self._counts, "buckets": {name: dict(entry) for name, entry in self._buckets.items()}}
+
+    def add(self, earlier: dict | None) -> None:
+        """Counts `earlier` (a snapshot, e.g. a resumed run's) as if this process had made it."""
+        with self._lock:
+            for kind in self._counts:
+                self._counts[kind] += (earlier or {}).get(kind, 0)
+            for name, entry in (earlier or {}).get("buckets", {}).items():
+                mine = self._bucket(name)
+                mine["bytes_in"] += entry.get("bytes_in", 0)
+                mine["bytes_out"] += entry.get("bytes_out", 0)
+                mine["region"] = mine["region"] or entry.get("region")
+
+
+usage = Usage()
+
+
+def merged(snapshots: list[dict]) -> dict:
+    """The sum of several processes' `Usage.snapshot()`s."""
+    total = Usage()
+    for snapshot in snapshots:
+        total.add(snapshot)
+    return total.snapshot()
+
+
+def _bucket_of(url: str) -> str | None:
+    """The bucket a request goes to: path-style (`host/bucket/key`, a local endpoint) or virtual-hosted (`bucket.s3...`)."""
+    parsed = urlparse(url)
+    host = parsed.hostname or ""
+    if ".s3." in host or ".s3-" in host:
+        return host.split(".s3", 1)[0]
+    return parsed.path.lstrip("/").split("/", 1)[0] or None
+
+
+def _count(client) -> None:
+    events = client.meta.events
+
+    def sent(request, event_name, **_):
+        usage.on_send(request, event_name.rsplit(".", 1)[-1])
+
+    def answered(http_response, model, **_):
+        usage.on_response(http_response, model.name)
+
+    events.register("before-send.s3", sent)
+    events.register("after-call.s3", answered)
+
+
+def client(max_connections: int = 10):
+    """A boto3 S3 client whose requests `usage` counts; `max_connections` for many transfers in flight."""
     import boto3
     from botocore.config import Config
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     # Bounded retries and timeouts: a dead endpoint must fail a call, not hang the caller.
-    config = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=60)
-    return boto3.client("s3", endpoint_url=endpoint or None, config=config)
+    config = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=60,
+                    max_pool_connections=max_connections)
+    made = boto3.client("s3", endpoint_url=endpoint or None, config=config)
+    _count(made)
+    return made
 
 
 def is_missing(error: Exception) -> bool:

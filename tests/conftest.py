@@ -8,14 +8,13 @@ import importlib
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from benchmarks.standin_s3 import S3Server
 from shard_tools.convert import Options, convert
 from shard_tools.sample import make_sample
 
@@ -194,39 +193,6 @@ def uneven_shards(sample_dir, tmp_path_factory) -> Path:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class S3Server:
-    """moto's S3 server as a real process on 127.0.0.1; can be stopped and started again."""
-
-    def __init__(self):
-        self.port = _free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.process = None
-
-    def start(self):
-        self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("moto_server did not start")
-
-    def stop(self):
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(10)
-            self.process = None
-
-
 @pytest.fixture(scope="session")
 def s3_server():
     server = S3Server()
@@ -251,3 +217,29 @@ def s3_bucket(s3_server, request):
     name = "test-" + request.node.name.lower().replace("_", "-")[:40]
     client().create_bucket(Bucket=name)
     return name
+
+
+def upload_folder(folder: Path, bucket: str, prefix: str) -> None:
+    """Every file under `folder` to s3://bucket/prefix/, keeping the relative paths."""
+    from dali_imagenet.s3 import client
+
+    s3 = client()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            s3.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder)}")
+
+
+@pytest.fixture
+def s3_latency(s3_server):
+    """A proxy in front of the S3 server that adds 10 ms to each request (a real bucket's time to
+    the first byte) and counts them; `AWS_ENDPOINT_URL` is set to it for the test, in this
+    process (and so in the processes it starts)."""
+    from benchmarks.standin_s3 import LatencyProxy
+
+    proxy = LatencyProxy(s3_server.endpoint, delay_ms=10)
+    os.environ["AWS_ENDPOINT_URL"] = proxy.url
+    try:
+        yield proxy
+    finally:
+        os.environ["AWS_ENDPOINT_URL"] = s3_server.endpoint
+        proxy.close()

@@ -20,7 +20,7 @@ def test_bench_smoke_writes_records_table_and_chart(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]
     stages = {r["stage"] for r in records}
-    assert stages == {"limit", "loader", "step", "end-to-end"}
+    assert stages == {"limit", "loader", "step", "end-to-end", "s3"}
     for record in records:
         assert "error" not in record, record
         assert record["images_per_s"] > 0 and record["images_per_s_min"] <= record["images_per_s"] <= record["images_per_s_max"]
@@ -37,6 +37,13 @@ def test_bench_smoke_writes_records_table_and_chart(tmp_path):
     assert "| stage | what |" in result.stdout and "vs baseline" in result.stdout
     assert "x" in result.stdout.split("| loader | dali train (cpu) |")[1].splitlines()[0]  # a ratio was printed
     assert out.with_suffix(".png").stat().st_size > 5000
+    # shards on S3 behind 0 and 10 ms a request: DALI streaming makes >= 2 GETs per sample and epoch
+    # (a .jpg and a .cls), staging a fraction of one per sample, once
+    s3 = {(r["latency_ms"], r["name"].split()[0]): r for r in records if r["stage"] == "s3"}
+    assert set(s3) == {(0, "streamed"), (0, "staged,"), (10, "streamed"), (10, "staged,")}
+    assert all(s3[(ms, "streamed")]["gets_per_sample"] >= 2 > 1 > s3[(ms, "staged,")]["gets_per_sample"] for ms in (0, 10))
+    assert all(s3[(ms, "staged,")]["staging_mb_per_s"] > 0 for ms in (0, 10))
+    assert "| S3 latency | read |" in result.stdout
 
 
 def test_gpu_check_runs_in_smoke_mode_on_cpu(tmp_path):

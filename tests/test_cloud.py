@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 
+from collections import Counter
+
 import pytest
 from conftest import REPO, child_env, records
 
@@ -94,10 +96,13 @@ def run_task(name: str, home, **envs) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_the_tasks_run_commands_work_end_to_end(sample_dir, sample_shards, s3_bucket, tmp_path):
-    """shard.yaml streams the (stand-in) Hub's parquet files into shards on S3, with nothing of the
-    source on the instance's disk; train-l4.yaml trains from them to an S3 run prefix named after
-    its config and exits 75 on a spot notice with the checkpoint in S3; train-multinode.yaml's `run:` under torchrun with two processes
+def test_the_tasks_run_commands_work_end_to_end(sample_dir, sample_shards, s3_bucket, s3_latency, tmp_path):
+    """Against S3 behind a real bucket's 10 ms a request: shard.yaml streams the (stand-in) Hub's
+    parquet files into shards on S3, with nothing of the source on the instance's disk;
+    train-l4.yaml stages them onto the machine's disk (each shard object fetched once), trains from
+    the local copy to an S3 run prefix named after its config and exits 75 on a spot notice with
+    the checkpoint in S3; a relaunch on the same machine fetches no shard again, finishes, and its
+    cost record counts the run's S3 requests; train-multinode.yaml's `run:` under torchrun with two processes
     (SkyPilot's node variables, DDP over gloo): the replicas stay identical and every val image is
     counted once; a notice heard by rank 1 only stops both: torchrun exits 1, the task 75, the
     checkpoint in S3."""
@@ -117,6 +122,9 @@ def test_the_tasks_run_commands_work_end_to_end(sample_dir, sample_shards, s3_bu
     assert manifest["complete"] and manifest["source"]["repo"] == "ILSVRC/imagenet-1k"
     assert not list((tmp_path / "shard-home").rglob("*.parquet"))
 
+    shards = manifest["splits"]["train"]["shards"] + manifest["splits"]["validation"]["shards"]
+    shard_files = {name.rsplit("/", 1)[-1] for s in shards for name in (s["name"], s["name"][:-4] + ".idx")}
+    s3_latency.reset()
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(NOTICE_HOOK)
@@ -128,6 +136,19 @@ def test_the_tasks_run_commands_work_end_to_end(sample_dir, sample_shards, s3_bu
                          NOTICE_STEP="1", AWS_EC2_METADATA_SERVICE_ENDPOINT=imds.url, AWS_EC2_METADATA_DISABLED="false")
         assert first.returncode == exits.RECLAIM, first.stderr[-2000:]
         assert client().head_object(Bucket=s3_bucket, Key="runs/cpu-demo/last.pt")["Metadata"]["step"] == "2"
+        assert "staged s3://" in first.stdout and (tmp_path / "l4-home" / "shards" / "manifest.json").is_file()
+        reads = Counter(r.key.rsplit("/", 1)[-1] for r in s3_latency.object_reads("imagenet-shards/"))
+        assert {name: reads[name] for name in shard_files} == dict.fromkeys(shard_files, 1)  # not 2 a sample-epoch
+        s3_latency.reset()
+        again = run_task("train-l4", tmp_path / "l4-home", BUCKET=s3_bucket, CONFIG="configs/cpu-demo.yaml",
+                         TRAIN_ARGS=tiny)
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert not shard_files & {r.key.rsplit("/", 1)[-1] for r in s3_latency.object_reads("imagenet-shards/")}
+        closing = records(tmp_path / "l4-home" / "run")[-1]
+        data = closing["cost"]["data"]
+        assert closing["event"] == "finished" and data["bucket_regions"] == {s3_bucket: "us-east-1"}
+        assert data["get_requests"] > len(shard_files) and data["put_requests"] > 0 and data["dollars"] > 0
+        assert data["gb_in"] * 1e9 > sum(s["bytes"] for s in shards)  # the staging's bytes, carried over the relaunch
         # SkyPilot's relaunch after the reclaim runs the same `run:` on a new machine: test_spot's notice
         # tests show that relaunch (an empty --out, --resume auto, S3) ending in the uninterrupted weights
         # local shards this time (train-l4 above read them from S3, 2 ranged GETs a sample from moto: slow)

@@ -86,7 +86,7 @@ def test_plan_smoke_on_cpu(sample_shards, tmp_path):
 
     result = run_in_process(planner.main, ["plan", "--config", REPO / "configs" / "l4-16h.yaml", "--data", sample_shards,
                                            "--device", "cpu", "--seconds", "0.2", "--json", out,
-                                           "--spot-price-per-hour", "0.3",
+                                           "--spot-price-per-hour", "0.3", "--launches", "3", "--cross-region",
                                            *[f"--set={item}" for item in ("arch=resnet10", "batch_size=4",
                                                                           "compile=false", "min_image_size=32",
                                                                           "image_size=64", "val_image_size=32",
@@ -96,6 +96,12 @@ def test_plan_smoke_on_cpu(sample_shards, tmp_path):
     rows = plan["phases"]
     assert [r["image_size"] for r in rows[:2]] == [32, 64] and [r["epochs"] for r in rows[:2]] == [32, 8]
     assert rows[2]["phase"] == "validation x 10" and rows[3]["phase"].startswith("warm-up")
+    # three launches, each staging ImageNet's 147 GB at a g6.xlarge's 2.5 Gbit/s (~7.8 min), across regions
+    assert rows[4]["phase"] == "staging x 3 launch(es)" and rows[4]["hours"] == pytest.approx(3 * 147 * 8 / 2.5 / 3600)
+    data = plan["data"]
+    assert data["cross_region_gb"] == 3 * 147 and data["dollars"] > 3 * 147 * 0.02
+    assert data["streamed_gets"] == 2 * (40 * 1_281_167 + 10 * 50_000)  # l4-16h: 40 epochs, 10 validations
+    assert plan["total_dollars"] == pytest.approx(plan["dollars"] + data["dollars"])
     assert all(r["step_images_per_s"] > 0 and r["loader_images_per_s"] > 0 for r in rows[:3])
     for row in rows[:2]:  # hours: the epochs at the slower of step and loader
         rate = min(row["step_images_per_s"], row["loader_images_per_s"])

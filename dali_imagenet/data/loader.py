@@ -73,7 +73,9 @@ def make_loader(data, split: str, batch_size: int, *, device: str | torch.device
                          f"samples each of {world_size} rank(s) reads (train.py: lower it with --set batch_size=N)")
     options = dict(device=device, image_size=image_size, rank=rank, world_size=world_size, batches=batches,
                    seed=seeding.derive_seed(seed, "loader", epoch, rank), dtype=dtype, train=train,
-                   threads=num_threads or max(1, min(os.cpu_count() or 1, 8)), shuffle_buffer=shuffle_buffer,
+                   threads=num_threads or max(1, min(os.cpu_count() or 1, 8)),
+                   # a buffer larger than the rank's share: DALI's first fill reads past it, re-reading samples
+                   shuffle_buffer=max(1, min(shuffle_buffer, shards.samples // world_size)),
                    crop_fraction=crop_fraction, crop_min_area=crop_min_area, resume=resume,
                    hw_decoder_load=hw_decoder_load, interrupt=interrupt)
     if backend == "torchvision":

@@ -213,8 +213,13 @@ def iter_components(tar: str | Path, idx: str | Path, ext: str = "jpg") -> Itera
                     yield name, data.read(size)
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
+def sha256_file(path: str | Path) -> str:
+    return file_digest(path, "sha256")
+
+
+def file_digest(path: str | Path, algorithm: str, chunk: int = 1 << 22) -> str:
+    """The hex digest of a file, read in chunks (hashlib lets other threads run meanwhile)."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         while block := f.read(chunk):
             digest.update(block)

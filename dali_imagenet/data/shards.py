@@ -166,12 +166,19 @@ class TimmTar:
             raise ShardError(f"{self.location}: cannot index this shard ({error})") from None
 
 
+def is_timm_tar(name: str, split: str) -> bool:
+    """Whether `name` (relative to a timm-layout set's root) is one of `split`'s tars:
+    `*-<split>-NNNN.tar` at the root or in a `<split>/` folder."""
+    names = TIMM_SPLIT_NAMES.get(split, (split,))
+    folder, _, base = name.rpartition("/")
+    return bool(re.search(rf"-(?:{'|'.join(names)})-\d+\.tar$", base)) and folder in ("", *names)
+
+
 def timm_tars(root: str, split: str, cache: Path) -> list[TimmTar]:
     """The split's tars of a timm-layout set (`*-<split>-NNNN.tar` at the root or in `<split>/`),
     local or under an s3:// prefix, each with its index's place in the cache: keyed by path, size
     and mtime locally, by URL, size and ETag on S3, so a replaced shard gets a new index."""
     names = TIMM_SPLIT_NAMES.get(split, (split,))
-    pattern = re.compile(rf"-(?:{'|'.join(names)})-\d+\.tar$")
     found: list[tuple[str, str, str]] = []  # (location, name, identity)
     if s3.is_s3(root):
         bucket, prefix = s3.split_s3_url(root)
@@ -181,14 +188,14 @@ def timm_tars(root: str, split: str, cache: Path) -> list[TimmTar]:
             for page in pages:
                 for item in page.get("Contents", []):
                     name = item["Key"][len(folder):]
-                    if pattern.search(name) and (name.count("/") == 0 or name.split("/")[0] in names):
+                    if is_timm_tar(name, split):
                         found.append((f"s3://{bucket}/{item['Key']}", name, f"{item['Size']}:{item['ETag']}"))
         except Exception as error:
             raise ShardError(f"{root}: cannot list ({s3.reason(error)})") from None
     else:
         base = Path(root)
         for path in sorted(p for folder in (base, *(base / n for n in names)) if folder.is_dir()
-                           for p in folder.glob("*.tar") if pattern.search(p.name)):
+                           for p in folder.glob("*.tar") if is_timm_tar(p.name, split)):
             stat = path.stat()
             found.append((str(path), str(path.relative_to(base)), f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"))
     tars = []

@@ -3,9 +3,10 @@
 top-1 against wall-clock hours for all of them in one plot.
 
 A row: name, arch, config, epochs validated of planned, the last val top-1/top-5 of the raw and EMA
-weights, wall-clock hours, dollars, median images/s, the state (running, complete, stopped and
-why) and when the run last wrote anything. From S3 only each run's small files are fetched
-(metrics.jsonl, config.yaml); a run's page is linked where one exists (written at its end).
+weights, wall-clock hours, dollars (the machine's, then S3's), median images/s, the state (running,
+complete, stopped and why) and when the run last wrote anything. From S3 only each run's small
+files are fetched (metrics.jsonl, config.yaml); a run's page is linked where one exists (written
+at its end).
 """
 from __future__ import annotations
 
@@ -107,6 +108,7 @@ def _row(item: Listed, now: float) -> list[tuple[object, object]]:
         return (text, value) if value is not None else ("", -1)
 
     cost = ended.get("cost") or {}
+    data = cost.get("data") or {}  # S3's requests and bytes, priced (runs from before it was counted: none)
     hours, rate = run.wall_hours(), run.median_rate()
     name = html.escape(run.name)
     link = f"<a href=\"{html.escape(item.page)}\">{name}</a>" if item.page else f"{name} <small>(no page yet)</small>"
@@ -122,6 +124,7 @@ def _row(item: Listed, now: float) -> list[tuple[object, object]]:
         number(final.get("val_ema_top5"), f"{final.get('val_ema_top5', 0):.2f}"),
         number(hours, f"{hours or 0:.2f}" if (hours or 0) >= 0.1 else f"{hours or 0:.2g}"),  # a short run: not 0.00
         number(cost.get("dollars"), f"${cost.get('dollars', 0):,.2f}"),
+        number(data.get("dollars"), f"${data.get('dollars', 0):,.2f}"),
         number(rate, f"{rate or 0:,.0f}"),
         (html.escape(run.state()), run.state()),
         (f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(item.updated))} ({_ago(now - item.updated)})", item.updated),
@@ -131,7 +134,7 @@ def _row(item: Listed, now: float) -> list[tuple[object, object]]:
 def render_index(listed: list[Listed], where: str) -> str:
     now = time.time()
     header = ["run", "arch", "config", "epochs", "top-1 %", "top-5 %", "EMA top-1 %", "EMA top-5 %", "hours",
-              "dollars", "images/s", "state", "last update"]
+              "dollars", "S3 dollars", "images/s", "state", "last update"]
     rows = sorted((_row(item, now) for item in listed), key=lambda row: -row[-1][1])  # newest first
     body = (f"<p>{len(listed)} run(s) under {html.escape(where)}; click a column's head to sort by it.</p>"
             f"{sortable(header, rows, 'runs')}<h2>top-1 against hours</h2>"

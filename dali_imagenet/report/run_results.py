@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import os
 from pathlib import Path
 
 from dali_imagenet.errors import DaliImagenetError
@@ -63,7 +64,8 @@ def _examples(run, checkpoint: dict | None, predictions, names: list[str]) -> st
 
     from dali_imagenet.data.shards import find_shards, read_components
 
-    data = run.started.get("data")
+    staged = run.started.get("staged_to")  # the run's local copy of s3:// data, where it is still at hand
+    data = staged if staged and os.path.isdir(staged) else run.started.get("data")
     rows = predictions.examples(EXAMPLES)
     keys = [str(predictions.keys[i]) for i in rows]
     try:

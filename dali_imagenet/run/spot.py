@@ -71,9 +71,11 @@ class IMDS:
         return 401, ""
 
     def instance(self) -> dict:
-        """The instance type and lifecycle ("spot" or "on-demand") for the run's machine record."""
+        """The instance type, lifecycle ("spot" or "on-demand") and region for the run's machine record
+        (the region prices data moved from a bucket elsewhere)."""
         info = {}
-        for key, path in (("instance_type", "instance-type"), ("lifecycle", "instance-life-cycle")):
+        for key, path in (("instance_type", "instance-type"), ("lifecycle", "instance-life-cycle"),
+                          ("region", "placement/region")):
             status, body = self.get(path)
             if status == 200:
                 info[key] = body.strip()

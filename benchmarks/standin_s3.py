@@ -1,0 +1,152 @@
+"""A stand-in S3 for tests and benchmarks: moto's server as a process on 127.0.0.1 (`S3Server`),
+and a real bucket's latency in front of it (`LatencyProxy`: an HTTP proxy that waits `delay_ms`
+before passing each request on, and counts what it passed: method, key, byte range).
+
+A local S3 server (moto) answers in well under a millisecond; S3 itself takes ~10-20 ms to the
+first byte of each request. That difference is what makes per-sample reads slow, so a test or
+benchmark about S3 speed or request counts puts this in front of its server:
+
+    server = S3Server(); server.start()
+    proxy = LatencyProxy(server.endpoint, delay_ms=10)           # then AWS_ENDPOINT_URL=proxy.url
+    ...; proxy.object_reads("imagenet-shards/train/"); proxy.close()
+
+Requests are path-style (`/bucket/key`), as boto3 and DALI send them to an IP address. Bodies
+are passed through as they come (streamed, in both directions); keep-alive is kept on the
+client's side.
+"""
+from __future__ import annotations
+
+import http.client
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote, urlparse
+
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "trailer", "upgrade"}
+CHUNK = 1 << 16
+
+
+class S3Server:
+    """moto's S3 server as a real process on 127.0.0.1; can be stopped and started again."""
+
+    def __init__(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.process = None
+
+    def start(self):
+        self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("moto_server did not start")
+
+    def stop(self):
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    bucket: str
+    key: str
+    range: str | None  # the Range header of a ranged GET
+
+
+class LatencyProxy:
+    def __init__(self, upstream: str, delay_ms: float = 0.0):
+        target = urlparse(upstream)
+        self.delay_s = delay_ms / 1000
+        self.requests: list[Request] = []
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body go out as separate writes: no 40 ms delayed-ACK stall
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _forward(self):
+                body = self._body()
+                path = urlparse(self.path).path
+                bucket, _, key = unquote(path).lstrip("/").partition("/")
+                with proxy._lock:
+                    proxy.requests.append(Request(self.command, bucket, key, self.headers.get("Range")))
+                if proxy.delay_s:
+                    time.sleep(proxy.delay_s)  # S3's time to the first byte
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
+                if body is not None:
+                    headers["Content-Length"] = str(len(body))
+                upstream_connection = http.client.HTTPConnection(target.hostname, target.port, timeout=120)
+                try:
+                    upstream_connection.request(self.command, self.path, body=body, headers=headers)
+                    response = upstream_connection.getresponse()
+                    self.send_response(response.status, response.reason)
+                    length = response.getheader("Content-Length")
+                    payload = None if length is not None or self.command == "HEAD" else response.read()
+                    for name, value in response.getheaders():
+                        if name.lower() not in HOP_BY_HOP and not (payload is not None and name.lower() == "content-length"):
+                            self.send_header(name, value)
+                    if payload is not None:
+                        self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    if self.command == "HEAD":
+                        return
+                    if payload is not None:
+                        self.wfile.write(payload)
+                        return
+                    while block := response.read(CHUNK):
+                        self.wfile.write(block)
+                finally:
+                    upstream_connection.close()
+
+            def _body(self) -> bytes | None:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    parts = []
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                        if size == 0:
+                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                                pass  # trailers
+                            return b"".join(parts)
+                        parts.append(self.rfile.read(size))
+                        self.rfile.readline()
+                length = self.headers.get("Content-Length")
+                return self.rfile.read(int(length)) if length else None
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.requests.clear()
+
+    def object_reads(self, prefix: str = "") -> list[Request]:
+        """The GETs of objects (not listings) whose key starts with `prefix`."""
+        with self._lock:
+            return [r for r in self.requests if r.method == "GET" and r.key and r.key.startswith(prefix)]
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,176 @@
+"""Shards on S3 staged to a local folder (`data.staging`), against a real S3 server behind a real
+bucket's latency: each object fetched once per machine, checked against the manifest, fetched
+again when the copy is wrong, resumed where it stopped, refused in one line when the disk is too
+small; what the loaders then read is the local copy."""
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import subprocess
+import threading
+from collections import Counter
+
+import pytest
+from conftest import upload_folder
+
+from dali_imagenet.data import staging
+from dali_imagenet.data.shards import find_shards
+from dali_imagenet.s3 import client
+
+SPLITS = ("train", "validation")
+
+
+def tar_reads(proxy, prefix: str) -> Counter:
+    """Object GETs per shard file (ranged parts of one object count as one fetch of it)."""
+    return Counter(r.key.rsplit("/", 1)[-1] for r in proxy.object_reads(prefix) if r.key.endswith((".tar", ".idx")))
+
+
+def test_each_object_is_fetched_once_and_a_second_start_fetches_nothing(sample_shards, s3_bucket, s3_latency, tmp_path):
+    upload_folder(sample_shards, s3_bucket, "shards")
+    manifest = json.loads((sample_shards / "manifest.json").read_text())
+    files = [name for split in SPLITS for s in manifest["splits"][split]["shards"]
+             for name in (s["name"], s["name"][:-4] + ".idx")]
+    s3_latency.reset()
+    local = tmp_path / "staged"
+    done = staging.stage(f"s3://{s3_bucket}/shards", local, SPLITS, progress=False, log=lambda line: None)
+    assert done.fetched == done.files == len(files) + 2  # + classes.tsv and _info.json
+    assert tar_reads(s3_latency, "shards/") == Counter({name.rsplit("/", 1)[-1]: 1 for name in files})
+    for split in SPLITS:  # the local copy is a shard folder like any other, byte for byte the original
+        staged, original = find_shards(local, split), find_shards(sample_shards, split)
+        assert staged.counts == original.counts and staged.class_names == original.class_names
+        for tar in staged.tars:
+            assert open(tar, "rb").read() == (sample_shards / tar.split("/staged/")[1]).read_bytes()
+
+    s3_latency.reset()
+    again = staging.stage(f"s3://{s3_bucket}/shards", local, SPLITS, progress=False, log=lambda line: None)
+    assert again.fetched == 0 and tar_reads(s3_latency, "shards/") == Counter()
+    assert [r.key for r in s3_latency.object_reads("shards/")] == ["shards/manifest.json"]  # and one listing
+
+
+def test_a_wrong_or_missing_copy_is_fetched_again(sample_shards, s3_bucket, s3_server, tmp_path):
+    upload_folder(sample_shards, s3_bucket, "shards")
+    local = tmp_path / "staged"
+    quiet = dict(progress=False, log=lambda line: None)
+    staging.stage(f"s3://{s3_bucket}/shards", local, SPLITS, **quiet)
+    tars = sorted(local.glob("train/*.tar"))
+    corrupt, removed = tars[0], tars[1].with_suffix(".idx")
+    data = bytearray(corrupt.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other bytes: the sha256 tells
+    corrupt.write_bytes(bytes(data))
+    removed.unlink()
+    again = staging.stage(f"s3://{s3_bucket}/shards", local, SPLITS, **quiet)
+    assert again.fetched == 2
+    assert corrupt.read_bytes() == (sample_shards / "train" / corrupt.name).read_bytes()
+    assert removed.read_bytes() == (sample_shards / "train" / removed.name).read_bytes()
+    # the record lost (a folder staged by hand, or a crash before it was written): the checksums decide
+    (local / staging.RECORD).unlink()
+    assert staging.stage(f"s3://{s3_bucket}/shards", local, SPLITS, **quiet).fetched == 0
+    find_shards(local, "train")
+
+
+def test_an_object_that_is_not_the_manifests_shard_stops_in_one_line(sample_shards, s3_bucket, s3_server, tmp_path):
+    upload_folder(sample_shards, s3_bucket, "shards")
+    name = json.loads((sample_shards / "manifest.json").read_text())["splits"]["validation"]["shards"][0]["name"]
+    other = bytearray((sample_shards / name).read_bytes())
+    other[700] ^= 0xFF
+    client().put_object(Bucket=s3_bucket, Key=f"shards/{name}", Body=bytes(other))
+    with pytest.raises(staging.StagingError, match=f"{name.rsplit('/', 1)[-1]}: sha256 differs from the manifest") as error:
+        staging.stage(f"s3://{s3_bucket}/shards", tmp_path / "staged", ("validation",), progress=False,
+                      log=lambda line: None)
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "staged" / name).exists()  # a wrong copy is not left for the loaders
+
+
+@contextlib.contextmanager
+def small_disk(folder, megabytes: float):
+    """A tmpfs of `megabytes` mounted at `folder` (root only: CI runs as root)."""
+    folder.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(megabytes * 2**20)}", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small disk here ({mounted.stderr.strip()})")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def test_a_disk_too_small_stops_in_one_line_before_any_download(sample_shards, s3_bucket, s3_latency, tmp_path):
+    upload_folder(sample_shards, s3_bucket, "shards")
+    total_mb = sum(p.stat().st_size for p in sample_shards.rglob("*") if p.suffix in (".tar", ".idx")) / 2**20
+    headroom_mb = staging.HEADROOM / 2**20
+    s3_latency.reset()
+    with small_disk(tmp_path / "small", headroom_mb + total_mb / 2) as small:
+        with pytest.raises(staging.StagingError, match=r"needs .* GB more .* ask for one of at least \d+ GB") as error:
+            staging.stage(f"s3://{s3_bucket}/shards", small, SPLITS, progress=False, log=lambda line: None)
+        assert "\n" not in str(error.value) and tar_reads(s3_latency, "shards/") == Counter()
+        assert not list(small.rglob("*.tar"))
+    with small_disk(tmp_path / "enough", headroom_mb + total_mb + 2) as enough:
+        assert staging.stage(f"s3://{s3_bucket}/shards", enough, SPLITS, progress=False, log=lambda line: None).fetched
+
+
+def test_processes_on_one_machine_stage_once(sample_shards, s3_bucket, s3_latency, tmp_path):
+    """torchrun's local ranks all call `stage`: the lock makes the first fetch and the rest find it done."""
+    upload_folder(sample_shards, s3_bucket, "shards")
+    s3_latency.reset()
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(staging.stage(
+        f"s3://{s3_bucket}/shards", tmp_path / "staged", SPLITS, progress=False, log=lambda line: None)))
+        for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(r.fetched for r in results)[:2] == [0, 0] and max(r.fetched for r in results) == results[0].files
+    assert set(tar_reads(s3_latency, "shards/").values()) == {1}
+
+
+def test_a_timm_layout_set_is_staged_and_indexed_locally(sample_shards, s3_bucket, s3_server, tmp_path):
+    timm = tmp_path / "timm"
+    manifest = json.loads((sample_shards / "manifest.json").read_text())
+    for split in SPLITS:
+        (timm / split).mkdir(parents=True)
+        for i, shard in enumerate(manifest["splits"][split]["shards"]):
+            shutil.copy(sample_shards / shard["name"], timm / split / f"imagenet1k-{split}-{i:04d}.tar")
+    (timm / "LICENSE").write_text("not a shard")
+    upload_folder(timm, s3_bucket, "timm")
+    local = tmp_path / "staged"
+    done = staging.stage(f"s3://{s3_bucket}/timm", local, SPLITS, progress=False, log=lambda line: None)
+    assert done.fetched == sum(len(manifest["splits"][s]["shards"]) for s in SPLITS)
+    assert not (local / "LICENSE").exists()
+    shards = find_shards(local, "validation", tmp_path / "cache")
+    assert shards.layout == "timm" and shards.samples == 40 and all(t.startswith(str(local)) for t in shards.tars)
+    assert staging.stage(f"s3://{s3_bucket}/timm", local, SPLITS, progress=False, log=lambda line: None).fetched == 0
+
+
+def test_stage_shards_copies_what_evaluate_then_reads(sample_shards, s3_bucket, s3_server, tmp_path):
+    from conftest import run_in_process
+
+    from shard_tools.stage import main
+
+    upload_folder(sample_shards, s3_bucket, "shards")
+    result = run_in_process(main, ["stage-shards", f"s3://{s3_bucket}/shards", tmp_path / "local", "--split",
+                                   "validation", "--quiet"])
+    assert result.returncode == 0, result.stderr
+    assert "staged s3://" in result.stdout and "fetched" in result.stdout
+    assert find_shards(tmp_path / "local", "validation").samples == 40
+    assert not (tmp_path / "local" / "train").exists()  # only the split asked for
+    bad = run_in_process(main, ["stage-shards", f"s3:/{s3_bucket}/shards", tmp_path / "other"])
+    assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1 and "not an S3 URL" in bad.stderr
+
+
+def test_train_streams_only_when_asked_and_says_what_it_costs(sample_shards, s3_bucket, s3_server, tmp_path):
+    """--stream: DALI reads s3:// itself; one line says what that costs, the cost record estimates
+    its GETs (DALI's own S3 client is not boto3's: 2 a sample, each epoch and validation)."""
+    from conftest import records, train
+
+    upload_folder(sample_shards, s3_bucket, "shards")
+    result = train(f"s3://{s3_bucket}/shards", tmp_path / "run", extra=["--stream", "--spot", "off",
+                                                                          "--stage-dir", str(tmp_path / "unused")])
+    assert "streaming s3://" in result.stderr and "GETs an epoch" in result.stderr
+    assert not (tmp_path / "unused").exists()
+    data = records(tmp_path / "run")[-1]["cost"]["data"]
+    assert data["streamed_gets_estimated"] == 2 * (2 * 6 * 16 + 2 * 40)  # 2 epochs of 6 steps of 16, 2 validations
+    assert data["dollars"] == pytest.approx((data["get_requests"] + data["streamed_gets_estimated"]) * 0.0004 / 1000
+                                            + data["put_requests"] * 0.005 / 1000)
