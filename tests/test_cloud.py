@@ -177,3 +177,37 @@ def test_the_tasks_run_commands_work_end_to_end(sample_dir, sample_shards, s3_bu
     val = [r for r in history if "val_images" in r]
     assert len(val) == 1 and val[0]["val_images"] == 40  # every validation image counted once across the ranks
     assert val[0]["images_seen"] == 3 * 32
+
+
+def test_local_disk_picks_the_instance_store_and_formats_it_only_when_blank(tmp_path):
+    """cloud/local-disk.sh on a stand-in /sys/block (an EBS root volume, an instance store) with the
+    disk tools replaced by stubs that log their calls: it mounts the instance store, formats it only
+    when blkid finds nothing on it, never touches the EBS volume; with no store, the root disk."""
+    blocks, bin_dir, calls = tmp_path / "sys-block", tmp_path / "bin", tmp_path / "calls"
+    for name, model in (("nvme0n1", "Amazon Elastic Block Store"), ("nvme1n1", "Amazon EC2 NVMe Instance Storage")):
+        (blocks / name / "device").mkdir(parents=True)
+        (blocks / name / "device" / "model").write_text(model + "\n")
+    bin_dir.mkdir()
+    for tool, body in (("mountpoint", "exit 1"), ("findmnt", "exit 1"), ("blkid", 'exit "${BLKID_EXIT:-2}"'),
+                       ("mkfs.ext4", ""), ("mount", ""), ("chown", ""), ("mkdir", ""), ("df", "echo Size; echo 233G")):
+        stub = bin_dir / tool
+        stub.write_text(f'#!/bin/sh\necho "{tool} $*" >> {calls}\n{body}\n')
+        stub.chmod(0o755)
+
+    def local_disk(**env):
+        calls.write_text("")
+        result = subprocess.run(["bash", str(REPO / "cloud" / "local-disk.sh")], capture_output=True, text=True,
+                                env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SYS_BLOCK": str(blocks),
+                                     "LOCAL_NVME_MOUNT": str(tmp_path / "nvme"), "HOME": str(tmp_path), **env})
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip(), calls.read_text().splitlines()
+
+    folder, log = local_disk()  # a new instance: the store is blank
+    assert folder == f"{tmp_path / 'nvme'}/shards"
+    assert "mkfs.ext4 -q -F -E nodiscard /dev/nvme1n1" in log and f"mount -o noatime /dev/nvme1n1 {tmp_path / 'nvme'}" in log
+    assert not [line for line in log if "nvme0n1" in line]  # the EBS volume: not formatted, not mounted
+    folder, log = local_disk(BLKID_EXIT="0")  # a file system already there (the same machine, a second start)
+    assert folder.endswith("nvme/shards") and not [line for line in log if line.startswith("mkfs")]
+    (blocks / "nvme1n1").rename(blocks / "sda")  # no instance store: the root disk
+    folder, log = local_disk()
+    assert folder == f"{tmp_path}/shards" and not [line for line in log if line.startswith(("mkfs", "mount "))]
