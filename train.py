@@ -36,6 +36,7 @@ from dali_imagenet.report.html_report import write_report
 from dali_imagenet.run import exits, resume, run_folder, spot
 from dali_imagenet.run.checkpoint import TrainState, contents
 from dali_imagenet.run.interrupts import StopCheck, StopRequest
+from dali_imagenet.run.lease import Lease
 from dali_imagenet.run.metrics import ThroughputMeter, cost, data_cost, describe_cost, wandb_wanted
 from dali_imagenet.run.outputs import RunOutputs
 from dali_imagenet.run.spot import SpotWatcher
@@ -126,16 +127,22 @@ class Leaving:
         self.state: TrainState | None = None
         self.watcher: SpotWatcher | None = None
         self.peers: distributed.PeerErrors | None = None
+        self.lease: Lease | None = None  # the run's hold on its S3 prefix, released on the way out
         self.flush_timeout_s = TrainConfig.s3_flush_timeout_s
 
     def end_outputs(self, record: dict, **kwargs) -> list[str]:
-        """The outputs' last word (rank 0), and one line for what did not reach S3."""
+        """The outputs' last word (rank 0), one line for what did not reach S3 (the closing record's
+        exit code then amended to the process's), and the other ranks told that it is done."""
         pending = self.outputs.end(record, flush_timeout_s=self.flush_timeout_s, give_up=lambda: self.request.hurry,
                                    **kwargs) if self.outputs else []
         if pending:
             print(self.outputs.pending_line(pending), file=sys.stderr, flush=True)
+            self.outputs.amend_closing_record({"exit_code": exits.with_uploads(record["exit_code"], pending),
+                                               "not_uploaded": pending})
         elif self.outputs and self.outputs.uploader:
             print(f"uploaded to {self.outputs.s3_url}", flush=True)
+        if self.peers is not None:
+            self.peers.flushed()  # rank 0: the others may leave now (torchrun would end it as they exit)
         return pending
 
     def failed(self, error: BaseException) -> int:
@@ -154,13 +161,15 @@ class Leaving:
         step = getattr(error, "step", self.state.step if self.state else 0)
         reason = (f"loss NaN or inf at step {step}" if isinstance(error, LossDiverged)
                   else message if code == exits.INTERRUPTED else f"error: {message}")
-        self.end_outputs({"step": step, "event": "stopped", "reason": reason})
+        self.end_outputs({"step": step, "event": "stopped", "reason": reason, "exit_code": code})
         if isinstance(error, (DaliImagenetError, KeyboardInterrupt)) and not debug():
             print(f"error: {message}", file=sys.stderr, flush=True)
         else:
             traceback.print_exception(error)
         if tell_others:
             self.peers.wait_for_others(self.flush_timeout_s + 15)
+        elif self.peers is not None:  # all failed together (a NaN): rank 0 uploads first, then all leave
+            self.peers.wait_for_flush(self.flush_timeout_s + 15)
         return code
 
     def peer_failed(self, line: str) -> None:
@@ -169,15 +178,22 @@ class Leaving:
             return  # the main thread is already leaving
         self.request.leaving()
         self.end_outputs({"step": self.state.step if self.state else 0, "event": "stopped",
-                          "reason": f"error on {line}"})
+                          "reason": f"error on {line}", "exit_code": exits.ERROR})
         print(f"error: stopping: {line}", file=sys.stderr, flush=True)
         self.peers.acknowledge()
+        self.peers.wait_for_flush(self.flush_timeout_s + 15)  # rank 0 uploads first: torchrun ends it once we exit
+        self.release_lease()
         leave_now(exits.ERROR)
+
+    def release_lease(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
 
     def close(self) -> None:
         for part in (self.watcher, self.peers):
             if part is not None:
                 part.close()
+        self.release_lease()
         self.request.restore()
 
 
@@ -199,7 +215,9 @@ def setup(args, leaving: Leaving) -> Run:
     leaving.flush_timeout_s = cfg.s3_flush_timeout_s
     procs = distributed.setup(args.device, cfg.deterministic)
     leaving.peers = distributed.PeerErrors(procs, leaving.peer_failed)
-    imds = spot.connect(args.spot)
+    imds, watching = spot.connect(args.spot)
+    if procs.master:
+        print(watching, flush=True)
     watcher = spot.SpotWatcher(imds, leaving.request.ask, log=lambda m: print(m, file=sys.stderr, flush=True),
                                interval_s=cfg.spot_poll_seconds) if imds else None
     leaving.watcher = watcher
@@ -216,6 +234,9 @@ def setup(args, leaving: Leaving) -> Run:
     run_dir = run_folder.choose(args.out, cfg.arch, resume=args.resume, overwrite=args.overwrite, world=procs.world)
     s3_held = resume.check_s3_prefix(args.s3, resume=args.resume, overwrite=args.overwrite,
                                      timeout_s=cfg.s3_resume_timeout_s) if procs.master else []
+    if args.s3 and procs.master:  # before anything is written: S3 takes our files, and no other job writes there
+        s3.probe_writes(args.s3, cfg.s3_resume_timeout_s)
+        leaving.lease = Lease(args.s3, cfg.lease_seconds).acquire(cfg.s3_resume_timeout_s)
     training = recipe.build(cfg, shards.num_classes, procs, precision)
     point = resume.resume(args.resume, run_dir, args.s3, procs, model=training.model, optimizer=training.optimizer,
                           scaler=training.scaler, ema=training.ema, config=cfg, s3_timeout_s=cfg.s3_resume_timeout_s)
@@ -239,9 +260,10 @@ def setup(args, leaving: Leaving) -> Run:
     decoding = decoder.describe(backend, procs.device, cfg.hw_decoder_load) if procs.master else {}
     outputs = RunOutputs(run_dir, to_dict(cfg), procs, overwrite=args.overwrite, s3_url=args.s3, s3_held=s3_held,
                          wandb=wandb_wanted(args.wandb), wandb_id=state.wandb_id,
-                         instance={**instance, **decoding}, write_report=write_report,
+                         instance={**instance, **decoding}, write_report=write_report, lease=leaving.lease,
                          extra={"loader": backend, "world_size": procs.world, "data": args.data,
-                                **({"staged_to": data} if data != args.data else {}), "config_file": args.config})
+                                **({"staged_to": data} if data != args.data else {}), "config_file": args.config,
+                                "spot_watch": watching})
     leaving.outputs = outputs
     if watcher:
         watcher.log = outputs.note
@@ -310,7 +332,6 @@ def train_one_epoch(train_step: TrainStep, loader: Loader, state: TrainState, sc
     """Trains the rest of epoch `state.epoch`, advancing `state.step` and `state.batch_in_epoch`;
     checkpoints mid-epoch when one is due or the run stops."""
     steps_in_epoch = len(loader)
-    first_batch = state.batch_in_epoch
     meter = ThroughputMeter(procs.world)
     progress = tqdm(total=steps_in_epoch, initial=state.batch_in_epoch, unit="step", leave=False,
                     desc=f"epoch {state.epoch + 1}/{cfg.epochs}", disable=None if procs.master else True)
@@ -347,8 +368,7 @@ def train_one_epoch(train_step: TrainStep, loader: Loader, state: TrainState, sc
                                  wait=f"{record['data_wait']:.0%}")
             loss_sum = 0.0
             window = 0
-        # The epoch's first step may have compiled for a new image size (a minute): look then too.
-        stop, checkpoint_due = stops.after_step(state.step, at_log or state.batch_in_epoch == first_batch + 1)
+        stop, checkpoint_due = stops.after_step(state.step)
         if (stop or checkpoint_due) and state.batch_in_epoch < steps_in_epoch:  # an epoch's end checkpoints anyway
             # Every rank's reader state: a resume starts each where it stopped, decoding nothing twice.
             state.loader = distributed.gather(loader.state_dict(), procs)
@@ -506,6 +526,7 @@ def main() -> int:
     finally:
         leaving.close()
     if run.procs.world > 1:
+        run.stops.close()
         distributed.teardown(run.procs)
     if leaving.outputs is not None and leaving.outputs.stuck():
         leave_now(code)  # an upload still in its timeout must not outlive the interpreter

@@ -389,6 +389,8 @@ def main() -> None:
     if out is not None and work.resolve().is_relative_to(out.resolve()):
         sys.exit(f"gpu_check: --work {work} is inside $OUT ({out}), which must hold only the results")
     work.mkdir(parents=True, exist_ok=True)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)  # a folder that does not exist yet is where the results go, not an error
     check = Check(args.device, args.smoke, args.budget_s, out / "gpu_check.log" if out else None, tuple(args.skip))
     info = machine()
     card = info["gpu"] or f"CPU ({info['cpu_count']} cores)"

@@ -12,7 +12,9 @@ benchmark about S3 speed or request counts puts this in front of its server:
 
 Requests are path-style (`/bucket/key`), as boto3 and DALI send them to an IP address. Bodies
 are passed through as they come (streamed, in both directions); keep-alive is kept on the
-client's side.
+client's side. For the tests of a bucket that misbehaves: `refuse_writes` answers every write
+(PUT, POST, DELETE) with S3's 403 AccessDenied, as a bucket policy or an IAM role without
+s3:PutObject does; `before_forward(request)` is called before each request goes on (it may wait).
 """
 from __future__ import annotations
 
@@ -72,6 +74,8 @@ class LatencyProxy:
         target = urlparse(upstream)
         self.delay_s = delay_ms / 1000
         self.requests: list[Request] = []
+        self.refuse_writes = False
+        self.before_forward = None  # Callable[[Request], None]
         self._lock = threading.Lock()
         proxy = self
 
@@ -86,10 +90,16 @@ class LatencyProxy:
                 body = self._body()
                 path = urlparse(self.path).path
                 bucket, _, key = unquote(path).lstrip("/").partition("/")
+                request = Request(self.command, bucket, key, self.headers.get("Range"))
                 with proxy._lock:
-                    proxy.requests.append(Request(self.command, bucket, key, self.headers.get("Range")))
+                    proxy.requests.append(request)
                 if proxy.delay_s:
                     time.sleep(proxy.delay_s)  # S3's time to the first byte
+                if proxy.before_forward is not None:
+                    proxy.before_forward(request)
+                if proxy.refuse_writes and self.command in ("PUT", "POST", "DELETE"):
+                    self._refuse()
+                    return
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
                 if body is not None:
                     headers["Content-Length"] = str(len(body))
@@ -115,6 +125,15 @@ class LatencyProxy:
                         self.wfile.write(block)
                 finally:
                     upstream_connection.close()
+
+            def _refuse(self) -> None:
+                body = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+                        b'<Message>Access Denied</Message><RequestId>standin</RequestId></Error>')
+                self.send_response(403, "Forbidden")
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
 
             def _body(self) -> bytes | None:
                 if self.headers.get("Transfer-Encoding", "").lower() == "chunked":

@@ -69,6 +69,7 @@ class TrainConfig:
     max_minutes: float = 0.0  # stop (with a checkpoint) after this many minutes in this process; 0: no limit
     s3_flush_timeout_s: float = 90.0  # at exit, how long to wait for pending uploads (spot notice: 120 s)
     s3_resume_timeout_s: float = 120.0  # at start, how long S3 failures are retried before the run stops
+    lease_seconds: float = 300.0  # the run's hold on its --s3 prefix lasts this long past its last renewal (every third)
     spot_poll_seconds: float = 5.0  # between checks of EC2's spot notice (it comes ~120 s ahead of a reclaim)
     wandb_project: str = "dali-imagenet"
     price_per_hour: float = 0.8048  # US$ per machine-hour: AWS g6.xlarge on demand, us-east-1 Linux (list price, 2025)
@@ -109,6 +110,7 @@ class TrainConfig:
             (0 <= self.ema_decay < 1 and self.ema_warmup_power > 0, "ema_decay must be in [0, 1), ema_warmup_power > 0"),
             (self.lr > 0 and self.min_lr >= 0 and self.warmup_epochs >= 0, "lr > 0, min_lr >= 0, warmup_epochs >= 0"),
             (self.log_every > 0, "log_every must be > 0"),
+            (self.lease_seconds >= 3, "lease_seconds must be >= 3 (it is renewed every third of it)"),
             (min(self.price_per_hour, self.spot_price_per_hour, self.s3_get_price_per_1000, self.s3_put_price_per_1000,
                  self.cross_region_price_per_gb) >= 0, "prices must be >= 0"),
         ]
@@ -122,7 +124,7 @@ class TrainConfig:
 # makes `--resume auto` refuse: a fixed S3 prefix must not continue another config's run.
 CHANGEABLE_ON_RESUME = ("compile", "cuda_graph", "loader_threads", "hw_decoder_load", "log_every", "val_every",
                         "checkpoint_minutes", "max_steps", "max_minutes", "s3_flush_timeout_s", "s3_resume_timeout_s",
-                        "spot_poll_seconds", "wandb_project", "price_per_hour", "spot_price_per_hour",
+                        "lease_seconds", "spot_poll_seconds", "wandb_project", "price_per_hour", "spot_price_per_hour",
                         "s3_get_price_per_1000", "s3_put_price_per_1000", "cross_region_price_per_gb")
 
 

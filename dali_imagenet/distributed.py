@@ -30,6 +30,7 @@ class Processes:
     world: int
     local_rank: int
     device: torch.device
+    flags_group: object = None  # a gloo group for `FlagExchange` (CPU tensors: no CUDA sync), under torchrun
 
     @property
     def master(self) -> bool:
@@ -56,9 +57,11 @@ def setup(device_type: str, deterministic: bool = False) -> Processes:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device("cpu")
+    flags_group = None
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Processes(rank, world, local_rank, device)
+        flags_group = dist.new_group(backend="gloo")  # every rank, in the same order: a collective
+    return Processes(rank, world, local_rank, device, flags_group)
 
 
 def machines(processes: Processes) -> int:
@@ -83,6 +86,37 @@ def any_rank(flags: list[bool], processes: Processes) -> list[bool]:
     values = torch.tensor([float(f) for f in flags], device=processes.device)
     dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return [bool(v) for v in values.tolist()]
+
+
+class FlagExchange:
+    """Flags agreed by every rank at every step without waiting for the GPU: each call starts a
+    non-blocking all-reduce (MAX) of this rank's flags over the gloo group, on CPU tensors, and
+    returns the previous call's result. Every rank makes the same calls, so every rank reads the
+    same answer at the same call, one call late; in one process, the flags themselves."""
+
+    def __init__(self, processes: Processes):
+        self.processes = processes
+        self._work = None
+        self._values: torch.Tensor | None = None
+
+    def exchange(self, flags: list[bool]) -> list[bool] | None:
+        """Every rank's `flags` of the previous call, ORed (None at the first call); posts these."""
+        if self.processes.world == 1:
+            return list(flags)
+        agreed = None
+        if self._work is not None:
+            self._work.wait()  # the ranks posted it a step ago: this waits for the slowest rank's post, no more
+            agreed = [bool(v) for v in self._values.tolist()]
+        self._values = torch.tensor([float(f) for f in flags])
+        self._work = dist.all_reduce(self._values, op=dist.ReduceOp.MAX, group=self.processes.flags_group,
+                                     async_op=True)
+        return agreed
+
+    def drain(self) -> None:
+        """Waits for the last exchange (before the process group goes)."""
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
 
 
 def gather(value, processes: Processes) -> list:
@@ -119,7 +153,8 @@ class PeerErrors:
 
     The failing rank `post`s its line, then waits (`wait_for_others`) until each other rank has
     acknowledged: torchrun ends the other processes as soon as one exits, and rank 0 must first
-    upload the closing record and the last good checkpoint. The others learn of it from a thread
+    upload the closing record and the last good checkpoint. For the same reason every other rank,
+    on any way out, waits (`wait_for_flush`) until rank 0 says it has `flushed`. The others learn of it from a thread
     that polls the store every `poll_s` and calls `on_peer_error(line)`, wherever their main thread
     is (an NCCL wait included); that callback acknowledges and ends the process.
     """
@@ -134,6 +169,7 @@ class PeerErrors:
             return
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # a torchrun restart starts a new exchange
         self._key, self._acks = f"{self.PREFIX}/{attempt}/error", f"{self.PREFIX}/{attempt}/acks"
+        self._flushed = f"{self.PREFIX}/{attempt}/flushed"
         try:  # a client of its own: the process group's store is busy in the main thread
             self._store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                                         timeout=datetime.timedelta(seconds=30))
@@ -185,6 +221,31 @@ class PeerErrors:
                     if self._store.add(self._acks, 0) >= self.processes.world - 1:
                         return
             except RuntimeError:
+                return
+            time.sleep(0.1)
+
+    def flushed(self) -> None:
+        """Rank 0 has written its last files and waited for their uploads: the others may exit.
+        (Said by rank 0 alone; a no-op elsewhere.)"""
+        if self._store is not None and self.processes.master:
+            try:
+                with self._lock:
+                    self._store.set(self._flushed, "1")
+            except RuntimeError:
+                pass
+
+    def wait_for_flush(self, timeout_s: float) -> None:
+        """Until rank 0 said `flushed`, or `timeout_s` passed. A rank that exits first makes torchrun
+        end the others (SIGTERM, SIGKILL 30 s later): rank 0 in the middle of its uploads."""
+        if self._store is None or self.processes.master:
+            return
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                with self._lock:
+                    if self._store.check([self._flushed]):
+                        return
+            except RuntimeError:  # the store went away: nobody is left to wait for
                 return
             time.sleep(0.1)
 

@@ -155,21 +155,57 @@ def client(max_connections: int = 10):
 def is_missing(error: Exception) -> bool:
     """True when S3 answered that the object (or the listing) is not there, and only then: a
     refused, throttled or unreachable request is not an answer."""
+    return error_code(error) in ("404", "NoSuchKey", "NotFound")
+
+
+# Answers that no retry changes: the credentials may not do this, or the bucket is not there.
+PERMANENT = ("AccessDenied", "403", "NoSuchBucket", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+             "InvalidBucketName", "AccountProblem", "InvalidObjectState", "KMS.AccessDeniedException")
+
+
+def error_code(error: Exception) -> str | None:
     from botocore.exceptions import ClientError
 
-    return isinstance(error, ClientError) and error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
+    return error.response.get("Error", {}).get("Code") if isinstance(error, ClientError) else None
+
+
+def is_permanent(error: Exception) -> bool:
+    """True when S3 refused for a reason that retrying cannot fix (403, no such bucket, bad keys)."""
+    return error_code(error) in PERMANENT
 
 
 def retrying(what: str, call, timeout_s: float, first_wait_s: float = 1.0):
-    """`call()`, retried with exponential backoff on any error but "not there" (which is
-    returned as None) for up to `timeout_s`; then S3Error naming `what` with botocore's reason."""
+    """`call()`, retried with exponential backoff on any error but "not there" (which is returned
+    as None) and a refusal no retry changes, for up to `timeout_s`; then S3Error naming `what`
+    with botocore's reason."""
     try:
         # botocore raises many types; a missing key is an answer, not a failure
-        return with_backoff(call, lambda error: not is_missing(error), timeout_s, first_wait_s)
+        return with_backoff(call, lambda error: not is_missing(error) and not is_permanent(error), timeout_s,
+                            first_wait_s)
     except Exception as error:
         if is_missing(error):
             return None
-        raise S3Error(f"{what}: {reason(error)} (retried for {timeout_s:g} s)") from None
+        tried = "" if is_permanent(error) else f" (retried for {timeout_s:g} s)"
+        raise S3Error(f"{what}: {reason(error)}{tried}") from None
+
+
+def probe_writes(url: str, timeout_s: float) -> None:
+    """Proves that this process can write, read and remove objects under `url` (a small object,
+    written, read back and removed), or raises S3Error in one line: a run finds a bucket that
+    refuses its uploads before it trains, not hours later."""
+    import uuid
+
+    bucket, prefix = split_s3_url(url)
+    key = join_key(prefix, f".write-probe-{uuid.uuid4().hex[:12]}")
+    body = f"dali-imagenet write probe {key}".encode()
+    where = f"s3://{bucket}/{key}"
+    retrying(f"{where}: cannot write there", lambda: client().put_object(Bucket=bucket, Key=key, Body=body), timeout_s)
+    read = retrying(f"{where}: cannot read back what was written",
+                    lambda: client().get_object(Bucket=bucket, Key=key)["Body"].read(), timeout_s)
+    if read != body:
+        raise S3Error(f"{where}: read back {len(read or b'')} bytes that differ from the {len(body)} written")
+    retrying(f"{where}: cannot remove it (the run's --overwrite needs to)",
+             lambda: client().delete_object(Bucket=bucket, Key=key), timeout_s)
 
 
 def run_files_at(url: str, names: tuple[str, ...], timeout_s: float) -> list[str]:

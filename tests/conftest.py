@@ -229,17 +229,30 @@ def upload_folder(folder: Path, bucket: str, prefix: str) -> None:
             s3.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder)}")
 
 
-@pytest.fixture
-def s3_latency(s3_server):
-    """A proxy in front of the S3 server that adds 10 ms to each request (a real bucket's time to
-    the first byte) and counts them; `AWS_ENDPOINT_URL` is set to it for the test, in this
-    process (and so in the processes it starts)."""
+@contextlib.contextmanager
+def proxy_before(s3_server, delay_ms: float):
+    """A `LatencyProxy` in front of the S3 server, with `AWS_ENDPOINT_URL` pointing at it meanwhile
+    (in this process, and so in the processes it starts)."""
     from benchmarks.standin_s3 import LatencyProxy
 
-    proxy = LatencyProxy(s3_server.endpoint, delay_ms=10)
+    proxy = LatencyProxy(s3_server.endpoint, delay_ms=delay_ms)
     os.environ["AWS_ENDPOINT_URL"] = proxy.url
     try:
         yield proxy
     finally:
         os.environ["AWS_ENDPOINT_URL"] = s3_server.endpoint
         proxy.close()
+
+
+@pytest.fixture
+def s3_latency(s3_server):
+    """S3 behind a real bucket's 10 ms to the first byte, each request counted (`LatencyProxy`)."""
+    with proxy_before(s3_server, 10) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def s3_proxy(s3_server):
+    """S3 behind a proxy that adds no latency but counts, refuses writes or holds requests when told."""
+    with proxy_before(s3_server, 0) as proxy:
+        yield proxy

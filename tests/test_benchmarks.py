@@ -49,10 +49,10 @@ def test_bench_smoke_writes_records_table_and_chart(tmp_path):
 def test_gpu_check_runs_in_smoke_mode_on_cpu(tmp_path):
     """The CPU self-check of the GPU script: every section has its row (run at tiny sizes, or
     saying why not), one table comes out, train.py's stopped + resumed l4-16h run equals its
-    straight run, and $OUT holds the results only: at most 8 files, no shard, run or checkpoint.
+    straight run, and $OUT (made if missing) holds the results only: at most 8 files, no shard, run
+    or checkpoint.
     The step sections measure with benchmarks.steps, which test_bench_smoke runs: skipped here."""
-    out, work = tmp_path / "out", tmp_path / "work"
-    out.mkdir()
+    out, work = tmp_path / "results" / "out", tmp_path / "work"  # $OUT not there yet: the check makes it
     result = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--smoke", "--device", "cpu", "--work",
                              str(work), "--skip", "step"], cwd=REPO, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OUT": str(out)})

@@ -166,12 +166,13 @@ def test_the_tasks_run_commands_work_end_to_end(sample_dir, sample_shards, s3_bu
     assert multi.returncode == exits.RECLAIM, multi.stderr[-3000:]
     assert "exitcode  : 75" in multi.stderr  # torchrun itself reported its workers' 75 as a failure (exit 1)
     # DDP over gloo, 2 ranks: epoch 1 (3 steps of a global batch of 32: each rank reads half) and
-    # its validation, then rank 1's notice during step 4, the first of epoch 2: both stop after it
+    # its validation, then rank 1's notice during step 4, the first of epoch 2: the ranks agree on it
+    # after the next step (each step's flags are read a step later) and both stop after step 5
     history = records(tmp_path / "multi-home" / "run")
     stopped = history[-1]
     assert stopped["event"] == "stopped" and stopped["reason"] == "spot interruption notice on rank 1"
-    assert stopped["exit_code"] == exits.RECLAIM and stopped["step"] == 4
-    assert client().head_object(Bucket=s3_bucket, Key="runs/cpu-demo-multinode/last.pt")["Metadata"]["step"] == "4"
+    assert stopped["exit_code"] == exits.RECLAIM and stopped["step"] == 5
+    assert client().head_object(Bucket=s3_bucket, Key="runs/cpu-demo-multinode/last.pt")["Metadata"]["step"] == "5"
     assert len(stopped["replica_checksums"]) == 2 and stopped["replicas_identical"] is True
     assert history[0]["event"] == "started" and history[0]["world_size"] == 2
     val = [r for r in history if "val_images" in r]

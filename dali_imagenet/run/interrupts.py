@@ -63,8 +63,10 @@ class StopRequest:
 
 class StopCheck:
     """After a step: should the run stop, and is a mid-epoch checkpoint due? Decided alike on every
-    rank (one all-reduce), so all stop and checkpoint at the same step; in one process every
-    step, under torchrun only where the caller syncs anyway (an all-reduce is a sync)."""
+    rank, so all stop and checkpoint at the same step. In one process, every step; under torchrun,
+    every step too, one step late: each step's flags go out in a non-blocking all-reduce on the
+    CPU (`distributed.FlagExchange`) that the next step reads, so a stop request is agreed within
+    a step whatever `log_every` is, and the GPU is never waited for."""
 
     BATCHES_BETWEEN_CHECKS = 8  # under torchrun, outside train steps (validation, replay): one all-reduce per 8 batches
 
@@ -79,15 +81,18 @@ class StopCheck:
         self.max_steps = max_steps
         self.started = time.monotonic()
         self.last_checkpoint = self.started
+        self._flags = distributed.FlagExchange(processes)
+        self._stale_due = False  # the flags in flight were posted before the checkpoint just written
 
-    def after_step(self, step: int, may_sync: bool) -> tuple[str | None, bool]:
+    def after_step(self, step: int) -> tuple[str | None, bool]:
         """(why to stop now, or None; whether a checkpoint is due) after global step `step`."""
         stop, due = None, False
-        if self.processes.world == 1 or may_sync:
-            now = time.monotonic()
-            asked, due, late = distributed.any_rank(
-                [self.request.reason is not None, now - self.last_checkpoint > self.checkpoint_s,
-                 0 < self.max_s < now - self.started], self.processes)
+        now = time.monotonic()
+        agreed = self._flags.exchange([self.request.reason is not None, now - self.last_checkpoint > self.checkpoint_s,
+                                       0 < self.max_s < now - self.started])
+        if agreed is not None:
+            asked, due, late = agreed
+            due, self._stale_due = due and not self._stale_due, False
             if asked:
                 stop = self.agreed_reason()
             elif late:
@@ -116,6 +121,11 @@ class StopCheck:
 
     def checkpointed(self) -> None:
         self.last_checkpoint = time.monotonic()
+        self._stale_due = self.processes.world > 1  # the next agreed "due" was posted before this checkpoint
+
+    def close(self) -> None:
+        """Waits for the last flags in flight (every rank, before the process group goes)."""
+        self._flags.drain()
 
     def elapsed_s(self) -> float:
         """Seconds since this process started training."""

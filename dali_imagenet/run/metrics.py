@@ -40,6 +40,16 @@ class RunLogger:
     def closed(self) -> bool:
         return self._file.closed
 
+    def amend_last(self, fields: dict) -> None:
+        """Rewrites the log's last record with `fields` added (atomically: a temporary file, renamed)."""
+        lines = self.path.read_text().splitlines()
+        if not lines:
+            return
+        lines[-1] = json.dumps({**json.loads(lines[-1]), **fields}, sort_keys=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("\n".join(lines) + "\n")
+        os.replace(tmp, self.path)
+
     def close(self, summary: dict | None = None) -> None:
         """Ends the log; `summary` (numbers) goes to W&B's run summary too."""
         self._file.close()

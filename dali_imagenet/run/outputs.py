@@ -12,6 +12,7 @@ import yaml
 from dali_imagenet import distributed, s3
 from dali_imagenet.run import run_folder as folder
 from dali_imagenet.run.checkpoint import save_atomic
+from dali_imagenet.run.lease import Lease
 from dali_imagenet.run.metrics import RunLogger, machine
 from dali_imagenet.run.s3sync import S3Sync, lineage_metadata
 
@@ -19,12 +20,14 @@ from dali_imagenet.run.s3sync import S3Sync, lineage_metadata
 class RunOutputs:
     def __init__(self, run_dir: Path, config: dict, processes: distributed.Processes, *, overwrite: bool,
                  s3_url: str | None, wandb: bool, wandb_id: str | None, extra: dict, s3_held: list[str] = (),
-                 instance: dict | None = None, write_report: Callable[[list, Path], object] | None = None):
+                 instance: dict | None = None, write_report: Callable[[list, Path], object] | None = None,
+                 lease: Lease | None = None):
         """Creates the run folder (after `--overwrite` removed the old run's files, here and at
         `s3_url`: `s3_held`) and starts the log; `extra`: what the config does not say (loader,
         world size, data), logged with it; `instance`: the cloud's word on the machine (type, spot);
         `write_report(run_folders, page)`: writes the run's page at the end (the report layer's,
-        handed in: the run layer does not import the pages built on it)."""
+        handed in: the run layer does not import the pages built on it); `lease`: the run's hold on
+        `s3_url` (`lease.Lease`), which the run must stop without."""
         instance = instance or {}
         self.run_dir = run_dir
         self.active = processes.master
@@ -32,6 +35,8 @@ class RunOutputs:
         self.logger = None
         self.uploader = None
         self.ended = False
+        self.not_uploaded: list[str] = []  # what `end` found missing from S3 (a second call returns it again)
+        self.lease = lease
         self.write_report = write_report
         self.checkpoint_step: int | None = None  # of the last checkpoint written
         if not self.active:
@@ -74,6 +79,7 @@ class RunOutputs:
         if not self.active:
             return
         save_atomic(contents, self.run_dir / folder.LAST)
+        self.check_s3()
         state = contents["state"]
         self.checkpoint_step = state["step"]
         lineage = lineage_metadata(state["run_id"], state["step"])
@@ -81,6 +87,15 @@ class RunOutputs:
             folder.mark_best(self.run_dir)
         for name in (folder.LAST, *((folder.BEST,) if is_best else ()), folder.METRICS):
             self._push(name, lineage)
+
+    def check_s3(self) -> None:
+        """Raises, in one line, when the run can no longer put its files in S3: S3 refuses the
+        uploads for a reason no retry changes, another job writes the prefix, or the run's lease
+        on it was taken over. Called at each checkpoint: the run stops within one interval, not
+        hours later with nothing in S3 (the checkpoint just written stays in the run folder)."""
+        why = (self.uploader.refused if self.uploader else None) or (self.lease.lost if self.lease else None)
+        if why:
+            raise s3.S3Error(f"{why}: stopping; the last checkpoint is in {self.run_dir}")
 
     def save_predictions(self, predictions) -> None:
         """The final validation's top-5 of every val sample (`predictions.Predictions`), and its upload."""
@@ -100,23 +115,40 @@ class RunOutputs:
             give_up: Callable[[], bool] = lambda: False) -> list[str]:
         """The run's last word, on every way out (finished, stopped, failed; rank 0 only): the final
         weights (a finished run), `record` as the log's last line, the report, and the uploads,
-        waited for up to `flush_timeout_s` or until `give_up()`. Returns the S3 keys still not
-        uploaded then."""
+        waited for up to `flush_timeout_s` or until `give_up()`. Returns what is not in S3 then:
+        the keys still queued, and any file that could not even be written (each said in a
+        warning line). A part that fails never skips the flush; a second call (the way out of a
+        failure while finishing) returns the first call's answer."""
         if not self.active or self.ended:
-            return []
+            return self.not_uploaded
         self.ended = True
+        missing = []
+
+        def attempt(what: str, produces: str | None, work) -> None:
+            try:
+                work()
+            except Exception as error:  # noqa: BLE001 - one part failing must not keep the rest from S3
+                print(f"warning: {what} failed ({type(error).__name__}: {error})", file=sys.stderr, flush=True)
+                if produces and self.uploader:
+                    missing.append(f"{produces} (not written)")
+
         if final_model is not None:
-            save_atomic(final_model.state_dict(), self.run_dir / folder.FINAL)
-            self._push(folder.FINAL)
-        self.close({**record, "checkpoint_step": self.checkpoint_step}, summary)
-        self._push(folder.METRICS)
-        try:
-            if self.write_report is not None:
-                self.write_report([self.run_dir], self.run_dir / folder.REPORT)
-                self._push(folder.REPORT)
-        except Exception as error:  # noqa: BLE001 - a report that fails must not hide why the run ended
-            print(f"warning: the report could not be written ({type(error).__name__}: {error})", file=sys.stderr)
-        return self.uploader.close(flush_timeout_s, give_up) if self.uploader else []
+            attempt(f"writing {folder.FINAL}", folder.FINAL, lambda: (
+                save_atomic(final_model.state_dict(), self.run_dir / folder.FINAL), self._push(folder.FINAL)))
+        attempt("closing the log (the closing record, W&B)", None,
+                lambda: self.close({**record, "checkpoint_step": self.checkpoint_step}, summary))
+        attempt(f"queueing {folder.METRICS}", folder.METRICS, lambda: self._push(folder.METRICS))
+        if self.write_report is not None:
+            attempt("writing the report", None, lambda: (
+                self.write_report([self.run_dir], self.run_dir / folder.REPORT), self._push(folder.REPORT)))
+        self.not_uploaded = missing + (self.uploader.close(flush_timeout_s, give_up) if self.uploader else [])
+        return self.not_uploaded
+
+    def amend_closing_record(self, fields: dict) -> None:
+        """Adds `fields` to the closing record in the run folder's metrics.jsonl (its last line): the
+        exit code once the uploads' outcome is known (S3 has not got the file in that case)."""
+        if self.active and self.logger is not None:
+            self.logger.amend_last(fields)
 
     def stuck(self) -> bool:
         """An upload is still in flight after `end`'s deadline (the process should leave now)."""

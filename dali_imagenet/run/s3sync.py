@@ -15,7 +15,12 @@ after `close`'s deadline the thread only waits for its current request's timeout
 A checkpoint pushed with its `lineage` (run id and step) carries it as S3 metadata, and before it
 is uploaded the one in S3 is looked at: if S3 holds another run's checkpoint, or a later step of
 this run's, nothing more is uploaded to the prefix (another process writes there) and `close`
-reports it.
+reports it. The upload is then conditional on S3 still holding what was looked at (`IfMatch` its
+ETag, or `IfNoneMatch` when there was none): a write that slipped in between fails the upload, and
+the retry looks again, so a checkpoint never goes back in time, whatever else writes the prefix.
+
+An upload that S3 refuses for a reason no retry changes (403, no such bucket) is not retried:
+`refused` says why, and the run stops at its next checkpoint (`RunOutputs.save`).
 """
 from __future__ import annotations
 
@@ -122,8 +127,12 @@ class S3Sync:
                 uploaded = not self.refused
             except Exception as error:  # noqa: BLE001 - an outage, in botocore's many types: keep it queued
                 self.last_error = s3.reason(error, 160)
-                log.warning("S3 upload of s3://%s/%s failed (%s); retrying in %.0f s", self.bucket, key,
-                            self.last_error, backoff)
+                if s3.is_permanent(error):
+                    self.refused = f"s3://{self.bucket}/{key}: S3 refuses the upload ({self.last_error})"
+                    log.error(self.refused)
+                else:
+                    log.warning("S3 upload of s3://%s/%s failed (%s); retrying in %.0f s", self.bucket, key,
+                                self.last_error, backoff)
                 uploaded = False
             with self._lock:
                 self._in_flight = None
@@ -139,21 +148,25 @@ class S3Sync:
                     backoff = min(self._max_backoff, backoff * 2)
 
     def _upload(self, key: str, item: _Staged) -> None:
-        extra = {}
-        if item.metadata is not None:
-            try:
-                theirs = self._client.head_object(Bucket=self.bucket, Key=key).get("Metadata", {})
-            except Exception as error:  # noqa: BLE001
-                if not s3.is_missing(error):
-                    raise
-                theirs = {}
-            why = older_than(item.metadata, theirs)
-            if why:
-                self.refused = f"s3://{self.bucket}/{key}: not uploaded: {why} (another process writes this prefix?)"
-                log.error(self.refused)
-                return
-            extra = {"Metadata": item.metadata}
-        self._client.upload_file(str(item.path), self.bucket, key, ExtraArgs=extra or None, Config=self._transfer)
+        if item.metadata is None:
+            self._client.upload_file(str(item.path), self.bucket, key, Config=self._transfer)
+            return
+        try:
+            head = self._client.head_object(Bucket=self.bucket, Key=key)
+            theirs, etag = head.get("Metadata", {}), head["ETag"]
+        except Exception as error:  # noqa: BLE001
+            if not s3.is_missing(error):
+                raise
+            theirs, etag = {}, None
+        why = older_than(item.metadata, theirs)
+        if why:
+            self.refused = f"s3://{self.bucket}/{key}: not uploaded: {why} (another process writes this prefix?)"
+            log.error(self.refused)
+            return
+        # One conditional PUT (up to 5 GB; the transfer manager's multipart uploads take no condition)
+        unchanged = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+        with open(item.path, "rb") as body:
+            self._client.put_object(Bucket=self.bucket, Key=key, Body=body, Metadata=item.metadata, **unchanged)
 
     def close(self, timeout_s: float, give_up: Callable[[], bool] = lambda: False) -> list[str]:
         """Waits up to `timeout_s` for the queue to drain (or until `give_up()` says to stop

@@ -95,14 +95,20 @@ def probe(url: str | None, timeout_s: float = PROBE_TIMEOUT_S) -> IMDS | None:
     return imds
 
 
-def connect(mode: str) -> IMDS | None:
-    """`--spot`: "off" -> None; "auto" -> a client when IMDS answers; "on" -> one, or UsageError."""
+def connect(mode: str) -> tuple[IMDS | None, str]:
+    """`--spot`: "off" -> None; "auto" -> a client when IMDS answers; "on" -> one, or UsageError.
+    With the client, one line that says whether the notice is watched, and if not, why."""
     if mode == "off":
-        return None
+        return None, "spot notice: not watched (--spot off)"
+    if os.environ.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true" and mode == "auto":
+        return None, "spot notice: not watched (AWS_EC2_METADATA_DISABLED=true; --spot on to insist)"
     imds = probe(endpoint())
     if mode == "on" and imds is None:
         raise UsageError(f"--spot on, but no instance metadata service answers at {endpoint()}")
-    return imds
+    if imds is None:
+        return None, (f"spot notice: not watched: no instance metadata service answered at {endpoint()} within "
+                      f"{PROBE_TIMEOUT_S:g} s (not on EC2?; --spot on makes that an error)")
+    return imds, f"spot notice: watched at {endpoint()}"
 
 
 class SpotWatcher:
@@ -143,8 +149,11 @@ class SpotWatcher:
         if status == 200:
             self.notice = _json_or_text(body)
             self.noticed_at = time.time()
-            self.log(f"EC2 {NOTICE}: {body.strip()}")
-            self._ask(NOTICE)
+            self._ask(NOTICE)  # first: a log that fails must not keep the run from hearing it
+            try:
+                self.log(f"EC2 {NOTICE}: {body.strip()}")
+            except Exception:  # noqa: BLE001 - the notice is passed on; its log line is not worth dying for
+                pass
             return True
         if not self._rebalance_seen:
             status, body = self.imds.get("events/recommendations/rebalance")
