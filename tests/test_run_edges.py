@@ -136,6 +136,19 @@ SLOW_STEPS = textwrap.dedent("""
 """)
 
 
+def wait_for_lease(bucket: str, key: str, job: subprocess.Popen) -> None:
+    """Until the job running in `job` holds its lease (it has passed its start-up checks)."""
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            client().head_object(Bucket=bucket, Key=key)
+            return
+        except Exception:  # noqa: BLE001 - not there yet
+            assert job.poll() is None, "the job ended before it took its lease"
+            time.sleep(0.2)
+    raise AssertionError(f"no lease at s3://{bucket}/{key} after 90 s")
+
+
 @pytest.mark.slow
 def test_a_second_job_on_a_live_run_is_refused_and_the_first_finishes_as_the_straight_run(
         sample_shards, straight_run, s3_bucket, s3_server, tmp_path):
@@ -147,14 +160,7 @@ def test_a_second_job_on_a_live_run_is_refused_and_the_first_finishes_as_the_str
                                            extra=["--s3", url, "--resume", "auto", *QUIET]),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env=child_env(PYTHONPATH=str(hook), SKYPILOT_TASK_ID="sky-1-first"))
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            client().head_object(Bucket=s3_bucket, Key=f"runs/twice/{LEASE}")
-            break
-        except Exception:  # noqa: BLE001 - not there yet
-            assert first.poll() is None, first.communicate()
-            time.sleep(0.2)
+    wait_for_lease(s3_bucket, f"runs/twice/{LEASE}", first)
     second = train(sample_shards, tmp_path / "second", *EXACT, extra=["--s3", url, "--resume", "auto", *QUIET],
                    check=False, env=child_env(SKYPILOT_TASK_ID="sky-2-second"))
     line = one_error_line(second)
@@ -332,13 +338,7 @@ def test_a_sigkilled_process_leaves_its_lease_to_its_own_relaunch(sample_shards,
     first = subprocess.Popen(train_command(sample_shards, tmp_path / "first", "epochs=1",
                                            extra=["--s3", url, "--resume", "auto", *QUIET]),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=job)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            client().head_object(Bucket=s3_bucket, Key=f"runs/crash/{LEASE}")
-            break
-        except Exception:  # noqa: BLE001 - not there yet
-            time.sleep(0.2)
+    wait_for_lease(s3_bucket, f"runs/crash/{LEASE}", first)
     first.send_signal(signal.SIGKILL)
     first.wait(30)
     relaunch = train(sample_shards, tmp_path / "relaunch", "epochs=1", extra=["--s3", url, "--resume", "auto", *QUIET],
