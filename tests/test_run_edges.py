@@ -199,6 +199,10 @@ def test_a_failure_while_finishing_still_flushes_and_names_what_is_missing(sampl
     assert closing["not_uploaded"] == ["final_weights.pt (not written)"]
     for name in ("last.pt", "metrics.jsonl", "report.html"):  # everything else was flushed all the same
         client().head_object(Bucket=s3_bucket, Key=f"runs/c/{name}")
+    # without S3 too: a run whose final weights are missing is not complete
+    alone = train(sample_shards, tmp_path / "alone", "epochs=1", extra=QUIET, check=False)
+    assert alone.returncode == exits.UPLOADS_PENDING
+    assert alone.stderr.strip().splitlines()[-1].startswith("error: 1 file(s) not written: final_weights.pt")
 
 
 def torchrun(args: list[str], tmp_path: Path, env: dict, **popen) -> subprocess.Popen:

@@ -19,6 +19,7 @@ ETag; its indices are then built from the local copy (`shards.find_shards`).
 from __future__ import annotations
 
 import fcntl
+import glob
 import json
 import os
 import shutil
@@ -117,6 +118,7 @@ def _stage(url: str, folder: Path, splits, workers: int, progress: bool, interru
         wanted = _from_manifest(manifest_text, listing, splits, url)
     else:
         wanted = _from_timm_listing(url, listing, splits)
+    _remove_partial_downloads(folder, wanted)
     record = _read_record(folder)
     to_fetch = [w for w in wanted if not _intact(folder, w, record)]
     need = sum(w.bytes for w in to_fetch)
@@ -124,7 +126,10 @@ def _stage(url: str, folder: Path, splits, workers: int, progress: bool, interru
     if to_fetch:
         log(f"staging {url} ({'+'.join(splits)}) into {folder}: {len(to_fetch)} of {len(wanted)} files, "
             f"{need / 1e9:.2f} GB to fetch" + (f" (bucket in {region})" if region else ""))
-    _fetch(client, bucket, prefix, folder, to_fetch, record, workers, progress, interrupt)
+    try:
+        _fetch(client, bucket, prefix, folder, to_fetch, record, workers, progress, interrupt)
+    finally:  # what was verified, fetched or found intact, even if a stop or a failure cut it short
+        write_text_atomic(folder / RECORD, json.dumps(record, indent=0, sort_keys=True))
     if manifest_text is not None:  # last: a folder with a manifest is a complete copy of its splits
         write_text_atomic(folder / MANIFEST, manifest_text.decode())
     return Staged(folder, len(wanted), len(to_fetch), sum(w.bytes for w in wanted), need, time.monotonic() - started,
@@ -190,6 +195,17 @@ def _as_listed(name: str, listing: dict) -> Wanted:
     """An object with no checksum of ours: its copy is checked against the listing's size and ETag."""
     size, etag = listing[name]
     return Wanted(name, size, f"etag:{etag}")
+
+
+def _remove_partial_downloads(folder: Path, wanted: list[Wanted]) -> None:
+    """s3transfer downloads to `<name>.<8 random characters>` and renames when complete: a process
+    killed mid-download leaves those behind, taking disk the staging needs."""
+    for item in wanted:
+        target = folder / item.name
+        for partial in target.parent.glob(glob.escape(target.name) + ".*"):
+            suffix = partial.name[len(target.name) + 1:]
+            if len(suffix) == 8 and suffix.isalnum():
+                partial.unlink(missing_ok=True)
 
 
 def _read_record(folder: Path) -> dict:
@@ -288,7 +304,6 @@ def _fetch(client, bucket: str, prefix: str, folder: Path, wanted: list[Wanted],
                 check.result()
     finally:
         bar.close()
-        write_text_atomic(folder / RECORD, json.dumps(record, indent=0, sort_keys=True))
     if failures:
         more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
         raise StagingError(failures[0] + more)

@@ -15,7 +15,7 @@ from pathlib import Path
 COMPLETE = 0  # every epoch trained (or the max_steps / max_minutes asked for) and every file in S3
 ERROR = 1  # bad input, a data error, a NaN loss, a bug (with its traceback)
 USAGE = 2  # a flag argparse refuses
-UPLOADS_PENDING = 74  # sysexits' EX_IOERR: the run ended, but files were still not in S3 at the deadline
+UPLOADS_PENDING = 74  # sysexits' EX_IOERR: the run ended, but files were still not in S3 at the deadline (or not written)
 RECLAIM = 75  # sysexits' EX_TEMPFAIL: stopped for a spot reclaim or SIGTERM, checkpointed: relaunch, --resume auto
 INTERRUPTED = 130  # Ctrl-C (SIGINT), checkpointed: a person stopped it, nothing should relaunch it
 
@@ -25,7 +25,8 @@ TABLE = f"""exit codes:
   {COMPLETE:<4} complete: every epoch (or max_steps / max_minutes) trained, every file in S3
   {ERROR:<4} an error: bad input, a data error, a NaN loss, a bug
   {USAGE:<4} a bad command line
-  {UPLOADS_PENDING:<4} ended, but uploads to --s3 were still pending at the deadline (s3_flush_timeout_s)
+  {UPLOADS_PENDING:<4} ended, but uploads to --s3 were still pending at the deadline (s3_flush_timeout_s), or a
+       file of the run's end (final_weights.pt) could not be written
   {RECLAIM:<4} stopped with a checkpoint for a spot reclaim (EC2's notice) or SIGTERM: relaunch with --resume auto
   {INTERRUPTED:<4} stopped with a checkpoint by Ctrl-C (SIGINT)
 """

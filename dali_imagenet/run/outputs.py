@@ -129,7 +129,7 @@ class RunOutputs:
                 work()
             except Exception as error:  # noqa: BLE001 - one part failing must not keep the rest from S3
                 print(f"warning: {what} failed ({type(error).__name__}: {error})", file=sys.stderr, flush=True)
-                if produces and self.uploader:
+                if produces:
                     missing.append(f"{produces} (not written)")
 
         if final_model is not None:
@@ -157,8 +157,9 @@ class RunOutputs:
     def pending_line(self, pending: list[str]) -> str:
         """One line for uploads that did not make it, naming the keys and where the files are."""
         why = self.uploader.refused or self.uploader.last_error if self.uploader else None
-        return (f"error: {len(pending)} file(s) not uploaded to {self.s3_url}: {', '.join(pending)}"
-                f"{f' ({why})' if why else ''}; they are in {self.run_dir}")
+        where = f"uploaded to {self.s3_url}" if self.uploader else "written"
+        return (f"error: {len(pending)} file(s) not {where}: {', '.join(pending)}"
+                f"{f' ({why})' if why else ''}; the run folder: {self.run_dir}")
 
     def close(self, record: dict | None = None, summary: dict | None = None) -> None:
         """Ends the log (with `record` as its last line; `summary` to W&B's run summary)."""
