@@ -223,6 +223,12 @@ def setup(args, leaving: Leaving) -> Run:
     leaving.watcher = watcher
     precision = Precision.for_device(cfg.amp_dtype, procs.device)
     torch.manual_seed(derive_seed(cfg.seed, "torch", procs.rank))
+    run_dir = run_folder.choose(args.out, cfg.arch, resume=args.resume, overwrite=args.overwrite, world=procs.world)
+    s3_held = resume.check_s3_prefix(args.s3, resume=args.resume, overwrite=args.overwrite,
+                                     timeout_s=cfg.s3_resume_timeout_s) if procs.master else []
+    if args.s3 and procs.master:  # before anything is written or staged: S3 takes our files, no other job writes there
+        s3.probe_writes(args.s3, cfg.s3_resume_timeout_s)
+        leaving.lease = Lease(args.s3, cfg.lease_seconds).acquire(cfg.s3_resume_timeout_s)
     data = local_data(args, procs, leaving.request)
     shards = find_shards(data, "train")
     val_shards = find_shards(data, "validation")
@@ -231,12 +237,6 @@ def setup(args, leaving: Leaving) -> Run:
                                      cfg.s3_get_price_per_1000), file=sys.stderr, flush=True)
     shards.require_labels("training")
     val_shards.require_labels("validation")
-    run_dir = run_folder.choose(args.out, cfg.arch, resume=args.resume, overwrite=args.overwrite, world=procs.world)
-    s3_held = resume.check_s3_prefix(args.s3, resume=args.resume, overwrite=args.overwrite,
-                                     timeout_s=cfg.s3_resume_timeout_s) if procs.master else []
-    if args.s3 and procs.master:  # before anything is written: S3 takes our files, and no other job writes there
-        s3.probe_writes(args.s3, cfg.s3_resume_timeout_s)
-        leaving.lease = Lease(args.s3, cfg.lease_seconds).acquire(cfg.s3_resume_timeout_s)
     training = recipe.build(cfg, shards.num_classes, procs, precision)
     point = resume.resume(args.resume, run_dir, args.s3, procs, model=training.model, optimizer=training.optimizer,
                           scaler=training.scaler, ema=training.ema, config=cfg, s3_timeout_s=cfg.s3_resume_timeout_s)
