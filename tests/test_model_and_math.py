@@ -329,3 +329,27 @@ def test_predictions_per_class_confusions_and_examples(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"not numpy")
     with pytest.raises(Exception, match="not a predictions file"):
         Predictions.load(tmp_path / "bad.npz")
+
+
+def test_data_cost_prices_requests_and_bytes_moved_across_regions_only():
+    from dali_imagenet.run.metrics import cost, data_cost, describe_cost
+
+    prices = dict(get_price_per_1000=0.0004, put_price_per_1000=0.005, cross_region_price_per_gb=0.02)
+    usage = {"get": 10_000, "put": 2_000, "free": 5, "buckets": {
+        "data": {"bytes_in": 147e9, "bytes_out": 0, "region": "us-west-2"},
+        "runs": {"bytes_in": 0, "bytes_out": 3e9, "region": "us-east-1"}}}
+    here = data_cost(usage, instance_region="us-east-1", **prices)
+    assert here["cross_region_gb"] == pytest.approx(147)  # the data bucket's GB; the run bucket is in the region
+    assert here["dollars"] == pytest.approx(10_000 * 0.0004 / 1000 + 2_000 * 0.005 / 1000 + 147 * 0.02)
+    unknown = data_cost(usage, instance_region=None, **prices)  # off EC2: no region to compare, nothing charged
+    assert unknown["cross_region_gb"] == 0 and unknown["dollars"] == pytest.approx(0.004 + 0.01)
+    streamed = data_cost({"get": 0, "put": 0, "buckets": {}}, instance_region=None, streamed_gets=1_000_000, **prices)
+    assert streamed["dollars"] == pytest.approx(0.4)
+    run = cost(3600, gpus=1, machines=1, price_per_hour=0.8, spot_price_per_hour=0, lifecycle=None, data=here)
+    assert run["total_dollars"] == pytest.approx(0.8 + here["dollars"]) and run["dollars"] == pytest.approx(0.8)
+    assert describe_cost(run).endswith("; S3 $2.95 (10,000 GETs, 2,000 PUTs, 147.00 GB in, 147.00 GB across regions)")
+    quiet = cost(60, gpus=0, machines=1, price_per_hour=0.8, spot_price_per_hour=0, lifecycle=None,
+                 data=data_cost({"get": 0, "put": 0, "buckets": {}}, instance_region=None, **prices))
+    assert "S3" not in describe_cost(quiet)  # a run that never touched S3 says nothing of it
+    assert "(est.)" in describe_cost(cost(60, gpus=0, machines=1, price_per_hour=0.8, spot_price_per_hour=0,
+                                          lifecycle=None, data=streamed))
