@@ -27,7 +27,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--data", required=True, help="shard folder or s3://bucket/prefix")
     parser.add_argument("--dali", action="store_true", help="DALI loader; without it the torchvision baseline")
-    parser.add_argument("--arch", choices=sorted(LAYOUTS), default=None, help="for plain state dicts (default resnet50)")
+    parser.add_argument("--arch", default=None, help="for plain state dicts: one of "
+                        f"{', '.join(sorted(LAYOUTS))} (default resnet50) or timm:NAME; a run's checkpoint names its own")
     parser.add_argument("--weights", choices=WEIGHT_CHOICES, default="auto",
                         help="raw weights or their EMA (auto: whichever scored higher in the run)")
     parser.add_argument("--split", default="validation")
@@ -51,7 +52,8 @@ def main() -> None:
     for image_size in args.image_size or [loaded.config.val_image_size]:
         loader = make_loader(shards, args.split, args.batch_size, device=args.device, image_size=image_size,
                              crop_fraction=crop_fraction, dtype=precision.loader_dtype,
-                             backend="dali" if args.dali else "torchvision", train=False)
+                             backend="dali" if args.dali else "torchvision", train=False,
+                             normalization=loaded.config.normalization())
         metrics = evaluate({"": loaded.model}, loader, precision, flip=args.flip)
         metrics.update(checkpoint=args.checkpoint, arch=loaded.arch, weights=loaded.weights, image_size=image_size,
                        crop_fraction=crop_fraction, flip=args.flip)

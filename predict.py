@@ -78,7 +78,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="one JSON object per image")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--arch", choices=sorted(LAYOUTS), help="for plain state dicts (default resnet50)")
+    parser.add_argument("--arch", help=f"for plain state dicts: one of {', '.join(sorted(LAYOUTS))} (default resnet50) "
+                        "or timm:NAME; a run's checkpoint names its own")
     parser.add_argument("--weights", choices=WEIGHT_CHOICES, default="auto", help="raw weights or their EMA")
     parser.add_argument("--classes", help="class names: a classes.tsv or one name per line (default: the checkpoint's)")
     parser.add_argument("--image-size", type=int, help="crop size in px (default: the run's val_image_size)")

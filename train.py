@@ -43,6 +43,7 @@ from dali_imagenet.run.spot import SpotWatcher
 from dali_imagenet.seeding import derive_seed
 from dali_imagenet.training import predictions, recipe
 from dali_imagenet.training.evaluation import evaluate, evaluate_with_top5
+from dali_imagenet.training.initial import Initialised, initialise
 from dali_imagenet.training.precision import Precision
 from dali_imagenet.training.schedule import LRSchedule
 from dali_imagenet.training.step import TrainStep
@@ -63,6 +64,8 @@ def parse_args() -> argparse.Namespace:
     add("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config field")
     add("--out", help="run folder (default: runs/<arch>-<time>)")
     add("--resume", help="'auto' (the newer checkpoint of --out and --s3) or a checkpoint path")
+    add("--init", metavar="SOURCE", help="a new run starting from these weights: a checkpoint, a run folder, a state "
+        "dict, or 'timm' (a timm: arch's pretrained weights); other classes get a new classifier")
     add("--overwrite", action="store_true", help="replace the run that --out holds")
     add("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     add("--s3", help="s3://bucket/prefix for checkpoints, weights and metrics")
@@ -102,6 +105,7 @@ class Run:
     cost_basis: dict  # what `metrics.cost` needs besides the hours
     data_basis: dict  # what `metrics.data_cost` needs besides the S3 usage
     streamed: bool  # DALI reads s3:// itself, every epoch (--stream): its GETs are estimated
+    initialised: Initialised | None  # where a fresh run's weights came from (--init); None: random, or resumed
 
 
 @dataclass(frozen=True)
@@ -243,13 +247,19 @@ def setup(args, leaving: Leaving) -> Run:
     state = leaving.state = point.state
     if procs.master:
         s3.usage.add(state.s3_usage)  # the run's requests before this process: its cost record covers them all
+    initialised = None
+    if args.init and point.path is None:  # a resumed run has its own weights: --init only starts one
+        initialised = initialise(args.init, training.model, cfg.arch, shards.class_names)
+        training.restart_ema(cfg)
+        if procs.master:
+            print(initialised.line(shards.num_classes), flush=True)
     stops = StopCheck(leaving.request, procs, checkpoint_minutes=cfg.checkpoint_minutes, max_minutes=cfg.max_minutes,
                       max_steps=cfg.max_steps, earlier_s=state.wall_s)
     stops.interrupt_if_asked()  # a notice during the resume download: leave before anything is written
     backend = "dali" if args.dali else "torchvision"
     loader_options = dict(batch_size=cfg.batch_size, device=procs.device, rank=procs.rank, world_size=procs.world,
                           dtype=precision.loader_dtype, backend=backend, num_threads=cfg.loader_threads,
-                          hw_decoder_load=cfg.hw_decoder_load)
+                          hw_decoder_load=cfg.hw_decoder_load, normalization=cfg.normalization())
     val_loader = make_loader(val_shards, "validation", image_size=cfg.val_image_size,
                              crop_fraction=cfg.val_crop_fraction, **loader_options)
     train_step = training.step(cfg, procs, precision, shards.num_classes)
@@ -263,7 +273,7 @@ def setup(args, leaving: Leaving) -> Run:
                          instance={**instance, **decoding}, write_report=write_report, lease=leaving.lease,
                          extra={"loader": backend, "world_size": procs.world, "data": args.data,
                                 **({"staged_to": data} if data != args.data else {}), "config_file": args.config,
-                                "spot_watch": watching})
+                                "spot_watch": watching, **({"init": initialised.record()} if initialised else {})})
     leaving.outputs = outputs
     if watcher:
         watcher.log = outputs.note
@@ -284,7 +294,8 @@ def setup(args, leaving: Leaving) -> Run:
               f"{backend} loader on {procs.device.type}, {procs.world} process(es), run folder {run_dir}")
         print(decoder.line(decoding))
     return Run(cfg, procs, precision, shards, val_shards, train_step, val_loader, loader_options, schedule, stops, outputs,
-               state, watcher, cost_basis, data_basis, streamed=args.stream and s3.is_s3(args.data))
+               state, watcher, cost_basis, data_basis, streamed=args.stream and s3.is_s3(args.data),
+               initialised=initialised)
 
 
 def local_data(args, procs: distributed.Processes, request: StopRequest) -> str:
@@ -436,6 +447,18 @@ def validate(run: Run, line: str = "") -> None:
     save_checkpoint(train_step, state, run.outputs, cfg, run.procs, run.shards.class_names, run.stops.run_s(), is_best)
 
 
+def validate_start(run: Run) -> None:
+    """The initial weights' score (--init), before any step: where a fine-tuning starts from."""
+    cfg, train_step = run.cfg, run.train_step
+    models = {"": train_step.model, **({"ema": train_step.ema.module} if train_step.ema else {})}
+    metrics = evaluate(models, run.val_loader, run.precision, flip=cfg.val_flip, channels_last=cfg.channels_last,
+                       interrupt=run.stops.interrupt_if_asked)
+    run.outputs.log({"event": "init_validation", "step": 0, "epoch": 0, **{f"val_{k}": v for k, v in metrics.items()}})
+    if run.procs.master:
+        print(f"before training ({run.initialised.source}): val top-1 {metrics['top1']:.2f}%  top-5 "
+              f"{metrics['top5']:.2f}%  loss {metrics['loss']:.3f}  ({metrics['images']} images)", flush=True)
+
+
 def _without_top5(*args, **kwargs) -> tuple[dict, dict]:
     return evaluate(*args, **kwargs), {}
 
@@ -458,6 +481,8 @@ def train(run: Run) -> str | None:
     """Trains the epochs left; returns why the run stopped early, or None when every epoch ran.
     A stop request outside a train step raises `Interrupted` (nothing new to checkpoint there)."""
     state = run.state
+    if run.initialised and state.step == 0:
+        validate_start(run)
     if state.validation_due:  # a stop cut that validation short: the resumed run does it first
         validate(run)
     while state.epoch < run.cfg.epochs:

@@ -3,6 +3,7 @@
     python -m benchmarks                     # all, on the bundled sample (built if missing)
     python -m benchmarks --only loader step  # a subset
     python -m benchmarks --only s3           # shards on S3 behind 0/10/20 ms: streamed vs staged (benchmarks.s3)
+    python -m benchmarks --only step --arch resnet18 timm:efficientnet_b0   # the step of several networks
     python -m benchmarks --smoke             # seconds: tiny sizes, checks the plumbing only
 
 Every measurement runs in a process of its own, after a warm-up, as >= 3 repeats (median and
@@ -72,10 +73,12 @@ def step_sizes(device: str, smoke: bool) -> tuple[str, int, int, list[str]]:
     return "resnet50", 16, 128, ["--warmup-steps", "1", "--steps", "3", "--repeats", "3"]
 
 
-def step_runs(device: str, smoke: bool, sizes: list[int] | None = None):
+def step_runs(device: str, smoke: bool, sizes: list[int] | None = None, arch: str | None = None):
     """Every dtype x layout x compile at one size; with `sizes`, the size sweep of the product's
-    own setting (channels-last; bf16 on a GPU, fp32 on a CPU without fast bf16), eager and compiled."""
-    arch, batch, size, timing = step_sizes(device, smoke)
+    own setting (channels-last; bf16 on a GPU, fp32 on a CPU without fast bf16), eager and compiled.
+    `arch`: another network than the stage's ResNet (ours or `timm:NAME`)."""
+    default_arch, batch, size, timing = step_sizes(device, smoke)
+    arch = arch or default_arch
     dtypes = ["float32", "bfloat16"] + (["float16"] if device == "cuda" else [])
     if smoke:  # the plumbing, once: the product's own dtype on this device
         dtypes = ["bfloat16" if device == "cuda" else "float32"]
@@ -111,6 +114,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench-results/results.jsonl")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that everything runs")
     parser.add_argument("--image-size", type=int, nargs="+", help="step stage: sweep these train sizes (px)")
+    parser.add_argument("--arch", nargs="+", help="step stage: these networks (ours or timm:NAME) instead of ResNet-50")
     args = parser.parse_args()
 
     work, out = Path(args.work), Path(args.out)
@@ -123,7 +127,8 @@ def main() -> None:
     if "loader" in args.only:
         plans += [("benchmarks.loaders", *run) for run in loader_runs(shards, args.device, args.smoke)]
     if "step" in args.only:
-        plans += [("benchmarks.steps", *run) for run in step_runs(args.device, args.smoke, args.image_size)]
+        plans += [("benchmarks.steps", *run) for arch in (args.arch or [None])
+                  for run in step_runs(args.device, args.smoke, args.image_size, arch)]
     if "end-to-end" in args.only:
         plans += [("benchmarks.steps", *run) for run in end_to_end_runs(shards, args.device, args.smoke)]
 

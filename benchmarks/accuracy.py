@@ -2,12 +2,18 @@
 
     python -m benchmarks.accuracy --data IMAGENETTE_DIR --config configs/imagenette-cpu.yaml \\
         --config configs/imagenette-cpu-seed.yaml [--minutes 15] [--device cpu]
+    # transfer: train on half the classes, then fine-tune on the other half against training from scratch
+    python -m benchmarks.accuracy --data IMAGENETTE_DIR --classes 0:5 --config configs/imagenette-cpu.yaml --work W1
+    python -m benchmarks.accuracy --data IMAGENETTE_DIR --classes 5:10 --config configs/imagenette-cpu.yaml \\
+        --config configs/imagenette-finetune.yaml --init imagenette-finetune=W1/runs/imagenette-cpu --work W2
 
 IMAGENETTE_DIR is an ImageFolder tree (`train/<synset>/*.JPEG`, `val/<synset>/*.JPEG`; Imagenette
 from fast.ai, downloaded by you) or anything else `shard-imagenet` reads. It is sharded once into
 --work; then each config trains in its own process, one after the other on the same machine, for
 at most --minutes (train.py's `max_minutes`: a recipe must fit the budget by its own epochs).
-A run cut short by the budget is evaluated from its last checkpoint.
+A run cut short by the budget is evaluated from its last checkpoint. `--classes A:B` keeps the
+sorted classes A to B-1 of the tree (a split of the classes, for transfer); `--init NAME=SOURCE`
+starts config NAME from trained weights (train.py's --init).
 
 Writes JSON lines (one per config: top-1 of the raw and EMA weights, wall seconds, images seen,
 the validation curve), a PNG of val top-1 against wall-clock seconds and against images seen (one
@@ -44,10 +50,28 @@ def shard(data: Path, work: Path) -> Path:
     return out
 
 
-def train(config: Path, shards: Path, run_dir: Path, *, minutes: float, device: str, sets: list[str]) -> dict:
+def class_subset(data: Path, classes: str, work: Path) -> Path:
+    """An ImageFolder tree of the sorted classes `A:B` of `data` (links, no copies), in `work`."""
+    first, _, end = classes.partition(":")
+    synsets = sorted(p.name for p in (data / "train").iterdir() if p.is_dir())[int(first):int(end)]
+    if not synsets:
+        sys.exit(f"error: --classes {classes}: no classes there ({data / 'train'} has {len(synsets)})")
+    subset = work / f"classes-{first}-{end}"
+    for split in ("train", "val"):
+        (subset / split).mkdir(parents=True, exist_ok=True)
+        for synset in synsets:
+            link = subset / split / synset
+            if not link.exists():
+                link.symlink_to((data / split / synset).resolve(), target_is_directory=True)
+    return subset
+
+
+def train(config: Path, shards: Path, run_dir: Path, *, minutes: float, device: str, sets: list[str],
+          init: str | None = None) -> dict:
     command = [sys.executable, str(REPO / "train.py"), "--dali", "--spot", "off", "--data", str(shards), "--config", str(config),
                "--out", str(run_dir), "--overwrite", "--device", device, "--no-wandb",
-               "--set", f"max_minutes={minutes}", *[a for s in sets for a in ("--set", s)]]
+               "--set", f"max_minutes={minutes}", *[a for s in sets for a in ("--set", s)],
+               *(["--init", init] if init else [])]
     started = time.perf_counter()
     with open(run_dir.with_suffix(".log"), "w") as log:
         result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -69,8 +93,10 @@ def summarize(name: str, config: Path, run_dir: Path, shards: Path, device: str,
     from dali_imagenet.training.saved import load
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    curve = [{"epoch": r["epoch"], "time_s": r["time_s"], "images_seen": r["images_seen"], "top1": r["val_top1"],
-              **({"ema_top1": r["val_ema_top1"]} if "val_ema_top1" in r else {})} for r in records if "val_top1" in r]
+    # an --init run's first point is its initial weights' score, before any step (time 0, no image seen)
+    curve = [{"epoch": r["epoch"], "time_s": r.get("time_s", 0.0), "images_seen": r.get("images_seen", 0),
+              "top1": r["val_top1"], **({"ema_top1": r["val_ema_top1"]} if "val_ema_top1" in r else {})}
+             for r in records if "val_top1" in r]
     end = records[-1]
     last = load(run_dir / "last.pt")
     state, cfg = last["state"], last["config"]
@@ -115,11 +141,13 @@ def save_chart(results: list[dict], path: Path) -> Path:
 
 
 def markdown_table(results: list[dict]) -> str:
-    lines = ["| config | arch | train px | val px | epochs | stopped by | images seen | wall min | top-1 | EMA top-1 |",
-             "| --- | --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+    lines = ["| config | arch | starts from | train px | val px | epochs | stopped by | images seen | wall min | top-1 "
+             "| EMA top-1 |", "| --- | --- | --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
     for r in results:
         ema = f"{r['ema_top1']:.2f}" if r["ema_top1"] is not None else ""
-        lines.append(f"| {r['config']} | {r['arch']} | {'-'.join(map(str, r['train_sizes']))} | {r['val_image_size']} | "
+        start = "/".join(Path(r["init"]).parts[-3:]) if r.get("init") else "scratch"
+        lines.append(f"| {r['config']} | {r['arch']} | {start} | {'-'.join(map(str, r['train_sizes']))} | "
+                     f"{r['val_image_size']} | "
                      f"{r['epochs_done']}/{r['epochs_planned']} | {r['stop_reason'] or 'finished'} | "
                      f"{r['images_seen']:,} | {r['wall_s'] / 60:.1f} | {r['top1']:.2f} | {ema} |")
     return "\n".join(lines)
@@ -135,7 +163,11 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=REPO / "build" / "accuracy")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "accuracy.jsonl")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and one epoch: checks the plumbing")
+    parser.add_argument("--classes", metavar="A:B", help="only the sorted classes A to B-1 (a split, for transfer)")
+    parser.add_argument("--init", action="append", default=[], metavar="NAME=SOURCE",
+                        help="start config NAME (its file's stem) from SOURCE's weights (train.py --init)")
     args = parser.parse_args()
+    inits = dict(item.split("=", 1) for item in args.init)
 
     import torch
 
@@ -147,7 +179,7 @@ def main() -> None:
         sys.exit(f"error: {args.data}: no such folder")
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    shards = shard(args.data, args.work)
+    shards = shard(class_subset(args.data, args.classes, args.work) if args.classes else args.data, args.work)
     sets = [*(SMOKE_SETTINGS if args.smoke else []), *args.set]
     env, results = machine(), []
     for i, config in enumerate(args.config, 1):
@@ -156,8 +188,9 @@ def main() -> None:
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         print(f"[{i}/{len(args.config)}] {name}: training for at most {args.minutes:g} min on {device} "
               f"(log: {run_dir.with_suffix('.log')})", flush=True)
-        timing = train(config, shards, run_dir, minutes=args.minutes, device=device, sets=sets)
+        timing = train(config, shards, run_dir, minutes=args.minutes, device=device, sets=sets, init=inits.get(name))
         result = {**summarize(name, config, run_dir, shards, device, timing["wall_s"]), "env": env,
+                  "init": inits.get(name), "classes": args.classes,
                   "options": {"minutes": args.minutes, "sets": sets, "smoke": args.smoke, "device": device}}
         print(f"    top-1 {result['top1']:.2f}%"
               + (f", EMA {result['ema_top1']:.2f}%" if result["ema_top1"] is not None else "")

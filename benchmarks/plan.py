@@ -117,10 +117,10 @@ def measure_validation(cfg: TrainConfig, device: torch.device, seconds: float) -
     """Validation images/s at the val size: every forward pass a validation makes (raw weights,
     their EMA when the run keeps one, each with its mirror image under val_flip)."""
     from dali_imagenet.training.evaluation import predict_logits
-    from dali_imagenet.training.model import build_model
+    from dali_imagenet.training import archs
 
     precision = Precision.for_device(cfg.amp_dtype, device)
-    model = build_model(cfg.arch, 1000, blurpool=cfg.blurpool).to(device, memory_format=torch.channels_last).eval()
+    model = archs.build(cfg.arch, 1000, blurpool=cfg.blurpool).to(device, memory_format=torch.channels_last).eval()
     models = 2 if cfg.ema_decay else 1
     size = cfg.val_image_size
     images = torch.randn(cfg.batch_size, 3, size, size, device=device).to(
@@ -141,7 +141,8 @@ def measure_loader(cfg: TrainConfig, data: str, split: str, size: int, device: t
     from dali_imagenet import make_loader
 
     precision = Precision.for_device(cfg.amp_dtype, device)
-    options = dict(device=device, dtype=precision.loader_dtype, backend="dali", num_threads=cfg.loader_threads)
+    options = dict(device=device, dtype=precision.loader_dtype, backend="dali", num_threads=cfg.loader_threads,
+                   normalization=cfg.normalization())
     if split == "train":
         loader = make_loader(data, "train", cfg.batch_size, image_size=size, crop_min_area=cfg.crop_min_area,
                              shuffle_buffer=min(cfg.shuffle_buffer, 1024), **options)

@@ -13,14 +13,14 @@ def _rate(record: dict) -> float | None:
 
 def add_ratios(results: list[dict]) -> None:
     """Each loader against the decode limit and the baseline on the same shards; each end-to-end run
-    against its synthetic ceiling; each step against float32 NCHW eager on the same device."""
+    against its synthetic ceiling; each step against float32 NCHW eager of the same network."""
     limits = {r["shards"]: _rate(r) for r in results if r["stage"] == "limit" and _rate(r)}
     baselines = {(r["shards"], r["split"]): _rate(r) for r in results
                  if r["stage"] == "loader" and r["backend"] == "torchvision" and _rate(r)}
     ceilings = {(r["name"], r["image_size"]): _rate(r) for r in results
                 if r["stage"] == "step" and not r["compile"] and _rate(r)}
-    eager_fp32 = next((_rate(r) for r in results if r["stage"] == "step" and r["dtype"] == "float32"
-                       and not r["channels_last"] and not r["compile"] and _rate(r)), None)
+    eager_fp32 = {r["arch"]: _rate(r) for r in reversed(results) if r["stage"] == "step" and r["dtype"] == "float32"
+                  and not r["channels_last"] and not r["compile"] and _rate(r)}  # each network against its own
     for r in results:
         rate = _rate(r)
         if rate is None:
@@ -32,8 +32,8 @@ def add_ratios(results: list[dict]) -> None:
                 r["vs_baseline"] = rate / baselines[(r["shards"], r["split"])]
         elif r["stage"] == "end-to-end" and (r["ceiling"], r["image_size"]) in ceilings:
             r["vs_ceiling"] = rate / ceilings[(r["ceiling"], r["image_size"])]
-        elif r["stage"] == "step" and eager_fp32:
-            r["vs_baseline"] = rate / eager_fp32
+        elif r["stage"] == "step" and r["arch"] in eager_fp32:
+            r["vs_baseline"] = rate / eager_fp32[r["arch"]]
 
 
 def markdown_table(results: list[dict]) -> str:

@@ -20,7 +20,7 @@ class ConfigError(DaliImagenetError):
 @dataclass
 class TrainConfig:
     # model
-    arch: str = "resnet50"  # resnet10 | resnet18 | resnet34 | resnet50 | resnet101 | resnet152
+    arch: str = "resnet50"  # resnet10 | resnet18 | resnet34 | resnet50 | resnet101 | resnet152 | timm:NAME (any timm model)
     drop_path: float = 0.1  # stochastic depth of the last block; rises linearly from 0 with depth
     zero_init_last_bn: bool = True  # each residual branch starts as identity
     blurpool: bool = False  # blur (3x3 binomial) before each strided conv; same weights, so still torchvision's keys
@@ -37,6 +37,8 @@ class TrainConfig:
     val_image_size: int = 224  # px, centre crop for validation (may differ from the train size)
     val_crop_fraction: float = CROP_FRACTION  # val: the crop's share of the resized shorter side (224 of 256)
     val_flip: bool = False  # test-time augmentation: average the logits of each image and its mirror
+    image_mean: str = ""  # "r,g,b" on 0-1 pixel values, subtracted before the model; "": the arch's (ImageNet's)
+    image_std: str = ""  # "r,g,b", divided by; "": the arch's. A timm arch's size, crop, mean and std are its own
     batch_size: int = 128  # images per step per process (the global batch is this x world size)
     loader_threads: int = 4  # DALI CPU threads / DataLoader workers per process
     hw_decoder_load: float = HW_DECODER_LOAD  # GPU: share of JPEGs for the hardware decoder; 0: nvJPEG's hybrid path
@@ -89,12 +91,23 @@ class TrainConfig:
         """Whether epoch `epoch` (1-based) ends with a validation: every `val_every`, and the last."""
         return bool(self.val_every and epoch % self.val_every == 0) or epoch == self.epochs
 
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) on 0-1 pixel values: the config's, else the arch's own (ImageNet's for ours)."""
+        from dali_imagenet.training.archs import input_defaults
+
+        defaults = input_defaults(self.arch)
+        return _triple(self.image_mean) or defaults.mean, _triple(self.image_std) or defaults.std
+
     def validate(self) -> None:
-        from dali_imagenet.training.model import LAYOUTS
+        from dali_imagenet.training.archs import problem
         from dali_imagenet.training.precision import AMP_DTYPES
 
+        arch_problem = problem(self.arch)
         checks = [
-            (self.arch in LAYOUTS, f"arch must be one of {', '.join(LAYOUTS)}"),
+            (arch_problem is None, arch_problem),
+            (all(_triple(v) is not None or v == "" for v in (self.image_mean, self.image_std))
+             and all(x > 0 for x in _triple(self.image_std) or (1,)),
+             "image_mean and image_std are three numbers, r,g,b on 0-1 pixel values (std > 0), or empty"),
             (self.amp_dtype in AMP_DTYPES, f"amp_dtype must be one of {', '.join(AMP_DTYPES)}"),
             (self.lr_schedule in ("cosine", "linear"), "lr_schedule must be cosine or linear"),
             (self.batch_size > 0 and self.epochs > 0 and self.image_size > 0 and self.val_image_size > 0,
@@ -180,8 +193,38 @@ def parse_set(items: list[str]) -> dict[str, str]:
     return overrides
 
 
+def _triple(text: str) -> tuple[float, float, float] | None:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        return None
+    return values if len(values) == 3 else None
+
+
+# A timm arch brings its own input: these fields take its values unless the config sets them.
+ARCH_INPUT_FIELDS = ("image_size", "val_image_size", "val_crop_fraction", "image_mean", "image_std")
+
+
+def with_arch_inputs(config: TrainConfig, set_keys: set[str]) -> TrainConfig:
+    """`config` with a timm arch's input size, validation crop and mean/std where the config did
+    not set them (our ResNets keep the dataclass's ImageNet defaults)."""
+    from dali_imagenet.training.archs import input_defaults, is_timm, problem
+
+    if not is_timm(config.arch) or problem(config.arch):
+        return config
+    defaults = input_defaults(config.arch)
+    values = {"image_size": defaults.image_size, "val_image_size": defaults.image_size,
+              "val_crop_fraction": defaults.crop_fraction, "image_mean": ",".join(map(str, defaults.mean)),
+              "image_std": ",".join(map(str, defaults.std))}
+    for key in ARCH_INPUT_FIELDS:
+        if key not in set_keys:
+            setattr(config, key, values[key])
+    return config
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
     config = TrainConfig()
+    set_keys: set[str] = set()
     if path is not None:
         path = Path(path)
         try:
@@ -193,7 +236,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys")
         apply_overrides(config, values, str(path))
-    apply_overrides(config, parse_set(list(overrides)), "--set")
+        set_keys |= set(values)
+    sets = parse_set(list(overrides))
+    apply_overrides(config, sets, "--set")
+    with_arch_inputs(config, set_keys | set(sets))
     config.validate()
     return config
 

@@ -20,7 +20,6 @@ SHARED = {"errors", "s3", "retry", "seeding", "distributed"}  # the top level, b
 # above them; the layers take explicit arguments and never need it, but the recipe, which builds a
 # run's training from a config, does. So: config may import data and training, never run or report.
 CONFIG_MAY_IMPORT = ("shared", "data", "training")
-MOST_AT_THE_TOP, MOST_IN_A_LAYER = 6, 12
 
 
 def modules() -> dict[str, Path]:
@@ -98,12 +97,13 @@ def test_the_layer_check_sees_an_import_going_up():
         "dali_imagenet.run.outputs -> dali_imagenet.report.html_report"]
 
 
-def test_each_layer_is_small_and_says_what_it_holds():
+def test_each_layer_says_what_it_holds():
+    """The direction of imports is the rule (above); how many modules a layer holds is not: a count
+    would push a module into the wrong folder."""
     top = [p for p in LIBRARY.glob("*.py") if p.stem != "__init__"]
-    assert {p.stem for p in top} == SHARED | {"config"} and len(top) <= MOST_AT_THE_TOP
+    assert {p.stem for p in top} == SHARED | {"config"}
     for layer in LAYERS[1:]:
         folder = LIBRARY / layer
-        assert len([p for p in folder.glob("*.py") if p.stem != "__init__"]) <= MOST_IN_A_LAYER, layer
         docstring = ast.get_docstring(ast.parse((folder / "__init__.py").read_text()))
         assert docstring and "Imports" in docstring, f"{layer}/__init__.py must say what it holds and may import"
 

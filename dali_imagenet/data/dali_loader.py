@@ -20,7 +20,7 @@ class DaliLoader(EpochPosition):
     def __init__(self, shards: SplitShards, batch_size: int, *, device: torch.device, image_size: int, rank: int,
                  world_size: int, batches: int, seed: int, dtype: torch.dtype, train: bool, threads: int,
                  shuffle_buffer: int, crop_fraction: float, crop_min_area: float, resume: dict | None,
-                 hw_decoder_load: float, interrupt=None):
+                 hw_decoder_load: float, normalization=None, interrupt=None):
         from nvidia.dali import types
         from nvidia.dali.plugin.base_iterator import LastBatchPolicy
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
@@ -39,7 +39,7 @@ class DaliLoader(EpochPosition):
             list(shards.tars), list(shards.indices), device="gpu" if on_gpu else "cpu", train=train,
             image_size=image_size, dtype=types.FLOAT if dtype == torch.float32 else types.FLOAT16, shard_id=rank,
             num_shards=world_size, shuffle_buffer=shuffle_buffer, crop_fraction=crop_fraction, crop_min_area=crop_min_area,
-            hw_decoder_load=hw_decoder_load,
+            hw_decoder_load=hw_decoder_load, normalization=normalization,
             batch_size=batch_size, num_threads=threads, device_id=device.index if on_gpu else None, seed=seed,
             prefetch_queue_depth=2, enable_checkpointing=True, checkpoint=resume["dali"] if restorable else None)
         first, end = rank_range(shards.samples, world_size, rank)

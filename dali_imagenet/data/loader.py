@@ -43,7 +43,8 @@ def make_loader(data, split: str, batch_size: int, *, device: str | torch.device
                 backend: str = "dali", train: bool | None = None, num_threads: int | None = None,
                 shuffle_buffer: int = SHUFFLE_BUFFER, crop_fraction: float = CROP_FRACTION,
                 crop_min_area: float = TRAIN_CROP_MIN_AREA, cache_dir=None, resume: dict | None = None,
-                hw_decoder_load: float = HW_DECODER_LOAD, interrupt: Callable[[int], None] | None = None) -> Loader:
+                hw_decoder_load: float = HW_DECODER_LOAD, normalization=None,
+                interrupt: Callable[[int], None] | None = None) -> Loader:
     """`data`: a shard folder, `s3://` prefix or timm-layout folder, or the `SplitShards` of one.
     `train` defaults to `split == "train"` (random crops, flips, shuffling, dropped last batch).
 
@@ -54,6 +55,7 @@ def make_loader(data, split: str, batch_size: int, *, device: str | torch.device
     replays them, calling `interrupt(batch)` before each replayed batch (it may raise to stop: a
     replay decodes without training). `dtype` defaults to float16 on a GPU and float32 on a CPU (the fastest there).
     `hw_decoder_load`: DALI on a GPU, the share of JPEGs for the hardware decoder (0: nvJPEG's hybrid path).
+    `normalization`: (mean, std) on 0-1 pixel values, the model's (default ImageNet's).
     """
     if backend not in BACKENDS:
         raise UsageError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
@@ -77,7 +79,7 @@ def make_loader(data, split: str, batch_size: int, *, device: str | torch.device
                    # a buffer larger than the rank's share: DALI's first fill reads past it, re-reading samples
                    shuffle_buffer=max(1, min(shuffle_buffer, shards.samples // world_size)),
                    crop_fraction=crop_fraction, crop_min_area=crop_min_area, resume=resume,
-                   hw_decoder_load=hw_decoder_load, interrupt=interrupt)
+                   hw_decoder_load=hw_decoder_load, normalization=normalization, interrupt=interrupt)
     if backend == "torchvision":
         from dali_imagenet.data.baseline import TorchvisionLoader  # torchvision and webdataset: only when asked for
 

@@ -13,10 +13,9 @@ from nvidia.dali import fn, pipeline_def, types
 from dali_imagenet.data.preprocess import (
     CROP_FRACTION,
     HW_DECODER_LOAD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     TRAIN_CROP_ASPECT,
     TRAIN_CROP_MIN_AREA,
+    pixel_mean_std,
     val_resize_size,
 )
 
@@ -34,7 +33,7 @@ GPU_DECODER_HINTS = dict(
 
 def decode_and_augment(jpegs, *, device: str, train: bool, image_size: int, dtype,
                        crop_fraction: float = CROP_FRACTION, crop_min_area: float = TRAIN_CROP_MIN_AREA,
-                       hw_decoder_load: float = HW_DECODER_LOAD):
+                       hw_decoder_load: float = HW_DECODER_LOAD, normalization=None):
     """JPEG bytes -> normalised `image_size`² HWC images of `dtype`, on `device` ("cpu" | "gpu").
 
     `preprocess`'s recipe: train crops are decoded as a ROI (only the crop's region), val images
@@ -54,8 +53,9 @@ def decode_and_augment(jpegs, *, device: str, train: bool, image_size: int, dtyp
         images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB, **hints)
         images, crop_args = _resize_and_center_like_torchvision(images, image_size, crop_fraction)
         mirror, crop = 0, (image_size, image_size)
+    mean, std = pixel_mean_std(normalization)
     return fn.crop_mirror_normalize(images, dtype=dtype, output_layout="HWC", crop=crop, mirror=mirror,
-                                    mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), **crop_args)
+                                    mean=list(mean), std=list(std), **crop_args)
 
 
 def _resize_and_center_like_torchvision(images, image_size: int, crop_fraction: float):
@@ -103,7 +103,8 @@ def label_from_ascii(cls):
 
 @pipeline_def
 def imagenet_pipeline(tars, indices, *, device, train, image_size, dtype, shard_id, num_shards, shuffle_buffer,
-                      crop_fraction=CROP_FRACTION, crop_min_area=TRAIN_CROP_MIN_AREA, hw_decoder_load=HW_DECODER_LOAD):
+                      crop_fraction=CROP_FRACTION, crop_min_area=TRAIN_CROP_MIN_AREA, hw_decoder_load=HW_DECODER_LOAD,
+                      normalization=None):
     jpegs, cls = fn.readers.webdataset(
         paths=tars, index_paths=indices, ext=["jpg", "cls"], missing_component_behavior="error",
         random_shuffle=train, initial_fill=shuffle_buffer, shard_id=shard_id, num_shards=num_shards,
@@ -112,6 +113,6 @@ def imagenet_pipeline(tars, indices, *, device, train, image_size, dtype, shard_
         pad_last_batch=True, stick_to_shard=not train, name="reader")
     images = decode_and_augment(jpegs, device=device, train=train, image_size=image_size, dtype=dtype,
                                 crop_fraction=crop_fraction, crop_min_area=crop_min_area,
-                                hw_decoder_load=hw_decoder_load)
+                                hw_decoder_load=hw_decoder_load, normalization=normalization)
     labels = label_from_ascii(cls)
     return images, (labels.gpu() if device == "gpu" else labels)

@@ -3,6 +3,8 @@ DALI graphs, the torchvision baseline, evaluation and `predict.py`. Imports no D
 
 Train: random-resized crop (area 8-100 % by default, aspect 3/4-4/3), resize, random flip, normalise.
 Val: resize the shorter side to `image_size / crop_fraction` (256 for 224 at 0.875), centre crop.
+Normalise: ImageNet's mean and std, or a model's own (`normalization`: (mean, std) on 0-1 pixel
+values, e.g. a timm model's 0.5s).
 """
 from __future__ import annotations
 
@@ -17,17 +19,25 @@ TRAIN_CROP_ASPECT = (3 / 4, 4 / 3)
 HW_DECODER_LOAD = 0.7
 
 
+def pixel_mean_std(normalization=None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) on 0-255 pixel values, from (mean, std) on 0-1 values (None: ImageNet's)."""
+    if normalization is None:
+        return IMAGENET_MEAN, IMAGENET_STD
+    mean, std = normalization
+    return tuple(m * 255 for m in mean), tuple(s * 255 for s in std)
+
+
 def val_resize_size(image_size: int, crop_fraction: float = CROP_FRACTION) -> int:
     """The shorter side before the centre crop: 256 for 224 at 0.875."""
     return round(image_size / crop_fraction)
 
 
-def train_transform(image_size: int, min_area: float = TRAIN_CROP_MIN_AREA, dtype=None):
+def train_transform(image_size: int, min_area: float = TRAIN_CROP_MIN_AREA, dtype=None, normalization=None):
     """torchvision v2 transform of a uint8 CHW tensor for training (the baseline loader's)."""
     from torchvision.transforms import v2
 
     return _normalised([v2.RandomResizedCrop(image_size, scale=(min_area, 1.0), ratio=TRAIN_CROP_ASPECT,
-                                             antialias=True), v2.RandomHorizontalFlip()], dtype)
+                                             antialias=True), v2.RandomHorizontalFlip()], dtype, normalization)
 
 
 def val_geometry(image_size: int, crop_fraction: float = CROP_FRACTION) -> list:
@@ -38,15 +48,16 @@ def val_geometry(image_size: int, crop_fraction: float = CROP_FRACTION) -> list:
     return [v2.Resize(val_resize_size(image_size, crop_fraction), antialias=True), v2.CenterCrop(image_size)]
 
 
-def val_transform(image_size: int, crop_fraction: float = CROP_FRACTION, dtype=None):
+def val_transform(image_size: int, crop_fraction: float = CROP_FRACTION, dtype=None, normalization=None):
     """torchvision v2 transform of a uint8 CHW tensor for evaluation: `val_geometry`, normalised."""
-    return _normalised(val_geometry(image_size, crop_fraction), dtype)
+    return _normalised(val_geometry(image_size, crop_fraction), dtype, normalization)
 
 
-def _normalised(geometry: list, dtype):
+def _normalised(geometry: list, dtype, normalization):
     """`dtype`: of the output tensor (default float32)."""
     import torch
     from torchvision.transforms import v2
 
+    mean, std = pixel_mean_std(normalization)
     return v2.Compose([*geometry, v2.ToDtype(torch.float32, scale=False),
-                       v2.Normalize(list(IMAGENET_MEAN), list(IMAGENET_STD)), v2.ToDtype(dtype or torch.float32)])
+                       v2.Normalize(list(mean), list(std)), v2.ToDtype(dtype or torch.float32)])

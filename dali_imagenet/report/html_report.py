@@ -178,6 +178,11 @@ def render(runs: list[Run], title: str | None = None) -> str:
                     else f"<p class=final>no validation yet · {html.escape(run.state())}</p>")
         if ended.get("cost"):
             headline += f"<p class=cost>{html.escape(describe_cost(ended['cost']))}</p>"
+        init = run.started.get("init")
+        if init:  # train.py --init: where its weights came from
+            start = (f"a new classifier for its classes ({init['source_classes']} there)" if init["new_head"]
+                     else "every weight")
+            headline += f"<p class=init>started from {html.escape(str(init['source']))}: {start}</p>"
         learned = learned_sections(run, checkpoint, run.folder / PREDICTIONS) if single else ""
         machine = run.started.get("machine", {})
         sections.append(f"<section>{'' if single else f'<h2>{html.escape(run.name)}</h2>'}{headline}"

@@ -1,6 +1,6 @@
-"""Grad-CAM (Selvaraju et al., 2017): where a ResNet looked when it chose a class.
+"""Grad-CAM (Selvaraju et al., 2017): where a network looked when it chose a class.
 
-The last conv stage's activations A (C x h x w), weighted per channel by the mean gradient of the
+The last feature stage's activations (a ResNet's `layer4`, a timm model's last `feature_info`) A (C x h x w), weighted per channel by the mean gradient of the
 class's logit over them, summed over channels, rectified: the regions whose features raised that
 logit. Upsampled to the input and drawn over it as a heat map. One forward and one backward pass
 of one image: a ResNet-50 at 224 px takes well under a second on a CPU.
@@ -16,8 +16,10 @@ HEAT_ALPHA = 0.45  # the heat map's opacity over the photo
 def grad_cam(model: torch.nn.Module, image: torch.Tensor, class_index: int,
              layer: torch.nn.Module | None = None) -> torch.Tensor:
     """The map (H x W, in [0, 1]) for `class_index` of `image` (1 x 3 x H x W, as the model takes
-    it); `layer`: the stage whose output is looked at (default: the ResNet's last, `layer4`)."""
-    layer = layer if layer is not None else model.layer4
+    it); `layer`: the stage whose output is looked at (default: the last, `archs.last_stage`)."""
+    from dali_imagenet.training.archs import last_stage
+
+    layer = layer if layer is not None else last_stage(model)
     seen = {}
     hook = layer.register_forward_hook(lambda module, inputs, output: seen.__setitem__("features", output))
     was_training = model.training

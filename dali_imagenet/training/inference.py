@@ -10,7 +10,7 @@ import torch
 
 from dali_imagenet.config import TrainConfig, from_dict
 from dali_imagenet.errors import DaliImagenetError, UsageError
-from dali_imagenet.training.model import LAYOUTS, build_model
+from dali_imagenet.training import archs
 from dali_imagenet.training.saved import CheckpointError, load, weights
 
 WEIGHT_CHOICES = ("auto", "raw", "ema")
@@ -31,7 +31,7 @@ class LoadedModel:
 
     @property
     def num_classes(self) -> int:
-        return self.model.fc.out_features
+        return archs.num_classes(self.model)
 
 
 def load_model(path: str | Path, *, arch: str | None = None, which: str = "auto",
@@ -42,15 +42,17 @@ def load_model(path: str | Path, *, arch: str | None = None, which: str = "auto"
         raise ValueError(f"which must be one of {', '.join(WEIGHT_CHOICES)}")
     checkpoint = load(path)
     state = weights(checkpoint, which)
-    if "fc.weight" not in state:
-        raise CheckpointError(f"{path}: neither a dali-imagenet checkpoint nor a ResNet state dict")
     arch = arch or checkpoint.get("arch") or "resnet50"
-    if arch not in LAYOUTS:
-        raise CheckpointError(f"{path}: unknown arch {arch!r} (choose from {', '.join(LAYOUTS)})")
+    if "fc.weight" not in state and not archs.is_timm(arch):
+        raise CheckpointError(f"{path}: neither a dali-imagenet checkpoint nor a ResNet state dict (a timm model's: "
+                              f"pass --arch timm:NAME)")
+    if archs.problem(arch):
+        raise CheckpointError(f"{path}: {archs.problem(arch)}")
     # A plain state dict brings no run config: the defaults, evaluated in full precision.
     config = (from_dict(checkpoint["config"]) if isinstance(checkpoint.get("config"), dict)
               else TrainConfig(amp_dtype="float32"))
-    model = build_model(arch, num_classes=state["fc.weight"].shape[0], blurpool=config.blurpool)
+    classes = checkpoint.get("num_classes") or _classes_in(state, arch, path)
+    model = archs.build(arch, classes, blurpool=config.blurpool)
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
@@ -63,6 +65,14 @@ def load_model(path: str | Path, *, arch: str | None = None, which: str = "auto"
     loaded = "state dict" if "model" not in checkpoint else (
         which if which != "auto" else ("ema" if state is (checkpoint.get("ema") or {}).get("weights") else "raw"))
     return LoadedModel(model, arch, loaded, checkpoint.get("class_names"), config, summary)
+
+
+def _classes_in(state: dict, arch: str, path) -> int:
+    """A plain state dict's class count: its classifier's rows (`fc.weight`, timm's own head)."""
+    head = archs.classifier_prefixes(archs.build(arch, 1))[0] + "weight"
+    if head not in state:
+        raise CheckpointError(f"{path}: no {head} in it: not {arch}'s weights (pass --arch)")
+    return state[head].shape[0]
 
 
 def load_image(path: str | Path) -> torch.Tensor:
@@ -100,7 +110,8 @@ class Predictor:
 
         self.loaded, self.device = loaded, torch.device(device)
         self.image_size = image_size or loaded.config.val_image_size
-        self.transform = val_transform(self.image_size, loaded.config.val_crop_fraction)
+        self.transform = val_transform(self.image_size, loaded.config.val_crop_fraction,
+                                       normalization=loaded.config.normalization())
         self.geometry = v2.Compose(val_geometry(self.image_size, loaded.config.val_crop_fraction))
         self.precision = Precision.for_device(loaded.config.amp_dtype, self.device, fallback=True)
         names = class_names or loaded.class_names

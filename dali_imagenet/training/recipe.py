@@ -13,7 +13,7 @@ from dali_imagenet.distributed import Processes
 from dali_imagenet.errors import UsageError
 from dali_imagenet.training.ema import WeightEMA
 from dali_imagenet.training.mixing import MixConfig
-from dali_imagenet.training.model import build_model
+from dali_imagenet.training import archs
 from dali_imagenet.training.precision import Precision
 from dali_imagenet.training.schedule import parameter_groups, scaled_lr
 from dali_imagenet.training.step import GraphedTrainStep, TrainStep
@@ -26,6 +26,11 @@ class Training:
     scaler: torch.amp.GradScaler
     ema: WeightEMA | None
     peak_lr: float  # after the linear scaling rule, for the global batch
+
+    def restart_ema(self, cfg: TrainConfig) -> None:
+        """The EMA started again from the model's weights as they are now (loaded by --init)."""
+        if self.ema is not None:
+            self.ema = WeightEMA(self.model, cfg.ema_decay, cfg.ema_warmup_power)
 
     def step(self, cfg: TrainConfig, processes: Processes, precision: Precision, num_classes: int) -> TrainStep:
         """The train step, on the DDP (several processes) and torch.compile (`compile`) wrappers of
@@ -52,7 +57,8 @@ def build(cfg: TrainConfig, num_classes: int, processes: Processes, precision: P
         if refusal:
             raise UsageError(refusal)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = build_model(cfg.arch, num_classes, cfg.drop_path, cfg.zero_init_last_bn, cfg.blurpool)
+    model = archs.build(cfg.arch, num_classes, drop_path_rate=cfg.drop_path, zero_init_last_bn=cfg.zero_init_last_bn,
+                        blurpool=cfg.blurpool)
     model = model.to(processes.device, memory_format=memory_format)
     peak_lr = scaled_lr(cfg.lr, cfg.batch_size * processes.world, cfg.lr_reference_batch)
     optimizer = torch.optim.SGD(parameter_groups(model, cfg.weight_decay), lr=peak_lr, momentum=cfg.momentum,
