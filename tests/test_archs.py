@@ -109,3 +109,15 @@ def test_init_from_another_architecture_is_one_line(trained_run, sample_shards, 
                         f"(--init takes weights of the same architecture)")
     with pytest.raises(CheckpointError, match=r"final_weights.pt: its weights do not fit resnet18"):
         initialise(str(trained_run / "final_weights.pt"), archs.build("resnet18", 8), "resnet18", ["x"] * 8)
+
+
+def test_grad_cam_finds_a_timm_models_last_stage_and_says_so_for_a_transformer():
+    from dali_imagenet.training.gradcam import grad_cam
+
+    cnn = archs.build("timm:test_resnet", 4).eval()
+    heat = grad_cam(cnn, torch.randn(1, 3, 64, 64), 2)
+    assert heat.shape == (64, 64) and 0 <= float(heat.min()) and float(heat.max()) <= 1
+    vit = archs.build("timm:test_vit", 4).eval()
+    size = vit.pretrained_cfg["input_size"][-1]
+    with pytest.raises(archs.ArchError, match="Grad-CAM needs a stage with a feature map"):
+        grad_cam(vit, torch.randn(1, 3, size, size), 1)

@@ -74,7 +74,7 @@ def _examples(run, checkpoint: dict | None, predictions, names: list[str]) -> st
         return f"<h3>Examples</h3><p>the val shards are not at hand ({html.escape(str(error))}): no images</p>"
     if not jpegs:
         return f"<h3>Examples</h3><p>the val shards ({html.escape(str(data))}) hold none of the predicted keys</p>"
-    cards, cams = [], []
+    cards, cams, no_cam = [], [], None
     wrong_rows = [i for i in rows if not predictions.correct[i]]
     right_rows = [i for i in rows if predictions.correct[i]]
     with_cam = set(wrong_rows[:HEAT_MAPS // 2] + right_rows[:HEAT_MAPS - min(len(wrong_rows), HEAT_MAPS // 2)])
@@ -92,18 +92,23 @@ def _examples(run, checkpoint: dict | None, predictions, names: list[str]) -> st
         thumbnail.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
         cards.append(f"<figure class=\"example{wrong}\"><img alt=\"{html.escape(key)}\" src=\"{_jpeg_uri(thumbnail)}\">"
                      f"<figcaption>{caption}</figcaption></figure>")
-        if predictor is not None and i in with_cam:
+        if predictor is not None and i in with_cam and no_cam is None:
             from dali_imagenet.training.inference import image_tensor
 
-            _, crop, heat = predictor.heat_map(image_tensor(image), guess, display_px=CAM_PX)
+            try:
+                _, crop, heat = predictor.heat_map(image_tensor(image), guess, display_px=CAM_PX)
+            except DaliImagenetError as error:  # a network without a feature map (a ViT): said, not drawn
+                no_cam = str(error)
+                continue
             cams.append(f"<figure class=\"cam{wrong}\"><img alt=\"{html.escape(key)}\" src=\"{_jpeg_uri(crop)}\">"
                         f"<img class=heat alt=\"Grad-CAM of {html.escape(key)}\" src=\"{_jpeg_uri(heat)}\">"
                         f"<figcaption>{caption}<br>where it looked for {html.escape(names[guess])}</figcaption></figure>")
     cam_text = ("<h3>Where it looked (Grad-CAM)</h3><p>The last conv stage's activations weighted by the gradient of "
                 "the predicted class: red drove that prediction. " + (f"{predictions.weights} weights of " if predictor
                                                                        else "") + "the run's checkpoint, on the CPU.</p>"
-                + "".join(cams)) if cams else ("<h3>Where it looked (Grad-CAM)</h3><p>no checkpoint with weights in the "
-                                               "run folder</p>")
+                + "".join(cams)) if cams else ("<h3>Where it looked (Grad-CAM)</h3><p>"
+                                               + html.escape(no_cam or "no checkpoint with weights in the run folder")
+                                               + "</p>")
     return (f"<h3>Examples</h3><p>{len(cards)} val images of the final validation, chosen by a fixed seed: the wrong "
             f"first, then right ones.</p>{''.join(cards)}{cam_text}")
 

@@ -32,6 +32,11 @@ def grad_cam(model: torch.nn.Module, image: torch.Tensor, class_index: int,
     finally:
         hook.remove()
         model.train(was_training)
+    if features.dim() != 4:  # a transformer's tokens, not a feature map
+        from dali_imagenet.training.archs import ArchError
+
+        raise ArchError(f"Grad-CAM needs a stage with a feature map (N x C x H x W); this model's last stage gives "
+                        f"{tuple(features.shape)}")
     weights = gradients.mean(dim=(2, 3), keepdim=True)
     cam = F.relu((weights * features).sum(dim=1, keepdim=True)).detach().float()
     cam = F.interpolate(cam, size=image.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
