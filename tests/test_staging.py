@@ -177,3 +177,38 @@ def test_train_streams_only_when_asked_and_says_what_it_costs(sample_shards, s3_
     assert data["streamed_gets_estimated"] == 2 * (2 * 6 * 16 + 2 * 40)  # 2 epochs of 6 steps of 16, 2 validations
     assert data["dollars"] == pytest.approx((data["get_requests"] + data["streamed_gets_estimated"]) * 0.0004 / 1000
                                             + data["put_requests"] * 0.005 / 1000)
+
+
+def test_a_stop_while_staging_keeps_what_finished_and_the_next_start_fetches_the_rest(sample_shards, s3_bucket,
+                                                                                       s3_latency, tmp_path):
+    """A spot notice while staging (train.py's `interrupt` raises): the transfers stop, every file that
+    was complete is kept and recorded, none half-written; the next start fetches only the rest."""
+    from dali_imagenet.errors import Interrupted
+
+    upload_folder(sample_shards, s3_bucket, "shards")
+    release = threading.Event()
+    stalled = "validation/imagenet1k-validation-000000.tar"
+
+    def stall_one(request):
+        if request.method == "GET" and request.key.endswith(stalled):
+            release.wait(5)  # a slow object: the stop waits for the transfers in flight, then cancels the rest
+
+    s3_latency.before_forward = stall_one
+    calls = []
+
+    def notice_on_the_fifth_look():
+        calls.append(1)
+        if len(calls) >= 5:
+            raise Interrupted("spot interruption notice")
+
+    local = tmp_path / "staged"
+    with pytest.raises(Interrupted):
+        staging.stage(f"s3://{s3_bucket}/shards", local, SPLITS, progress=False, log=lambda line: None,
+                      interrupt=notice_on_the_fifth_look)
+    release.set()
+    kept = json.loads((local / staging.RECORD).read_text())
+    assert kept and stalled not in kept  # the finished ones recorded, the stalled one not
+    assert not [p for p in local.rglob("*") if p.is_file() and ".tar." in p.name]  # nothing half-written left
+    again = staging.stage(f"s3://{s3_bucket}/shards", local, SPLITS, progress=False, log=lambda line: None)
+    assert 1 <= again.fetched < again.files and again.fetched == again.files - len(kept)
+    assert find_shards(local, "validation").samples == 40
