@@ -99,8 +99,8 @@ def stage(url: str, folder: str | os.PathLike, splits: tuple[str, ...], *, worke
           interrupt: Callable[[], None] | None = None, log=print) -> Staged:
     """Makes `folder` a local copy of `splits` of the shard set at `url` (see the module's text).
     `interrupt()` is called while waiting (for the lock, for the transfers) and may raise to stop:
-    the objects in flight are let finish (a shard's seconds), the rest cancelled, and every
-    finished file stays in place, recorded, for the next start."""
+    the transfers are cancelled (s3transfer waits for those in flight to stop), and every file
+    already complete stays in place, recorded, for the next start."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with _locked(folder / LOCK, interrupt):
