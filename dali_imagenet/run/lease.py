@@ -76,6 +76,7 @@ class Lease:
                 if not _precondition_failed(error) or time.monotonic() > deadline:
                     raise s3.S3Error(f"s3://{self.bucket}/{self.key}: cannot take the run's lease "
                                      f"({s3.reason(error)})") from None
+                time.sleep(0.2)  # another job wrote it between our read and our write: read it again
         self._thread = threading.Thread(target=self._renew, name="s3-lease", daemon=True)
         self._thread.start()
         return self
