@@ -199,7 +199,8 @@ def test_local_disk_picks_the_instance_store_and_formats_it_only_when_blank(tmp_
         calls.write_text("")
         result = subprocess.run(["bash", str(REPO / "cloud" / "local-disk.sh")], capture_output=True, text=True,
                                 env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SYS_BLOCK": str(blocks),
-                                     "LOCAL_NVME_MOUNT": str(tmp_path / "nvme"), "HOME": str(tmp_path), **env})
+                                     "LOCAL_NVME_MOUNT": str(tmp_path / "nvme"), "HOME": str(tmp_path), "SUDO": "",
+                                     **env})
         assert result.returncode == 0, result.stderr
         return result.stdout.strip(), calls.read_text().splitlines()
 
