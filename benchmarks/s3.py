@@ -4,7 +4,7 @@ staged (copied to a local folder once, then read there), behind a bucket's laten
     python -m benchmarks --only s3                      # part of the suite
     python -m benchmarks.s3 --data SHARDS --latency-ms 0 10 20
 
-A local S3 server (moto) answers in microseconds; `standin_s3.LatencyProxy` in front of it adds
+A local S3 server (moto) answers a ranged GET in ~3 ms here; `standin_s3.LatencyProxy` in front of it adds
 N ms to each request, as a real bucket's time to the first byte. For each latency it prints the
 DALI train loader's images/s streamed and from the staged copy, the object GETs per sample (per
 epoch when streamed; once per machine when staged) and the staging's MB/s. The train reader's

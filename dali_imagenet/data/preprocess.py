@@ -8,8 +8,10 @@ values, e.g. a timm model's 0.5s).
 """
 from __future__ import annotations
 
-IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)  # on 0-255 pixel values
-IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+IMAGENET_MEAN_01 = (0.485, 0.456, 0.406)  # on 0-1 pixel values (timm's and torchvision's way of writing them)
+IMAGENET_STD_01 = (0.229, 0.224, 0.225)
+IMAGENET_MEAN = tuple(m * 255 for m in IMAGENET_MEAN_01)  # on 0-255 pixel values (DALI's)
+IMAGENET_STD = tuple(s * 255 for s in IMAGENET_STD_01)
 CROP_FRACTION = 0.875  # val: the centre crop's share of the resized shorter side
 TRAIN_CROP_MIN_AREA = 0.08  # a random-resized crop takes this to 100 % of the image's area
 TRAIN_CROP_ASPECT = (3 / 4, 4 / 3)

@@ -115,7 +115,10 @@ def _stage(url: str, folder: Path, splits, workers: int, progress: bool, interru
     region = _region(client, bucket)
     manifest_text = None
     if MANIFEST in listing:
-        manifest_text = client.get_object(Bucket=bucket, Key=s3.join_key(prefix, MANIFEST))["Body"].read()
+        try:
+            manifest_text = client.get_object(Bucket=bucket, Key=s3.join_key(prefix, MANIFEST))["Body"].read()
+        except Exception as error:  # botocore's many error types: keep its reason, on one line
+            raise StagingError(f"{url}/{MANIFEST}: cannot read ({s3.reason(error)})") from None
         wanted = _from_manifest(manifest_text, listing, splits, url)
     else:
         wanted = _from_timm_listing(url, listing, splits)
@@ -265,7 +268,10 @@ def _fetch(client, bucket: str, prefix: str, folder: Path, wanted: list[Wanted],
 
     def verify(item: Wanted) -> None:
         path = folder / item.name
-        problem = _problem(path, item)
+        try:
+            problem = _problem(path, item)
+        except OSError as error:  # the disk, not the object: said as the file's problem
+            problem = f"{path}: cannot be read back ({error.strerror or error})"
         with lock:
             if problem:
                 failures.append(problem)

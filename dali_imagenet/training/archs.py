@@ -15,12 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
+from dali_imagenet.data.preprocess import CROP_FRACTION, IMAGENET_MEAN_01, IMAGENET_STD_01
 from dali_imagenet.errors import DaliImagenetError
 from dali_imagenet.training.model import LAYOUTS, build_model
 
 TIMM = "timm:"
-IMAGENET_MEAN_01 = (0.485, 0.456, 0.406)  # on 0-1 pixel values
-IMAGENET_STD_01 = (0.229, 0.224, 0.225)
 
 
 class ArchError(DaliImagenetError):
@@ -70,13 +69,14 @@ def build(arch: str, num_classes: int, *, drop_path_rate: float = 0.0, zero_init
 
 
 def input_defaults(arch: str) -> InputDefaults:
+    imagenet = InputDefaults(224, IMAGENET_MEAN_01, IMAGENET_STD_01, CROP_FRACTION)
     if not is_timm(arch):
-        return InputDefaults(224, IMAGENET_MEAN_01, IMAGENET_STD_01, 0.875)
+        return imagenet
     from timm.models import get_pretrained_cfg
 
     cfg = get_pretrained_cfg(arch[len(TIMM):])
     if cfg is None:  # a model without a pretrained config: ImageNet's
-        return InputDefaults(224, IMAGENET_MEAN_01, IMAGENET_STD_01, 0.875)
+        return imagenet
     return InputDefaults(int(cfg.input_size[-1]), tuple(cfg.mean), tuple(cfg.std), float(cfg.crop_pct))
 
 
