@@ -5,7 +5,9 @@ the model looked for the first of them (a Grad-CAM heat map over the crop it saw
 
 The model is loaded once, on the CPU or the GPU; the page shows the model, its validation
 accuracy in training and the run's date. On a Hugging Face Space (README: "The demo as a Space")
-it runs as `python app.py` with the checkpoint named by $DALI_IMAGENET_CHECKPOINT or at ./model.pt.
+it runs as `python app.py` on the checkpoint named by $DALI_IMAGENET_CHECKPOINT, else the published
+folder ./model (what `publish.py --space` puts there), else ./model.pt. --checkpoint takes a
+checkpoint, a published folder or hf://USER/NAME[@REVISION].
 """
 from __future__ import annotations
 
@@ -21,11 +23,21 @@ from dali_imagenet.training.inference import WEIGHT_CHOICES, Predictor, image_te
 HERE = Path(__file__).resolve().parent
 
 
+def default_checkpoint() -> str:
+    published = HERE / "model"
+    return os.environ.get("DALI_IMAGENET_CHECKPOINT") or str(
+        published if (published / "config.json").is_file() else HERE / "model.pt")
+
+
 def example_images(folder: Path, count: int = 4) -> list[str]:
-    """A few images of the bundled sample's classes, drawn once into `folder`."""
+    """A few images of the bundled sample's classes, drawn once into `folder` (none where the
+    sample's drawing code is not installed: a Space)."""
     import numpy as np
 
-    from shard_tools.sample import CLASSES, draw_image, encode
+    try:
+        from shard_tools.sample import CLASSES, draw_image, encode
+    except ImportError:
+        return []
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -74,7 +86,8 @@ def build_demo(predictor: Predictor, header: str, examples: list[str]):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", default=os.environ.get("DALI_IMAGENET_CHECKPOINT", str(HERE / "model.pt")))
+    parser.add_argument("--checkpoint", default=default_checkpoint(),
+                        help="a checkpoint, a published folder or hf://USER/NAME[@REVISION]")
     parser.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1; a Space sets 0.0.0.0)")
     parser.add_argument("--port", type=int, default=None, help="port (default 7860 or $GRADIO_SERVER_PORT)")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")

@@ -33,6 +33,7 @@ from dali_imagenet.data.partition import batches_per_epoch
 from dali_imagenet.data.shards import SplitShards, find_shards, sample_locations
 from dali_imagenet.errors import DaliImagenetError, Interrupted, debug
 from dali_imagenet.report.html_report import write_report
+from dali_imagenet.report.wandb_media import wandb_media
 from dali_imagenet.run import exits, resume, run_folder, spot
 from dali_imagenet.run.checkpoint import TrainState, contents
 from dali_imagenet.run.interrupts import StopCheck, StopRequest
@@ -270,7 +271,8 @@ def setup(args, leaving: Leaving) -> Run:
     decoding = decoder.describe(backend, procs.device, cfg.hw_decoder_load) if procs.master else {}
     outputs = RunOutputs(run_dir, to_dict(cfg), procs, overwrite=args.overwrite, s3_url=args.s3, s3_held=s3_held,
                          wandb=wandb_wanted(args.wandb), wandb_id=state.wandb_id,
-                         instance={**instance, **decoding}, write_report=write_report, lease=leaving.lease,
+                         instance={**instance, **decoding}, write_report=write_report, report_media=wandb_media,
+                         lease=leaving.lease,
                          extra={"loader": backend, "world_size": procs.world, "data": args.data,
                                 **({"staged_to": data} if data != args.data else {}), "config_file": args.config,
                                 "spot_watch": watching, **({"init": initialised.record()} if initialised else {})})

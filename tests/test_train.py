@@ -146,7 +146,8 @@ def test_s3_upload_resume_from_s3_and_no_secrets(sample_shards, s3_bucket, tmp_p
     from dali_imagenet.s3 import client
 
     secret, wandb_key = "sekrit-9f8e7d6c5b4a", "wandbkey0123456789abcdef0123456789abcdef"
-    run_env = child_env(AWS_SECRET_ACCESS_KEY=secret, WANDB_API_KEY=wandb_key, WANDB_MODE="offline")
+    run_env = child_env(AWS_SECRET_ACCESS_KEY=secret, WANDB_API_KEY=wandb_key, WANDB_MODE="offline",
+                        WANDB_DATA_DIR=str(tmp_path / "wandb-data"))
     url = f"s3://{s3_bucket}/runs/a"
     args = ["--s3", url]
     result = subprocess.run(train_command(sample_shards, tmp_path / "a", "epochs=2", "max_steps=6",
@@ -163,10 +164,21 @@ def test_s3_upload_resume_from_s3_and_no_secrets(sample_shards, s3_bucket, tmp_p
             assert secret.encode() not in data and wandb_key.encode() not in data, path
     assert list((tmp_path / "a").rglob("*.wandb")), "W&B offline run files were not written"
 
-    train(sample_shards, tmp_path / "b", "epochs=2", extra=["--resume", "auto", *args], env=run_env)
+    train(sample_shards, tmp_path / "b", "epochs=2", extra=["--resume", "auto", "--wandb", *args], env=run_env)
     assert [r["step"] for r in records(tmp_path / "b") if r.get("event") == "resumed"] == [6]
     assert load(tmp_path / "b" / "last.pt")["state"]["step"] == 12
     assert client().head_object(Bucket=s3_bucket, Key="runs/a/final_weights.pt")
+    # W&B (offline) got what the report shows: the per-class table, the confusions, the examples with
+    # their images and Grad-CAMs, and the page as an artifact.
+    files = next((tmp_path / "b" / "wandb").glob("offline-run-*"))
+    tables = {p.name.rsplit("_", 2)[0]: json.loads(p.read_text()) for p in (files / "files" / "media" / "table" / "val").glob("*.table.json")}
+    assert set(tables) == {"per_class", "confusions", "examples"}
+    assert len(tables["per_class"]["data"]) == 8 and tables["per_class"]["columns"][-1] == "top-1 %"
+    examples = tables["examples"]
+    assert examples["columns"][:2] == ["key", "image"] and len(examples["data"]) == 24
+    assert sum(row[-1] is not None for row in examples["data"]) == 8  # the heat maps
+    log = next(files.glob("*.wandb")).read_bytes()
+    assert b"report.html" in log and b"media/images/" in log
 
 
 @pytest.mark.parametrize("log_every", [1, 1000])  # 1000: caught by the check before the checkpoint at max_steps

@@ -119,7 +119,14 @@ def _plot(runs: list[Run], records: str, panels: list[tuple[str, str, list[tuple
     return plot_uri(fig)
 
 
-def _checkpoint(run: Run) -> tuple[str | None, dict | None]:
+def validation_curves(runs: list[Run]) -> str:
+    """Val top-1, top-5 and loss by epoch, raw and EMA: a PNG data URI (the page's, the model card's)."""
+    return _plot(runs, "validations", [("val top-1 %", "epoch", [("val_top1", ""), ("val_ema_top1", " EMA")]),
+                                       ("val top-5 %", "epoch", [("val_top5", ""), ("val_ema_top5", " EMA")]),
+                                       ("val loss", "epoch", [("val_loss", ""), ("val_ema_loss", " EMA")])])
+
+
+def newest_checkpoint(run: Run) -> tuple[str | None, dict | None]:
     """(the newest checkpoint's file name, its contents), or (name, None) for an unreadable one."""
     for name in (LAST, BEST):
         if (run.folder / name).is_file():
@@ -164,15 +171,13 @@ def render(runs: list[Run], title: str | None = None) -> str:
         ("training", _plot(runs, "steps", [("train loss", "step", [("loss", "")]), ("learning rate", "step", [("lr", "")]),
                                   ("images/s", "step", [("images_per_s", "")]),
                                   ("data wait (share of time)", "step", [("data_wait", "")])])),
-        ("validation", _plot(runs, "validations", [("val top-1 %", "epoch", [("val_top1", ""), ("val_ema_top1", " EMA")]),
-                                    ("val top-5 %", "epoch", [("val_top5", ""), ("val_ema_top5", " EMA")]),
-                                    ("val loss", "epoch", [("val_loss", ""), ("val_ema_loss", " EMA")])])),
+        ("validation", validation_curves(runs)),
     ]
     figures = "".join(f"<h2>{name}</h2><img class=curves alt=\"{name} curves\" src=\"{uri}\">" for name, uri in plots)
     sections = []
     for run in runs:
         final, ended = run.final, run.ended
-        checkpoint_name, checkpoint = _checkpoint(run)
+        checkpoint_name, checkpoint = newest_checkpoint(run)
         headline = (f"<p class=final>final top-1 <span class=top1>{final['val_top1']:.2f}</span> % · "
                     f"{html.escape(run.state())}</p>" if final
                     else f"<p class=final>no validation yet · {html.escape(run.state())}</p>")

@@ -9,6 +9,7 @@ import base64
 import html
 import io
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from dali_imagenet.errors import DaliImagenetError
@@ -27,9 +28,12 @@ def _jpeg_uri(image, quality: int = 80) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _names(checkpoint: dict | None, count: int) -> list[str]:
+def class_names(checkpoint: dict | None, predictions) -> list[str]:
+    """Display names of every class the predictions mention (the checkpoint's, else "class N")."""
     from dali_imagenet.data.classes import display_names
 
+    count = int(max(predictions.labels.max(initial=0), predictions.top5.max(initial=0))) + 1
+    count = max(count, (checkpoint or {}).get("num_classes") or 0)
     names = (checkpoint or {}).get("class_names")
     return display_names(list(names)) if names and len(names) == count else [f"class {i}" for i in range(count)]
 
@@ -58,11 +62,36 @@ def confusions_table(predictions, names: list[str]) -> str:
             f"{sortable(['true class', 'predicted as', 'images', '% of the class'], body, 'confusions')}")
 
 
-def _examples(run, checkpoint: dict | None, predictions, names: list[str]) -> str:
-    """The thumbnails and heat maps; a line saying why where the shards or the weights are not at hand."""
+@dataclass
+class Example:
+    key: str
+    image: object  # PIL, the whole val image
+    true: int
+    predicted: int
+    confidence: float  # of the top-1
+    cam: tuple | None = None  # (the crop the model saw, its Grad-CAM overlay), PIL, or None
+
+    @property
+    def wrong(self) -> bool:
+        return self.true != self.predicted
+
+
+@dataclass
+class Examples:
+    items: list[Example]
+    why_none: str | None = None  # no images: why
+    why_no_cam: str | None = None  # no heat maps: why
+    cam_weights: str | None = None  # whose heat maps: "raw" or "ema"
+
+
+def examples(run, predictions) -> Examples:
+    """The val images of the final validation shown on the page (wrong first, by a fixed seed),
+    half of HEAT_MAPS wrong and half right with Grad-CAM; why not, where the shards or weights are
+    not at hand."""
     from PIL import Image
 
     from dali_imagenet.data.shards import find_shards, read_components
+    from dali_imagenet.training.inference import image_tensor
 
     staged = run.started.get("staged_to")  # the run's local copy of s3:// data, where it is still at hand
     data = staged if staged and os.path.isdir(staged) else run.started.get("data")
@@ -71,49 +100,61 @@ def _examples(run, checkpoint: dict | None, predictions, names: list[str]) -> st
     try:
         jpegs = read_components(find_shards(data, "validation"), keys) if data else {}
     except DaliImagenetError as error:
-        return f"<h3>Examples</h3><p>the val shards are not at hand ({html.escape(str(error))}): no images</p>"
+        return Examples([], f"the val shards are not at hand ({error}): no images")
     if not jpegs:
-        return f"<h3>Examples</h3><p>the val shards ({html.escape(str(data))}) hold none of the predicted keys</p>"
-    cards, cams, no_cam = [], [], None
+        return Examples([], f"the val shards ({data}) hold none of the predicted keys")
     wrong_rows = [i for i in rows if not predictions.correct[i]]
     right_rows = [i for i in rows if predictions.correct[i]]
     with_cam = set(wrong_rows[:HEAT_MAPS // 2] + right_rows[:HEAT_MAPS - min(len(wrong_rows), HEAT_MAPS // 2)])
-    predictor = _predictor(run, checkpoint, predictions.weights) if with_cam else None
+    predictor = _predictor(run, predictions.weights) if with_cam else None
+    found = Examples([], cam_weights=predictions.weights if predictor else None,
+                     why_no_cam=None if predictor else "no checkpoint with weights in the run folder")
     for i in rows:
         key = str(predictions.keys[i])
         if key not in jpegs:
             continue
         image = Image.open(io.BytesIO(jpegs[key])).convert("RGB")
-        true, guess, confidence = int(predictions.labels[i]), int(predictions.top5[i, 0]), float(predictions.probabilities[i, 0])
-        wrong = " wrong" if true != guess else ""
-        caption = (f"true: {html.escape(names[true])}<br><span class=\"{wrong.strip()}\">predicted: "
-                   f"{html.escape(names[guess])} ({confidence:.0%})</span>")
-        thumbnail = image.copy()
-        thumbnail.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
-        cards.append(f"<figure class=\"example{wrong}\"><img alt=\"{html.escape(key)}\" src=\"{_jpeg_uri(thumbnail)}\">"
-                     f"<figcaption>{caption}</figcaption></figure>")
-        if predictor is not None and i in with_cam and no_cam is None:
-            from dali_imagenet.training.inference import image_tensor
-
+        example = Example(key, image, int(predictions.labels[i]), int(predictions.top5[i, 0]),
+                          float(predictions.probabilities[i, 0]))
+        if predictor is not None and i in with_cam and found.why_no_cam is None:
             try:
-                _, crop, heat = predictor.heat_map(image_tensor(image), guess, display_px=CAM_PX)
+                example.cam = predictor.heat_map(image_tensor(image), example.predicted, display_px=CAM_PX)[1:]
             except DaliImagenetError as error:  # a network without a feature map (a ViT): said, not drawn
-                no_cam = str(error)
-                continue
-            cams.append(f"<figure class=\"cam{wrong}\"><img alt=\"{html.escape(key)}\" src=\"{_jpeg_uri(crop)}\">"
-                        f"<img class=heat alt=\"Grad-CAM of {html.escape(key)}\" src=\"{_jpeg_uri(heat)}\">"
-                        f"<figcaption>{caption}<br>where it looked for {html.escape(names[guess])}</figcaption></figure>")
+                found.why_no_cam = str(error)
+        found.items.append(example)
+    return found
+
+
+def _examples_html(found: Examples, names: list[str]) -> str:
+    """The thumbnails and heat maps; a line saying why where there are none."""
+    if not found.items:
+        return f"<h3>Examples</h3><p>{html.escape(found.why_none or 'none')}</p>"
+    cards, cams = [], []
+    for example in found.items:
+        wrong = " wrong" if example.wrong else ""
+        caption = (f"true: {html.escape(names[example.true])}<br><span class=\"{wrong.strip()}\">predicted: "
+                   f"{html.escape(names[example.predicted])} ({example.confidence:.0%})</span>")
+        thumbnail = example.image.copy()
+        thumbnail.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+        key = html.escape(example.key)
+        cards.append(f"<figure class=\"example{wrong}\"><img alt=\"{key}\" src=\"{_jpeg_uri(thumbnail)}\">"
+                     f"<figcaption>{caption}</figcaption></figure>")
+        if example.cam is not None:
+            crop, heat = example.cam
+            cams.append(f"<figure class=\"cam{wrong}\"><img alt=\"{key}\" src=\"{_jpeg_uri(crop)}\">"
+                        f"<img class=heat alt=\"Grad-CAM of {key}\" src=\"{_jpeg_uri(heat)}\">"
+                        f"<figcaption>{caption}<br>where it looked for {html.escape(names[example.predicted])}"
+                        f"</figcaption></figure>")
     cam_text = ("<h3>Where it looked (Grad-CAM)</h3><p>The last conv stage's activations weighted by the gradient of "
-                "the predicted class: red drove that prediction. " + (f"{predictions.weights} weights of " if predictor
-                                                                       else "") + "the run's checkpoint, on the CPU.</p>"
-                + "".join(cams)) if cams else ("<h3>Where it looked (Grad-CAM)</h3><p>"
-                                               + html.escape(no_cam or "no checkpoint with weights in the run folder")
-                                               + "</p>")
+                "the predicted class: red drove that prediction. " + (f"{found.cam_weights} weights of "
+                                                                       if found.cam_weights else "")
+                + "the run's checkpoint, on the CPU.</p>" + "".join(cams)) if cams else (
+        "<h3>Where it looked (Grad-CAM)</h3><p>" + html.escape(found.why_no_cam or "none") + "</p>")
     return (f"<h3>Examples</h3><p>{len(cards)} val images of the final validation, chosen by a fixed seed: the wrong "
             f"first, then right ones.</p>{''.join(cards)}{cam_text}")
 
 
-def _predictor(run, checkpoint: dict | None, weights: str):
+def _predictor(run, weights: str):
     from dali_imagenet.run.run_folder import BEST, LAST
     from dali_imagenet.training.inference import Predictor, load_model
 
@@ -137,9 +178,8 @@ def learned_sections(run, checkpoint: dict | None, path: Path) -> str:
         predictions = Predictions.load(path)
     except DaliImagenetError as error:
         return f"<h2>What it learned</h2><p>{html.escape(str(error))}</p>"
-    count = int(max(predictions.labels.max(initial=0), predictions.top5.max(initial=0))) + 1
-    names = _names(checkpoint, max(count, (checkpoint or {}).get("num_classes") or 0))
+    names = class_names(checkpoint, predictions)
     return (f"<h2>What it learned</h2><p>The final validation (epoch {predictions.epoch}, {len(predictions):,} images, "
             f"{predictions.weights} weights: the better of raw and EMA there), image by image.</p>"
             f"{per_class_table(predictions, names)}{confusions_table(predictions, names)}"
-            f"{_examples(run, checkpoint, predictions, names)}")
+            f"{_examples_html(examples(run, predictions), names)}")

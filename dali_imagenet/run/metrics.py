@@ -50,14 +50,32 @@ class RunLogger:
         tmp.write_text("\n".join(lines) + "\n")
         os.replace(tmp, self.path)
 
-    def close(self, summary: dict | None = None) -> None:
-        """Ends the log; `summary` (numbers) goes to W&B's run summary too."""
-        self._file.close()
-        if self._wandb is not None:
+    @property
+    def wandb_on(self) -> bool:
+        return self._wandb is not None
+
+    def close(self, summary: dict | None = None, media: dict | None = None, page: Path | None = None) -> None:
+        """Ends the log; `summary` (numbers) goes to W&B's run summary too, `media` (Tables,
+        Images) logged at the last step, and `page` (the run's report.html) as an artifact."""
+        if not self._file.closed:
+            self._file.close()
+        if self._wandb is None:
+            return
+        run, self._wandb = self._wandb, None
+        try:
             for key, value in (summary or {}).items():
                 if isinstance(value, (int, float)):
-                    self._wandb.summary[key] = value
-            self._wandb.finish()
+                    run.summary[key] = value
+            if media:
+                run.log(media)
+            if page is not None and Path(page).is_file():
+                import wandb
+
+                artifact = wandb.Artifact(f"report-{run.id}", type="report")
+                artifact.add_file(str(page))
+                run.log_artifact(artifact)
+        finally:
+            run.finish()
 
 
 def machine() -> dict:

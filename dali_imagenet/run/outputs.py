@@ -21,13 +21,14 @@ class RunOutputs:
     def __init__(self, run_dir: Path, config: dict, processes: distributed.Processes, *, overwrite: bool,
                  s3_url: str | None, wandb: bool, wandb_id: str | None, extra: dict, s3_held: list[str] = (),
                  instance: dict | None = None, write_report: Callable[[list, Path], object] | None = None,
-                 lease: Lease | None = None):
+                 lease: Lease | None = None, report_media: Callable[[Path], dict] | None = None):
         """Creates the run folder (after `--overwrite` removed the old run's files, here and at
         `s3_url`: `s3_held`) and starts the log; `extra`: what the config does not say (loader,
         world size, data), logged with it; `instance`: the cloud's word on the machine (type, spot);
         `write_report(run_folders, page)`: writes the run's page at the end (the report layer's,
         handed in: the run layer does not import the pages built on it); `lease`: the run's hold on
-        `s3_url` (`lease.Lease`), which the run must stop without."""
+        `s3_url` (`lease.Lease`), which the run must stop without; `report_media(run_folder)`: the
+        page's tables and images for W&B (the report layer's too)."""
         instance = instance or {}
         self.run_dir = run_dir
         self.active = processes.master
@@ -38,6 +39,7 @@ class RunOutputs:
         self.not_uploaded: list[str] = []  # what `end` found missing from S3 (a second call returns it again)
         self.lease = lease
         self.write_report = write_report
+        self.report_media = report_media
         self.checkpoint_step: int | None = None  # of the last checkpoint written
         if not self.active:
             return
@@ -135,12 +137,12 @@ class RunOutputs:
         if final_model is not None:
             attempt(f"writing {folder.FINAL}", folder.FINAL, lambda: (
                 save_atomic(final_model.state_dict(), self.run_dir / folder.FINAL), self._push(folder.FINAL)))
-        attempt("closing the log (the closing record, W&B)", None,
-                lambda: self.close({**record, "checkpoint_step": self.checkpoint_step}, summary))
+        attempt("writing the closing record", None, lambda: self.log({**record, "checkpoint_step": self.checkpoint_step}))
         attempt(f"queueing {folder.METRICS}", folder.METRICS, lambda: self._push(folder.METRICS))
         if self.write_report is not None:
             attempt("writing the report", None, lambda: (
                 self.write_report([self.run_dir], self.run_dir / folder.REPORT), self._push(folder.REPORT)))
+        attempt("closing the log (W&B: the report's tables and page)", None, lambda: self.close(summary=summary))
         self.not_uploaded = missing + (self.uploader.close(flush_timeout_s, give_up) if self.uploader else [])
         return self.not_uploaded
 
@@ -162,8 +164,17 @@ class RunOutputs:
                 f"{f' ({why})' if why else ''}; the run folder: {self.run_dir}")
 
     def close(self, record: dict | None = None, summary: dict | None = None) -> None:
-        """Ends the log (with `record` as its last line; `summary` to W&B's run summary)."""
+        """Ends the log (with `record` as its last line; `summary` to W&B's run summary, with the
+        report's tables and page when there is one)."""
         if self.logger and not self.logger.closed:
             if record:
                 self.logger.log(record)
-            self.logger.close(summary)
+            page = self.run_dir / folder.REPORT
+            media = None
+            if self.logger.wandb_on and self.report_media is not None and self.ended:
+                try:
+                    media = self.report_media(self.run_dir)
+                except Exception as error:  # noqa: BLE001 - the tables are extra: W&B still gets closed
+                    print(f"warning: the report's tables for W&B failed ({type(error).__name__}: {error})",
+                          file=sys.stderr, flush=True)
+            self.logger.close(summary, media, page if self.ended else None)

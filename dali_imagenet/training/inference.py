@@ -1,5 +1,6 @@
-"""A trained model for use: loaded from this project's checkpoints or a torchvision state dict,
-with the class names and the validation preprocessing it was evaluated with. Used by
+"""A trained model for use: loaded from this project's checkpoints, a published folder or
+`hf://USER/NAME[@REVISION]` (`published.py`: timm's format), or a torchvision state dict, with
+the class names and the validation preprocessing it was evaluated with. Used by
 evaluate.py, predict.py, app.py and report.py."""
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from dali_imagenet.config import TrainConfig, from_dict
 from dali_imagenet.errors import DaliImagenetError, UsageError
-from dali_imagenet.training import archs
+from dali_imagenet.training import archs, published
 from dali_imagenet.training.saved import CheckpointError, load, weights
 
 WEIGHT_CHOICES = ("auto", "raw", "ema")
@@ -40,6 +41,8 @@ def load_model(path: str | Path, *, arch: str | None = None, which: str = "auto"
     run's last validation, else raw). Raises CheckpointError with a one-line reason."""
     if which not in WEIGHT_CHOICES:
         raise ValueError(f"which must be one of {', '.join(WEIGHT_CHOICES)}")
+    if published.is_published(path):
+        return _load_published(path, device)
     checkpoint = load(path)
     state = weights(checkpoint, which)
     arch = arch or checkpoint.get("arch") or "resnet50"
@@ -65,6 +68,21 @@ def load_model(path: str | Path, *, arch: str | None = None, which: str = "auto"
     loaded = "state dict" if "model" not in checkpoint else (
         which if which != "auto" else ("ema" if state is (checkpoint.get("ema") or {}).get("weights") else "raw"))
     return LoadedModel(model, arch, loaded, checkpoint.get("class_names"), config, summary)
+
+
+def _load_published(source, device) -> LoadedModel:
+    """A published model holds one set of weights (the run's best, raw or EMA): `which` has no say."""
+    found = published.load(source)
+    model = found.model
+    if model is None:
+        model = archs.build(found.arch, len(found.class_names) if found.class_names else _classes_in(
+            found.state, found.arch, source), blurpool=found.blurpool)
+        try:
+            model.load_state_dict(found.state)
+        except RuntimeError as error:
+            raise CheckpointError(f"{source}: does not fit {found.arch} ({str(error).splitlines()[0]})") from None
+    model = model.to(device, memory_format=torch.channels_last).eval()
+    return LoadedModel(model, found.arch, found.weights, found.class_names, found.config, found.summary)
 
 
 def _classes_in(state: dict, arch: str, path) -> int:

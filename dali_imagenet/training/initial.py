@@ -1,9 +1,9 @@
 """A new run that starts from trained weights (`train.py --init SOURCE`) instead of random ones.
 
 SOURCE is a checkpoint of this project's (`best.pt`, `last.pt`: the weights the run scored best
-with, raw or EMA), its run folder (its `best.pt`), a plain state dict (`final_weights.pt`,
-torchvision's), or `timm` (timm's own pretrained weights for a `timm:` arch, where they can be
-fetched). The architecture must be the run's; the classes need not be: where they differ, the
+with, raw or EMA), its run folder (its `best.pt`), a published folder or `hf://USER/NAME[@REVISION]`
+(`publish.py`'s, or anyone's timm model), a plain state dict (`final_weights.pt`, torchvision's),
+or `timm` (timm's own pretrained weights for a `timm:` arch, where they can be fetched). The architecture must be the run's; the classes need not be: where they differ, the
 classifier is new (said in one line, with the counts) and everything else is loaded strictly.
 A run extended by more epochs is a new run initialised from the old one, with its own schedule.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dali_imagenet.training import archs
+from dali_imagenet.training import archs, published
 from dali_imagenet.training.saved import CheckpointError, load, weights
 
 TIMM_PRETRAINED = "timm"
@@ -42,6 +42,14 @@ def initialise(source: str, model: torch.nn.Module, arch: str, class_names) -> I
     one line when they are not this architecture's."""
     if source == TIMM_PRETRAINED:
         return _from_timm(model, arch, class_names)
+    if published.is_published(source):
+        found = published.load(source)
+        if found.arch != arch:
+            raise CheckpointError(f"{source}: holds {found.arch}'s weights; this run trains {arch} (--init takes "
+                                  f"weights of the same architecture)")
+        theirs = found.class_names
+        same = theirs is not None and list(theirs) == list(class_names)
+        return _load(model, found.state, str(source), arch, same, len(theirs) if theirs is not None else None)
     path = Path(source)
     if path.is_dir():
         path = next((path / name for name in ("best.pt", "last.pt", "final_weights.pt") if (path / name).is_file()),

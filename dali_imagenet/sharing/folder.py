@@ -1,0 +1,92 @@
+"""A run as a published folder: `model.safetensors` + `config.json` in timm's format
+(`training/published.py`), the model card `README.md`, `curves.png` and the run's `report.html`.
+The weights are the ones the run's page calls best: best.pt's raw weights or their EMA, whichever
+scored higher at its last validation. A run under an `s3://` prefix is fetched first (its small
+files and best.pt)."""
+from __future__ import annotations
+
+import base64
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from dali_imagenet import s3
+from dali_imagenet.errors import DaliImagenetError, UsageError
+from dali_imagenet.report.html_report import Run, read_run, validation_curves, write_report
+from dali_imagenet.run.run_folder import BEST, CONFIG, LAST, METRICS, PREDICTIONS, REPORT
+from dali_imagenet.sharing.model_card import card
+from dali_imagenet.training import published
+from dali_imagenet.training.inference import load_model
+
+CURVES = "curves.png"
+RUN_FILES = (METRICS, CONFIG, BEST, LAST, PREDICTIONS, REPORT)
+
+
+class PublishError(DaliImagenetError):
+    """The run cannot be published as asked; the message is one line."""
+
+
+@dataclass
+class Built:
+    folder: Path
+    stock: bool  # timm builds it as it is
+    run: Run
+    weights: str  # raw | ema
+
+    def sizes(self) -> list[tuple[str, int]]:
+        return sorted((p.name, p.stat().st_size) for p in self.folder.iterdir() if p.is_file())
+
+
+def local_run(source: str, scratch: Path) -> Path:
+    """The run folder itself, or an s3:// run's files fetched into `scratch`."""
+    if not s3.is_s3(source):
+        if not (Path(source) / METRICS).is_file():
+            raise PublishError(f"{source}: not a run folder (no {METRICS})")
+        return Path(source)
+    for name in RUN_FILES:
+        s3.download(source.rstrip("/"), name, scratch / name, timeout_s=30)
+    if not (scratch / METRICS).is_file():
+        raise PublishError(f"{source}: not a run (no {METRICS} under it)")
+    return scratch
+
+
+def checkpoint_of(run_folder: Path) -> Path:
+    for name in (BEST, LAST):
+        if (run_folder / name).is_file():
+            return run_folder / name
+    raise PublishError(f"{run_folder}: no {BEST} or {LAST}: nothing to publish")
+
+
+def build(source: str, out_dir: str | Path, *, overwrite: bool, hub_repo: str | None = None,
+          license: str = "apache-2.0") -> Built:
+    """Writes the folder (whole, then renamed into place: a failed build leaves no half folder)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise UsageError(f"{out_dir}: exists and is not empty; pass --overwrite to replace it (the Hub keeps every "
+                         f"revision it had)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".publish-", dir=out_dir.parent) as scratch:
+        run_folder = local_run(source, Path(scratch) / "run")
+        run = read_run(run_folder, name=Path(source.rstrip("/")).name)
+        loaded = load_model(checkpoint_of(run_folder), which="auto")
+        staging = Path(scratch) / "out"
+        staging.mkdir()
+        state = {k: v.contiguous() for k, v in loaded.model.state_dict().items()}
+        summary = {**loaded.summary, "run": run.name, "source": source}
+        stock = published.write(staging, state, arch=loaded.arch, num_classes=loaded.num_classes, config=loaded.config,
+                                class_names=loaded.class_names, weights=loaded.weights, summary=summary,
+                                license=license)
+        (staging / CURVES).write_bytes(base64.b64decode(validation_curves([run]).split(",", 1)[1]))
+        if (run_folder / REPORT).is_file():
+            shutil.copyfile(run_folder / REPORT, staging / REPORT)
+        else:
+            write_report([run_folder], staging / REPORT)
+        (staging / "README.md").write_text(card(run, loaded, stock=stock, hub_repo=hub_repo, local=out_dir,
+                                                predictions=run_folder / PREDICTIONS, license=license))
+        for path in staging.iterdir():
+            path.chmod(0o644)  # files to share (a temporary folder's files are the owner's only)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    return Built(out_dir, stock, run, loaded.weights)

@@ -1,0 +1,191 @@
+"""publish.py: a run as a folder timm loads (identical logits), a BlurPool run's folder that timm
+refuses and this project loads exactly, the upload to a stand-in Hub that speaks the commit API
+(preupload, LFS batch, commit) and keeps every revision, a Space that runs, and the one-line
+token errors. Reading back: predict.py/evaluate.py/train.py --init take FOLDER and hf://."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import EXACT, REPO, child_env, run_in_process, script, train_command
+from test_show import val_images
+
+from benchmarks.standin_hub_commits import StandInModelHub
+
+
+def publish(*args, env=None) -> subprocess.CompletedProcess:
+    return run_in_process(script("publish"), ["publish.py", *map(str, args)], env)
+
+
+def logits(model: torch.nn.Module, size: int) -> torch.Tensor:
+    images = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model.to(memory_format=torch.contiguous_format).eval()(images)
+
+
+def predict_json(checkpoint, images: Path, env=None) -> list[dict]:
+    """predict.py in a process of its own (HF_ENDPOINT is read when huggingface_hub is imported)."""
+    result = subprocess.run([sys.executable, str(REPO / "predict.py"), str(images), "--checkpoint", str(checkpoint),
+                             "--json", "--device", "cpu"], capture_output=True, text=True, env=env or child_env(),
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_stock_folder_loads_in_timm_with_identical_logits(trained_run, sample_shards, tmp_path):
+    import timm
+
+    from dali_imagenet.training.inference import load_model
+
+    out = tmp_path / "published"
+    result = publish(trained_run, out)
+    assert result.returncode == 0, result.stderr
+    assert "timm loads it as it is" in result.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "curves.png", "model.safetensors",
+                                                     "report.html"]
+    config = json.loads((out / "config.json").read_text())
+    source = load_model(trained_run / "best.pt", which="auto")
+    assert config["architecture"] == "resnet18" and config["model_args"]["layers"] == [1, 1, 1, 1]  # our ResNet-10
+    assert config["label_names"] == source.class_names and config["num_classes"] == 8
+    assert config["pretrained_cfg"]["input_size"] == [3, 40, 40] and config["pretrained_cfg"]["crop_pct"] == 0.875
+    assert "tag" not in config["pretrained_cfg"]  # not timm's own weights
+    assert config["dali_imagenet"]["weights"] == source.weights
+
+    model = timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert model.pretrained_cfg["label_names"] == source.class_names
+    assert torch.equal(logits(model, 40), logits(source.model, 40))
+
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: timm" in card and "## Results" in card
+    assert f"local-dir:{out}" in card and "![validation curves](curves.png)" in card
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    images = tmp_path / "val"
+    val_images(sample_shards, images)
+    assert predict_json(out, images) == predict_json(trained_run / "best.pt", images)
+    scores = [json.loads(run_in_process(script("evaluate"), ["evaluate.py", "--checkpoint", str(source), "--data",
+                                                             str(sample_shards), "--device", "cpu", "--json"]).stdout)
+              for source in (out, trained_run / "best.pt")]
+    assert scores[0]["top1"] == scores[1]["top1"] and scores[0]["loss"] == pytest.approx(scores[1]["loss"])
+
+    again = publish(trained_run, out)  # never replaced without being asked
+    assert again.returncode == 1 and "--overwrite" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+
+
+def test_blurpool_folder_is_refused_by_timm_and_loads_here(straight_run, tmp_path):
+    import timm
+
+    from dali_imagenet.training.inference import load_model
+
+    out = tmp_path / "blur"
+    result = publish(straight_run, out)
+    assert result.returncode == 0, result.stderr
+    assert "not a timm network" in result.stdout
+    with pytest.raises(RuntimeError, match="Unknown model"):  # never silently timm's resnetblur
+        timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert "Not a timm architecture" in (out / "README.md").read_text()
+    loaded, source = load_model(out), load_model(straight_run / "best.pt", which="auto")
+    assert loaded.config.blurpool and loaded.arch == source.arch and loaded.weights == source.weights
+    assert torch.equal(logits(loaded.model, 40), logits(source.model, 40))
+
+
+@pytest.fixture
+def model_hub(tmp_path):
+    hub = StandInModelHub({"hf_alice_write": "alice", "hf_bob_write": "bob"})
+    env = child_env(HF_ENDPOINT=hub.url, HF_TOKEN="hf_alice_write", HF_HUB_DISABLE_XET="1", HF_HOME=str(tmp_path / "hf"),
+                    HF_HUB_DISABLE_PROGRESS_BARS="1")
+    yield hub, env
+    hub.close()
+
+
+def run_publish(env, *args) -> subprocess.CompletedProcess:
+    """publish.py in a process of its own: HF_ENDPOINT is read when huggingface_hub is imported."""
+    return subprocess.run([sys.executable, str(REPO / "publish.py"), *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=180)
+
+
+@pytest.mark.slow
+def test_hub_upload_keeps_every_revision_and_the_space_runs(trained_run, straight_run, sample_shards, model_hub,
+                                                             tmp_path):
+    hub, env = model_hub
+    first = run_publish(env, trained_run, tmp_path / "one", "--hub", "alice/tiny", "--space", "alice/tiny-demo")
+    assert first.returncode == 0, first.stderr[-2000:]
+    received = hub.files("alice/tiny")
+    assert received == {p.name: p.read_bytes() for p in (tmp_path / "one").iterdir()}  # the folder, byte for byte
+    posted = [path.split("?")[0] for method, path, status in hub.requests if method in ("POST", "PUT")]
+    assert "/api/models/alice/tiny/preupload/main" in posted and "/alice/tiny.git/info/lfs/objects/batch" in posted
+    assert any(p.startswith("/lfs-upload/") for p in posted) and "/api/models/alice/tiny/commit/main" in posted
+    first_commit = hub.commits("alice/tiny")[-1].oid
+    assert f"hf://alice/tiny@{first_commit}" in first.stdout
+
+    # Published again (another run): a new commit; the first stays loadable by its revision.
+    second = run_publish(env, straight_run, tmp_path / "two", "--hub", "alice/tiny")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert [c.oid for c in hub.commits("alice/tiny")][-2] == first_commit
+    images = tmp_path / "val"
+    val_images(sample_shards, images)
+    assert predict_json(f"hf://alice/tiny@{first_commit}", images, env) == predict_json(trained_run / "best.pt", images)
+    assert predict_json("hf://alice/tiny", images, env) == predict_json(straight_run / "best.pt", images)
+    page = subprocess.run([sys.executable, str(REPO / "report.py"), "--checkpoint", f"hf://alice/tiny@{first_commit}",
+                           "-o", str(tmp_path / "page.html")], capture_output=True, text=True, env=env, timeout=120)
+    assert page.returncode == 0 and (tmp_path / "page.html").read_bytes() == (trained_run / "report.html").read_bytes()
+    started = subprocess.run(train_command(sample_shards, tmp_path / "init", *EXACT, "max_steps=1",
+                                           extra=["--init", "hf://alice/tiny"]), capture_output=True, text=True,
+                             env=env, timeout=180)
+    assert started.returncode == 0 and "initialised from hf://alice/tiny: every weight loaded" in started.stdout, \
+        started.stderr[-2000:]
+
+    # The Space: the app, its requirements, the library and the model, and it serves without DALI.
+    space = hub.files("alice/tiny-demo", "space")
+    assert {"app.py", "requirements.txt", "README.md", "model/config.json", "model/model.safetensors",
+            "dali_imagenet/training/inference.py"} <= set(space)
+    assert b"sdk: gradio" in space["README.md"] and b"models:\n- alice/tiny" in space["README.md"]
+    folder = tmp_path / "space"
+    for name, data in space.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    image = next(images.iterdir())
+    check = ("import sys\nfor name in ('nvidia', 'nvidia.dali', 'boto3', 'webdataset', 'wandb', 'shard_tools'):\n"
+             "    sys.modules[name] = None  # not in the Space's requirements\n"
+             "import app, dali_imagenet\nassert dali_imagenet.__file__.startswith(app.HERE.as_posix())\n"
+             "loaded = app.load_model(app.default_checkpoint())\npredictor = app.Predictor(loaded)\n"
+             "app.build_demo(predictor, app.describe(loaded, 'model'), [])\n"
+             f"from PIL import Image\nprint(predictor.top(predictor.probabilities([app.image_tensor(Image.open({str(image)!r}))]), 1)[0][0][0])\n")
+    ran = subprocess.run([sys.executable, "-c", check], cwd=folder, capture_output=True, text=True,
+                         env={**child_env(), "PYTHONPATH": ""}, timeout=120)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    expected = predict_json(trained_run / "best.pt", image)[0]["top"][0]["index"]
+    assert int(ran.stdout.split()[-1]) == expected
+
+
+def test_token_errors_are_one_line(trained_run, model_hub, tmp_path):
+    hub, env = model_hub
+    for token, said in (("hf_unknown", "the Hub refused the token"), ("", "no Hugging Face token")):
+        result = run_publish({**env, "HF_TOKEN": token}, trained_run, tmp_path / "out", "--hub", "alice/tiny")
+        assert result.returncode == 1 and said in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "out").exists()  # checked before anything was built
+    other = run_publish({**env, "HF_TOKEN": "hf_bob_write"}, trained_run, "--hub", "alice/tiny")
+    assert other.returncode == 1 and "alice/tiny: the Hub refused the upload" in other.stderr
+    assert len(other.stderr.strip().splitlines()) == 1
+
+
+def test_init_from_a_published_folder_starts_at_its_accuracy(trained_run, sample_shards, tmp_path):
+    from conftest import records, train
+
+    assert publish(trained_run, tmp_path / "published").returncode == 0
+    out = tmp_path / "again"
+    result = train(sample_shards, out, "epochs=1", "max_steps=1", "val_image_size=40",
+                   extra=["--init", str(tmp_path / "published")])
+    assert "every weight loaded (the same classes)" in result.stdout
+    before = next(r for r in records(out) if r.get("event") == "init_validation")
+    published = json.loads((tmp_path / "published" / "config.json").read_text())["dali_imagenet"]["run"]["val"]
+    assert before["val_top1"] == max(published["top1"], published.get("ema_top1", -1.0))
+    wrong = train(sample_shards, tmp_path / "other", "arch=resnet18", extra=["--init", str(tmp_path / "published")],
+                  check=False)
+    assert wrong.returncode != 0 and "holds resnet10's weights; this run trains resnet18" in wrong.stderr
