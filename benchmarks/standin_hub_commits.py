@@ -61,6 +61,17 @@ class StandInModelHub:
         self.server.shutdown()
         self.server.server_close()
 
+    def seed(self, repo_id: str, files: dict[str, bytes], kind: str = "model") -> str:
+        """A repo as someone else published it (timm's own weights): one commit of `files`."""
+        with self.lock:
+            shas = {}
+            for path, data in files.items():
+                shas[path] = hashlib.sha256(data).hexdigest()
+                self.blobs[shas[path]] = data
+            oid = hashlib.sha1(json.dumps(sorted(shas.items())).encode()).hexdigest()
+            self.repos[(kind, repo_id)] = Repo(kind, False, None, [Commit(oid, "seeded", shas)])
+        return oid
+
     def files(self, repo_id: str, kind: str = "model", revision: str = "main") -> dict[str, bytes]:
         """What the repo holds at `revision`: path -> bytes."""
         commit = self.repos[(kind, repo_id)].at(revision)

@@ -189,3 +189,23 @@ def test_init_from_a_published_folder_starts_at_its_accuracy(trained_run, sample
     wrong = train(sample_shards, tmp_path / "other", "arch=resnet18", extra=["--init", str(tmp_path / "published")],
                   check=False)
     assert wrong.returncode != 0 and "holds resnet10's weights; this run trains resnet18" in wrong.stderr
+
+
+def test_init_timm_fetches_timms_pretrained_weights(sample_shards, model_hub, tmp_path):
+    """`--init timm` through timm's own download path, from a stand-in Hub holding timm's repo for
+    the arch's default tag (the real one needs the network)."""
+    import timm
+    from timm.models import get_pretrained_cfg, save_for_hf
+
+    hub, env = model_hub
+    repo = get_pretrained_cfg("test_resnet").hf_hub_id  # timm/test_resnet.r160_in1k
+    save_for_hf(timm.create_model("test_resnet", num_classes=1000), str(tmp_path / "weights"), safe_serialization=True)
+    hub.seed(repo, {p.name: p.read_bytes() for p in (tmp_path / "weights").iterdir()})
+    started = subprocess.run(train_command(sample_shards, tmp_path / "run", "arch=timm:test_resnet", "image_size=32",
+                                           "val_image_size=32", "drop_path=0", "max_steps=1", extra=["--init", "timm"]),
+                             capture_output=True, text=True, env=env, timeout=180)
+    assert started.returncode == 0, started.stderr[-2000:]
+    assert ("initialised from timm:test_resnet pretrained: a new classifier for 8 classes (1000 there)"
+            in started.stdout)
+    assert any(path.endswith(f"/{repo}/resolve/main/model.safetensors") or "model.safetensors" in path
+               for method, path, status in hub.requests if method == "GET" and status == 200)
