@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 BUILD := build
 DEMO_RUN := $(BUILD)/demo-run
 
-.PHONY: install browser cloud-venv demo test bench clean
+.PHONY: install browser cloud-venv demo test lint bench clean
 
 install: $(VENV)/.installed
 
@@ -50,8 +50,12 @@ demo: install $(BUILD)/sample/.done
 # long end-to-end tests start first and the short ones fill the gaps). The runs several tests share
 # are built once for all workers (conftest.built_once). `make test` runs everything (~3.5 min on 2
 # cores); `.venv/bin/python -m pytest -n auto -m "not slow"` is the quick loop (~45 s).
-test: install browser cloud-venv
+test: install browser cloud-venv lint
 	$(PY) -m pytest -q -n auto --dist worksteal
+
+# ruff's checks (pyproject.toml: line length 120, pyflakes, pycodestyle, import order, bugbear)
+lint: install
+	$(VENV)/bin/ruff check .
 
 bench: install
 	$(PY) -m benchmarks

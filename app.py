@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from dali_imagenet.errors import one_line_errors
-from dali_imagenet.training.inference import WEIGHT_CHOICES, Predictor, image_tensor, load_model
+from dali_imagenet.inference.predictor import WEIGHT_CHOICES, Predictor, image_tensor, load_model
 
 HERE = Path(__file__).resolve().parent
 

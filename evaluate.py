@@ -16,8 +16,8 @@ import torch
 from dali_imagenet import make_loader
 from dali_imagenet.data.shards import find_shards
 from dali_imagenet.errors import one_line_errors
+from dali_imagenet.inference.predictor import WEIGHT_CHOICES, load_model
 from dali_imagenet.training.evaluation import evaluate
-from dali_imagenet.training.inference import WEIGHT_CHOICES, load_model
 from dali_imagenet.training.model import LAYOUTS
 from dali_imagenet.training.precision import AMP_DTYPES, Precision
 
@@ -27,8 +27,12 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--data", required=True, help="shard folder or s3://bucket/prefix")
     parser.add_argument("--dali", action="store_true", help="DALI loader; without it the torchvision baseline")
-    parser.add_argument("--arch", default=None, help="for plain state dicts: one of "
-                        f"{', '.join(sorted(LAYOUTS))} (default resnet50) or timm:NAME; a run's checkpoint names its own")
+    parser.add_argument(
+        "--arch",
+        default=None,
+        help="for plain state dicts: one of "
+        f"{', '.join(sorted(LAYOUTS))} (default resnet50) or timm:NAME; a run's checkpoint names its own",
+    )
     parser.add_argument("--weights", choices=WEIGHT_CHOICES, default="auto",
                         help="raw weights or their EMA (auto: whichever scored higher in the run)")
     parser.add_argument("--split", default="validation")

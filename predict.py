@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from dali_imagenet.errors import UsageError, one_line_errors
-from dali_imagenet.training.inference import WEIGHT_CHOICES, ImageError, Predictor, load_image, load_model
+from dali_imagenet.inference.predictor import WEIGHT_CHOICES, ImageError, Predictor, load_image, load_model
 from dali_imagenet.training.model import LAYOUTS
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".jpe", ".jfif"}
@@ -43,7 +43,7 @@ def read_classes(path: str) -> list[str]:
         text = Path(path).read_text()
     except OSError as error:
         raise UsageError(f"{path}: cannot read the class names ({error.strerror})") from None
-    return parse_classes_tsv(text, path) if text.startswith("index\t") else [l for l in text.splitlines() if l]
+    return parse_classes_tsv(text, path) if text.startswith("index\t") else [line for line in text.splitlines() if line]
 
 
 def shard_images(data: str, split: str):

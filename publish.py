@@ -54,8 +54,13 @@ def main() -> None:
             pushed = hub.push(built.folder, args.hub, private=args.private, message=message)
             print(f"uploaded: {pushed.url} (commit {pushed.commit}; load it as hf://{args.hub}@{pushed.commit})")
         if args.space:
-            folder = hub.space_folder(Path(scratch) / "space", built.folder, HERE / "app.py", title=args.space.split("/")[1],
-                                      model_repo=args.hub)
+            folder = hub.space_folder(
+                Path(scratch) / "space",
+                built.folder,
+                HERE / "app.py",
+                title=args.space.split("/")[1],
+                model_repo=args.hub,
+            )
             pushed = hub.push(folder, args.space, kind="space", message=message, space_sdk="gradio")
             print(f"space: {pushed.url} (commit {pushed.commit})")
 

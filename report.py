@@ -36,7 +36,7 @@ def is_index(sources: list[str]) -> bool:
 
 def page_of(checkpoint: str, output: str | None) -> Path:
     """The run page behind a checkpoint: its run folder's (written again), or a published model's."""
-    from dali_imagenet.training import published
+    from dali_imagenet.run import published
 
     if published.is_published(checkpoint):
         page = published.fetch(checkpoint, (REPORT,)) / REPORT
@@ -50,8 +50,11 @@ def page_of(checkpoint: str, output: str | None) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     parser.add_argument("runs", nargs="*", help="run folders; or one folder of runs, or an s3://bucket/prefix/ of runs")
     parser.add_argument("--checkpoint", help="instead: a checkpoint (its run's page), a published folder or "
                                              "hf://USER/NAME[@REVISION] (the page published with it)")

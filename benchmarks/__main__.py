@@ -86,12 +86,12 @@ def step_runs(device: str, smoke: bool, sizes: list[int] | None = None, arch: st
         dtypes = ["bfloat16" if device == "cuda" else "float32"]
     layouts = (True,) if (smoke or sizes) else (True, False)
     compiles = (False,) if smoke else (False, True)
-    for size, dtype, channels_last, compiled in itertools.product(sizes or [size], dtypes, layouts, compiles):
+    for image_size, dtype, channels_last, compiled in itertools.product(sizes or [size], dtypes, layouts, compiles):
         name = f"{arch} {dtype} {'NHWC' if channels_last else 'NCHW'}{' compiled' if compiled else ''}"
         yield ({"stage": "step", "name": name, "arch": arch, "dtype": dtype, "channels_last": channels_last,
-                "compile": compiled, "device": device, "batch_size": batch, "image_size": size},
+                "compile": compiled, "device": device, "batch_size": batch, "image_size": image_size},
                ["synthetic", "--arch", arch, "--device", device, "--dtype", dtype, "--batch-size", str(batch),
-                "--image-size", str(size), "--channels-last" if channels_last else "--no-channels-last",
+                "--image-size", str(image_size), "--channels-last" if channels_last else "--no-channels-last",
                 "--compile" if compiled else "--no-compile", *timing])
 
 

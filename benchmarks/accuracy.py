@@ -68,13 +68,32 @@ def class_subset(data: Path, classes: str, work: Path) -> Path:
 
 def train(config: Path, shards: Path, run_dir: Path, *, minutes: float, device: str, sets: list[str],
           init: str | None = None) -> dict:
-    command = [sys.executable, str(REPO / "train.py"), "--dali", "--spot", "off", "--data", str(shards), "--config", str(config),
-               "--out", str(run_dir), "--overwrite", "--device", device, "--no-wandb",
-               "--set", f"max_minutes={minutes}", *[a for s in sets for a in ("--set", s)],
-               *(["--init", init] if init else [])]
+    command = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "--dali",
+        "--spot",
+        "off",
+        "--data",
+        str(shards),
+        "--config",
+        str(config),
+        "--out",
+        str(run_dir),
+        "--overwrite",
+        "--device",
+        device,
+        "--no-wandb",
+        "--set",
+        f"max_minutes={minutes}",
+        *[a for s in sets for a in ("--set", s)],
+        *(["--init", init] if init else []),
+    ]
     started = time.perf_counter()
     with open(run_dir.with_suffix(".log"), "w") as log:
-        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        result = subprocess.run(
+            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
     if result.returncode != 0:
         tail = run_dir.with_suffix(".log").read_text()[-2000:]
         raise RuntimeError(f"{config}: train.py failed (exit {result.returncode}):\n{tail}")
@@ -90,7 +109,7 @@ def evaluate(checkpoint: Path, shards: Path, device: str, weights: str) -> dict:
 
 def summarize(name: str, config: Path, run_dir: Path, shards: Path, device: str, wall_s: float) -> dict:
     """The run's validation curve and final numbers; a run the budget cut short is evaluated now."""
-    from dali_imagenet.training.saved import load
+    from dali_imagenet.run.checkpoint import load
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     # an --init run's first point is its initial weights' score, before any step (time 0, no image seen)

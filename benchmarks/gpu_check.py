@@ -182,9 +182,17 @@ def per_size(records: list[dict], batch: int) -> list[dict]:
     rows = []
     for r in (r for r in records if "first_step_s" in r):
         warm = r.get("warm_images_per_s")
-        rows.append({"epoch": r["epoch"], "image_size": r["image_size"], "first_step_s": r["first_step_s"],
-                     "steps_per_s": warm / batch if warm else None, "images_per_s": warm,
-                     "peak_gpu_mem_gb": r.get("peak_gpu_mem_gb"), "peak_gpu_reserved_gb": r.get("peak_gpu_reserved_gb")})
+        rows.append(
+            {
+                "epoch": r["epoch"],
+                "image_size": r["image_size"],
+                "first_step_s": r["first_step_s"],
+                "steps_per_s": warm / batch if warm else None,
+                "images_per_s": warm,
+                "peak_gpu_mem_gb": r.get("peak_gpu_mem_gb"),
+                "peak_gpu_reserved_gb": r.get("peak_gpu_reserved_gb"),
+            }
+        )
     return rows
 
 
@@ -215,9 +223,15 @@ def production_config(check: Check, shards: Path, work: Path) -> None:
         result, records = train_py(check, shards, "l4-16h", [*sets, *extra_sets], out, extra)
         runs[name] = (result, records, out)
         if result.returncode != 0:
-            check.rows.append({"section": section, "what": f"l4-16h {name}", "result": f"failed (exit {result.returncode})",
-                               "error": (result.stderr.strip().splitlines() or [""])[-1][:200],
-                               "seconds": time.monotonic() - started})
+            check.rows.append(
+                {
+                    "section": section,
+                    "what": f"l4-16h {name}",
+                    "result": f"failed (exit {result.returncode})",
+                    "error": (result.stderr.strip().splitlines() or [""])[-1][:200],
+                    "seconds": time.monotonic() - started,
+                }
+            )
             return
     size_before = None
     first_step_is = " (a new size)" if check.smoke else " (a new size: compiles)"  # --smoke runs eager
@@ -225,15 +239,26 @@ def production_config(check: Check, shards: Path, work: Path) -> None:
         new_size = row["image_size"] != size_before
         size_before = row["image_size"]
         memory = f", peak {row['peak_gpu_mem_gb']:.1f} GiB" if row["peak_gpu_mem_gb"] is not None else ""
-        check.rows.append({"section": section, "what": f"l4-16h straight, epoch {row['epoch']} at {row['image_size']} px",
-                           **row, "new_size": new_size,
-                           "result": f"first step {row['first_step_s']:.1f} s{first_step_is if new_size else ''}, "
-                                     f"then {row['steps_per_s'] or 0:.2f} steps/s{memory}"})
+        check.rows.append(
+            {
+                "section": section,
+                "what": f"l4-16h straight, epoch {row['epoch']} at {row['image_size']} px",
+                **row,
+                "new_size": new_size,
+                "result": f"first step {row['first_step_s']:.1f} s{first_step_is if new_size else ''}, "
+                f"then {row['steps_per_s'] or 0:.2f} steps/s{memory}",
+            }
+        )
     resumed_first = per_size(runs["resumed"][1], batch)
     if resumed_first:
-        check.rows.append({"section": section, "what": "l4-16h resumed: its first step" + ("" if check.smoke else " (recompile, warm cache)"),
-                           "first_step_s": resumed_first[0]["first_step_s"],
-                           "result": f"first step {resumed_first[0]['first_step_s']:.1f} s"})
+        check.rows.append(
+            {
+                "section": section,
+                "what": "l4-16h resumed: its first step" + ("" if check.smoke else " (recompile, warm cache)"),
+                "first_step_s": resumed_first[0]["first_step_s"],
+                "result": f"first step {resumed_first[0]['first_step_s']:.1f} s",
+            }
+        )
     verdict = resume_verdict(window_losses(runs["straight"][1], stop_at), window_losses(runs["resumed"][1], stop_at),
                              _max_abs_diff(runs["straight"][2], runs["split"][2]), exact)
     check.rows.append({"section": section, "what": f"l4-16h: straight vs stopped at step {stop_at} + resume",
@@ -245,7 +270,9 @@ def graph_memory(check: Check, shards: Path, work: Path) -> None:
     the trainer drops a finished size's graph, so the peak is the largest size's."""
     section = "cuda_graph memory"
     if check.device != "cuda":
-        check.rows.append({"section": section, "what": "l4-16h ramp, cuda_graph", "result": "needs a GPU", "seconds": 0})
+        check.rows.append(
+            {"section": section, "what": "l4-16h ramp, cuda_graph", "result": "needs a GPU", "seconds": 0}
+        )
         return
     if not check.fits(section):
         return
@@ -264,10 +291,16 @@ def graph_memory(check: Check, shards: Path, work: Path) -> None:
         check.rows.append({"section": section, "what": f"cuda_graph, {row['image_size']} px, b256", **row,
                            "result": f"peak {row['peak_gpu_mem_gb']:.1f} GiB allocated, "
                                      f"{row['peak_gpu_reserved_gb']:.1f} GiB reserved"})
-    check.rows.append({"section": section, "what": f"fits an L4 ({L4_MEMORY_GIB:g} GiB usable)?",
-                       "peak_gpu_reserved_gb": peak, "fits_l4": peak <= L4_MEMORY_GIB,
-                       "result": f"{'yes' if peak <= L4_MEMORY_GIB else 'NO'}: peak {peak:.1f} GiB reserved over the ramp",
-                       "seconds": time.monotonic() - started})
+    check.rows.append(
+        {
+            "section": section,
+            "what": f"fits an L4 ({L4_MEMORY_GIB:g} GiB usable)?",
+            "peak_gpu_reserved_gb": peak,
+            "fits_l4": peak <= L4_MEMORY_GIB,
+            "result": f"{'yes' if peak <= L4_MEMORY_GIB else 'NO'}: peak {peak:.1f} GiB reserved over the ramp",
+            "seconds": time.monotonic() - started,
+        }
+    )
 
 
 def loaders(check: Check, shards: Path) -> None:
@@ -362,8 +395,15 @@ def table(check: Check, card: str) -> str:
     for row in check.rows:
         rate = (f"{row['images_per_s']:,.0f} ({row['images_per_s_min']:,.0f}-{row['images_per_s_max']:,.0f})"
                 if "images_per_s_min" in row else (f"{row['images_per_s']:,.0f}" if row.get("images_per_s") else ""))
-        notes = row.get("error") or row.get("result") or (f"data wait {row['data_wait']:.0%}" if "data_wait" in row
-                                                          else (f"warm-up {row['warmup_s']:.0f} s" if "warmup_s" in row else ""))
+        notes = (
+            row.get("error")
+            or row.get("result")
+            or (
+                f"data wait {row['data_wait']:.0%}"
+                if "data_wait" in row
+                else (f"warm-up {row['warmup_s']:.0f} s" if "warmup_s" in row else "")
+            )
+        )
         if "jpeg_decoder" in row:
             notes = "; ".join(filter(None, [notes, f"JPEG decoder: {row['jpeg_decoder']['jpeg_decoder']}"]))
         seconds = f"{row['seconds']:.0f}" if row.get("seconds") is not None else ""

@@ -6,7 +6,8 @@ FOLDER holds the hub's parquet files (`data/*.parquet`), or is an ImageFolder tr
 Imagenette) that is first written in the hub's format (rows shuffled, 1,000 a file, 100 a row
 group, as the Hub's ImageNet files have); default: the bundled sample, built in build/bench. Small
 data mostly measures fixed costs (the Hub client's import, resolving the repo, the footers: about
-a second a run here); give thousands of images to see the steady rate. The stand-in Hub (benchmarks/standin_hub.py) serves the same files on 127.0.0.1, and
+a second a run here); give thousands of images to see the steady rate. The stand-in Hub
+(standins/hub.py) serves the same files on 127.0.0.1, and
 `shard-imagenet` converts them alternately from the folder (the baseline) and from
 `hf://datasets/...`, each run in a process of its own, `--repeats` times; every Hub run's shards
 must equal the local run's byte for byte. Reported: the median img/s and MB/s of each, the ratio,
@@ -30,7 +31,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import REPO, machine
-from benchmarks.standin_hub import StandInHub
+from standins.hub import StandInHub
 
 REPO_ID = "ILSVRC/imagenet-1k"
 
@@ -118,7 +119,9 @@ def hub_parquet_from_imagefolder(tree: Path, out: Path, rows_per_file: int = 100
         units = [info.units[i] for i in np.random.default_rng(0).permutation(len(info.units))]
         count = -(-len(units) // rows_per_file)
         for index in range(count):
-            records = [r for u in units[index * rows_per_file:(index + 1) * rows_per_file] for r in read_unit(u, tree)[0]]
+            records = [
+                r for u in units[index * rows_per_file : (index + 1) * rows_per_file] for r in read_unit(u, tree)[0]
+            ]
             table = pa.Table.from_pydict({"image": [{"bytes": r.data, "path": Path(r.path).name} for r in records],
                                           "label": [r.label for r in records]}, schema=schema)
             pq.write_table(table, staging / "data" / f"{split}-{index:05d}-of-{count:05d}.parquet",

@@ -116,8 +116,8 @@ def measure_steps(cfg: TrainConfig, sizes: list[int], device: torch.device, seco
 def measure_validation(cfg: TrainConfig, device: torch.device, seconds: float) -> float:
     """Validation images/s at the val size: every forward pass a validation makes (raw weights,
     their EMA when the run keeps one, each with its mirror image under val_flip)."""
-    from dali_imagenet.training.evaluation import predict_logits
     from dali_imagenet.training import archs
+    from dali_imagenet.training.evaluation import predict_logits
 
     precision = Precision.for_device(cfg.amp_dtype, device)
     model = archs.build(cfg.arch, 1000, blurpool=cfg.blurpool).to(device, memory_format=torch.channels_last).eval()
@@ -220,13 +220,19 @@ def _bound(step_rate: float, loader_rate: float | None) -> str:
 
 def table(result: dict) -> str:
     rate = lambda value: f"{value:,.0f}" if value else "-"  # noqa: E731
-    lines = ["| phase | epochs | px | step img/s | loader img/s | bound by | hours |", "| --- | ---: | ---: | ---: | ---: | --- | ---: |"]
+    lines = [
+        "| phase | epochs | px | step img/s | loader img/s | bound by | hours |",
+        "| --- | ---: | ---: | ---: | ---: | --- | ---: |",
+    ]
     for row in result["phases"]:
         lines.append(f"| {row['phase']} | {row['epochs'] or ''} | {row['image_size'] or ''} | "
                      f"{rate(row['step_images_per_s'])} | {rate(row['loader_images_per_s'])} | {row['bound']} | "
                      f"{row['hours']:.2f} |")
-    spot = (f"${result['spot_dollars']:,.2f} on spot at ${result['spot_price_per_hour']}/h" if result["spot_dollars"] is not None
-            else "spot: pass --spot-price-per-hour (spot prices change by the hour)")
+    spot = (
+        f"${result['spot_dollars']:,.2f} on spot at ${result['spot_price_per_hour']}/h"
+        if result["spot_dollars"] is not None
+        else "spot: pass --spot-price-per-hour (spot prices change by the hour)"
+    )
     gpu = result["machine"]["gpu"] or f"CPU ({result['machine']['cpu_count']} cores)"
     lines.append(f"\ntotal {result['total_hours']:.2f} h on {gpu} for {result['train_images']:,} train images: "
                  f"${result['dollars']:,.2f} on demand at ${result['price_per_hour']}/h; {spot}"

@@ -37,8 +37,11 @@ def add_ratios(results: list[dict]) -> None:
 
 
 def markdown_table(results: list[dict]) -> str:
-    lines = ["| stage | what | shards / device | img/s (median) | spread | vs baseline | vs limit / ceiling | data wait "
-             "| JPEG decoder |", "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | --- |"]
+    lines = [
+        "| stage | what | shards / device | img/s (median) | spread | vs baseline | vs limit / ceiling | data wait "
+        "| JPEG decoder |",
+        "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | --- |",
+    ]
     for r in results:
         where = r.get("shards") or r.get("device", "")
         if r["stage"] == "step":
@@ -50,13 +53,17 @@ def markdown_table(results: list[dict]) -> str:
         limit = ratio("vs_limit") or ratio("vs_ceiling")
         wait = f"{r['data_wait']:.0%}" if "data_wait" in r else ""
         decoding = short(r["jpeg_decoder"]) if "jpeg_decoder" in r else ""
-        lines.append(f"| {r['stage']} | {r['name']} | {where} | {r['images_per_s']:,.0f} | "
-                     f"{r['images_per_s_min']:,.0f}-{r['images_per_s_max']:,.0f} | {ratio('vs_baseline')} | {limit} | {wait} "
-                     f"| {decoding} |")
+        lines.append(
+            f"| {r['stage']} | {r['name']} | {where} | {r['images_per_s']:,.0f} | "
+            f"{r['images_per_s_min']:,.0f}-{r['images_per_s_max']:,.0f} | {ratio('vs_baseline')} | {limit} | {wait} "
+            f"| {decoding} |"
+        )
     machine = results[0]["env"] if results else {}
     lines.append("")
-    lines.append(f"machine: {machine.get('cpu_count')} CPUs, GPU {machine.get('gpu') or 'none'}; torch "
-                 f"{machine.get('torch')}, DALI {machine.get('nvidia-dali-cuda120')}, commit {machine.get('git_commit')}")
+    lines.append(
+        f"machine: {machine.get('cpu_count')} CPUs, GPU {machine.get('gpu') or 'none'}; torch "
+        f"{machine.get('torch')}, DALI {machine.get('nvidia-dali-cuda120')}, commit {machine.get('git_commit')}"
+    )
     return "\n".join(lines)
 
 

@@ -4,7 +4,7 @@ staged (copied to a local folder once, then read there), behind a bucket's laten
     python -m benchmarks --only s3                      # part of the suite
     python -m benchmarks.s3 --data SHARDS --latency-ms 0 10 20
 
-A local S3 server (moto) answers a ranged GET in ~3 ms here; `standin_s3.LatencyProxy` in front of it adds
+A local S3 server (moto) answers a ranged GET in ~3 ms here; `standins.s3.LatencyProxy` in front of it adds
 N ms to each request, as a real bucket's time to the first byte. For each latency it prints the
 DALI train loader's images/s streamed and from the staged copy, the object GETs per sample (per
 epoch when streamed; once per machine when staged) and the staging's MB/s. The train reader's
@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.common import REPO, machine, run_isolated
-from benchmarks.standin_s3 import LatencyProxy, S3Server
+from standins.s3 import LatencyProxy, S3Server
 
 BUCKET = "bench-shards"
 
@@ -77,8 +77,15 @@ def run(data: Path, latencies: list[float], smoke: bool, threads: int, epochs: i
                    "--image-size", str(size), "--threads", str(threads), *timing]
     server = S3Server()
     server.start()
-    env = {**os.environ, "AWS_ENDPOINT_URL": server.endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    env = {
+        **os.environ,
+        "AWS_ENDPOINT_URL": server.endpoint,
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
     saved = dict(os.environ)
     try:
         os.environ.update(env)
@@ -110,9 +117,11 @@ def table(results: list[dict]) -> str:
         ratio = r["images_per_s"] / staged[r["latency_ms"]] if staged.get(r["latency_ms"]) else None
         mb_s = f"{r['staging_mb_per_s']:,.0f} ({r['staged_mb']:.0f} MB in {r['staging_s']:.1f} s)" \
             if "staging_mb_per_s" in r else ""
-        lines.append(f"| {r['latency_ms']:g} ms | {r['name']} | {r['images_per_s']:,.0f} | "
-                     f"{r['images_per_s_min']:,.0f}-{r['images_per_s_max']:,.0f} | "
-                     f"{f'{ratio:.2f}x' if ratio else ''} | {r['gets_per_sample']:.3f} {r['gets_counted_over']} | {mb_s} |")
+        lines.append(
+            f"| {r['latency_ms']:g} ms | {r['name']} | {r['images_per_s']:,.0f} | "
+            f"{r['images_per_s_min']:,.0f}-{r['images_per_s_max']:,.0f} | "
+            f"{f'{ratio:.2f}x' if ratio else ''} | {r['gets_per_sample']:.3f} {r['gets_counted_over']} | {mb_s} |"
+        )
     return "\n".join(lines)
 
 

@@ -39,8 +39,14 @@ def synthetic(args) -> dict:
     step = make_training(args.arch, 1000, device, args.dtype, args.channels_last, args.compile, args.cuda_graph,
                          args.blurpool)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device,
-                         dtype=Precision.for_device(args.dtype, device).loader_dtype).contiguous(memory_format=memory_format)
+    images = torch.randn(
+        args.batch_size,
+        3,
+        args.image_size,
+        args.image_size,
+        device=device,
+        dtype=Precision.for_device(args.dtype, device).loader_dtype,
+    ).contiguous(memory_format=memory_format)
     labels = torch.randint(0, 1000, (args.batch_size,), device=device)
     start = time.perf_counter()
     for _ in range(args.warmup_steps):  # cuDNN autotuning, torch.compile

@@ -2,8 +2,9 @@
 only downward:
 
     data/      the shards, the DALI and baseline loaders, preprocessing: `make_loader`
-    training/  the model, the step, mixing, EMA, precision, schedule, recipe, evaluation, inference
-    run/       checkpoints, resume, the run folder, outputs and S3 upload, spot, stops, exit codes
+    training/  the networks, the step, mixing, EMA, precision, schedule, recipe, evaluation
+    run/       checkpoints (written, read), --init, resume, the run folder, outputs and S3, spot, exits
+    inference/ a trained model put to use: prediction, Grad-CAM, the final validation's predictions
     report/    the pages people read: a run's page, an index of runs (and its tables for W&B)
     sharing/   a run published: timm's format with a model card, the Hugging Face Hub, a Space
     errors, s3, retry, seeding, distributed: what every layer shares; config: a run's description

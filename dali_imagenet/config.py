@@ -20,7 +20,7 @@ class ConfigError(DaliImagenetError):
 @dataclass
 class TrainConfig:
     # model
-    arch: str = "resnet50"  # resnet10 | resnet18 | resnet34 | resnet50 | resnet101 | resnet152 | timm:NAME (any timm model)
+    arch: str = "resnet50"  # resnet10 | resnet18 | resnet34 | resnet50 | resnet101 | resnet152 | timm:NAME (any)
     drop_path: float = 0.1  # stochastic depth of the last block; rises linearly from 0 with depth
     zero_init_last_bn: bool = True  # each residual branch starts as identity
     blurpool: bool = False  # blur (3x3 binomial) before each strided conv; same weights, so still torchvision's keys
@@ -71,7 +71,7 @@ class TrainConfig:
     max_minutes: float = 0.0  # stop (with a checkpoint) after this many minutes in this process; 0: no limit
     s3_flush_timeout_s: float = 90.0  # at exit, how long to wait for pending uploads (spot notice: 120 s)
     s3_resume_timeout_s: float = 120.0  # at start, how long S3 failures are retried before the run stops
-    lease_seconds: float = 300.0  # the run's hold on its --s3 prefix lasts this long past its last renewal (every third)
+    lease_seconds: float = 300.0  # the run's hold on its --s3 prefix lasts this long past its last renewal
     spot_poll_seconds: float = 5.0  # between checks of EC2's spot notice (it comes ~120 s ahead of a reclaim)
     wandb_project: str = "dali-imagenet"
     price_per_hour: float = 0.8048  # US$ per machine-hour: AWS g6.xlarge on demand, us-east-1 Linux (list price, 2025)
@@ -112,15 +112,18 @@ class TrainConfig:
             (self.lr_schedule in ("cosine", "linear"), "lr_schedule must be cosine or linear"),
             (self.batch_size > 0 and self.epochs > 0 and self.image_size > 0 and self.val_image_size > 0,
              "batch_size, epochs, image_size, val_image_size must be > 0"),
-            (self.min_image_size == 0 or (0 < self.min_image_size <= self.image_size
-                                          and self.ramp_start_epoch <= self.ramp_end_epoch and self.image_size_step > 0),
-             "a size ramp needs 0 < min_image_size <= image_size, ramp_start_epoch <= ramp_end_epoch, image_size_step > 0"),
+            (self.min_image_size == 0 or (0 < self.min_image_size <= self.image_size and self.image_size_step > 0
+                                          and self.ramp_start_epoch <= self.ramp_end_epoch),
+             "a size ramp needs 0 < min_image_size <= image_size, ramp_start_epoch <= ramp_end_epoch, "
+             "image_size_step > 0"),
             (0 <= self.hw_decoder_load <= 1, "hw_decoder_load must be in [0, 1]"),
             (0 < self.val_crop_fraction <= 1 and 0 < self.crop_min_area <= 1,
              "val_crop_fraction and crop_min_area must be in (0, 1]"),
-            (0 <= self.drop_path < 1 and 0 <= self.label_smoothing < 1, "drop_path and label_smoothing must be in [0, 1)"),
+            (0 <= self.drop_path < 1 and 0 <= self.label_smoothing < 1,
+             "drop_path and label_smoothing must be in [0, 1)"),
             (self.mixup_alpha >= 0 and self.cutmix_alpha >= 0, "mixup_alpha and cutmix_alpha must be >= 0"),
-            (0 <= self.ema_decay < 1 and self.ema_warmup_power > 0, "ema_decay must be in [0, 1), ema_warmup_power > 0"),
+            (0 <= self.ema_decay < 1 and self.ema_warmup_power > 0,
+             "ema_decay must be in [0, 1), ema_warmup_power > 0"),
             (self.lr > 0 and self.min_lr >= 0 and self.warmup_epochs >= 0, "lr > 0, min_lr >= 0, warmup_epochs >= 0"),
             (self.log_every > 0, "log_every must be > 0"),
             (self.lease_seconds >= 3, "lease_seconds must be >= 3 (it is renewed every third of it)"),

@@ -117,7 +117,8 @@ def merged(snapshots: list[dict]) -> dict:
 
 
 def _bucket_of(url: str) -> str | None:
-    """The bucket a request goes to: path-style (`host/bucket/key`, a local endpoint) or virtual-hosted (`bucket.s3...`)."""
+    """The bucket a request goes to: path-style (`host/bucket/key`, a local endpoint) or
+    virtual-hosted (`bucket.s3...`)."""
     parsed = urlparse(url)
     host = parsed.hostname or ""
     if ".s3." in host or ".s3-" in host:
@@ -221,8 +222,9 @@ def metadata(url: str, name: str, timeout_s: float) -> dict[str, str] | None:
     """The user metadata (`x-amz-meta-*`) of `<url>/<name>`, or None when S3 says it is not
     there; any other failure is retried for `timeout_s`, then S3Error."""
     bucket, prefix = split_s3_url(url)
-    head = retrying(f"{url}/{name}: cannot read", lambda: client().head_object(Bucket=bucket, Key=join_key(prefix, name)),
-                    timeout_s)
+    head = retrying(
+        f"{url}/{name}: cannot read", lambda: client().head_object(Bucket=bucket, Key=join_key(prefix, name)), timeout_s
+    )
     return None if head is None else dict(head.get("Metadata", {}))
 
 

@@ -62,7 +62,7 @@ def summary_table(manifest: dict) -> str:
     lines.append(f"{stats['converted_now']} images in {seconds:.1f} s: {stats['converted_now'] / seconds:.0f} img/s, "
                  f"{stats['source_bytes_now'] / 1e6 / seconds:.1f} MB/s of source; "
                  f"{stats['skipped_chunks']} chunk(s) kept from an earlier run; peak RSS {stats['peak_rss_mb']:.0f} MB")
-    for split, info in manifest["splits"].items():
+    for info in manifest["splits"].values():
         for entry in info["rejected"][:10]:
             where = (f"{entry['source']} ({entry['path']})" if "source" in entry
                      else f"{entry['shard']}: sample {entry['key']} (by {entry.get('by', 'a repair')})")

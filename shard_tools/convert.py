@@ -281,14 +281,18 @@ def convert(source_path: str | Path, output_url: str, splits: tuple[str, ...], o
     previous = output.read_text(MANIFEST)
     done: dict[str, ChunkResult] = {}
     if previous is not None and not (resume or overwrite):
-        raise ConvertError(f"{output.url}/{MANIFEST} exists: pass --resume to continue that run or --overwrite to start over")
+        raise ConvertError(
+            f"{output.url}/{MANIFEST} exists: pass --resume to continue that run or --overwrite to start over"
+        )
     if previous is not None and resume:
         old = json.loads(previous)
         _check_same_commit(old.get("source", {}), source, output.url)
         if old.get("source", {}).get("fingerprint") != source.fingerprint:
             raise ConvertError(f"{output.url}/{MANIFEST}: made from a different source; cannot resume")
         if old.get("options") != asdict(options):
-            raise ConvertError(f"{output.url}/{MANIFEST}: made with options {old.get('options')}; cannot resume with {asdict(options)}")
+            raise ConvertError(
+                f"{output.url}/{MANIFEST}: made with options {old.get('options')}; cannot resume with {asdict(options)}"
+            )
         earlier = _previous_results(old, output, chunks)
         done = earlier.done
     else:
@@ -310,7 +314,9 @@ def convert(source_path: str | Path, output_url: str, splits: tuple[str, ...], o
             elapsed = max(bar.format_dict["elapsed"], 1e-9)
             bar.set_postfix_str(f"{fetched_bytes / 1e6 / elapsed:.1f} MB/s from the Hub" if fetched_bytes else
                                 f"{source_bytes / 1e6 / elapsed:.1f} MB/s")
-            output.write_text(MANIFEST, json.dumps(build_manifest(source, options, splits_present, done, False), indent=1))
+            output.write_text(
+                MANIFEST, json.dumps(build_manifest(source, options, splits_present, done, False), indent=1)
+            )
     finally:
         bar.close()
 

@@ -81,7 +81,9 @@ def draw_image(label: int, rng: np.random.Generator) -> Image.Image:
     # Smooth colour gradient plus per-pixel noise: the noise is what makes JPEGs ImageNet-sized.
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     tilt = rng.uniform(-40, 40, size=3)
-    base = np.asarray(bg, np.float32) + tilt * (xx[..., None] / width - 0.5) + tilt[::-1] * (yy[..., None] / height - 0.5)
+    base = (
+        np.asarray(bg, np.float32) + tilt * (xx[..., None] / width - 0.5) + tilt[::-1] * (yy[..., None] / height - 0.5)
+    )
     noise = rng.normal(0, rng.uniform(14, 26), size=(height, width, 3))
     image = Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(image)

@@ -123,7 +123,9 @@ def _by_split(where: str | Path, files: list[ParquetInput], splits: tuple[str, .
     for file in files:
         match = PARQUET_NAME.match(file.name)
         if match is None:
-            raise SourceError(f"{file.location}: name does not start with train-, validation- or test- as the hub's files do")
+            raise SourceError(
+                f"{file.location}: name does not start with train-, validation- or test- as the hub's files do"
+            )
         by_split[match["split"]].append(file)
     wanted = {s: by_split[s] for s in splits if by_split[s]}
     if not wanted:
@@ -167,9 +169,13 @@ def _open_parquet(root: Path | str, files_by_split: dict[str, list[ParquetInput]
 
 def _check_schema(path: str, schema) -> list[str] | None:
     if "image" not in schema.names or "label" not in schema.names:
-        raise SourceError(f"{path}: wrong schema, expected columns image {{bytes, path}} and label, found {schema.names}")
+        raise SourceError(
+            f"{path}: wrong schema, expected columns image {{bytes, path}} and label, found {schema.names}"
+        )
     image_type = schema.field("image").type
-    fields = [image_type.field(i).name for i in range(image_type.num_fields)] if hasattr(image_type, "num_fields") else []
+    fields = (
+        [image_type.field(i).name for i in range(image_type.num_fields)] if hasattr(image_type, "num_fields") else []
+    )
     if "bytes" not in fields:
         raise SourceError(f"{path}: wrong schema, column image is {image_type}, expected struct<bytes, path>")
     metadata = (schema.metadata or {}).get(b"huggingface")

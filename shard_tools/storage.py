@@ -76,7 +76,9 @@ class S3Output:
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except Exception as error:
-            raise OutputError(f"{url}: bucket {self.bucket!r} is not reachable or not writable ({s3.reason(error)})") from None
+            raise OutputError(
+                f"{url}: bucket {self.bucket!r} is not reachable or not writable ({s3.reason(error)})"
+            ) from None
 
     def __getstate__(self):  # workers make their own client
         state = dict(self.__dict__)

@@ -322,7 +322,9 @@ def main(shards, splits, do_repair, workers, quiet):
                 f"prediction, not for training or scoring)" if unlabelled else ""))
         skipped = foreign_files(stats["tars"])
         if skipped:
-            click.echo(f"{skipped} file(s) inside the tars are no sample's (no extension, dotfiles, __MACOSX): not read")
+            click.echo(
+                f"{skipped} file(s) inside the tars are no sample's (no extension, dotfiles, __MACOSX): not read"
+            )
         seconds = max(stats["seconds"], 1e-9)
         checked_all = sum(stats["checked"].values())
         click.echo(f"{checked_all} images in {seconds:.1f} s: {checked_all / seconds:.0f} img/s, "

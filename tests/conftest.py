@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.standin_s3 import S3Server
 from shard_tools.convert import Options, convert
 from shard_tools.sample import make_sample
+from standins.s3 import S3Server
 
 REPO = Path(__file__).resolve().parent.parent
 # No instance metadata service here: the spot watcher's probe (and boto3's) must not leave this
@@ -233,7 +233,7 @@ def upload_folder(folder: Path, bucket: str, prefix: str) -> None:
 def proxy_before(s3_server, delay_ms: float):
     """A `LatencyProxy` in front of the S3 server, with `AWS_ENDPOINT_URL` pointing at it meanwhile
     (in this process, and so in the processes it starts)."""
-    from benchmarks.standin_s3 import LatencyProxy
+    from standins.s3 import LatencyProxy
 
     proxy = LatencyProxy(s3_server.endpoint, delay_ms=delay_ms)
     os.environ["AWS_ENDPOINT_URL"] = proxy.url

@@ -13,9 +13,9 @@ from conftest import records, run_in_process, script, train
 from dali_imagenet import make_loader
 from dali_imagenet.config import load_config
 from dali_imagenet.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from dali_imagenet.run.checkpoint import CheckpointError, load, weights
+from dali_imagenet.run.initial import initialise
 from dali_imagenet.training import archs
-from dali_imagenet.training.initial import initialise
-from dali_imagenet.training.saved import CheckpointError, load, weights
 
 TIMM = ("arch=timm:test_resnet", "image_size=32", "val_image_size=32", "drop_path=0")
 
@@ -112,7 +112,7 @@ def test_init_from_another_architecture_is_one_line(trained_run, sample_shards, 
 
 
 def test_grad_cam_finds_a_timm_models_last_stage_and_says_so_for_a_transformer():
-    from dali_imagenet.training.gradcam import grad_cam
+    from dali_imagenet.inference.gradcam import grad_cam
 
     cnn = archs.build("timm:test_resnet", 4).eval()
     heat = grad_cam(cnn, torch.randn(1, 3, 64, 64), 2)

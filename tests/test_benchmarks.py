@@ -23,7 +23,10 @@ def test_bench_smoke_writes_records_table_and_chart(tmp_path):
     assert stages == {"limit", "loader", "step", "end-to-end", "s3"}
     for record in records:
         assert "error" not in record, record
-        assert record["images_per_s"] > 0 and record["images_per_s_min"] <= record["images_per_s"] <= record["images_per_s_max"]
+        assert (
+            record["images_per_s"] > 0
+            and record["images_per_s_min"] <= record["images_per_s"] <= record["images_per_s_max"]
+        )
         assert record["repeats"] >= 3
         env = record["env"]
         for key in ("machine", "cpu_count", "gpu", "torch", "nvidia-dali-cuda120", "git_commit"):
@@ -41,7 +44,9 @@ def test_bench_smoke_writes_records_table_and_chart(tmp_path):
     # (a .jpg and a .cls), staging a fraction of one per sample, once
     s3 = {(r["latency_ms"], r["name"].split()[0]): r for r in records if r["stage"] == "s3"}
     assert set(s3) == {(0, "streamed"), (0, "staged,"), (10, "streamed"), (10, "staged,")}
-    assert all(s3[(ms, "streamed")]["gets_per_sample"] >= 2 > 1 > s3[(ms, "staged,")]["gets_per_sample"] for ms in (0, 10))
+    assert all(
+        s3[(ms, "streamed")]["gets_per_sample"] >= 2 > 1 > s3[(ms, "staged,")]["gets_per_sample"] for ms in (0, 10)
+    )
     assert all(s3[(ms, "staged,")]["staging_mb_per_s"] > 0 for ms in (0, 10))
     assert "| S3 latency | read |" in result.stdout
 
@@ -69,7 +74,9 @@ def test_gpu_check_runs_in_smoke_mode_on_cpu(tmp_path):
     measured = [r for r in rows if r["section"] in ("loader", "step", "loader -> step") and "result" not in r]
     assert len(measured) == 1 and all(r["images_per_s"] > 0 for r in measured)  # --smoke: each kind once
     assert [r["result"] for r in rows if r["section"] in ("step", "loader -> step")] == ["not asked for (--skip)"] * 2
-    assert [r.get("result") for r in rows if r["section"] in ("cuda_graph memory", "pytest -m gpu")] == ["needs a GPU"] * 2
+    assert [r.get("result") for r in rows if r["section"] in ("cuda_graph memory", "pytest -m gpu")] == [
+        "needs a GPU"
+    ] * 2
     assert [r["result"] for r in rows if r["section"] == "loader" and "images_per_s" not in r] == ["needs a GPU"]
     sizes = [r for r in rows if r["section"] == "train.py" and "epoch" in r["what"]]
     assert [r["image_size"] for r in sizes] == [32, 48, 48] and [r["new_size"] for r in sizes] == [True, True, False]
@@ -88,7 +95,9 @@ def test_the_resume_verdict_is_exact_for_deterministic_eager_and_bounded_otherwi
     exact_off = resume_verdict([], [], 1e-7, exact=True)
     assert exact_off["passed"] is False and exact_off["tolerance"] == 0.0 and "weights differ" in exact_off["result"]
     close = resume_verdict([2.0, 1.9, 1.8, 9.9], [2.01, 1.89, 1.81, 0.0], 3e-3, exact=False)
-    assert close["passed"] is True and close["difference"] == pytest.approx(0.01 / 1.8) and close["tolerance"] == LOSS_RTOL
+    assert (
+        close["passed"] is True and close["difference"] == pytest.approx(0.01 / 1.8) and close["tolerance"] == LOSS_RTOL
+    )
     # only the first LOSS_WINDOWS windows are compared: round-off grows with every step after
     wrong = resume_verdict([2.0, 1.9], [2.0, 1.9 * (1 + 2 * LOSS_RTOL)], 0.1, exact=False)
     assert wrong["passed"] is False and "FAILED" in wrong["result"]

@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import time
-
 from collections import Counter
 
 import pytest
@@ -20,8 +19,10 @@ from dali_imagenet.run import exits
 
 SKY_PYTHON = os.environ.get("DALI_IMAGENET_SKY_PYTHON", str(REPO / ".venv-cloud" / "bin" / "python"))
 TASKS = ("shard", "train-l4", "train-multinode")
-TINY = ("--device cpu --no-wandb --set arch=resnet10 --set image_size=32 --set min_image_size=0 --set val_image_size=32 "
-        "--set batch_size=16 --set epochs=1 --set compile=false --set loader_threads=1 --set amp_dtype=float32")
+TINY = (
+    "--device cpu --no-wandb --set arch=resnet10 --set image_size=32 --set min_image_size=0 --set val_image_size=32 "
+    "--set batch_size=16 --set epochs=1 --set compile=false --set loader_threads=1 --set amp_dtype=float32"
+)
 
 
 PARSE = """
@@ -46,7 +47,7 @@ print(json.dumps(task))
 """
 
 
-@functools.lru_cache(maxsize=None)  # one SkyPilot process per task and test worker: the tests only read it
+@functools.cache  # one SkyPilot process per task and test worker: the tests only read it
 def parse(name: str) -> dict:
     if not os.path.exists(SKY_PYTHON):
         pytest.fail(f"{SKY_PYTHON} is missing: `make test` builds it (make cloud-venv)")
@@ -106,10 +107,9 @@ def test_the_tasks_run_commands_work_end_to_end(sample_dir, sample_shards, s3_bu
     (SkyPilot's node variables, DDP over gloo): the replicas stay identical and every val image is
     counted once; a notice heard by rank 1 only stops both: torchrun exits 1, the task 75, the
     checkpoint in S3."""
-    from standin_imds import NOTICE_HOOK, StandInIMDS
-
-    from benchmarks.standin_hub import StandInHub
     from dali_imagenet.s3 import client
+    from standins.hub import StandInHub
+    from standins.imds import NOTICE_HOOK, StandInIMDS
 
     hub = StandInHub(sample_dir)
     try:
@@ -206,7 +206,10 @@ def test_local_disk_picks_the_instance_store_and_formats_it_only_when_blank(tmp_
 
     folder, log = local_disk()  # a new instance: the store is blank
     assert folder == f"{tmp_path / 'nvme'}/shards"
-    assert "mkfs.ext4 -q -F -E nodiscard /dev/nvme1n1" in log and f"mount -o noatime /dev/nvme1n1 {tmp_path / 'nvme'}" in log
+    assert (
+        "mkfs.ext4 -q -F -E nodiscard /dev/nvme1n1" in log
+        and f"mount -o noatime /dev/nvme1n1 {tmp_path / 'nvme'}" in log
+    )
     assert not [line for line in log if "nvme0n1" in line]  # the EBS volume: not formatted, not mounted
     folder, log = local_disk(BLKID_EXIT="0")  # a file system already there (the same machine, a second start)
     assert folder.endswith("nvme/shards") and not [line for line in log if line.startswith("mkfs")]

@@ -14,7 +14,7 @@ import pytest
 from conftest import REPO
 from test_shard_imagenet import run_cli, tree_digest
 
-from benchmarks.standin_hub import StandInHub
+from standins.hub import StandInHub
 
 REPO_ID = "ILSVRC/imagenet-1k"
 URL = f"hf://datasets/{REPO_ID}"
@@ -85,11 +85,18 @@ def test_the_progress_bar_shows_mb_per_s_from_the_hub(hub, tmp_path):
     assert "MB/s from the Hub]" in result.stderr and "MB fetched from the Hub" in result.stdout
 
 
-@pytest.mark.parametrize("token, says", [
-    (None, "no Hugging Face token was found: accept its licence at {url}/datasets/ILSVRC/imagenet-1k, then set HF_TOKEN"),
-    ("hf_not_accepted", "your Hugging Face token has no access to this gated dataset: accept its licence at {url}"),
-    ("hf_made_up", "the Hub refused the Hugging Face token (401 invalid credentials)"),
-])
+@pytest.mark.parametrize(
+    "token, says",
+    [
+        (
+            None,
+            "no Hugging Face token was found: accept its licence at {url}/datasets/ILSVRC/imagenet-1k, "
+            "then set HF_TOKEN",
+        ),
+        ("hf_not_accepted", "your Hugging Face token has no access to this gated dataset: accept its licence at {url}"),
+        ("hf_made_up", "the Hub refused the Hugging Face token (401 invalid credentials)"),
+    ],
+)
 def test_token_problems_are_one_line_and_write_nothing(hub, token, says, tmp_path):
     result = run_cli(URL, tmp_path / "out", check=False, env=hub_env(hub, tmp_path, token))
     lines = result.stderr.strip().splitlines()
@@ -222,7 +229,9 @@ def test_retrying_retries_the_network_and_nothing_else(monkeypatch):
 
     assert hub.retrying("hf://datasets/a/b", flaky) == "answer"
     assert len(calls) == 4 and waits == [2.0, 4.0, 8.0]  # exponential backoff
-    with pytest.raises(hub.HubError, match=r"^hf://datasets/a/b: cannot read from the Hub: timed out \(retried for 0 s\)$"):
+    with pytest.raises(
+        hub.HubError, match=r"^hf://datasets/a/b: cannot read from the Hub: timed out \(retried for 0 s\)$"
+    ):
         hub.retrying("hf://datasets/a/b", raising(httpx2.ReadTimeout("timed out")), timeout_s=0)
     waits.clear()
     with pytest.raises(hub.HubError, match=r"^hf://datasets/a/b/x.parquet: not a readable parquet file \(no magic\)$"):

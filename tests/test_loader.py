@@ -96,7 +96,7 @@ def test_val_is_deterministic(sample_shards):
 
 def fingerprints(images: torch.Tensor, labels: torch.Tensor) -> list[tuple]:
     sums = images.float().sum(dim=(1, 2, 3))
-    return [(int(l), round(float(s), 1)) for l, s in zip(labels, sums)]
+    return [(int(label), round(float(s), 1)) for label, s in zip(labels, sums)]
 
 
 @pytest.mark.parametrize("batch_size", [8, 7])

@@ -110,7 +110,9 @@ def test_soft_target_loss_equals_cross_entropy_on_one_hot():
     logits = torch.randn(5, CLASSES)
     labels = torch.randint(0, CLASSES, (5,))
     expected = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
-    assert soft_target_cross_entropy(logits, smooth_one_hot(labels, CLASSES, 0.1)).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert soft_target_cross_entropy(logits, smooth_one_hot(labels, CLASSES, 0.1)).item() == pytest.approx(
+        expected.item(), rel=1e-5
+    )
 
 
 @pytest.mark.gpu

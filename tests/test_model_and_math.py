@@ -9,10 +9,10 @@ import torchvision
 
 from dali_imagenet.config import ConfigError, TrainConfig, load_config
 from dali_imagenet.run import checkpoint as ckpt
+from dali_imagenet.run import checkpoint as saved
 from dali_imagenet.run import run_folder
 from dali_imagenet.run.resume import read_last
 from dali_imagenet.run.run_folder import RunError
-from dali_imagenet.training import saved
 from dali_imagenet.training.model import build_model, drop_path
 from dali_imagenet.training.schedule import lr_at, parameter_groups, scaled_lr
 
@@ -81,7 +81,9 @@ def test_no_weight_decay_on_batchnorm_and_bias():
     decay, no_decay = parameter_groups(model, 1e-4)
     assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
     assert all(p.ndim == 4 or p.ndim == 2 for p in decay["params"])
-    assert any(p is model.fc.bias for p in no_decay["params"]) and any(p is model.bn1.weight for p in no_decay["params"])
+    assert any(p is model.fc.bias for p in no_decay["params"]) and any(
+        p is model.bn1.weight for p in no_decay["params"]
+    )
 
 
 def test_config_files_load_and_override():
@@ -273,7 +275,7 @@ def test_blurpool_is_a_normalised_low_pass():
 def test_grad_cam_peaks_where_the_logit_looks():
     """A model whose class-0 features see only the image's top-left quarter and class 1's only its
     bottom-right: each class's map peaks in its own quarter and is zero in the other."""
-    from dali_imagenet.training.gradcam import grad_cam
+    from dali_imagenet.inference.gradcam import grad_cam
 
     class Quarters(torch.nn.Module):
         def forward(self, features):
@@ -296,8 +298,10 @@ def test_grad_cam_peaks_where_the_logit_looks():
 
     torch.manual_seed(0)
     model, image = Toy(), torch.rand(1, 3, 32, 32)
-    for target, (rows, cols), (other_rows, other_cols) in ((0, (slice(0, 16), slice(0, 16)), (slice(16, 32), slice(16, 32))),
-                                                           (1, (slice(16, 32), slice(16, 32)), (slice(0, 16), slice(0, 16)))):
+    for target, (rows, cols), (other_rows, other_cols) in (
+        (0, (slice(0, 16), slice(0, 16)), (slice(16, 32), slice(16, 32))),
+        (1, (slice(16, 32), slice(16, 32)), (slice(0, 16), slice(0, 16))),
+    ):
         cam = grad_cam(model, image, target)
         assert cam.shape == (32, 32) and float(cam.max()) == pytest.approx(1.0)
         peak_row, peak_col = divmod(int(cam.argmax()), 32)
@@ -309,7 +313,7 @@ def test_grad_cam_peaks_where_the_logit_looks():
 def test_predictions_per_class_confusions_and_examples(tmp_path):
     import numpy as np
 
-    from dali_imagenet.training.predictions import Predictions
+    from dali_imagenet.inference.predictions import Predictions
 
     labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
     top1 = np.array([0, 1, 1, 1, 0, 2, 2, 1, 2])

@@ -5,7 +5,6 @@ token errors. Reading back: predict.py/evaluate.py/train.py --init take FOLDER a
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 from conftest import EXACT, REPO, child_env, run_in_process, script, train_command
 from test_show import val_images
 
-from benchmarks.standin_hub_commits import StandInModelHub
+from standins.hub_commits import StandInModelHub
 
 
 def publish(*args, env=None) -> subprocess.CompletedProcess:
@@ -40,7 +39,7 @@ def predict_json(checkpoint, images: Path, env=None) -> list[dict]:
 def test_stock_folder_loads_in_timm_with_identical_logits(trained_run, sample_shards, tmp_path):
     import timm
 
-    from dali_imagenet.training.inference import load_model
+    from dali_imagenet.inference.predictor import load_model
 
     out = tmp_path / "published"
     result = publish(trained_run, out)
@@ -80,7 +79,7 @@ def test_stock_folder_loads_in_timm_with_identical_logits(trained_run, sample_sh
 def test_blurpool_folder_is_refused_by_timm_and_loads_here(straight_run, tmp_path):
     import timm
 
-    from dali_imagenet.training.inference import load_model
+    from dali_imagenet.inference.predictor import load_model
 
     out = tmp_path / "blur"
     result = publish(straight_run, out)
@@ -97,8 +96,13 @@ def test_blurpool_folder_is_refused_by_timm_and_loads_here(straight_run, tmp_pat
 @pytest.fixture
 def model_hub(tmp_path):
     hub = StandInModelHub({"hf_alice_write": "alice", "hf_bob_write": "bob"})
-    env = child_env(HF_ENDPOINT=hub.url, HF_TOKEN="hf_alice_write", HF_HUB_DISABLE_XET="1", HF_HOME=str(tmp_path / "hf"),
-                    HF_HUB_DISABLE_PROGRESS_BARS="1")
+    env = child_env(
+        HF_ENDPOINT=hub.url,
+        HF_TOKEN="hf_alice_write",
+        HF_HUB_DISABLE_XET="1",
+        HF_HOME=str(tmp_path / "hf"),
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+    )
     yield hub, env
     hub.close()
 
@@ -143,19 +147,23 @@ def test_hub_upload_keeps_every_revision_and_the_space_runs(trained_run, straigh
     # The Space: the app, its requirements, the library and the model, and it serves without DALI.
     space = hub.files("alice/tiny-demo", "space")
     assert {"app.py", "requirements.txt", "README.md", "model/config.json", "model/model.safetensors",
-            "dali_imagenet/training/inference.py"} <= set(space)
+            "dali_imagenet/inference/predictor.py"} <= set(space)
     assert b"sdk: gradio" in space["README.md"] and b"models:\n- alice/tiny" in space["README.md"]
     folder = tmp_path / "space"
     for name, data in space.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(data)
     image = next(images.iterdir())
-    check = ("import sys\nfor name in ('nvidia', 'nvidia.dali', 'boto3', 'webdataset', 'wandb', 'shard_tools'):\n"
-             "    sys.modules[name] = None  # not in the Space's requirements\n"
-             "import app, dali_imagenet\nassert dali_imagenet.__file__.startswith(app.HERE.as_posix())\n"
-             "loaded = app.load_model(app.default_checkpoint())\npredictor = app.Predictor(loaded)\n"
-             "app.build_demo(predictor, app.describe(loaded, 'model'), [])\n"
-             f"from PIL import Image\nprint(predictor.top(predictor.probabilities([app.image_tensor(Image.open({str(image)!r}))]), 1)[0][0][0])\n")
+    check = (
+        "import sys\nfor name in ('nvidia', 'nvidia.dali', 'boto3', 'webdataset', 'wandb', 'shard_tools'):\n"
+        "    sys.modules[name] = None  # not in the Space's requirements\n"
+        "import app, dali_imagenet\nassert dali_imagenet.__file__.startswith(app.HERE.as_posix())\n"
+        "loaded = app.load_model(app.default_checkpoint())\npredictor = app.Predictor(loaded)\n"
+        "app.build_demo(predictor, app.describe(loaded, 'model'), [])\n"
+        "from PIL import Image\n"
+        f"pixels = app.image_tensor(Image.open({str(image)!r}))\n"
+        "print(predictor.top(predictor.probabilities([pixels]), 1)[0][0][0])\n"
+    )
     ran = subprocess.run([sys.executable, "-c", check], cwd=folder, capture_output=True, text=True,
                          env={**child_env(), "PYTHONPATH": ""}, timeout=120)
     assert ran.returncode == 0, ran.stderr[-2000:]

@@ -84,13 +84,40 @@ def test_plan_smoke_on_cpu(sample_shards, tmp_path):
     out = tmp_path / "plan.json"
     from benchmarks import plan as planner
 
-    result = run_in_process(planner.main, ["plan", "--config", REPO / "configs" / "l4-16h.yaml", "--data", sample_shards,
-                                           "--device", "cpu", "--seconds", "0.2", "--json", out,
-                                           "--spot-price-per-hour", "0.3", "--launches", "3", "--cross-region",
-                                           *[f"--set={item}" for item in ("arch=resnet10", "batch_size=4",
-                                                                          "compile=false", "min_image_size=32",
-                                                                          "image_size=64", "val_image_size=32",
-                                                                          "loader_threads=1", "ema_decay=0.9")]])
+    result = run_in_process(
+        planner.main,
+        [
+            "plan",
+            "--config",
+            REPO / "configs" / "l4-16h.yaml",
+            "--data",
+            sample_shards,
+            "--device",
+            "cpu",
+            "--seconds",
+            "0.2",
+            "--json",
+            out,
+            "--spot-price-per-hour",
+            "0.3",
+            "--launches",
+            "3",
+            "--cross-region",
+            *[
+                f"--set={item}"
+                for item in (
+                    "arch=resnet10",
+                    "batch_size=4",
+                    "compile=false",
+                    "min_image_size=32",
+                    "image_size=64",
+                    "val_image_size=32",
+                    "loader_threads=1",
+                    "ema_decay=0.9",
+                )
+            ],
+        ],
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     plan = json.loads(out.read_text())
     rows = plan["phases"]

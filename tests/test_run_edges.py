@@ -6,7 +6,6 @@ still flushes and names what is missing, and a spot watcher that says whether it
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -216,7 +215,7 @@ def test_two_processes_stop_within_a_step_of_a_notice_whatever_log_every_is(samp
     """torchrun, 2 CPU ranks, log_every=1000 (no log step in the run): rank 1's machine gets the notice
     while step 2 trains; both ranks stop a step later with the checkpoint in S3 and exit 75, not at
     the epoch's end (step 6)."""
-    from standin_imds import NOTICE_HOOK, StandInIMDS
+    from standins.imds import NOTICE_HOOK, StandInIMDS
 
     hook = tmp_path / "hook"
     hook.mkdir()
@@ -300,7 +299,7 @@ def test_the_other_ranks_wait_for_rank_0s_flush(sample_shards, s3_bucket, s3_pro
 
 
 def test_spot_auto_says_whether_it_watches_and_why_not(monkeypatch):
-    from standin_imds import StandInIMDS
+    from standins.imds import StandInIMDS
 
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     assert spot.connect("auto") == (None, "spot notice: not watched (AWS_EC2_METADATA_DISABLED=true; --spot on to "

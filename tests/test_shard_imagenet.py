@@ -209,7 +209,10 @@ def test_resume_after_kill_equals_uninterrupted_run(sample_dir, tmp_path):
     deadline = time.monotonic() + 60
     manifest = killed / "manifest.json"
     while time.monotonic() < deadline and process.poll() is None:
-        if manifest.exists() and len(json.loads(manifest.read_text())["splits"].get("train", {}).get("chunks", [])) >= 2:
+        if (
+            manifest.exists()
+            and len(json.loads(manifest.read_text())["splits"].get("train", {}).get("chunks", [])) >= 2
+        ):
             break
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)

@@ -18,7 +18,10 @@ from conftest import REPO, child_env, records, run_in_process, script
 from PIL import Image
 
 ARTIFACTS = REPO / "build" / "test-artifacts"
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver") or "/usr/bin/chromedriver"
+CHROMIUM, CHROMEDRIVER = (
+    shutil.which("chromium") or "/usr/bin/chromium",
+    shutil.which("chromedriver") or "/usr/bin/chromedriver",
+)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +58,9 @@ pytestmark = pytest.mark.slow  # real processes (predict.py, evaluate.py, the Gr
 
 def test_predict_agrees_with_evaluate(sample_shards, demo_run, tmp_path):
     labels = val_images(sample_shards, tmp_path / "val")
-    result = run_script("predict.py", tmp_path / "val", "--checkpoint", demo_run / "best.pt", "--json", "--device", "cpu")
+    result = run_script(
+        "predict.py", tmp_path / "val", "--checkpoint", demo_run / "best.pt", "--json", "--device", "cpu"
+    )
     predictions = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(predictions) == len(labels) == 40
     assert all(len(p["top"]) == 5 and p["top"][0]["probability"] >= p["top"][1]["probability"] for p in predictions)
@@ -153,7 +158,9 @@ def test_gradio_demo_in_a_browser(sample_shards, demo_run, browser, tmp_path):
         assert all(p >= 0 for p in positions) and positions == sorted(positions), (shown, names)
         heat = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gradcam img"))[0]  # where it looked
         wait.until(lambda d: d.execute_script("return arguments[0].naturalWidth", heat) > 0)
-        assert browser.execute_script("return arguments[0].naturalWidth", heat) == 320  # the 40 px val crop, drawn larger
+        assert (
+            browser.execute_script("return arguments[0].naturalWidth", heat) == 320
+        )  # the 40 px val crop, drawn larger
         browser.save_screenshot(str(ARTIFACTS / "gradio-demo.png"))
     finally:
         server.terminate()
@@ -175,7 +182,7 @@ def test_the_run_page_shows_what_the_model_learned(demo_run, sample_shards, brow
     from selenium.webdriver.common.by import By
 
     from dali_imagenet.data.shards import find_shards, sample_locations
-    from dali_imagenet.training.predictions import Predictions
+    from dali_imagenet.inference.predictions import Predictions
 
     predictions = Predictions.load(demo_run / "predictions.npz")  # the final validation, one row per val sample
     val = find_shards(sample_shards, "validation")

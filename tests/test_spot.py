@@ -16,9 +16,9 @@ import time
 import pytest
 import torch
 from conftest import EXACT, REPO, child_env, records, train, train_command
-from standin_imds import RECLAIM_AT, StandInIMDS, install_notice_hook
 
 from dali_imagenet.run import exits, spot
+from standins.imds import RECLAIM_AT, StandInIMDS, install_notice_hook
 
 
 @pytest.fixture
@@ -82,8 +82,12 @@ def test_exit_codes_for_each_way_a_run_stops():
     assert exits.for_stop(spot.NOTICE) == exits.for_stop("SIGTERM") == exits.RECLAIM
     assert exits.for_stop(f"{spot.NOTICE} on rank 1") == exits.RECLAIM
     assert exits.for_stop("SIGINT") == exits.for_stop("SIGINT on rank 3") == exits.INTERRUPTED
-    assert exits.with_uploads(exits.COMPLETE, ["k"]) == exits.with_uploads(exits.RECLAIM, ["k"]) == exits.UPLOADS_PENDING
-    assert exits.with_uploads(exits.ERROR, ["k"]) == exits.ERROR and exits.with_uploads(exits.RECLAIM, []) == exits.RECLAIM
+    assert (
+        exits.with_uploads(exits.COMPLETE, ["k"]) == exits.with_uploads(exits.RECLAIM, ["k"]) == exits.UPLOADS_PENDING
+    )
+    assert (
+        exits.with_uploads(exits.ERROR, ["k"]) == exits.ERROR and exits.with_uploads(exits.RECLAIM, []) == exits.RECLAIM
+    )
     assert exits.RECLAIM not in (0, 1, 2, 130, 137, 143) and exits.UPLOADS_PENDING not in (0, 1, 2, 130, 137, 143)
 
 
@@ -143,7 +147,9 @@ def test_a_notice_at_any_moment_exits_75_with_the_checkpoint_in_s3_and_a_new_mac
     assert f"{spot.NOTICE}: stopping" in first.stderr and "exit 75: continue with --resume auto" in first.stderr
     closing = records(tmp_path / "first")[-1]
     assert closing["event"] == "stopped" and closing["reason"] == spot.NOTICE and closing["exit_code"] == 75
-    assert closing["notice"]["reclaim_at"].startswith("2026-12-01T12:00:00") and closing["notice"]["since_notice_s"] < 60
+    assert (
+        closing["notice"]["reclaim_at"].startswith("2026-12-01T12:00:00") and closing["notice"]["since_notice_s"] < 60
+    )
     assert closing["cost"]["lifecycle"] == "spot" and closing["checkpoint_step"] == step
     uploaded = s3_checkpoint(s3_bucket, f"runs/{phase}/last.pt")
     assert uploaded["state"]["step"] == step
@@ -157,7 +163,10 @@ def test_a_notice_at_any_moment_exits_75_with_the_checkpoint_in_s3_and_a_new_mac
     assert any(r.get("event") == "note" and spot.NOTICE in r["message"] for r in history)
     assert [r["step"] for r in history if "loss" in r] == list(range(1, 13))  # every step of both parts, once
     assert [r["epoch"] for r in history if "val_top1" in r] == [1, 2]  # one validation per epoch
-    assert [v["epoch"] for v in torch.load(tmp_path / "second" / "last.pt", weights_only=True)["state"]["history"]] == [1, 2]
+    assert [v["epoch"] for v in torch.load(tmp_path / "second" / "last.pt", weights_only=True)["state"]["history"]] == [
+        1,
+        2,
+    ]
 
 
 @pytest.mark.slow

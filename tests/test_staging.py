@@ -78,7 +78,9 @@ def test_an_object_that_is_not_the_manifests_shard_stops_in_one_line(sample_shar
     other = bytearray((sample_shards / name).read_bytes())
     other[700] ^= 0xFF
     client().put_object(Bucket=s3_bucket, Key=f"shards/{name}", Body=bytes(other))
-    with pytest.raises(staging.StagingError, match=f"{name.rsplit('/', 1)[-1]}: sha256 differs from the manifest") as error:
+    with pytest.raises(
+        staging.StagingError, match=f"{name.rsplit('/', 1)[-1]}: sha256 differs from the manifest"
+    ) as error:
         staging.stage(f"s3://{s3_bucket}/shards", tmp_path / "staged", ("validation",), progress=False,
                       log=lambda line: None)
     assert "\n" not in str(error.value)

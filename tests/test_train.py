@@ -171,7 +171,10 @@ def test_s3_upload_resume_from_s3_and_no_secrets(sample_shards, s3_bucket, tmp_p
     # W&B (offline) got what the report shows: the per-class table, the confusions, the examples with
     # their images and Grad-CAMs, and the page as an artifact.
     files = next((tmp_path / "b" / "wandb").glob("offline-run-*"))
-    tables = {p.name.rsplit("_", 2)[0]: json.loads(p.read_text()) for p in (files / "files" / "media" / "table" / "val").glob("*.table.json")}
+    tables = {
+        p.name.rsplit("_", 2)[0]: json.loads(p.read_text())
+        for p in (files / "files" / "media" / "table" / "val").glob("*.table.json")
+    }
     assert set(tables) == {"per_class", "confusions", "examples"}
     assert len(tables["per_class"]["data"]) == 8 and tables["per_class"]["columns"][-1] == "top-1 %"
     examples = tables["examples"]

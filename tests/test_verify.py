@@ -264,7 +264,11 @@ def test_a_repaired_set_whose_tars_are_intact_keeps_its_repair_on_resume(with_te
                               "--resume", "--quiet"], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     after = json.loads((shards / "manifest.json").read_text())["splits"]["validation"]
-    assert after["samples"] == 23 and after["rejected_count"] == 1 and after["rejected"][0]["by"] == "verify-shards --repair"
+    assert (
+        after["samples"] == 23
+        and after["rejected_count"] == 1
+        and after["rejected"][0]["by"] == "verify-shards --repair"
+    )
     assert "sample" in resumed.stdout and "by verify-shards --repair" in resumed.stdout
     assert verify(shards).returncode == 0
 
@@ -293,7 +297,10 @@ def test_a_timm_layout_set_is_verified_through_the_loaders_index_cache(where, sa
     result = subprocess.run([*VERIFY, root, "--quiet", "--workers", "2"], capture_output=True, text=True, cwd=REPO,
                             env=child_env(DALI_IMAGENET_CACHE=str(cache)), timeout=300)
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "train: checked 96 = good 95 + bad 1" in result.stdout and "validation: checked 40 = good 40 + bad 0" in result.stdout
+    assert (
+        "train: checked 96 = good 95 + bad 1" in result.stdout
+        and "validation: checked 40 = good 40 + bad 0" in result.stdout
+    )
     assert f"sample {damaged[1]}: undecodable" in result.stdout and "a timm-layout set" in result.stdout
     assert "no manifest to record a repair in" in result.stderr
     cached = sorted(cache.rglob("*.idx"))

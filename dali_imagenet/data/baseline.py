@@ -67,7 +67,9 @@ class RankSamples(torch.utils.data.IterableDataset):
         self.epoch += 1
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        stages = [_read(self.pieces[worker::workers], self.indices)]  # the shard order is the epoch's (`partition.epoch_shards`)
+        stages = [
+            _read(self.pieces[worker::workers], self.indices)
+        ]  # the shard order is the epoch's (`partition.epoch_shards`)
         if self.train:
             stages.append(wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 256),
                                       rng=random.Random(seeding.derive_seed(self.seed, "loader", self.epoch, worker))))
@@ -102,7 +104,9 @@ class TorchvisionLoader(EpochPosition):
         self._interrupt = interrupt
         self._empty = (torch.empty((0, 3, image_size, image_size), dtype=dtype), torch.empty(0, dtype=torch.int64))
         pieces = rank_pieces(shards, world_size, rank)
-        transform = Transform(train, image_size, crop_fraction, crop_min_area, dtype, shards.repair_hint(), normalization)
+        transform = Transform(
+            train, image_size, crop_fraction, crop_min_area, dtype, shards.repair_hint(), normalization
+        )
         dataset = RankSamples(pieces, dict(zip(shards.tars, shards.indices)), transform, batch_size, shuffle_buffer,
                               seed, train)
         self._loader = torch.utils.data.DataLoader(

@@ -36,12 +36,27 @@ class DaliLoader(EpochPosition):
         self._cast_to = torch.bfloat16 if dtype == torch.bfloat16 else None
         on_gpu = device.type == "cuda"
         pipe = imagenet_pipeline(
-            list(shards.tars), list(shards.indices), device="gpu" if on_gpu else "cpu", train=train,
-            image_size=image_size, dtype=types.FLOAT if dtype == torch.float32 else types.FLOAT16, shard_id=rank,
-            num_shards=world_size, shuffle_buffer=shuffle_buffer, crop_fraction=crop_fraction, crop_min_area=crop_min_area,
-            hw_decoder_load=hw_decoder_load, normalization=normalization,
-            batch_size=batch_size, num_threads=threads, device_id=device.index if on_gpu else None, seed=seed,
-            prefetch_queue_depth=2, enable_checkpointing=True, checkpoint=resume["dali"] if restorable else None)
+            list(shards.tars),
+            list(shards.indices),
+            device="gpu" if on_gpu else "cpu",
+            train=train,
+            image_size=image_size,
+            dtype=types.FLOAT if dtype == torch.float32 else types.FLOAT16,
+            shard_id=rank,
+            num_shards=world_size,
+            shuffle_buffer=shuffle_buffer,
+            crop_fraction=crop_fraction,
+            crop_min_area=crop_min_area,
+            hw_decoder_load=hw_decoder_load,
+            normalization=normalization,
+            batch_size=batch_size,
+            num_threads=threads,
+            device_id=device.index if on_gpu else None,
+            seed=seed,
+            prefetch_queue_depth=2,
+            enable_checkpointing=True,
+            checkpoint=resume["dali"] if restorable else None,
+        )
         first, end = rank_range(shards.samples, world_size, rank)
         self._real_rank_samples = end - first
         try:

@@ -50,11 +50,19 @@ def describe(backend: str, device: torch.device, hw_decoder_load: float) -> dict
         return {"jpeg_decoder": "torchvision.io.decode_jpeg (libjpeg-turbo) on the CPU", "jpeg_hardware_decoder": False,
                 "hw_decoder_load": None, "jpeg_decoder_found_by": "the loader asked for (no --dali)"}
     if device.type != "cuda":
-        return {"jpeg_decoder": "DALI on the CPU (libjpeg-turbo)", "jpeg_hardware_decoder": False, "hw_decoder_load": None,
-                "jpeg_decoder_found_by": "no GPU: DALI's CPU graph"}
+        return {
+            "jpeg_decoder": "DALI on the CPU (libjpeg-turbo)",
+            "jpeg_hardware_decoder": False,
+            "hw_decoder_load": None,
+            "jpeg_decoder_found_by": "no GPU: DALI's CPU graph",
+        }
     if hw_decoder_load == 0:
-        return {"jpeg_decoder": "DALI mixed: nvJPEG hybrid (Huffman on the CPU threads, the rest in CUDA)",
-                "jpeg_hardware_decoder": False, "hw_decoder_load": 0.0, "jpeg_decoder_found_by": "hw_decoder_load 0 asks for it"}
+        return {
+            "jpeg_decoder": "DALI mixed: nvJPEG hybrid (Huffman on the CPU threads, the rest in CUDA)",
+            "jpeg_hardware_decoder": False,
+            "hw_decoder_load": 0.0,
+            "jpeg_decoder_found_by": "hw_decoder_load 0 asks for it",
+        }
     answered, seen = hardware_decoder_answers(device.index or 0)
     name = torch.cuda.get_device_name(device)
     if answered:

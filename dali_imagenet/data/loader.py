@@ -9,7 +9,8 @@ Which samples a rank reads is `partition`'s rule, the same for both backends.
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterator, Protocol
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import torch
 

@@ -18,8 +18,8 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from dali_imagenet.errors import DaliImagenetError
 
@@ -149,7 +149,7 @@ class ShardWriter:
         self._file.close()
         self.idx_path.write_text(index_text(self._index_lines))
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, *exc) -> None:

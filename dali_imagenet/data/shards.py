@@ -77,7 +77,7 @@ class SplitShards:
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def reordered(self, order) -> "SplitShards":
+    def reordered(self, order) -> SplitShards:
         """The same shards in another order (a new order every epoch)."""
         return SplitShards(*(tuple(column[i] for i in order) for column in (self.tars, self.indices, self.counts)),
                            self.class_names, self.root, self.layout, self.unlabelled, self.split)
@@ -197,7 +197,9 @@ def timm_tars(root: str, split: str, cache: Path) -> list[TimmTar]:
         for path in sorted(p for folder in (base, *(base / n for n in names)) if folder.is_dir()
                            for p in folder.glob("*.tar") if is_timm_tar(p.name, split)):
             stat = path.stat()
-            found.append((str(path), str(path.relative_to(base)), f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"))
+            found.append(
+                (str(path), str(path.relative_to(base)), f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
+            )
     tars = []
     for location, name, identity in sorted(found, key=lambda item: item[1]):
         tag = hashlib.sha256(f"{location}:{identity}".encode()).hexdigest()[:16]

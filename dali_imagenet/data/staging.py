@@ -26,10 +26,10 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from dali_imagenet import s3
 from dali_imagenet.data.shardformat import (
@@ -230,7 +230,12 @@ def _intact(folder: Path, wanted: Wanted, record: dict) -> bool:
     if stat.st_size != wanted.bytes:
         return False
     seen = record.get(wanted.name)
-    if seen and seen["check"] == wanted.check and seen["mtime_ns"] == stat.st_mtime_ns and seen["bytes"] == stat.st_size:
+    if (
+        seen
+        and seen["check"] == wanted.check
+        and seen["mtime_ns"] == stat.st_mtime_ns
+        and seen["bytes"] == stat.st_size
+    ):
         return True
     if not _checksum_matches(path, wanted.check):
         return False
@@ -242,9 +247,11 @@ def _check_room(folder: Path, need: int, total: int, splits) -> None:
     free = shutil.disk_usage(folder).free
     if need + HEADROOM > free:
         raise StagingError(
-            f"{folder}: {'+'.join(splits)} needs {need / 1e9:.1f} GB more ({total / 1e9:.1f} GB in all) but its disk has "
+            f"{folder}: {'+'.join(splits)} needs {need / 1e9:.1f} GB more ({total / 1e9:.1f} GB in all) "
+            f"but its disk has "
             f"{free / 1e9:.1f} GB free: stage on a larger disk (--stage-dir, the instance's NVMe) or ask for one of at "
-            f"least {(total + HEADROOM) / 1e9 + 30:.0f} GB (SkyPilot: disk_size)")
+            f"least {(total + HEADROOM) / 1e9 + 30:.0f} GB (SkyPilot: disk_size)"
+        )
 
 
 def _fetch(client, bucket: str, prefix: str, folder: Path, wanted: list[Wanted], record: dict, workers: int,
@@ -374,7 +381,24 @@ class _locked:
 def streaming_line(url: str, samples: int, epochs: int, get_price_per_1000: float) -> str:
     """What reading `url` straight from S3 costs, said once when a user asks for it."""
     gets = GETS_PER_SAMPLE * samples
-    return (f"streaming {url} from S3 (--stream): DALI makes ~{GETS_PER_SAMPLE} GETs per sample, one after another: "
-            f"~{gets:,} GETs an epoch (${gets * get_price_per_1000 / 1000:,.2f}; ${gets * epochs * get_price_per_1000 / 1000:,.2f} "
-            f"for {epochs} epochs) and ~1 / ({GETS_PER_SAMPLE} x S3's latency) images/s per reader (45 img/s at 10 ms): "
-            f"staging (the default) reads each shard once per machine")
+    return (
+        f"streaming {url} from S3 (--stream): DALI makes ~{GETS_PER_SAMPLE} GETs per sample, one after another: "
+        f"~{gets:,} GETs an epoch (${gets * get_price_per_1000 / 1000:,.2f}; "
+        f"${gets * epochs * get_price_per_1000 / 1000:,.2f} "
+        f"for {epochs} epochs) and ~1 / ({GETS_PER_SAMPLE} x S3's latency) images/s per reader (45 img/s at 10 ms): "
+        f"staging (the default) reads each shard once per machine"
+    )
+
+
+def local_data(data: str, stage_dir: str | None, *, stream: bool, here: bool, interrupt) -> str:
+    """What the loaders read: `data` itself, unless it is on S3 and not streamed: then its local
+    copy in `stage_dir` (default `default_folder`), staged first, by one process per machine
+    (`here`; the others wait for it and find it complete). `interrupt()` raises to stop staging
+    (a spot notice) before anything is written."""
+    if not s3.is_s3(data) or stream:
+        return data
+    folder = stage_dir or default_folder(data)
+    say = (lambda line: print(line, flush=True)) if here else (lambda line: None)
+    staged = stage(data, folder, ("train", "validation"), progress=here, interrupt=interrupt, log=say)
+    say(staged.line(data))
+    return str(folder)

@@ -17,9 +17,9 @@ import yaml
 from dali_imagenet.errors import DaliImagenetError
 from dali_imagenet.report.html_page import page, plot_uri, table
 from dali_imagenet.report.run_results import learned_sections
+from dali_imagenet.run.checkpoint import CheckpointError, load
 from dali_imagenet.run.metrics import describe_cost
 from dali_imagenet.run.run_folder import BEST, CONFIG, FINAL, LAST, METRICS, PREDICTIONS
-from dali_imagenet.training.saved import CheckpointError, load
 
 
 class ReportError(DaliImagenetError):
@@ -168,9 +168,19 @@ def render(runs: list[Run], title: str | None = None) -> str:
     single = len(runs) == 1
     title = title or (f"{runs[0].name} · dali-imagenet" if single else f"dali-imagenet: {len(runs)} runs")
     plots = [
-        ("training", _plot(runs, "steps", [("train loss", "step", [("loss", "")]), ("learning rate", "step", [("lr", "")]),
-                                  ("images/s", "step", [("images_per_s", "")]),
-                                  ("data wait (share of time)", "step", [("data_wait", "")])])),
+        (
+            "training",
+            _plot(
+                runs,
+                "steps",
+                [
+                    ("train loss", "step", [("loss", "")]),
+                    ("learning rate", "step", [("lr", "")]),
+                    ("images/s", "step", [("images_per_s", "")]),
+                    ("data wait (share of time)", "step", [("data_wait", "")]),
+                ],
+            ),
+        ),
         ("validation", validation_curves(runs)),
     ]
     figures = "".join(f"<h2>{name}</h2><img class=curves alt=\"{name} curves\" src=\"{uri}\">" for name, uri in plots)

@@ -55,8 +55,15 @@ def confusions_table(predictions, names: list[str]) -> str:
     pairs = predictions.confusions(CONFUSIONS)
     if not pairs:
         return "<h3>Most confused</h3><p>no top-1 was wrong</p>"
-    body = [[(html.escape(names[p["true"]]), names[p["true"]]), (html.escape(names[p["predicted"]]), names[p["predicted"]]),
-             (str(p["count"]), p["count"]), (f"{100 * p['share']:.1f}", 100 * p["share"])] for p in pairs]
+    body = [
+        [
+            (html.escape(names[p["true"]]), names[p["true"]]),
+            (html.escape(names[p["predicted"]]), names[p["predicted"]]),
+            (str(p["count"]), p["count"]),
+            (f"{100 * p['share']:.1f}", 100 * p["share"]),
+        ]
+        for p in pairs
+    ]
     return (f"<h3>Most confused</h3><p>The {len(pairs)} most frequent wrong top-1s: true class, predicted class, "
             f"how many val images, and their share of the true class's.</p>"
             f"{sortable(['true class', 'predicted as', 'images', '% of the class'], body, 'confusions')}")
@@ -91,7 +98,7 @@ def examples(run, predictions) -> Examples:
     from PIL import Image
 
     from dali_imagenet.data.shards import find_shards, read_components
-    from dali_imagenet.training.inference import image_tensor
+    from dali_imagenet.inference.predictor import image_tensor
 
     staged = run.started.get("staged_to")  # the run's local copy of s3:// data, where it is still at hand
     data = staged if staged and os.path.isdir(staged) else run.started.get("data")
@@ -155,8 +162,8 @@ def _examples_html(found: Examples, names: list[str]) -> str:
 
 
 def _predictor(run, weights: str):
+    from dali_imagenet.inference.predictor import Predictor, load_model
     from dali_imagenet.run.run_folder import BEST, LAST
-    from dali_imagenet.training.inference import Predictor, load_model
 
     for name in (LAST, BEST):  # the weights that made the final validation's predictions
         if (Path(run.folder) / name).is_file():
@@ -169,7 +176,7 @@ def _predictor(run, weights: str):
 
 def learned_sections(run, checkpoint: dict | None, path: Path) -> str:
     """The page's "What it learned" part, or one line saying why there is none."""
-    from dali_imagenet.training.predictions import Predictions
+    from dali_imagenet.inference.predictions import Predictions
 
     if not Path(path).is_file():
         return ("<h2>What it learned</h2><p>no predictions.npz: a run writes it at its final validation (with the "

@@ -14,7 +14,7 @@ def wandb_media(run_dir: str | Path) -> dict:
     """{name: wandb object} for `wandb.log`; {} when the run has no final validation's predictions."""
     import wandb
 
-    from dali_imagenet.training.predictions import Predictions
+    from dali_imagenet.inference.predictions import Predictions
 
     run = read_run(run_dir)
     if not (Path(run_dir) / PREDICTIONS).is_file():

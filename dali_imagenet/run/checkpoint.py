@@ -1,5 +1,7 @@
-"""A training checkpoint: what it holds, written so that a kill at any instant cannot corrupt it
-(reading it back safely is `training.saved`'s).
+"""A training checkpoint: what it holds, written so that a kill at any instant cannot corrupt it,
+and read back safely: any `.pt` this project reads (a checkpoint, final weights, a torchvision
+state dict) with `weights_only=True` (a file fetched from S3 must not be able to run code), and the
+weights inside a checkpoint: raw, EMA, or whichever scored higher.
 
 A checkpoint is written to a temporary file beside its final name, flushed and fsynced, then
 renamed over it (rename is atomic on POSIX): a crash leaves either the old or the new file, never
@@ -10,12 +12,13 @@ from __future__ import annotations
 import os
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from dali_imagenet.training.saved import CheckpointError, load
+from dali_imagenet.errors import DaliImagenetError
 
 
 @dataclass
@@ -31,7 +34,9 @@ class TrainState:
     wall_s: float = 0.0  # wall-clock seconds trained up to this checkpoint, over all resumes (the run's cost)
     run_id: str = ""  # drawn when the run starts, kept by every resume: which run a checkpoint belongs to
     validation_due: int = 0  # the epoch (1-based) whose validation has not happened yet; 0: none
-    s3_usage: dict = field(default_factory=dict)  # S3 requests and bytes up to this checkpoint, over all resumes (`s3.Usage`)
+    s3_usage: dict = field(
+        default_factory=dict
+    )  # S3 requests and bytes up to this checkpoint, over all resumes (`s3.Usage`)
 
     def finish_epoch(self, validate: bool) -> None:
         """The epoch under way is complete: the next one starts at its first batch; with
@@ -112,3 +117,41 @@ def load_training(path: str | Path) -> dict:
     if missing:
         raise CheckpointError(f"{path}: not a dali-imagenet training checkpoint (no {', '.join(missing)})")
     return checkpoint
+
+class CheckpointError(DaliImagenetError):
+    """A checkpoint that cannot be used; the message is one line naming the file."""
+
+
+def load(path: str | Path, map_location="cpu") -> dict:
+    """Any `.pt` this project reads back (a checkpoint, final weights, a torchvision state dict).
+    weights_only: a file fetched from S3 must not be able to run code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        with warnings.catch_warnings():  # a damaged file draws pickle warnings: its one line below says it all
+            warnings.simplefilter("ignore")
+            loaded = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:
+        first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path}: not a checkpoint: PyTorch cannot read it ({first})") from None
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"{path}: not a checkpoint: holds a {type(loaded).__name__}, not a dict")
+    return loaded
+
+
+def weights(checkpoint: dict, which: str = "raw") -> dict:
+    """The model weights of a loaded checkpoint: "raw", or "ema" (the exponential moving average,
+    when the run kept one), or "auto" (EMA if it scored higher at the last validation, else raw).
+    A plain state dict (final_weights.pt, torchvision's) is its own weights."""
+    if "model" not in checkpoint:
+        return checkpoint
+    ema = checkpoint.get("ema")
+    if which == "auto":
+        last = (checkpoint.get("state") or {}).get("history") or [{}]
+        which = "ema" if ema is not None and last[-1].get("ema_top1", -1) > last[-1].get("top1", -1) else "raw"
+    if which == "ema":
+        if ema is None:
+            raise CheckpointError("this checkpoint has no EMA weights (the run had ema_decay 0)")
+        return ema["weights"]
+    return checkpoint["model"]

@@ -50,6 +50,11 @@ class StopRequest:
             raise KeyboardInterrupt
         self.ask(name)
 
+    def interrupt_if_asked(self) -> None:
+        """Raises `Interrupted` once a stop was asked for (where there is nothing to checkpoint)."""
+        if self.reason is not None:
+            raise Interrupted(self.reason)
+
     def ask(self, reason: str) -> None:
         """Stop at the next point that can, for `reason` (a signal's name, or the spot notice)."""
         if self.reason is not None:

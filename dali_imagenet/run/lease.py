@@ -62,7 +62,7 @@ class Lease:
         self._thread: threading.Thread | None = None
         self.since = time.time()
 
-    def acquire(self, timeout_s: float) -> "Lease":
+    def acquire(self, timeout_s: float) -> Lease:
         """Takes the lease (see the module's text) or raises LeaseHeld; then renews it in a thread."""
         deadline = time.monotonic() + timeout_s
         while True:

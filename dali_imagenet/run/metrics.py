@@ -123,11 +123,33 @@ def data_cost(usage: dict, *, instance_region: str | None, get_price_per_1000: f
     gets, puts = usage.get("get", 0), usage.get("put", 0)
     dollars = ((gets + streamed_gets) * get_price_per_1000 + puts * put_price_per_1000) / 1000 + \
         cross * cross_region_price_per_gb
-    return {"get_requests": gets, "put_requests": puts, "streamed_gets_estimated": streamed_gets,
-            "gb_in": sum(e["bytes_in"] for e in buckets.values()) / 1e9,
-            "gb_out": sum(e["bytes_out"] for e in buckets.values()) / 1e9, "cross_region_gb": cross,
-            "instance_region": instance_region, "bucket_regions": {name: e.get("region") for name, e in buckets.items()},
-            "dollars": dollars}
+    return {
+        "get_requests": gets,
+        "put_requests": puts,
+        "streamed_gets_estimated": streamed_gets,
+        "gb_in": sum(e["bytes_in"] for e in buckets.values()) / 1e9,
+        "gb_out": sum(e["bytes_out"] for e in buckets.values()) / 1e9,
+        "cross_region_gb": cross,
+        "instance_region": instance_region,
+        "bucket_regions": {name: e.get("region") for name, e in buckets.items()},
+        "dollars": dollars,
+    }
+
+
+def cost_basis(cfg, processes, instance: dict) -> dict:
+    """What `cost` needs besides the hours: GPUs, machines, prices (the config's), the lifecycle
+    (spot or on demand, from the instance metadata)."""
+    from dali_imagenet.distributed import machines
+
+    return dict(gpus=processes.world if processes.device.type == "cuda" else 0, machines=machines(processes),
+                price_per_hour=cfg.price_per_hour, spot_price_per_hour=cfg.spot_price_per_hour,
+                lifecycle=instance.get("lifecycle"))
+
+
+def data_basis(cfg, instance: dict) -> dict:
+    """What `data_cost` needs besides the S3 usage: S3's prices and the instance's region."""
+    return dict(instance_region=instance.get("region"), get_price_per_1000=cfg.s3_get_price_per_1000,
+                put_price_per_1000=cfg.s3_put_price_per_1000, cross_region_price_per_gb=cfg.cross_region_price_per_gb)
 
 
 def describe_cost(cost: dict) -> str:
@@ -139,7 +161,9 @@ def describe_cost(cost: dict) -> str:
     if cost["dollars"] != cost["on_demand_dollars"]:
         line += f" on spot (${cost['on_demand_dollars']:,.2f} on demand)"
     data = cost.get("data")
-    if data and data["get_requests"] + data["put_requests"] + data["streamed_gets_estimated"]:  # a run without S3: no S3 part
+    if (
+        data and data["get_requests"] + data["put_requests"] + data["streamed_gets_estimated"]
+    ):  # a run without S3: no S3 part
         gets = data["get_requests"] + data["streamed_gets_estimated"]
         line += (f"; S3 ${data['dollars']:,.2f} ({gets:,} GETs" + (" (est.)" if data["streamed_gets_estimated"] else "")
                  + f", {data['put_requests']:,} PUTs, {data['gb_in']:.2f} GB in"
@@ -156,16 +180,27 @@ def wandb_wanted(flag: bool | None) -> bool:
 
 class ThroughputMeter:
     """Images per second and the share of time spent waiting for the loader, over a window of
-    steps (reset at each log) and over the epoch. Host clocks only: no GPU sync."""
+    steps (reset at each log) and over the epoch; what the epoch's first step cost (a compile, a
+    graph capture, cuDNN's autotuning at a new size) and the rate after it; on a GPU, the peak
+    memory. Host clocks only, but for one GPU sync an epoch, after its first step."""
 
-    def __init__(self, world_size: int = 1):
+    def __init__(self, world_size: int = 1, device=None):
+        import torch
+
         self.world_size = world_size
+        self.gpu = device if device is not None and torch.device(device).type == "cuda" else None
         self._epoch = self._window = None
+        self._warm = None  # (time, images) after the epoch's first step
 
     def batches(self, loader):
         """Iterates `loader`, timing each wait for a batch and counting its images."""
+        import torch
+
+        if self.gpu is not None:
+            torch.cuda.reset_peak_memory_stats(self.gpu)  # each image size's own peak
         now = time.perf_counter()
         self._epoch, self._window = [now, 0, 0.0], [now, 0, 0.0]  # start, images, seconds waited
+        self._warm = None
         batches = iter(loader)
         while True:
             started = time.perf_counter()
@@ -177,6 +212,15 @@ class ThroughputMeter:
             if batch is None:
                 return
             yield batch
+            if self._warm is None:
+                self._first_step_done()
+
+    def _first_step_done(self) -> None:
+        import torch
+
+        if self.gpu is not None:
+            torch.cuda.synchronize(self.gpu)  # once an epoch: what the first step (a compile) cost
+        self._warm = (time.perf_counter(), self._epoch[1] * self.world_size)
 
     @staticmethod
     def _rates(totals, world_size: int) -> dict:
@@ -184,10 +228,28 @@ class ThroughputMeter:
         return {"images_per_s": totals[1] * world_size / elapsed, "data_wait": totals[2] / elapsed}
 
     def take_window(self) -> dict:
+        """The window's rates (and, on a GPU, the peak memory so far), then a new window."""
+        import torch
+
         rates = self._rates(self._window, self.world_size)
+        if self.gpu is not None:
+            rates["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.gpu) / 2**30
         self._window = [time.perf_counter(), 0, 0.0]
         return rates
 
     def epoch(self) -> dict:
-        """The epoch's rates and the images it trained, over all ranks."""
-        return {**self._rates(self._epoch, self.world_size), "images": self._epoch[1] * self.world_size}
+        """The epoch's rates and the images it trained, over all ranks; with first_step_s,
+        warm_images_per_s (the steps after the first), peak_gpu_mem_gb and peak_gpu_reserved_gb
+        once a step ran (the caller's last log step synced: nothing is waited for here)."""
+        import torch
+
+        rates = {**self._rates(self._epoch, self.world_size), "images": self._epoch[1] * self.world_size}
+        if self._warm is None:
+            return rates
+        warm_images = rates["images"] - self._warm[1]
+        on_gpu = self.gpu is not None
+        return {**rates, "first_step_s": self._warm[0] - self._epoch[0],
+                "warm_images_per_s": warm_images / max(time.perf_counter() - self._warm[0], 1e-9)
+                if warm_images else None,
+                "peak_gpu_mem_gb": torch.cuda.max_memory_allocated(self.gpu) / 2**30 if on_gpu else None,
+                "peak_gpu_reserved_gb": torch.cuda.max_memory_reserved(self.gpu) / 2**30 if on_gpu else None}

@@ -4,8 +4,8 @@ instance that writes nothing, so the caller never asks which rank it is."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import yaml
 
@@ -105,6 +105,15 @@ class RunOutputs:
             predictions.save(self.run_dir / folder.PREDICTIONS)
             self._push(folder.PREDICTIONS)
 
+    def resumed(self, point) -> None:
+        """A resumed run (`resume.ResumePoint`): its checkpoint's step, the run folder's newer
+        files up to S3 first when S3 is behind, and the `resumed` record."""
+        state = point.state
+        self.checkpoint_step = state.step
+        if point.s3_behind and self.active:
+            self.catch_up(state.run_id, state.step)
+        self.log({"event": "resumed", "step": state.step, "epoch": state.epoch, "from": str(point.path)})
+
     def catch_up(self, run_id: str, step: int) -> None:
         """The run folder's checkpoint is newer than S3's (this machine trained on after its last
         upload): its checkpoint and history go up before anything else."""
@@ -137,7 +146,9 @@ class RunOutputs:
         if final_model is not None:
             attempt(f"writing {folder.FINAL}", folder.FINAL, lambda: (
                 save_atomic(final_model.state_dict(), self.run_dir / folder.FINAL), self._push(folder.FINAL)))
-        attempt("writing the closing record", None, lambda: self.log({**record, "checkpoint_step": self.checkpoint_step}))
+        attempt(
+            "writing the closing record", None, lambda: self.log({**record, "checkpoint_step": self.checkpoint_step})
+        )
         attempt(f"queueing {folder.METRICS}", folder.METRICS, lambda: self._push(folder.METRICS))
         if self.write_report is not None:
             attempt("writing the report", None, lambda: (

@@ -28,9 +28,9 @@ from dali_imagenet import distributed, s3, seeding
 from dali_imagenet.config import TrainConfig, differences
 from dali_imagenet.errors import DaliImagenetError
 from dali_imagenet.run import checkpoint as ckpt
+from dali_imagenet.run.checkpoint import CheckpointError
 from dali_imagenet.run.run_folder import BEST, CONFIG, LAST, METRICS, RUN_FILES, RunError
 from dali_imagenet.run.s3sync import RUN_ID, STEP, lineage_metadata
-from dali_imagenet.training.saved import CheckpointError
 
 FETCHED_WITH_THE_CHECKPOINT = (METRICS, BEST)  # what the run appends to or keeps: its history goes on
 

@@ -28,9 +28,9 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from dali_imagenet import s3
 
@@ -91,7 +91,9 @@ class S3Sync:
         self._thread = threading.Thread(target=self._run, name="s3sync", daemon=True)
         self._thread.start()
 
-    def push(self, path: str | Path, *, replaced_by_rename: bool = False, lineage: dict[str, str] | None = None) -> None:
+    def push(
+        self, path: str | Path, *, replaced_by_rename: bool = False, lineage: dict[str, str] | None = None
+    ) -> None:
         """Queues `path` for upload as `<prefix>/<name>`. A snapshot is taken now, so the file may
         change right after: a hard link for files that are only ever replaced by rename
         (checkpoints: no copy of hundreds of MB), a copy for files appended in place."""

@@ -1,5 +1,5 @@
 """A run as a published folder: `model.safetensors` + `config.json` in timm's format
-(`training/published.py`), the model card `README.md`, `curves.png` and the run's `report.html`.
+(`run/published.py`), the model card `README.md`, `curves.png` and the run's `report.html`.
 The weights are the ones the run's page calls best: best.pt's raw weights or their EMA, whichever
 scored higher at its last validation. A run under an `s3://` prefix is fetched first (its small
 files and best.pt)."""
@@ -13,11 +13,11 @@ from pathlib import Path
 
 from dali_imagenet import s3
 from dali_imagenet.errors import DaliImagenetError, UsageError
+from dali_imagenet.inference.predictor import load_model
 from dali_imagenet.report.html_report import Run, read_run, validation_curves, write_report
+from dali_imagenet.run import published
 from dali_imagenet.run.run_folder import BEST, CONFIG, LAST, METRICS, PREDICTIONS, REPORT
 from dali_imagenet.sharing.model_card import card
-from dali_imagenet.training import published
-from dali_imagenet.training.inference import load_model
 
 CURVES = "curves.png"
 RUN_FILES = (METRICS, CONFIG, BEST, LAST, PREDICTIONS, REPORT)

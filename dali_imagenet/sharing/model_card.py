@@ -75,7 +75,7 @@ def _results(run: Run, loaded) -> str:
 def _classes(loaded, predictions: Path) -> str:
     from dali_imagenet.data.classes import display_names
     from dali_imagenet.errors import DaliImagenetError
-    from dali_imagenet.training.predictions import Predictions
+    from dali_imagenet.inference.predictions import Predictions
 
     if not predictions.is_file():
         return ""

@@ -3,7 +3,7 @@ one or more models (the raw weights and their EMA) in one pass over the loader, 
 decoded once; optionally with flip test-time augmentation."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -33,12 +33,13 @@ def evaluate(models: dict[str, torch.nn.Module], loader, precision: Precision, *
 
 @torch.no_grad()
 def evaluate_with_top5(models: dict[str, torch.nn.Module], loader, precision: Precision, *, flip: bool = False,
-                       channels_last: bool = True, interrupt: Callable[[int], None] | None = None
-                       ) -> tuple[dict, dict[str, tuple]]:
+                       channels_last: bool = True, interrupt: Callable[[int], None] | None = None,
+                       keep: bool = True) -> tuple[dict, dict[str, tuple]]:
     """`evaluate`'s metrics, and per model its (labels, top-5 classes, their probabilities) per
     image as numpy arrays, in the loader's order over all ranks (rank 0's images, then rank 1's...):
-    what a final validation saves for the run's page. The same single host sync at the end."""
-    return _evaluate(models, loader, precision, flip, channels_last, interrupt, keep=True)
+    what a final validation saves for the run's page ({} unless `keep`). The same single host sync
+    at the end."""
+    return _evaluate(models, loader, precision, flip, channels_last, interrupt, keep=keep)
 
 
 def _evaluate(models, loader, precision: Precision, flip: bool, channels_last: bool, interrupt, keep: bool):

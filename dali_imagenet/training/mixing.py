@@ -25,7 +25,7 @@ class MixConfig:
     label_smoothing: float
 
     @classmethod
-    def from_config(cls, config) -> "MixConfig":
+    def from_config(cls, config) -> MixConfig:
         return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
 
     @property

@@ -22,7 +22,7 @@ class Precision:
     device: torch.device
 
     @classmethod
-    def for_device(cls, name: str, device: torch.device | str, *, fallback: bool = False) -> "Precision":
+    def for_device(cls, name: str, device: torch.device | str, *, fallback: bool = False) -> Precision:
         """`fallback`: on a CPU, take float16 as bfloat16 (for reading a GPU run's checkpoint)
         instead of failing."""
         device = torch.device(device)

@@ -11,9 +11,9 @@ import torch
 from dali_imagenet.config import TrainConfig
 from dali_imagenet.distributed import Processes
 from dali_imagenet.errors import UsageError
+from dali_imagenet.training import archs
 from dali_imagenet.training.ema import WeightEMA
 from dali_imagenet.training.mixing import MixConfig
-from dali_imagenet.training import archs
 from dali_imagenet.training.precision import Precision
 from dali_imagenet.training.schedule import parameter_groups, scaled_lr
 from dali_imagenet.training.step import GraphedTrainStep, TrainStep

@@ -64,7 +64,7 @@ def image_size_at(epoch: int, *, image_size: int, min_image_size: int = 0, ramp_
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on conv and linear weights only: decaying BatchNorm scales and biases hurts accuracy."""
     decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
+    for parameter in model.parameters():
         if not parameter.requires_grad:
             continue
         (no_decay if parameter.ndim <= 1 else decay).append(parameter)

@@ -1,9 +1,10 @@
 """Grad-CAM (Selvaraju et al., 2017): where a network looked when it chose a class.
 
-The last feature stage's activations (a ResNet's `layer4`, a timm model's last `feature_info`) A (C x h x w), weighted per channel by the mean gradient of the
-class's logit over them, summed over channels, rectified: the regions whose features raised that
-logit. Upsampled to the input and drawn over it as a heat map. One forward and one backward pass
-of one image: a ResNet-50 at 224 px takes well under a second on a CPU.
+The last feature stage's activations (a ResNet's `layer4`, a timm model's last `feature_info`)
+A (C x h x w), weighted per channel by the mean gradient of the class's logit over them, summed
+over channels, rectified: the regions whose features raised that logit. Upsampled to the input
+and drawn over it as a heat map. One forward and one backward pass of one image: a ResNet-50 at
+224 px takes well under a second on a CPU.
 """
 from __future__ import annotations
 

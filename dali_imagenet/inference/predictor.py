@@ -11,8 +11,9 @@ import torch
 
 from dali_imagenet.config import TrainConfig, from_dict
 from dali_imagenet.errors import DaliImagenetError, UsageError
-from dali_imagenet.training import archs, published
-from dali_imagenet.training.saved import CheckpointError, load, weights
+from dali_imagenet.run import published
+from dali_imagenet.run.checkpoint import CheckpointError, load, weights
+from dali_imagenet.training import archs
 
 WEIGHT_CHOICES = ("auto", "raw", "ema")
 
@@ -158,7 +159,7 @@ class Predictor:
         map as PIL images, at least `display_px` a side: a 32 px crop is drawn at a size one can see)."""
         from PIL import Image
 
-        from dali_imagenet.training.gradcam import grad_cam, overlay
+        from dali_imagenet.inference.gradcam import grad_cam, overlay
 
         batch = self.transform(image)[None].to(self.device).contiguous(memory_format=torch.channels_last)
         if class_index is None:

@@ -54,7 +54,7 @@ class Predictions:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "Predictions":
+    def load(cls, path: str | Path) -> Predictions:
         try:
             with np.load(path, allow_pickle=False) as data:
                 return cls(data["keys"], data["labels"].astype(np.int64), data["top5"].astype(np.int64),

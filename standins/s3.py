@@ -111,7 +111,9 @@ class LatencyProxy:
                     length = response.getheader("Content-Length")
                     payload = None if length is not None or self.command == "HEAD" else response.read()
                     for name, value in response.getheaders():
-                        if name.lower() not in HOP_BY_HOP and not (payload is not None and name.lower() == "content-length"):
+                        if name.lower() not in HOP_BY_HOP and not (
+                            payload is not None and name.lower() == "content-length"
+                        ):
                             self.send_header(name, value)
                     if payload is not None:
                         self.send_header("Content-Length", str(len(payload)))

@@ -222,7 +222,9 @@ def _handler(hub: StandInHub):
             headers = {}
             if start + PAGE < len(entries):
                 base = self.path.split("?")[0]
-                headers["Link"] = f'<{hub.url}{base}?recursive={str(recursive).lower()}&cursor={start + PAGE}>; rel="next"'
+                headers["Link"] = (
+                    f'<{hub.url}{base}?recursive={str(recursive).lower()}&cursor={start + PAGE}>; rel="next"'
+                )
             self._json(page, headers=headers, method=method)
 
         def _paths_info(self, revision: str) -> None:
@@ -292,7 +294,7 @@ def _handler(hub: StandInHub):
 
 
 def serve(folder: str, repo_id: str, gated: bool) -> None:
-    """`python -m benchmarks.standin_hub FOLDER`: serve it until interrupted (prints HF_ENDPOINT)."""
+    """`python -m standins.hub FOLDER`: serve it until interrupted (prints HF_ENDPOINT)."""
     hub = StandInHub(folder, repo_id, gated)
     print(f"HF_ENDPOINT={hub.url} (repo {repo_id}, commit {hub.sha}; token hf_accepted)", flush=True)
     try:

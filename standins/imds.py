@@ -76,8 +76,8 @@ def install_notice_hook(env=os.environ, patch=setattr) -> None:
 
 
 # A sitecustomize for a train.py process (or torchrun's) that installs the hook from its environment.
-NOTICE_HOOK = (f"import os, sys\nsys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
-               f"import standin_imds\nstandin_imds.install_notice_hook()\n")
+NOTICE_HOOK = (f"import os, sys\nsys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})\n"
+               f"import standins.imds\nstandins.imds.install_notice_hook()\n")
 
 
 class StandInIMDS:

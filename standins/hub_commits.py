@@ -88,7 +88,9 @@ def _handler(hub: StandInModelHub):
         def log_message(self, *args):
             pass
 
-        def _reply(self, status: int, body: bytes = b"", headers: dict | None = None, method: str | None = None) -> None:
+        def _reply(
+            self, status: int, body: bytes = b"", headers: dict | None = None, method: str | None = None
+        ) -> None:
             method = method or self.command
             self.send_response(status)
             for key, value in (headers or {}).items():

@@ -3,8 +3,9 @@
 SOURCE is a checkpoint of this project's (`best.pt`, `last.pt`: the weights the run scored best
 with, raw or EMA), its run folder (its `best.pt`), a published folder or `hf://USER/NAME[@REVISION]`
 (`publish.py`'s, or anyone's timm model), a plain state dict (`final_weights.pt`, torchvision's),
-or `timm` (timm's own pretrained weights for a `timm:` arch, where they can be fetched). The architecture must be the run's; the classes need not be: where they differ, the
-classifier is new (said in one line, with the counts) and everything else is loaded strictly.
+or `timm` (timm's own pretrained weights for a `timm:` arch, where they can be fetched). The
+architecture must be the run's; the classes need not be: where they differ, the classifier is new
+(said in one line, with the counts) and everything else is loaded strictly.
 A run extended by more epochs is a new run initialised from the old one, with its own schedule.
 """
 from __future__ import annotations
@@ -14,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from dali_imagenet.training import archs, published
-from dali_imagenet.training.saved import CheckpointError, load, weights
+from dali_imagenet.run import published
+from dali_imagenet.run.checkpoint import CheckpointError, load, weights
+from dali_imagenet.training import archs
 
 TIMM_PRETRAINED = "timm"
 

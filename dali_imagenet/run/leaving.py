@@ -1,0 +1,185 @@
+"""Every way out of a training process, in one object: finished or stopped (`finish`), an
+exception on this rank (`failed`), another rank's error (`peer_failed`), a second Ctrl-C. Each is
+taken once, from the main thread or from the thread that hears of another rank's error: rank 0
+writes the closing record and the report and waits for the uploads (`s3_flush_timeout_s`); each
+rank prints its line; the exit code says how the run ended (`exits`: 0 complete, 75 stopped for a
+reclaim: relaunch) and is written for the cloud task's `run:` (`exits.record`).
+
+`Leaving` makes what a way out must close before the run exists (`connect`: the other ranks'
+errors, the spot watcher, the lease on the S3 prefix) and is then given the `Run` once.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import traceback
+
+from dali_imagenet import distributed, s3
+from dali_imagenet.data import staging
+from dali_imagenet.errors import DaliImagenetError, debug
+from dali_imagenet.run import exits, run_folder, spot
+from dali_imagenet.run.interrupts import StopRequest
+from dali_imagenet.run.lease import Lease
+from dali_imagenet.run.metrics import cost, data_cost, describe_cost
+from dali_imagenet.run.parts import LossDiverged, Run
+
+WAIT_EXTRA_S = 15  # beyond the flush timeout, for the other ranks to hear and answer
+
+
+def leave_now(code: int) -> None:
+    """Exits at once, threads and all (an upload stuck in its timeout, a peer's error)."""
+    exits.record(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+class Leaving:
+    def __init__(self, request: StopRequest, flush_timeout_s: float):
+        self.request = request
+        self.flush_timeout_s = flush_timeout_s
+        self.lock = threading.Lock()
+        self.run: Run | None = None
+        self.peers: distributed.PeerErrors | None = None
+        self.watcher: spot.SpotWatcher | None = None
+        self.lease: Lease | None = None  # the run's hold on its S3 prefix, released on the way out
+
+    def connect(self, procs: distributed.Processes, spot_mode: str, poll_s: float) -> str:
+        """The other ranks' errors and EC2's spot notice, watched from here on; returns the line
+        saying whether the notice is watched."""
+        self.peers = distributed.PeerErrors(procs, self.peer_failed)
+        imds, watching = spot.connect(spot_mode)
+        if imds:
+            self.watcher = spot.SpotWatcher(imds, self.request.ask, log=lambda m: print(m, file=sys.stderr, flush=True),
+                                            interval_s=poll_s)
+        return watching
+
+    def hold(self, s3_url: str, lease_s: float, timeout_s: float) -> None:
+        """Takes the lease on the run's S3 prefix (rank 0): no other job writes there meanwhile."""
+        self.lease = Lease(s3_url, lease_s).acquire(timeout_s)
+
+    @property
+    def step(self) -> int:
+        return self.run.state.step if self.run else 0
+
+    def end_outputs(self, record: dict, **kwargs) -> list[str]:
+        """The outputs' last word (rank 0), one line for what did not reach S3 (the closing record's
+        exit code then amended to the process's), and the other ranks told that it is done."""
+        outputs = self.run.outputs if self.run else None
+        pending = outputs.end(record, flush_timeout_s=self.flush_timeout_s, give_up=lambda: self.request.hurry,
+                              **kwargs) if outputs else []
+        if pending:
+            print(outputs.pending_line(pending), file=sys.stderr, flush=True)
+            outputs.amend_closing_record({"exit_code": exits.with_uploads(record["exit_code"], pending),
+                                          "not_uploaded": pending})
+        elif outputs and outputs.uploader:
+            print(f"uploaded to {outputs.s3_url}", flush=True)
+        if self.peers is not None:
+            self.peers.flushed()  # rank 0: the others may leave now (torchrun would end it as they exit)
+        return pending
+
+    def finish(self, stop: str | None) -> int:
+        """Every rank, together: the replicas' checksums; rank 0 writes the final weights (a
+        finished run), the closing record and the report and waits for the uploads; every rank
+        then exits with rank 0's code."""
+        run = self.run
+        checksums = distributed.gather(distributed.replica_checksum(run.train_step.model), run.procs)
+        code = exits.for_stop(stop)
+        run_cost = self._cost()
+        notice = run.spot.timing() if run.spot and stop and stop.startswith(spot.NOTICE) else {}
+        record = {"step": run.state.step, "event": "stopped" if stop else "finished", "reason": stop,
+                  "exit_code": code, "replica_checksums": checksums, "replicas_identical": len(set(checksums)) == 1,
+                  "cost": run_cost, **({"notice": notice} if notice else {})}
+        if run.procs.master:
+            print(f"{'stopped (' + stop + ')' if stop else 'finished'} at step {run.state.step} after "
+                  f"{describe_cost(run_cost)}; checkpoint {run.outputs.run_dir / run_folder.LAST}, report "
+                  f"{run.outputs.run_dir / run_folder.REPORT}")
+        with self.lock:
+            self.request.leaving()
+            pending = self.end_outputs(record, final_model=run.train_step.model if stop is None else None,
+                                       summary=run_cost)
+        code = distributed.broadcast(exits.with_uploads(code, pending), run.procs)
+        if run.procs.master and code in (exits.RECLAIM, exits.INTERRUPTED):
+            timing = run.spot.timing() if notice else {}  # now, after the uploads
+            print(f"exit {code}: continue with --resume auto{_since_notice(timing)}", file=sys.stderr, flush=True)
+        return code
+
+    def _cost(self) -> dict:
+        """What the run cost so far, machines and S3, every rank's requests (a collective)."""
+        run = self.run
+        images = run.state.step * run.cfg.batch_size * run.procs.world + sum(e.get("images", 0)
+                                                                               for e in run.state.history)
+        streamed_gets = staging.GETS_PER_SAMPLE * images if run.streamed else 0
+        usage = s3.merged(distributed.gather(s3.usage.snapshot(), run.procs))
+        return cost(run.stops.run_s(), **run.cost_basis,
+                    data=data_cost(usage, streamed_gets=streamed_gets, **run.data_basis))
+
+    def failed(self, error: BaseException) -> int:
+        """An exception ended the run on this rank: a user error is one line, a bug keeps its
+        traceback; the other ranks are told (unless all raised it together, like a NaN loss)."""
+        self.lock.acquire()
+        self.request.leaving()
+        if isinstance(error, KeyboardInterrupt):  # a second Ctrl-C: leave now, waiting for nothing
+            code, message, self.flush_timeout_s = exits.INTERRUPTED, "stopped at once by a second Ctrl-C", 0.0
+        else:
+            code = exits.ERROR
+            message = str(error) if isinstance(error, DaliImagenetError) else f"{type(error).__name__}: {error}"
+        tell_others = self.peers is not None and not isinstance(error, LossDiverged)
+        if tell_others:
+            self.peers.post(message)
+        step = getattr(error, "step", self.step)
+        reason = (f"loss NaN or inf at step {step}" if isinstance(error, LossDiverged)
+                  else message if code == exits.INTERRUPTED else f"error: {message}")
+        self.end_outputs({"step": step, "event": "stopped", "reason": reason, "exit_code": code})
+        if isinstance(error, (DaliImagenetError, KeyboardInterrupt)) and not debug():
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        else:
+            traceback.print_exception(error)
+        if tell_others:
+            self.peers.wait_for_others(self.flush_timeout_s + WAIT_EXTRA_S)
+        elif self.peers is not None:  # all failed together (a NaN): rank 0 uploads first, then all leave
+            self.peers.wait_for_flush(self.flush_timeout_s + WAIT_EXTRA_S)
+        return code
+
+    def peer_failed(self, line: str) -> None:
+        """Another rank failed (the peer-error thread): stop this one too, with one line, now."""
+        if not self.lock.acquire(blocking=False):
+            return  # the main thread is already leaving
+        self.request.leaving()
+        self.end_outputs({"step": self.step, "event": "stopped", "reason": f"error on {line}",
+                          "exit_code": exits.ERROR})
+        print(f"error: stopping: {line}", file=sys.stderr, flush=True)
+        self.peers.acknowledge()
+        self.peers.wait_for_flush(self.flush_timeout_s + WAIT_EXTRA_S)  # rank 0 uploads first: torchrun ends it
+        self.release_lease()
+        leave_now(exits.ERROR)
+
+    def release_lease(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+
+    def close(self) -> None:
+        for part in (self.watcher, self.peers):
+            if part is not None:
+                part.close()
+        self.release_lease()
+        self.request.restore()
+
+    def after(self, code: int) -> int:
+        """The last steps of a run that got as far as its end: the process group down, and an
+        upload still in its timeout not allowed to outlive the interpreter."""
+        run = self.run
+        if run.procs.world > 1:
+            run.stops.close()
+            distributed.teardown(run.procs)
+        if run.outputs.stuck():
+            leave_now(code)
+        return code
+
+
+def _since_notice(notice: dict) -> str:
+    if not notice:
+        return ""
+    reclaim = f"; EC2 reclaims at {notice['reclaim_at']}" if notice.get("reclaim_at") else ""
+    return f" ({notice['since_notice_s']:.1f} s after the spot notice{reclaim})"

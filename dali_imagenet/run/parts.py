@@ -1,0 +1,98 @@
+"""What `train.py`'s setup builds once: the run's parts, handed whole to the loop and to `Leaving`;
+how a run checkpoints and checks its loss; what a validation scores; each epoch's loader."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dali_imagenet import distributed, make_loader, s3
+from dali_imagenet.config import TrainConfig, to_dict
+from dali_imagenet.data.loader import Loader
+from dali_imagenet.data.shards import SplitShards
+from dali_imagenet.errors import DaliImagenetError
+from dali_imagenet.run import run_folder
+from dali_imagenet.run.checkpoint import TrainState, contents
+from dali_imagenet.run.initial import Initialised
+from dali_imagenet.run.interrupts import StopCheck
+from dali_imagenet.run.outputs import RunOutputs
+from dali_imagenet.run.spot import SpotWatcher
+from dali_imagenet.training.precision import Precision
+from dali_imagenet.training.schedule import LRSchedule
+from dali_imagenet.training.step import TrainStep
+
+
+class LossDiverged(DaliImagenetError):
+    """A NaN or inf loss, agreed on by every rank (each raises it at the same step)."""
+
+    def __init__(self, step: int, last: str):
+        super().__init__(f"loss is NaN or inf at step {step}; stopping with the last good checkpoint ({last}) "
+                         f"untouched")
+        self.step = step
+
+
+@dataclass
+class Run:
+    """Only `state` changes as the run goes on (its step counters, loader position, best top-1 and
+    history); every other field is fixed for the whole run."""
+    cfg: TrainConfig
+    procs: distributed.Processes
+    precision: Precision
+    shards: SplitShards  # the train split
+    val_shards: SplitShards
+    train_step: TrainStep  # holds the model, its DDP/compiled wrapper, optimizer, scaler and EMA
+    val_loader: Loader
+    loader_options: dict  # what every epoch's train loader shares with the val loader
+    schedule: LRSchedule
+    stops: StopCheck
+    outputs: RunOutputs
+    state: TrainState
+    spot: SpotWatcher | None  # EC2's interruption notice, polled on every machine of the run
+    cost_basis: dict  # what `metrics.cost` needs besides the hours
+    data_basis: dict  # what `metrics.data_cost` needs besides the S3 usage
+    streamed: bool  # DALI reads s3:// itself, every epoch (--stream): its GETs are estimated
+    initialised: Initialised | None  # where a fresh run's weights came from (--init); None: random, or resumed
+
+    def train_loader(self) -> Loader:
+        """The loader of epoch `state.epoch`, at that epoch's image size, restored mid-epoch if the
+        checkpoint stopped there (a replay, where one is needed, can be cut short by a stop request)."""
+        cfg, state = self.cfg, self.state
+        resume_at = state.loader[self.procs.rank] if state.loader else None
+        return make_loader(self.shards, "train", seed=cfg.seed, epoch=state.epoch,
+                           image_size=cfg.train_image_size(state.epoch), shuffle_buffer=cfg.shuffle_buffer,
+                           crop_min_area=cfg.crop_min_area, resume=resume_at, interrupt=self.stops.interrupt_if_asked,
+                           **self.loader_options)
+
+    def check_loss(self) -> None:
+        """Raises LossDiverged at the first step (1-based, as metrics.jsonl counts) whose loss was
+        NaN or inf on any rank, the same on every rank (a host sync): all then stop together
+        instead of waiting for one that left."""
+        bad = [step + 1 for step in distributed.gather(self.train_step.bad_step(), self.procs) if step is not None]
+        if bad:
+            raise LossDiverged(min(bad), str(self.outputs.run_dir / run_folder.LAST))
+
+    def save_checkpoint(self, is_best: bool = False) -> None:
+        """Saves last.pt (and best.pt) on rank 0, with the wall-clock seconds trained and every
+        rank's S3 requests so far, unless a loss went NaN on any rank: then nothing is written (a
+        NaN model never replaces a good checkpoint)."""
+        self.check_loss()
+        state, step = self.state, self.train_step
+        state.wall_s = self.stops.run_s()
+        state.s3_usage = s3.merged(distributed.gather(s3.usage.snapshot(), self.procs))
+        if self.procs.master:
+            state.wandb_id = self.outputs.wandb_id
+            self.outputs.save(contents(state, model=step.model, optimizer=step.optimizer, scaler=step.scaler,
+                                       ema=step.ema, config=to_dict(self.cfg), class_names=self.shards.class_names),
+                              is_best)
+
+    def models(self) -> dict:
+        """What a validation scores: the raw weights ("") and their EMA, when the run keeps one."""
+        ema = self.train_step.ema
+        return {"": self.train_step.model, **({"ema": ema.module} if ema else {})}
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    """What `train.py`'s `train_one_epoch` saw: the loop decides from it, not from side effects
+    on the state."""
+    ended: bool  # the epoch's last batch was trained
+    stop: str | None  # why the run stops early (a signal, max_steps, max_minutes), or None
+    rates: dict  # the epoch's `ThroughputMeter.epoch()`: rates, first step, peak memory
