@@ -166,3 +166,18 @@ def test_no_assert_validates_data_in_the_library():
     for path in [*LIBRARY.rglob("*.py"), *(REPO / "shard_tools").glob("*.py")]:
         asserts = [n.lineno for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Assert)]
         assert not asserts, f"{path.name}: assert at line(s) {asserts} (python -O removes it; raise an error instead)"
+
+
+def test_the_wheel_holds_the_product_and_nothing_else(tmp_path):
+    """dali_imagenet and shard_tools (with the class list they ship); not the benchmarks, the
+    stand-ins, the tests or the scripts."""
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path)], check=True, capture_output=True, timeout=300)
+    names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
+    assert {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")} == {
+        "dali_imagenet", "shard_tools"}
+    assert "dali_imagenet/data/imagenet1k_classes.tsv" in names and "dali_imagenet/sharing/hub.py" in names
