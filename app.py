@@ -4,7 +4,7 @@ the model looked for the first of them (a Grad-CAM heat map over the crop it saw
     python app.py --checkpoint runs/r50/best.pt [--host 127.0.0.1] [--port 7860] [--device cpu]
 
 The model is loaded once, on the CPU or the GPU; the page shows the model, its validation
-accuracy in training and the run's date. On a Hugging Face Space (README: "The demo as a Space")
+accuracy in training and the run's date. On a Hugging Face Space (`publish.py --space`, docs/results.md)
 it runs as `python app.py` on the checkpoint named by $DALI_IMAGENET_CHECKPOINT, else the published
 folder ./model (what `publish.py --space` puts there), else ./model.pt. --checkpoint takes a
 checkpoint, a published folder or hf://USER/NAME[@REVISION].

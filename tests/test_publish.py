@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import EXACT, REPO, child_env, run_in_process, script, train_command
+from conftest import EXACT, child_env, run_in_process, script, train, train_command
 from test_show import val_images
 
 from standins.hub_commits import StandInModelHub
@@ -27,11 +27,9 @@ def logits(model: torch.nn.Module, size: int) -> torch.Tensor:
         return model.to(memory_format=torch.contiguous_format).eval()(images)
 
 
-def predict_json(checkpoint, images: Path, env=None) -> list[dict]:
-    """predict.py in a process of its own (HF_ENDPOINT is read when huggingface_hub is imported)."""
-    result = subprocess.run([sys.executable, str(REPO / "predict.py"), str(images), "--checkpoint", str(checkpoint),
-                             "--json", "--device", "cpu"], capture_output=True, text=True, env=env or child_env(),
-                            timeout=120)
+def predictions_of(checkpoint, images: Path, env=None) -> list[dict]:
+    result = run_in_process(script("predict"), ["predict.py", str(images), "--checkpoint", str(checkpoint),
+                                                "--json", "--device", "cpu"], env)
     assert result.returncode == 0, result.stderr[-2000:]
     return [json.loads(line) for line in result.stdout.splitlines()]
 
@@ -66,7 +64,7 @@ def test_stock_folder_loads_in_timm_with_identical_logits(trained_run, sample_sh
 
     images = tmp_path / "val"
     val_images(sample_shards, images)
-    assert predict_json(out, images) == predict_json(trained_run / "best.pt", images)
+    assert predictions_of(out, images) == predictions_of(trained_run / "best.pt", images)
     scores = [json.loads(run_in_process(script("evaluate"), ["evaluate.py", "--checkpoint", str(source), "--data",
                                                              str(sample_shards), "--device", "cpu", "--json"]).stdout)
               for source in (out, trained_run / "best.pt")]
@@ -94,23 +92,23 @@ def test_blurpool_folder_is_refused_by_timm_and_loads_here(straight_run, tmp_pat
 
 
 @pytest.fixture
-def model_hub(tmp_path):
+def model_hub(tmp_path, monkeypatch):
+    """The stand-in Hub, and the environment that points huggingface_hub at it. In this process
+    too: the library reads HF_ENDPOINT when it calls; what huggingface_hub read at its import
+    (Xet on, its cache) is set here as the same variables would have set it."""
+    from huggingface_hub import constants
+
     hub = StandInModelHub({"hf_alice_write": "alice", "hf_bob_write": "bob"})
-    env = child_env(
-        HF_ENDPOINT=hub.url,
-        HF_TOKEN="hf_alice_write",
-        HF_HUB_DISABLE_XET="1",
-        HF_HOME=str(tmp_path / "hf"),
-        HF_HUB_DISABLE_PROGRESS_BARS="1",
-    )
+    env = child_env(HF_ENDPOINT=hub.url, HF_TOKEN="hf_alice_write", HF_HUB_DISABLE_XET="1",
+                    HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_PROGRESS_BARS="1")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # the stand-in speaks LFS, not Xet
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     yield hub, env
     hub.close()
 
 
 def run_publish(env, *args) -> subprocess.CompletedProcess:
-    """publish.py in a process of its own: HF_ENDPOINT is read when huggingface_hub is imported."""
-    return subprocess.run([sys.executable, str(REPO / "publish.py"), *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=180)
+    return run_in_process(script("publish"), ["publish.py", *map(str, args)], env)
 
 
 @pytest.mark.slow
@@ -133,16 +131,15 @@ def test_hub_upload_keeps_every_revision_and_the_space_runs(trained_run, straigh
     assert [c.oid for c in hub.commits("alice/tiny")][-2] == first_commit
     images = tmp_path / "val"
     val_images(sample_shards, images)
-    assert predict_json(f"hf://alice/tiny@{first_commit}", images, env) == predict_json(trained_run / "best.pt", images)
-    assert predict_json("hf://alice/tiny", images, env) == predict_json(straight_run / "best.pt", images)
-    page = subprocess.run([sys.executable, str(REPO / "report.py"), "--checkpoint", f"hf://alice/tiny@{first_commit}",
-                           "-o", str(tmp_path / "page.html")], capture_output=True, text=True, env=env, timeout=120)
+    ours = predictions_of(trained_run / "best.pt", images)
+    assert predictions_of(f"hf://alice/tiny@{first_commit}", images, env) == ours
+    assert predictions_of("hf://alice/tiny", images, env) == predictions_of(straight_run / "best.pt", images)
+    page = run_in_process(script("report"), ["report.py", "--checkpoint", f"hf://alice/tiny@{first_commit}", "-o",
+                                             str(tmp_path / "page.html")], env)
     assert page.returncode == 0 and (tmp_path / "page.html").read_bytes() == (trained_run / "report.html").read_bytes()
-    started = subprocess.run(train_command(sample_shards, tmp_path / "init", *EXACT, "max_steps=1",
-                                           extra=["--init", "hf://alice/tiny"]), capture_output=True, text=True,
-                             env=env, timeout=180)
-    assert started.returncode == 0 and "initialised from hf://alice/tiny: every weight loaded" in started.stdout, \
-        started.stderr[-2000:]
+    started = train(sample_shards, tmp_path / "init", *EXACT, "max_steps=1", extra=["--init", "hf://alice/tiny"],
+                    env=env)
+    assert "initialised from hf://alice/tiny: every weight loaded" in started.stdout
 
     # The Space: the app, its requirements, the library and the model, and it serves without DALI.
     space = hub.files("alice/tiny-demo", "space")
@@ -167,8 +164,7 @@ def test_hub_upload_keeps_every_revision_and_the_space_runs(trained_run, straigh
     ran = subprocess.run([sys.executable, "-c", check], cwd=folder, capture_output=True, text=True,
                          env={**child_env(), "PYTHONPATH": ""}, timeout=120)
     assert ran.returncode == 0, ran.stderr[-2000:]
-    expected = predict_json(trained_run / "best.pt", image)[0]["top"][0]["index"]
-    assert int(ran.stdout.split()[-1]) == expected
+    assert int(ran.stdout.split()[-1]) == next(p for p in ours if p["path"] == str(image))["top"][0]["index"]
 
 
 def test_token_errors_are_one_line(trained_run, model_hub, tmp_path):

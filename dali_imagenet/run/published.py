@@ -121,11 +121,14 @@ def fetch(source: str, files: tuple[str, ...] = (CONFIG, WEIGHTS)) -> Path:
     repo_id, _, revision = str(source)[len(HF):].partition("@")
     if repo_id.count("/") != 1:
         raise PublishedError(f"{source}: a model on the Hub is hf://USER/NAME[@REVISION]")
+    import os
+
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    try:
-        return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=list(files)))
+    try:  # HF_ENDPOINT as it is now (huggingface_hub reads it once, at import)
+        return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=list(files),
+                                      endpoint=os.environ.get("HF_ENDPOINT")))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as error:
         reason = " ".join(str(error).split())[:200]
         raise PublishedError(f"{source}: cannot download it from the Hub ({reason})") from None

@@ -4,6 +4,7 @@ demo on it. The token is `HF_TOKEN` or the one `hf auth login` saved; `HF_ENDPOI
 Hub. A missing or refused token, a repo one may not write: one line each."""
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ def _api():
     token = get_token()
     if not token:
         raise PublishError("no Hugging Face token: set HF_TOKEN or log in with `hf auth login`")
-    api = HfApi(token=token)
+    api = HfApi(token=token, endpoint=os.environ.get("HF_ENDPOINT"))  # as it is now, not at import
     try:
         api.whoami()
     except Exception as error:  # noqa: BLE001 - huggingface_hub's HTTP errors: the Hub's reason, one line
