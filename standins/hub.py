@@ -17,9 +17,11 @@ import json
 import os
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
+
+from standins import http
 
 PAGE = 2  # tree entries per page: small, so that the client's pagination is exercised
 
@@ -87,26 +89,9 @@ class StandInHub:
 
 
 def _handler(hub: StandInHub):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive, as the Hub and its CDN serve
-
-        def log_message(self, *args):
-            pass
-
-        # -- replies --------------------------------------------------------------------------
-        def _reply(self, status: int, body: bytes = b"", headers: dict | None = None, method: str = "GET") -> None:
-            self.send_response(status)
-            for key, value in (headers or {}).items():
-                self.send_header(key, value)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if method != "HEAD":
-                self.wfile.write(body)
+    class Handler(http.Handler):
+        def record(self, method: str, status: int) -> None:
             hub.requests.append((method, self.path, self.headers.get("Range"), status))
-
-        def _json(self, value, status: int = 200, headers: dict | None = None, method: str = "GET") -> None:
-            self._reply(status, json.dumps(value).encode(), {"Content-Type": "application/json", **(headers or {})},
-                        method)
 
         def _error(self, status: int, code: str | None, message: str, method: str = "GET") -> None:
             headers = {"X-Error-Message": message}
@@ -161,15 +146,6 @@ def _handler(hub: StandInHub):
             return None
 
         # -- routes ---------------------------------------------------------------------------
-        def do_HEAD(self):
-            self._route("HEAD")
-
-        def do_GET(self):
-            self._route("GET")
-
-        def do_POST(self):
-            self._route("POST")
-
         def _route(self, method: str) -> None:
             query, parts = self._split()
             if parts[:2] == ["api", "datasets"] and len(parts) >= 4:

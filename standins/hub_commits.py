@@ -16,8 +16,10 @@ import hashlib
 import json
 import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from urllib.parse import unquote, urlparse
+
+from standins import http
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".png", ".jpg", ".npz", ".html")
 PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
@@ -82,28 +84,9 @@ class StandInModelHub:
 
 
 def _handler(hub: StandInModelHub):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args):
-            pass
-
-        def _reply(
-            self, status: int, body: bytes = b"", headers: dict | None = None, method: str | None = None
-        ) -> None:
-            method = method or self.command
-            self.send_response(status)
-            for key, value in (headers or {}).items():
-                self.send_header(key, value)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if method != "HEAD":
-                self.wfile.write(body)
+    class Handler(http.Handler):
+        def record(self, method: str, status: int) -> None:
             hub.requests.append((method, self.path, status))
-
-        def _json(self, value, status: int = 200, method: str | None = None) -> None:
-            method = method or self.command
-            self._reply(status, json.dumps(value).encode(), {"Content-Type": "application/json"}, method)
 
         def _error(self, status: int, message: str, code: str | None = None, method: str | None = None) -> None:
             method = method or self.command
@@ -135,18 +118,6 @@ def _handler(hub: StandInModelHub):
                 self._error(403, f"You don't have the rights to write to {repo_id}", method=method)
                 return None
             return repo
-
-        def do_HEAD(self):
-            self._route("HEAD")
-
-        def do_GET(self):
-            self._route("GET")
-
-        def do_POST(self):
-            self._route("POST")
-
-        def do_PUT(self):
-            self._route("PUT")
 
         def _route(self, method: str) -> None:
             parts = [unquote(p) for p in urlparse(self.path).path.strip("/").split("/")]
