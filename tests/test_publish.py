@@ -213,3 +213,18 @@ def test_init_timm_fetches_timms_pretrained_weights(sample_shards, model_hub, tm
             in started.stdout)
     assert any(path.endswith(f"/{repo}/resolve/main/model.safetensors") or "model.safetensors" in path
                for method, path, status in hub.requests if method == "GET" and status == 200)
+
+
+def test_a_run_is_published_from_its_s3_prefix(trained_run, s3_bucket, tmp_path):
+    from conftest import upload_folder
+
+    upload_folder(trained_run, s3_bucket, "runs/tiny")
+    result = publish(f"s3://{s3_bucket}/runs/tiny", tmp_path / "from-s3")
+    assert result.returncode == 0, result.stderr
+    assert "published tiny (" in result.stdout
+    assert publish(trained_run, tmp_path / "local").returncode == 0
+    for name in ("model.safetensors", "curves.png"):
+        assert (tmp_path / "from-s3" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+    assert (tmp_path / "from-s3" / "report.html").read_bytes() == (trained_run / "report.html").read_bytes()
+    missing = publish(f"s3://{s3_bucket}/runs/none", tmp_path / "none")
+    assert missing.returncode == 1 and "not a run (no metrics.jsonl under it)" in missing.stderr
