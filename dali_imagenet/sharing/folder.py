@@ -44,6 +44,7 @@ def local_run(source: str, scratch: Path) -> Path:
         if not (Path(source) / METRICS).is_file():
             raise PublishError(f"{source}: not a run folder (no {METRICS})")
         return Path(source)
+    scratch.mkdir(parents=True, exist_ok=True)
     for name in RUN_FILES:
         s3.download(source.rstrip("/"), name, scratch / name, timeout_s=30)
     if not (scratch / METRICS).is_file():
