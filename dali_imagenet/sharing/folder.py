@@ -2,7 +2,7 @@
 (`run/published.py`), the model card `README.md`, `curves.png` and the run's `report.html`.
 The weights are the ones the run's page calls best: best.pt's raw weights or their EMA, whichever
 scored higher at its last validation. A run under an `s3://` prefix is fetched first (its small
-files and best.pt)."""
+files and best.pt, or last.pt where there is no best.pt)."""
 from __future__ import annotations
 
 import base64
@@ -20,7 +20,7 @@ from dali_imagenet.run.run_folder import BEST, CONFIG, LAST, METRICS, PREDICTION
 from dali_imagenet.sharing.model_card import card
 
 CURVES = "curves.png"
-RUN_FILES = (METRICS, CONFIG, BEST, LAST, PREDICTIONS, REPORT)
+RUN_FILES = (METRICS, CONFIG, PREDICTIONS, REPORT)  # and one checkpoint: best.pt, else last.pt
 
 
 class PublishError(DaliImagenetError):
@@ -47,6 +47,9 @@ def local_run(source: str, scratch: Path) -> Path:
     scratch.mkdir(parents=True, exist_ok=True)
     for name in RUN_FILES:
         s3.download(source.rstrip("/"), name, scratch / name, timeout_s=30)
+    for name in (BEST, LAST):  # a checkpoint holds the optimizer too: fetch only the one published
+        if s3.download(source.rstrip("/"), name, scratch / name, timeout_s=30):
+            break
     if not (scratch / METRICS).is_file():
         raise PublishError(f"{source}: not a run (no {METRICS} under it)")
     return scratch
