@@ -72,9 +72,9 @@ def parse_args() -> argparse.Namespace:
 
 
 def setup(args, cfg: TrainConfig, procs: distributed.Processes, leaving: Leaving) -> Run:
-    """Everything the loop needs; nothing is written until every check has passed. EC2's notice
-    is watched from the start: one during the resume download or the pipeline build is acted on
-    before training starts."""
+    """Everything the loop needs (given to `leaving` as soon as it exists); nothing is written until
+    every check has passed. EC2's notice is watched from the start: one during the resume download
+    or the pipeline build is acted on before training starts."""
     watching = leaving.connect(procs, args.spot, cfg.spot_poll_seconds)
     if procs.master:
         print(watching, flush=True)
@@ -111,6 +111,10 @@ def setup(args, cfg: TrainConfig, procs: distributed.Processes, leaving: Leaving
                          extra={"loader": backend, "world_size": procs.world, "data": args.data,
                                 **({"staged_to": data} if data != args.data else {}), "config_file": args.config,
                                 "spot_watch": watching, **({"init": initialised.record()} if initialised else {})})
+    leaving.run = Run(cfg, procs, precision, shards, val_shards, train_step, val_loader, loader_options, schedule,
+                      stops, outputs, point.state, leaving.watcher, cost_basis=cost_basis(cfg, procs, instance),
+                      data_basis=data_basis(cfg, instance), streamed=args.stream and s3.is_s3(args.data),
+                      initialised=initialised)
     if leaving.watcher:
         leaving.watcher.log = outputs.note
     if point.path is not None:
@@ -120,10 +124,7 @@ def setup(args, cfg: TrainConfig, procs: distributed.Processes, leaving: Leaving
               f"epoch x {cfg.epochs} epochs, global batch {cfg.batch_size * procs.world}, peak LR "
               f"{training.peak_lr:g}, {backend} loader on {procs.device.type}, {procs.world} process(es), run folder "
               f"{run_dir}\n{decoder.line(decoding)}", flush=True)
-    return Run(cfg, procs, precision, shards, val_shards, train_step, val_loader, loader_options, schedule, stops,
-               outputs, point.state, leaving.watcher,
-               cost_basis=cost_basis(cfg, procs, instance), data_basis=data_basis(cfg, instance),
-               streamed=args.stream and s3.is_s3(args.data), initialised=initialised)
+    return leaving.run
 
 
 def read_splits(args, cfg: TrainConfig, procs: distributed.Processes, leaving: Leaving):
@@ -276,8 +277,7 @@ def main() -> int:
             cfg = load_config(args.config, [*args.set, *([f"price_per_hour={args.price_per_hour}"]
                                                            if args.price_per_hour is not None else [])])
             leaving.flush_timeout_s = cfg.s3_flush_timeout_s
-            leaving.run = setup(args, cfg, distributed.setup(args.device, cfg.deterministic), leaving)
-            stop = train(leaving.run)
+            stop = train(setup(args, cfg, distributed.setup(args.device, cfg.deterministic), leaving))
         except Interrupted as interrupted:
             stop = interrupted.reason
             if leaving.run is None:  # during start-up: nothing trained, nothing written

@@ -67,9 +67,8 @@ class RankSamples(torch.utils.data.IterableDataset):
         self.epoch += 1
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        stages = [
-            _read(self.pieces[worker::workers], self.indices)
-        ]  # the shard order is the epoch's (`partition.epoch_shards`)
+        # the shard order is the epoch's (`partition.epoch_shards`)
+        stages = [_read(self.pieces[worker::workers], self.indices)]
         if self.train:
             stages.append(wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 256),
                                       rng=random.Random(seeding.derive_seed(self.seed, "loader", self.epoch, worker))))

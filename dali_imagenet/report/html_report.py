@@ -119,6 +119,13 @@ def _plot(runs: list[Run], records: str, panels: list[tuple[str, str, list[tuple
     return plot_uri(fig)
 
 
+def training_curves(runs: list[Run]) -> str:
+    """Train loss, LR, images/s and data wait by step: a PNG data URI."""
+    return _plot(runs, "steps", [("train loss", "step", [("loss", "")]), ("learning rate", "step", [("lr", "")]),
+                                 ("images/s", "step", [("images_per_s", "")]),
+                                 ("data wait (share of time)", "step", [("data_wait", "")])])
+
+
 def validation_curves(runs: list[Run]) -> str:
     """Val top-1, top-5 and loss by epoch, raw and EMA: a PNG data URI (the page's, the model card's)."""
     return _plot(runs, "validations", [("val top-1 %", "epoch", [("val_top1", ""), ("val_ema_top1", " EMA")]),
@@ -167,22 +174,7 @@ def _numbers(run: Run, checkpoint_name: str | None, checkpoint: dict | None) -> 
 def render(runs: list[Run], title: str | None = None) -> str:
     single = len(runs) == 1
     title = title or (f"{runs[0].name} · dali-imagenet" if single else f"dali-imagenet: {len(runs)} runs")
-    plots = [
-        (
-            "training",
-            _plot(
-                runs,
-                "steps",
-                [
-                    ("train loss", "step", [("loss", "")]),
-                    ("learning rate", "step", [("lr", "")]),
-                    ("images/s", "step", [("images_per_s", "")]),
-                    ("data wait (share of time)", "step", [("data_wait", "")]),
-                ],
-            ),
-        ),
-        ("validation", validation_curves(runs)),
-    ]
+    plots = [("training", training_curves(runs)), ("validation", validation_curves(runs))]
     figures = "".join(f"<h2>{name}</h2><img class=curves alt=\"{name} curves\" src=\"{uri}\">" for name, uri in plots)
     sections = []
     for run in runs:

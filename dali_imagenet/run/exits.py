@@ -15,9 +15,8 @@ from pathlib import Path
 COMPLETE = 0  # every epoch trained (or the max_steps / max_minutes asked for) and every file in S3
 ERROR = 1  # bad input, a data error, a NaN loss, a bug (with its traceback)
 USAGE = 2  # a flag argparse refuses
-UPLOADS_PENDING = (
-    74  # sysexits' EX_IOERR: the run ended, but files were still not in S3 at the deadline (or not written)
-)
+# sysexits' EX_IOERR: the run ended, but files were still not in S3 at the deadline (or not written)
+UPLOADS_PENDING = 74
 RECLAIM = 75  # sysexits' EX_TEMPFAIL: stopped for a spot reclaim or SIGTERM, checkpointed: relaunch, --resume auto
 INTERRUPTED = 130  # Ctrl-C (SIGINT), checkpointed: a person stopped it, nothing should relaunch it
 

@@ -46,25 +46,20 @@ def initialise(source: str, model: torch.nn.Module, arch: str, class_names) -> I
         return _from_timm(model, arch, class_names)
     if published.is_published(source):
         found = published.load(source)
-        if found.arch != arch:
-            raise CheckpointError(f"{source}: holds {found.arch}'s weights; this run trains {arch} (--init takes "
-                                  f"weights of the same architecture)")
-        theirs = found.class_names
-        same = theirs is not None and list(theirs) == list(class_names)
-        return _load(model, found.state, str(source), arch, same, len(theirs) if theirs is not None else None)
-    path = Path(source)
-    if path.is_dir():
-        path = next((path / name for name in ("best.pt", "last.pt", "final_weights.pt") if (path / name).is_file()),
-                    path / "best.pt")
-    checkpoint = load(path)
-    saved_arch = checkpoint.get("arch")
+        where, saved_arch, state, theirs = str(source), found.arch, found.state, found.class_names
+    else:
+        path = Path(source)
+        if path.is_dir():
+            path = next((path / name for name in ("best.pt", "last.pt", "final_weights.pt") if (path / name).is_file()),
+                        path / "best.pt")
+        checkpoint = load(path)
+        where, saved_arch, state, theirs = str(path), checkpoint.get("arch"), weights(checkpoint, "auto"), \
+            checkpoint.get("class_names")
     if saved_arch and saved_arch != arch:
-        raise CheckpointError(f"{path}: holds {saved_arch}'s weights; this run trains {arch} (--init takes weights "
+        raise CheckpointError(f"{where}: holds {saved_arch}'s weights; this run trains {arch} (--init takes weights "
                               f"of the same architecture)")
-    state = weights(checkpoint, "auto")
-    theirs = checkpoint.get("class_names")
     same = theirs is not None and list(theirs) == list(class_names)
-    return _load(model, state, str(path), arch, same, len(theirs) if theirs is not None else None)
+    return _load(model, state, where, arch, same, len(theirs) if theirs is not None else None)
 
 
 def _load(model: torch.nn.Module, state: dict, source: str, arch: str, same_classes: bool,

@@ -161,9 +161,7 @@ def describe_cost(cost: dict) -> str:
     if cost["dollars"] != cost["on_demand_dollars"]:
         line += f" on spot (${cost['on_demand_dollars']:,.2f} on demand)"
     data = cost.get("data")
-    if (
-        data and data["get_requests"] + data["put_requests"] + data["streamed_gets_estimated"]
-    ):  # a run without S3: no S3 part
+    if data and data["get_requests"] + data["put_requests"] + data["streamed_gets_estimated"]:  # else no S3 part
         gets = data["get_requests"] + data["streamed_gets_estimated"]
         line += (f"; S3 ${data['dollars']:,.2f} ({gets:,} GETs" + (" (est.)" if data["streamed_gets_estimated"] else "")
                  + f", {data['put_requests']:,} PUTs, {data['gb_in']:.2f} GB in"
