@@ -48,8 +48,8 @@ demo: install $(BUILD)/sample/.done
 
 # Two test processes (pytest-xdist), each taking the next test as it frees up (worksteal: the
 # long end-to-end tests start first and the short ones fill the gaps). The runs several tests share
-# are built once for all workers (conftest.built_once). `make test` runs everything (~5 min on 2
-# cores); `.venv/bin/python -m pytest -n auto -m "not slow"` is the quick loop (~2 min).
+# are built once for all workers (conftest.built_once). `make test` runs everything (~3.5 min on 2
+# cores); `.venv/bin/python -m pytest -n auto -m "not slow"` is the quick loop (~1 min).
 test: install browser cloud-venv lint
 	$(PY) -m pytest -q -n auto --dist worksteal
 

@@ -120,7 +120,7 @@ def setup(args, cfg: TrainConfig, procs: distributed.Processes, leaving: Leaving
     if point.path is not None:
         outputs.resumed(point)
     if procs.master:
-        print(f"{cfg.arch}, {shards.num_classes} classes, {shards.samples} train images, {steps_per_epoch} steps/"
+        print(f"{cfg.network}, {shards.num_classes} classes, {shards.samples} train images, {steps_per_epoch} steps/"
               f"epoch x {cfg.epochs} epochs, global batch {cfg.batch_size * procs.world}, peak LR "
               f"{training.peak_lr:g}, {backend} loader on {procs.device.type}, {procs.world} process(es), run folder "
               f"{run_dir}\n{decoder.line(decoding)}", flush=True)
@@ -150,7 +150,7 @@ def starting_weights(args, cfg: TrainConfig, procs: distributed.Processes, train
         s3.usage.add(point.state.s3_usage)  # the run's requests before this process: its cost record covers them all
     if not args.init or point.path is not None:  # a resumed run has its own weights: --init only starts one
         return point, None
-    initialised = initialise(args.init, training.model, cfg.arch, shards.class_names)
+    initialised = initialise(args.init, training.model, cfg.arch, shards.class_names, cfg.width)
     training.restart_ema(cfg)
     if procs.master:
         print(initialised.line(shards.num_classes), flush=True)

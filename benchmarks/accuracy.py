@@ -31,7 +31,7 @@ from pathlib import Path
 
 from benchmarks.common import REPO, machine, save_figure
 
-SMOKE_SETTINGS = ["arch=resnet10", "epochs=1", "image_size=32", "min_image_size=0", "val_image_size=32",
+SMOKE_SETTINGS = ["arch=resnet10", "width=16", "epochs=1", "image_size=32", "min_image_size=0", "val_image_size=32",
                   "batch_size=8", "loader_threads=1", "log_every=1", "compile=false", "val_every=1"]
 
 

@@ -210,8 +210,9 @@ def production_config(check: Check, shards: Path, work: Path) -> None:
     per_epoch = _steps_per_epoch(shards, batch)
     epochs = 3  # epoch 1 at the ramp's first size, 2 and 3 at its last: two compiles, and a warm epoch
     # --smoke on a CPU: a small model and sizes, compile off (a CPU compile takes minutes), deterministic
-    sets = (["arch=resnet10", f"batch_size={batch}", "min_image_size=32", "image_size=48", "image_size_step=16",
-             "val_image_size=32", "compile=false", "deterministic=true", "loader_threads=2"] if check.smoke else [])
+    sets = (["arch=resnet10", "width=16", f"batch_size={batch}", "min_image_size=32", "image_size=48",
+             "image_size_step=16", "val_image_size=32", "compile=false", "deterministic=true", "loader_threads=2"]
+            if check.smoke else [])
     sets += [f"epochs={epochs}", "ramp_start_epoch=0", "ramp_end_epoch=1", "warmup_epochs=1", f"log_every={log_every}",
              "val_every=0"]
     stop_at = per_epoch + per_epoch // 2 // log_every * log_every  # mid epoch 2, after the size change

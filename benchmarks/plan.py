@@ -120,7 +120,8 @@ def measure_validation(cfg: TrainConfig, device: torch.device, seconds: float) -
     from dali_imagenet.training.evaluation import predict_logits
 
     precision = Precision.for_device(cfg.amp_dtype, device)
-    model = archs.build(cfg.arch, 1000, blurpool=cfg.blurpool).to(device, memory_format=torch.channels_last).eval()
+    model = archs.build(cfg.arch, 1000, blurpool=cfg.blurpool, width=cfg.width)
+    model = model.to(device, memory_format=torch.channels_last).eval()
     models = 2 if cfg.ema_decay else 1
     size = cfg.val_image_size
     images = torch.randn(cfg.batch_size, 3, size, size, device=device).to(

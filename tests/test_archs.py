@@ -17,7 +17,7 @@ from dali_imagenet.run.checkpoint import CheckpointError, load, weights
 from dali_imagenet.run.initial import initialise
 from dali_imagenet.training import archs
 
-TIMM = ("arch=timm:test_resnet", "image_size=32", "val_image_size=32", "drop_path=0")
+TIMM = ("arch=timm:test_resnet", "width=64", "image_size=32", "val_image_size=32", "drop_path=0")
 
 
 def test_a_timm_arch_brings_its_input_defaults_unless_the_config_sets_them():
@@ -89,10 +89,11 @@ def test_init_from_a_run_with_the_same_classes_starts_at_its_accuracy(trained_ru
 
 
 def test_init_from_other_classes_makes_a_new_classifier_and_loads_the_rest(trained_run):
-    model = archs.build("resnet10", 10)
-    started = initialise(str(trained_run), model, "resnet10", [f"class {i}" for i in range(10)])
+    model = archs.build("resnet10", 10, width=16)
+    started = initialise(str(trained_run), model, "resnet10", [f"class {i}" for i in range(10)], width=16)
     assert started.new_head and started.source_classes == 8
-    assert started.line(10).endswith("a new classifier for 10 classes (8 there), the rest loaded (72 tensors)")
+    # 78 tensors: at width 16 the first block has a downsample too (from the stem's 64 channels to 16)
+    assert started.line(10).endswith("a new classifier for 10 classes (8 there), the rest loaded (78 tensors)")
     source = weights(load(trained_run / "best.pt"), "auto")
     for key, value in model.state_dict().items():
         if key.startswith("fc."):
@@ -105,10 +106,13 @@ def test_init_from_another_architecture_is_one_line(trained_run, sample_shards, 
     result = train(sample_shards, tmp_path / "run", "arch=resnet18", extra=["--init", str(trained_run)], check=False)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1
-    assert lines[0] == (f"error: {trained_run / 'best.pt'}: holds resnet10's weights; this run trains resnet18 "
+    assert lines[0] == (f"error: {trained_run / 'best.pt'}: holds resnet10 (width 16)'s weights; this run trains "
+                        f"resnet18 (width 16) "
                         f"(--init takes weights of the same architecture)")
     with pytest.raises(CheckpointError, match=r"final_weights.pt: its weights do not fit resnet18"):
         initialise(str(trained_run / "final_weights.pt"), archs.build("resnet18", 8), "resnet18", ["x"] * 8)
+    with pytest.raises(CheckpointError, match=r"holds resnet10 \(width 16\)'s weights; this run trains resnet10 \("):
+        initialise(str(trained_run), archs.build("resnet10", 8), "resnet10", ["x"] * 8)  # the same arch, wider
 
 
 def test_grad_cam_finds_a_timm_models_last_stage_and_says_so_for_a_transformer():

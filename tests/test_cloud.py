@@ -20,42 +20,49 @@ from dali_imagenet.run import exits
 SKY_PYTHON = os.environ.get("DALI_IMAGENET_SKY_PYTHON", str(REPO / ".venv-cloud" / "bin" / "python"))
 TASKS = ("shard", "train-l4", "train-multinode")
 TINY = (
-    "--device cpu --no-wandb --set arch=resnet10 --set image_size=32 --set min_image_size=0 --set val_image_size=32 "
-    "--set batch_size=16 --set epochs=1 --set compile=false --set loader_threads=1 --set amp_dtype=float32"
+    "--device cpu --no-wandb --set arch=resnet10 --set width=16 --set image_size=32 --set min_image_size=0 "
+    "--set val_image_size=32 --set batch_size=16 --set epochs=1 --set compile=false --set loader_threads=1 "
+    "--set amp_dtype=float32"
 )
 
 
 PARSE = """
-import asyncio, json, sky
+import asyncio, json, sys, sky
 from sky import backends
 from sky.jobs import recovery_strategy
-t = sky.Task.from_yaml(%r)
-r = list(t.resources)[0]
-task = {'num_nodes': t.num_nodes, 'run': t.run, 'setup': t.setup, 'envs': dict(t.envs),
-        'secrets': {k: v.get_secret_value() for k, v in t.secrets.items()}, 'accelerators': r.accelerators,
-        'use_spot': r.use_spot, 'job_recovery': dict(r.job_recovery), 'version': sky.__version__}
-# SkyPilot's own recovery executor, as its jobs controller builds it, asked what it does on each code
-def executor():  # a fresh one per code: it counts restarts on errors
-    return recovery_strategy.StrategyExecutor.make('c', backends.CloudVmRayBackend(), sky.Task.from_yaml(%r), 1, 0,
-                                                   None, set(), asyncio.Lock(), asyncio.Condition())
-task['executor'] = type(executor()).__name__
-task['relaunches'] = {}
-for code in (75, 1, 74):
-    answers = executor()
-    task['relaunches'][code] = [answers.should_restart_on_failure([code]) for _ in range(4)]
-print(json.dumps(task))
+def read(path):
+    t = sky.Task.from_yaml(path)
+    r = list(t.resources)[0]
+    task = {'num_nodes': t.num_nodes, 'run': t.run, 'setup': t.setup, 'envs': dict(t.envs),
+            'secrets': {k: v.get_secret_value() for k, v in t.secrets.items()}, 'accelerators': r.accelerators,
+            'use_spot': r.use_spot, 'job_recovery': dict(r.job_recovery), 'version': sky.__version__}
+    # SkyPilot's own recovery executor, as its jobs controller builds it, asked what it does on each code
+    def executor():  # a fresh one per code: it counts restarts on errors
+        return recovery_strategy.StrategyExecutor.make('c', backends.CloudVmRayBackend(), sky.Task.from_yaml(path), 1,
+                                                       0, None, set(), asyncio.Lock(), asyncio.Condition())
+    task['executor'] = type(executor()).__name__
+    task['relaunches'] = {}
+    for code in (75, 1, 74):
+        answers = executor()
+        task['relaunches'][code] = [answers.should_restart_on_failure([code]) for _ in range(4)]
+    return task
+print(json.dumps({path: read(path) for path in sys.argv[1:]}))
 """
 
 
-@functools.cache  # one SkyPilot process per task and test worker: the tests only read it
-def parse(name: str) -> dict:
+@functools.cache  # one SkyPilot process for all the tasks, per test worker (its import takes seconds): tests only read
+def parsed() -> dict:
     if not os.path.exists(SKY_PYTHON):
         pytest.fail(f"{SKY_PYTHON} is missing: `make test` builds it (make cloud-venv)")
-    path = str(REPO / "cloud" / f"{name}.yaml")
-    result = subprocess.run([SKY_PYTHON, "-c", PARSE % (path, path)], capture_output=True,
-                            text=True, timeout=120)
+    paths = [str(REPO / "cloud" / f"{name}.yaml") for name in TASKS]
+    result = subprocess.run([SKY_PYTHON, "-c", PARSE, *paths], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    tasks = json.loads(result.stdout.strip().splitlines()[-1])
+    return {name: tasks[path] for name, path in zip(TASKS, paths)}
+
+
+def parse(name: str) -> dict:
+    return parsed()[name]
 
 
 @pytest.mark.parametrize("name", TASKS)

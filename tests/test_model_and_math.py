@@ -110,12 +110,34 @@ def test_config_errors(tmp_path):
 @pytest.mark.parametrize("item, message", [("no_such_key=1", "unknown key 'no_such_key'"),
                                            ("batch_size=abc", "batch_size: expected int"),
                                            ("nesterov=maybe", "nesterov: expected true or false"),
-                                           ("arch=vgg", "arch must be")])
+                                           ("arch=vgg", "arch must be"),
+                                           ("width=0", "width must be > 0"),
+                                           ("arch=timm:test_resnet,width=32", "leave it at 64")])
 def test_bad_set_names_the_key(item, message):
     """What train.py prints as its one line for a bad --set (checked end to end in test_train)."""
     with pytest.raises(ConfigError, match=message) as error:
-        load_config(None, [item])
+        load_config(None, item.split(","))
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("arch", ["resnet10", "resnet50"])
+def test_a_narrow_resnet_is_timms_resnet_with_those_channels(arch):
+    """`width` scales each stage (the stem stays 64): timm's ResNet with `channels` is the same
+    network, key for key and logit for logit, whatever the width (the published format's claim)."""
+    import timm
+
+    from dali_imagenet.run.published import timm_equivalent
+
+    for width in (64, 16):
+        ours = build_model(arch, 10, width=width).eval()
+        name, model_args = timm_equivalent(arch, False, width)
+        theirs = timm.create_model(name, num_classes=10, **model_args).eval()
+        theirs.load_state_dict(ours.state_dict(), strict=True)
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            assert torch.equal(ours(x), theirs(x))
+        assert ours.layer4[0].conv1.out_channels == 8 * width and ours.conv1.out_channels == 64
+    assert sum(p.numel() for p in build_model("resnet10", 1000, width=16).parameters()) == 453_576  # 5.4M at width 64
 
 
 def fake_checkpoint(step: int, **extra) -> dict:

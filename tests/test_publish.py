@@ -48,6 +48,7 @@ def test_stock_folder_loads_in_timm_with_identical_logits(trained_run, sample_sh
     config = json.loads((out / "config.json").read_text())
     source = load_model(trained_run / "best.pt", which="auto")
     assert config["architecture"] == "resnet18" and config["model_args"]["layers"] == [1, 1, 1, 1]  # our ResNet-10
+    assert config["model_args"]["channels"] == [16, 32, 64, 128]  # at the test runs' width
     assert config["label_names"] == source.class_names and config["num_classes"] == 8
     assert config["pretrained_cfg"]["input_size"] == [3, 40, 40] and config["pretrained_cfg"]["crop_pct"] == 0.875
     assert "tag" not in config["pretrained_cfg"]  # not timm's own weights
@@ -192,7 +193,7 @@ def test_init_from_a_published_folder_starts_at_its_accuracy(trained_run, sample
     assert before["val_top1"] == max(published["top1"], published.get("ema_top1", -1.0))
     wrong = train(sample_shards, tmp_path / "other", "arch=resnet18", extra=["--init", str(tmp_path / "published")],
                   check=False)
-    assert wrong.returncode != 0 and "holds resnet10's weights; this run trains resnet18" in wrong.stderr
+    assert wrong.returncode != 0 and "holds resnet10 (width 16)'s weights; this run trains resnet18" in wrong.stderr
 
 
 def test_init_timm_fetches_timms_pretrained_weights(sample_shards, model_hub, tmp_path):
@@ -205,8 +206,9 @@ def test_init_timm_fetches_timms_pretrained_weights(sample_shards, model_hub, tm
     repo = get_pretrained_cfg("test_resnet").hf_hub_id  # timm/test_resnet.r160_in1k
     save_for_hf(timm.create_model("test_resnet", num_classes=1000), str(tmp_path / "weights"), safe_serialization=True)
     hub.seed(repo, {p.name: p.read_bytes() for p in (tmp_path / "weights").iterdir()})
-    started = subprocess.run(train_command(sample_shards, tmp_path / "run", "arch=timm:test_resnet", "image_size=32",
-                                           "val_image_size=32", "drop_path=0", "max_steps=1", extra=["--init", "timm"]),
+    started = subprocess.run(train_command(sample_shards, tmp_path / "run", "arch=timm:test_resnet", "width=64",
+                                           "image_size=32", "val_image_size=32", "drop_path=0", "max_steps=1",
+                                           extra=["--init", "timm"]),
                              capture_output=True, text=True, env=env, timeout=180)
     assert started.returncode == 0, started.stderr[-2000:]
     assert ("initialised from timm:test_resnet pretrained: a new classifier for 8 classes (1000 there)"

@@ -107,6 +107,7 @@ def test_plan_smoke_on_cpu(sample_shards, tmp_path):
                 f"--set={item}"
                 for item in (
                     "arch=resnet10",
+                    "width=16",
                     "batch_size=4",
                     "compile=false",
                     "min_image_size=32",

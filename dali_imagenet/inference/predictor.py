@@ -52,11 +52,11 @@ def load_model(path: str | Path, *, arch: str | None = None, which: str = "auto"
                               f"pass --arch timm:NAME)")
     if archs.problem(arch):
         raise CheckpointError(f"{path}: {archs.problem(arch)}")
-    # A plain state dict brings no run config: the defaults, evaluated in full precision.
+    # A plain state dict brings no run config: the defaults, evaluated in full precision, at its own width.
     config = (from_dict(checkpoint["config"]) if isinstance(checkpoint.get("config"), dict)
-              else TrainConfig(amp_dtype="float32"))
+              else TrainConfig(amp_dtype="float32", width=_width_in(state, arch)))
     classes = checkpoint.get("num_classes") or _classes_in(state, arch, path)
-    model = archs.build(arch, classes, blurpool=config.blurpool)
+    model = archs.build(arch, classes, blurpool=config.blurpool, width=config.width)
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
@@ -77,13 +77,19 @@ def _load_published(source, device) -> LoadedModel:
     model = found.model
     if model is None:
         model = archs.build(found.arch, len(found.class_names) if found.class_names else _classes_in(
-            found.state, found.arch, source), blurpool=found.blurpool)
+            found.state, found.arch, source), blurpool=found.blurpool, width=found.config.width)
         try:
             model.load_state_dict(found.state)
         except RuntimeError as error:
             raise CheckpointError(f"{source}: does not fit {found.arch} ({str(error).splitlines()[0]})") from None
     model = model.to(device, memory_format=torch.channels_last).eval()
     return LoadedModel(model, found.arch, found.weights, found.class_names, found.config, found.summary)
+
+
+def _width_in(state: dict, arch: str) -> int:
+    """A plain state dict's ResNet width: its first stage's channels (64 for torchvision's and timm's)."""
+    first = state.get("layer1.0.conv1.weight")
+    return first.shape[0] if first is not None and not archs.is_timm(arch) else 64
 
 
 def _classes_in(state: dict, arch: str, path) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from dali_imagenet.config import from_dict, network_name
 from dali_imagenet.run import published
 from dali_imagenet.run.checkpoint import CheckpointError, load, weights
 from dali_imagenet.training import archs
@@ -39,25 +40,28 @@ class Initialised:
                 "source_classes": self.source_classes}
 
 
-def initialise(source: str, model: torch.nn.Module, arch: str, class_names) -> Initialised:
-    """Loads `source`'s weights into `model` (the run's, freshly built); raises CheckpointError in
-    one line when they are not this architecture's."""
+def initialise(source: str, model: torch.nn.Module, arch: str, class_names, width: int = 64) -> Initialised:
+    """Loads `source`'s weights into `model` (the run's, freshly built: `arch` at `width`); raises
+    CheckpointError in one line when they are not this architecture's."""
     if source == TIMM_PRETRAINED:
         return _from_timm(model, arch, class_names)
     if published.is_published(source):
         found = published.load(source)
-        where, saved_arch, state, theirs = str(source), found.arch, found.state, found.class_names
+        where, state, theirs = str(source), found.state, found.class_names
+        saved = network_name(found.arch, found.config.width)
     else:
         path = Path(source)
         if path.is_dir():
             path = next((path / name for name in ("best.pt", "last.pt", "final_weights.pt") if (path / name).is_file()),
                         path / "best.pt")
         checkpoint = load(path)
-        where, saved_arch, state, theirs = str(path), checkpoint.get("arch"), weights(checkpoint, "auto"), \
-            checkpoint.get("class_names")
-    if saved_arch and saved_arch != arch:
-        raise CheckpointError(f"{where}: holds {saved_arch}'s weights; this run trains {arch} (--init takes weights "
-                              f"of the same architecture)")
+        where, state, theirs = str(path), weights(checkpoint, "auto"), checkpoint.get("class_names")
+        config = checkpoint.get("config")  # a plain state dict has none: the strict load below checks its shapes
+        saved = checkpoint.get("arch") and network_name(checkpoint["arch"], from_dict(config).width
+                                                        if isinstance(config, dict) else width)
+    if saved and saved != network_name(arch, width):
+        raise CheckpointError(f"{where}: holds {saved}'s weights; this run trains {network_name(arch, width)} "
+                              f"(--init takes weights of the same architecture)")
     same = theirs is not None and list(theirs) == list(class_names)
     return _load(model, state, where, arch, same, len(theirs) if theirs is not None else None)
 

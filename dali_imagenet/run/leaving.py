@@ -100,6 +100,7 @@ class Leaving:
             pending = self.end_outputs(record, final_model=run.train_step.model if stop is None else None,
                                        summary=run_cost)
         code = distributed.broadcast(exits.with_uploads(code, pending), run.procs)
+        exits.record(code)  # now: once the other ranks exit, torchrun may SIGTERM this one before its end
         if run.procs.master and code in (exits.RECLAIM, exits.INTERRUPTED):
             timing = run.spot.timing() if notice else {}  # now, after the uploads
             print(f"exit {code}: continue with --resume auto{_since_notice(timing)}", file=sys.stderr, flush=True)
@@ -125,6 +126,7 @@ class Leaving:
         else:
             code = exits.ERROR
             message = str(error) if isinstance(error, DaliImagenetError) else f"{type(error).__name__}: {error}"
+        exits.record(code)  # before the others hear of it: torchrun SIGTERMs this rank as soon as they exit
         tell_others = self.peers is not None and not isinstance(error, LossDiverged)
         if tell_others:
             self.peers.post(message)

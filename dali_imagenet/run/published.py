@@ -58,14 +58,15 @@ class Published:
         return self.config.blurpool
 
 
-def timm_equivalent(arch: str, blurpool: bool) -> tuple[str, dict] | None:
+def timm_equivalent(arch: str, blurpool: bool, width: int = 64) -> tuple[str, dict] | None:
     """(timm's model name, its builder's arguments) that build exactly this network, or None."""
     if archs.is_timm(arch):
         return arch[len(archs.TIMM):], {}
     if blurpool or arch not in LAYOUTS:
         return None
     kind, layers = LAYOUTS[arch]
-    return TIMM_RESNETS[kind], {"layers": list(layers)}
+    channels = {"channels": [width * 2**i for i in range(4)]} if width != 64 else {}  # timm's stem is 64 too
+    return TIMM_RESNETS[kind], {"layers": list(layers), **channels}
 
 
 def is_published(source: str | Path) -> bool:
@@ -84,7 +85,7 @@ def write(folder: str | Path, state: dict, *, arch: str, num_classes: int, confi
                      "mean": tuple(mean), "std": tuple(std)}
     ours = {"format": FORMAT, "arch": arch, "blurpool": config.blurpool, "weights": weights,
             "config": dataclasses.asdict(config), "run": summary}
-    equivalent = timm_equivalent(arch, config.blurpool)
+    equivalent = timm_equivalent(arch, config.blurpool, config.width)
     if equivalent is not None:
         import timm
         from timm.models import save_for_hf

@@ -28,7 +28,8 @@ def card(run: Run, loaded, *, stock: bool, hub_repo: str | None, local: Path, pr
 
 def _what(run: Run, loaded, stock: bool) -> str:
     arch = loaded.arch
-    network = f"timm's `{arch[len('timm:'):]}`" if arch.startswith("timm:") else f"this project's {arch}"
+    network = f"timm's `{arch[len('timm:'):]}`" if arch.startswith("timm:") else \
+        f"this project's {loaded.config.network}"
     if stock:
         kind = "timm builds it as it is: `timm.create_model` below gives this network and these logits."
     else:

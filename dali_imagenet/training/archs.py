@@ -53,15 +53,17 @@ def problem(arch: str) -> str | None:
 
 
 def build(arch: str, num_classes: int, *, drop_path_rate: float = 0.0, zero_init_last_bn: bool = True,
-          blurpool: bool = False) -> torch.nn.Module:
+          blurpool: bool = False, width: int = 64) -> torch.nn.Module:
     """The network, with fresh weights."""
     why = problem(arch)
     if why:
         raise ArchError(why)
     if not is_timm(arch):
-        return build_model(arch, num_classes, drop_path_rate, zero_init_last_bn, blurpool)
+        return build_model(arch, num_classes, drop_path_rate, zero_init_last_bn, blurpool, width)
     if blurpool:
         raise ArchError(f"blurpool is this project's ResNets' (FFCV's placement); {arch} has none: set blurpool: false")
+    if width != 64:
+        raise ArchError(f"width is this project's ResNets'; {arch} has its own: leave width at 64")
     import timm
 
     extra = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}

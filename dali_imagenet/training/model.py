@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 LAYOUTS = {
-    "resnet10": ("basic", [1, 1, 1, 1]),  # the smallest: smoke runs, tests and CPU demos (5.4M weights)
+    "resnet10": ("basic", [1, 1, 1, 1]),  # the smallest: tests, smoke runs, CPU demos (5.4M weights; 0.45M at width 16)
     "resnet18": ("basic", [2, 2, 2, 2]),
     "resnet34": ("basic", [3, 4, 6, 3]),
     "resnet50": ("bottleneck", [3, 4, 6, 3]),
@@ -113,14 +113,16 @@ class Bottleneck(nn.Module):
 
 class ResNet(nn.Module):
     def __init__(self, block: type, layers: list[int], num_classes: int = 1000, drop_path_rate: float = 0.0,
-                 zero_init_last_bn: bool = True, blurpool: bool = False):
+                 zero_init_last_bn: bool = True, blurpool: bool = False, width: int = 64):
+        """`width`: the first stage's channels, doubled at each stage after (64: the paper's). The
+        stem keeps 64 whatever the width, as timm's ResNet does with its `channels`: the same network."""
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         total, index, inplanes = sum(layers), 0, 64
-        for stage, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers)):
+        for stage, (planes, blocks) in enumerate(zip((width, 2 * width, 4 * width, 8 * width), layers)):
             stage_blocks = []
             for i in range(blocks):
                 rate = drop_path_rate * index / max(1, total - 1)
@@ -128,7 +130,7 @@ class ResNet(nn.Module):
                 inplanes, index = planes * block.expansion, index + 1
             setattr(self, f"layer{stage + 1}", nn.Sequential(*stage_blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(512 * block.expansion, num_classes)
+        self.fc = nn.Linear(8 * width * block.expansion, num_classes)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
@@ -147,9 +149,9 @@ class ResNet(nn.Module):
 
 
 def build_model(arch: str, num_classes: int = 1000, drop_path_rate: float = 0.0,
-                zero_init_last_bn: bool = True, blurpool: bool = False) -> ResNet:
+                zero_init_last_bn: bool = True, blurpool: bool = False, width: int = 64) -> ResNet:
     if arch not in LAYOUTS:
         raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(LAYOUTS)}")
     kind, layers = LAYOUTS[arch]
     block = Bottleneck if kind == "bottleneck" else BasicBlock
-    return ResNet(block, layers, num_classes, drop_path_rate, zero_init_last_bn, blurpool)
+    return ResNet(block, layers, num_classes, drop_path_rate, zero_init_last_bn, blurpool, width)

@@ -58,7 +58,7 @@ def build(cfg: TrainConfig, num_classes: int, processes: Processes, precision: P
             raise UsageError(refusal)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = archs.build(cfg.arch, num_classes, drop_path_rate=cfg.drop_path, zero_init_last_bn=cfg.zero_init_last_bn,
-                        blurpool=cfg.blurpool)
+                        blurpool=cfg.blurpool, width=cfg.width)
     model = model.to(processes.device, memory_format=memory_format)
     peak_lr = scaled_lr(cfg.lr, cfg.batch_size * processes.world, cfg.lr_reference_batch)
     optimizer = torch.optim.SGD(parameter_groups(model, cfg.weight_decay), lr=peak_lr, momentum=cfg.momentum,
