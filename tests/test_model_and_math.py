@@ -379,3 +379,16 @@ def test_data_cost_prices_requests_and_bytes_moved_across_regions_only():
     assert "S3" not in describe_cost(quiet)  # a run that never touched S3 says nothing of it
     assert "(est.)" in describe_cost(cost(60, gpus=0, machines=1, price_per_hour=0.8, spot_price_per_hour=0,
                                           lifecycle=None, data=streamed))
+
+
+def test_a_plain_state_dict_of_a_narrow_resnet_loads_at_its_width(trained_run):
+    """final_weights.pt (a plain state dict: no config) of the test runs' width-16 ResNet-10 loads
+    at that width, read off its first stage, and gives last.pt's raw logits."""
+    from dali_imagenet.inference.predictor import load_model
+
+    plain = load_model(trained_run / "final_weights.pt", arch="resnet10")
+    last = load_model(trained_run / "last.pt", which="raw")
+    assert plain.config.width == last.config.width == 16 and plain.config.network == "resnet10 (width 16)"
+    x = torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.equal(plain.model(x), last.model(x))

@@ -52,9 +52,9 @@ def load_model(path: str | Path, *, arch: str | None = None, which: str = "auto"
                               f"pass --arch timm:NAME)")
     if archs.problem(arch):
         raise CheckpointError(f"{path}: {archs.problem(arch)}")
-    # A plain state dict brings no run config: the defaults, evaluated in full precision, at its own width.
+    # A plain state dict brings no run config: the defaults for its arch, at its own width, in full precision.
     config = (from_dict(checkpoint["config"]) if isinstance(checkpoint.get("config"), dict)
-              else TrainConfig(amp_dtype="float32", width=_width_in(state, arch)))
+              else TrainConfig(arch=arch, width=_width_in(state, arch), amp_dtype="float32"))
     classes = checkpoint.get("num_classes") or _classes_in(state, arch, path)
     model = archs.build(arch, classes, blurpool=config.blurpool, width=config.width)
     try:
