@@ -17,16 +17,11 @@ class ConfigError(DaliImagenetError):
     """A bad config file or override; the message is one line."""
 
 
-def network_name(arch: str, width: int = 64) -> str:
-    """The arch as a person reads it: "resnet10", or "resnet10 (width 16)" for a narrow one."""
-    return arch if width == 64 else f"{arch} (width {width})"
-
-
 @dataclass
 class TrainConfig:
     # model
     arch: str = "resnet50"  # resnet10 | resnet18 | resnet34 | resnet50 | resnet101 | resnet152 | timm:NAME (any)
-    width: int = 64  # channels of our ResNets' first stage (x2 each stage after); < 64: a narrow net (tests, demos)
+    width: int = 64  # our ResNets' first-stage channels (x2 each stage after; model.WIDTH); less: tests, demos
     drop_path: float = 0.1  # stochastic depth of the last block; rises linearly from 0 with depth
     zero_init_last_bn: bool = True  # each residual branch starts as identity
     blurpool: bool = False  # blur (3x3 binomial) before each strided conv; same weights, so still torchvision's keys
@@ -99,6 +94,8 @@ class TrainConfig:
 
     @property
     def network(self) -> str:
+        from dali_imagenet.training.archs import network_name
+
         return network_name(self.arch, self.width)
 
     def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -112,11 +109,9 @@ class TrainConfig:
         from dali_imagenet.training.archs import problem
         from dali_imagenet.training.precision import AMP_DTYPES
 
-        arch_problem = problem(self.arch)
+        arch_problem = problem(self.arch, self.width)
         checks = [
             (arch_problem is None, arch_problem),
-            (self.width > 0 and (self.width == 64 or not self.arch.startswith("timm:")),
-             "width must be > 0; it is this project's ResNets' (a timm: arch has its own): leave it at 64"),
             (all(_triple(v) is not None or v == "" for v in (self.image_mean, self.image_std))
              and all(x > 0 for x in _triple(self.image_std) or (1,)),
              "image_mean and image_std are three numbers, r,g,b on 0-1 pixel values (std > 0), or empty"),

@@ -13,7 +13,7 @@ from dali_imagenet.run import checkpoint as saved
 from dali_imagenet.run import run_folder
 from dali_imagenet.run.resume import read_last
 from dali_imagenet.run.run_folder import RunError
-from dali_imagenet.training.model import build_model, drop_path
+from dali_imagenet.training.model import WIDTH, build_model, drop_path
 from dali_imagenet.training.schedule import lr_at, parameter_groups, scaled_lr
 
 REPO = Path(__file__).resolve().parent.parent
@@ -112,7 +112,7 @@ def test_config_errors(tmp_path):
                                            ("nesterov=maybe", "nesterov: expected true or false"),
                                            ("arch=vgg", "arch must be"),
                                            ("width=0", "width must be > 0"),
-                                           ("arch=timm:test_resnet,width=32", "leave it at 64")])
+                                           ("arch=timm:test_resnet,width=32", "leave width at 64")])
 def test_bad_set_names_the_key(item, message):
     """What train.py prints as its one line for a bad --set (checked end to end in test_train)."""
     with pytest.raises(ConfigError, match=message) as error:
@@ -138,6 +138,7 @@ def test_a_narrow_resnet_is_timms_resnet_with_those_channels(arch):
             assert torch.equal(ours(x), theirs(x))
         assert ours.layer4[0].conv1.out_channels == 8 * width and ours.conv1.out_channels == 64
     assert sum(p.numel() for p in build_model("resnet10", 1000, width=16).parameters()) == 453_576  # 5.4M at width 64
+    assert TrainConfig().width == WIDTH  # the config's default is the paper's
 
 
 def fake_checkpoint(step: int, **extra) -> dict:

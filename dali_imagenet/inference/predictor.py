@@ -14,6 +14,7 @@ from dali_imagenet.errors import DaliImagenetError, UsageError
 from dali_imagenet.run import published
 from dali_imagenet.run.checkpoint import CheckpointError, load, weights
 from dali_imagenet.training import archs
+from dali_imagenet.training.model import WIDTH
 
 WEIGHT_CHOICES = ("auto", "raw", "ema")
 
@@ -87,9 +88,9 @@ def _load_published(source, device) -> LoadedModel:
 
 
 def _width_in(state: dict, arch: str) -> int:
-    """A plain state dict's ResNet width: its first stage's channels (64 for torchvision's and timm's)."""
+    """A plain state dict's ResNet width: its first stage's channels (torchvision's and timm's: the paper's)."""
     first = state.get("layer1.0.conv1.weight")
-    return first.shape[0] if first is not None and not archs.is_timm(arch) else 64
+    return first.shape[0] if first is not None and not archs.is_timm(arch) else WIDTH
 
 
 def _classes_in(state: dict, arch: str, path) -> int:

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import torch
 
-from dali_imagenet.config import from_dict, network_name
+from dali_imagenet.config import from_dict
 from dali_imagenet.run import published
 from dali_imagenet.run.checkpoint import CheckpointError, load, weights
 from dali_imagenet.training import archs
+from dali_imagenet.training.archs import network_name
+from dali_imagenet.training.model import WIDTH
 
 TIMM_PRETRAINED = "timm"
 
@@ -40,7 +42,7 @@ class Initialised:
                 "source_classes": self.source_classes}
 
 
-def initialise(source: str, model: torch.nn.Module, arch: str, class_names, width: int = 64) -> Initialised:
+def initialise(source: str, model: torch.nn.Module, arch: str, class_names, width: int = WIDTH) -> Initialised:
     """Loads `source`'s weights into `model` (the run's, freshly built: `arch` at `width`); raises
     CheckpointError in one line when they are not this architecture's."""
     if source == TIMM_PRETRAINED:

@@ -24,7 +24,7 @@ import torch
 from dali_imagenet.config import TrainConfig, from_dict
 from dali_imagenet.errors import DaliImagenetError
 from dali_imagenet.training import archs
-from dali_imagenet.training.model import LAYOUTS
+from dali_imagenet.training.model import LAYOUTS, WIDTH
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -58,14 +58,14 @@ class Published:
         return self.config.blurpool
 
 
-def timm_equivalent(arch: str, blurpool: bool, width: int = 64) -> tuple[str, dict] | None:
+def timm_equivalent(arch: str, blurpool: bool, width: int = WIDTH) -> tuple[str, dict] | None:
     """(timm's model name, its builder's arguments) that build exactly this network, or None."""
     if archs.is_timm(arch):
         return arch[len(archs.TIMM):], {}
     if blurpool or arch not in LAYOUTS:
         return None
     kind, layers = LAYOUTS[arch]
-    channels = {"channels": [width * 2**i for i in range(4)]} if width != 64 else {}  # timm's stem is 64 too
+    channels = {"channels": [width * 2**i for i in range(4)]} if width != WIDTH else {}  # timm's stem stays WIDTH too
     return TIMM_RESNETS[kind], {"layers": list(layers), **channels}
 
 

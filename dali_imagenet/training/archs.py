@@ -17,7 +17,7 @@ import torch
 
 from dali_imagenet.data.preprocess import CROP_FRACTION, IMAGENET_MEAN_01, IMAGENET_STD_01
 from dali_imagenet.errors import DaliImagenetError
-from dali_imagenet.training.model import LAYOUTS, build_model
+from dali_imagenet.training.model import LAYOUTS, WIDTH, build_model
 
 TIMM = "timm:"
 
@@ -38,32 +38,37 @@ def is_timm(arch: str) -> bool:
     return arch.startswith(TIMM)
 
 
-def problem(arch: str) -> str | None:
-    """Why `arch` cannot be built, in one line (close names for a typo), or None."""
+def network_name(arch: str, width: int = WIDTH) -> str:
+    """The arch as a person reads it: "resnet10", or "resnet10 (width 16)" for a narrow one."""
+    return arch if width == WIDTH else f"{arch} (width {width})"
+
+
+def problem(arch: str, width: int = WIDTH) -> str | None:
+    """Why `arch` (at `width`) cannot be built, in one line (close names for a typo), or None."""
+    if width <= 0:
+        return f"width must be > 0, not {width}"
     if not is_timm(arch):
         return None if arch in LAYOUTS else f"arch must be one of {', '.join(LAYOUTS)} or timm:NAME, not {arch!r}"
     import timm
 
     name = arch[len(TIMM):]
     if timm.is_model(name):
-        return None
+        return None if width == WIDTH else f"width is our ResNets'; {arch} has its own: leave width at {WIDTH}"
     close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
     return (f"arch {arch}: timm {timm.__version__} has no model {name!r}"
             + (f" (close: {', '.join(TIMM + c for c in close)})" if close else " (timm.list_models() lists them)"))
 
 
 def build(arch: str, num_classes: int, *, drop_path_rate: float = 0.0, zero_init_last_bn: bool = True,
-          blurpool: bool = False, width: int = 64) -> torch.nn.Module:
+          blurpool: bool = False, width: int = WIDTH) -> torch.nn.Module:
     """The network, with fresh weights."""
-    why = problem(arch)
+    why = problem(arch, width)
     if why:
         raise ArchError(why)
     if not is_timm(arch):
         return build_model(arch, num_classes, drop_path_rate, zero_init_last_bn, blurpool, width)
     if blurpool:
         raise ArchError(f"blurpool is this project's ResNets' (FFCV's placement); {arch} has none: set blurpool: false")
-    if width != 64:
-        raise ArchError(f"width is this project's ResNets'; {arch} has its own: leave width at 64")
     import timm
 
     extra = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+WIDTH = 64  # channels of a ResNet's first stage in the paper (and of its stem, whatever the width)
 LAYOUTS = {
     "resnet10": ("basic", [1, 1, 1, 1]),  # the smallest: tests, smoke runs, CPU demos (5.4M weights; 0.45M at width 16)
     "resnet18": ("basic", [2, 2, 2, 2]),
@@ -113,15 +114,15 @@ class Bottleneck(nn.Module):
 
 class ResNet(nn.Module):
     def __init__(self, block: type, layers: list[int], num_classes: int = 1000, drop_path_rate: float = 0.0,
-                 zero_init_last_bn: bool = True, blurpool: bool = False, width: int = 64):
-        """`width`: the first stage's channels, doubled at each stage after (64: the paper's). The
-        stem keeps 64 whatever the width, as timm's ResNet does with its `channels`: the same network."""
+                 zero_init_last_bn: bool = True, blurpool: bool = False, width: int = WIDTH):
+        """`width`: the first stage's channels, doubled at each stage after. The stem keeps the
+        paper's whatever the width, as timm's ResNet does with its `channels`: the same network."""
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.conv1 = nn.Conv2d(3, WIDTH, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(WIDTH)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
-        total, index, inplanes = sum(layers), 0, 64
+        total, index, inplanes = sum(layers), 0, WIDTH
         for stage, (planes, blocks) in enumerate(zip((width, 2 * width, 4 * width, 8 * width), layers)):
             stage_blocks = []
             for i in range(blocks):
@@ -149,7 +150,7 @@ class ResNet(nn.Module):
 
 
 def build_model(arch: str, num_classes: int = 1000, drop_path_rate: float = 0.0,
-                zero_init_last_bn: bool = True, blurpool: bool = False, width: int = 64) -> ResNet:
+                zero_init_last_bn: bool = True, blurpool: bool = False, width: int = WIDTH) -> ResNet:
     if arch not in LAYOUTS:
         raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(LAYOUTS)}")
     kind, layers = LAYOUTS[arch]
