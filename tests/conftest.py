@@ -32,7 +32,7 @@ os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 TRAIN_PER_CLASS, VAL_PER_CLASS = 12, 5  # 96 train / 40 validation images in 8 classes
 
 
-# train.py at test scale: ResNet-10 at width 16 (0.3M weights: a checkpoint is 3 MB, not 39) at 32 px, 6 steps
+# train.py at test scale: ResNet-10 at width 16 (0.3M weights: a checkpoint is 4 MB, not 39) at 32 px, 6 steps
 # an epoch on the sample's 96 train images. A timm arch sets width=64 back (timm's models have their own).
 TRAIN_BASE = ["arch=resnet10", "width=16", "image_size=32", "val_image_size=32", "batch_size=16", "epochs=2",
               "warmup_epochs=0.5", "log_every=1", "loader_threads=1", "shuffle_buffer=32", "amp_dtype=float32",
