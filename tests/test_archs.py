@@ -125,3 +125,14 @@ def test_grad_cam_finds_a_timm_models_last_stage_and_says_so_for_a_transformer()
     size = vit.pretrained_cfg["input_size"][-1]
     with pytest.raises(archs.ArchError, match="Grad-CAM needs a stage with a feature map"):
         grad_cam(vit, torch.randn(1, 3, size, size), 1)
+
+
+def test_a_plain_timm_state_dict_is_read_with_its_archs_own_input(tmp_path):
+    """A timm model's plain state dict (no run config) is preprocessed with that model's mean/std,
+    not ImageNet's (what our ResNets and torchvision's use)."""
+    from dali_imagenet.inference.predictor import load_model
+
+    torch.save(archs.build("timm:test_resnet", 4).state_dict(), tmp_path / "plain.pth")
+    loaded = load_model(tmp_path / "plain.pth", arch="timm:test_resnet")
+    assert loaded.config.network == "timm:test_resnet" and loaded.num_classes == 4
+    assert loaded.config.normalization() == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
