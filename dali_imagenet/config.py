@@ -43,7 +43,7 @@ class TrainConfig:
     crop_min_area: float = TRAIN_CROP_MIN_AREA  # a train crop covers this to 100 % of the image (short runs: more)
     val_image_size: int = 224  # px, centre crop for validation (may differ from the train size)
     val_crop_fraction: float = CROP_FRACTION  # val: the crop's share of the resized shorter side (224 of 256)
-    val_interpolation: str = "bilinear"  # val resize filter: bilinear | bicubic | nearest (a timm arch: its own)
+    val_interpolation: str = "bilinear"  # val resize filter: bilinear | bicubic (a timm arch: its own)
     val_crop_mode: str = "center"  # val: center | squash | border, as timm's (preprocess.py; a timm arch: its own)
     val_flip: bool = False  # test-time augmentation: average the logits of each image and its mirror
     image_mean: str = ""  # "r,g,b" on 0-1 pixel values, subtracted before the model; "": the arch's (ImageNet's)

@@ -246,6 +246,37 @@ def test_init_timm_fetches_timms_pretrained_weights(sample_shards, model_hub, tm
                for method, path, status in hub.requests if method == "GET" and status == 200)
 
 
+def test_a_timm_models_own_preprocessing_is_used_whole(sample_shards, model_hub, tmp_path):
+    """Anyone's timm model with a bicubic config (crop 0.95, each of timm's crop modes), from the
+    Hub: predict.py's and app.py's transform is timm's own eval transform (PIL's bicubic against
+    torchvision's antialiased one: a rounding apart), not a bilinear resize of it."""
+    import timm
+    from conftest import environment
+    from PIL import Image
+    from timm.models import save_for_hf
+
+    from dali_imagenet.data.preprocess import val_transform
+    from dali_imagenet.inference.predictor import Predictor, image_tensor, load_model
+
+    hub, env = model_hub
+    image = Image.open(next(iter(val_images(sample_shards, tmp_path / "val")))).convert("RGB")
+    for mode in ("center", "squash", "border"):
+        folder = tmp_path / mode
+        save_for_hf(timm.create_model("test_resnet", num_classes=1000), str(folder), safe_serialization=True,
+                    data_config={"interpolation": "bicubic", "crop_pct": 0.95, "crop_mode": mode})
+        hub.seed(f"someone/bicubic-{mode}", {p.name: p.read_bytes() for p in folder.iterdir()})
+        with environment(env):
+            loaded = load_model(f"hf://someone/bicubic-{mode}")
+        config = loaded.config
+        assert (config.val_interpolation, config.val_crop_mode, config.val_crop_fraction) == ("bicubic", mode, 0.95)
+        theirs = timm.data.create_transform(**timm.data.resolve_data_config({}, model=loaded.model))(image)
+        ours = Predictor(loaded).transform(image_tensor(image))
+        bilinear = val_transform(160, 0.95, normalization=config.normalization(), crop_mode=mode)(image_tensor(image))
+        assert ours.shape == theirs.shape == (3, 160, 160)
+        off, off_bilinear = (ours - theirs).abs().mean().item(), (bilinear - theirs).abs().mean().item()
+        assert off < 0.01 and off < off_bilinear / 2, (mode, off, off_bilinear)
+
+
 def test_a_run_is_published_from_its_s3_prefix(trained_run, s3_bucket, tmp_path):
     from conftest import upload_folder
 

@@ -32,7 +32,7 @@ GPU_DECODER_HINTS = dict(
 
 
 # timm's interpolation names -> DALI's filters
-DALI_INTERPOLATION = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC, "nearest": types.INTERP_NN}
+DALI_INTERPOLATION = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
 
 
 def decode_and_augment(jpegs, *, device: str, train: bool, image_size: int, dtype,

@@ -3,7 +3,7 @@ DALI graphs, the torchvision baseline, evaluation and `predict.py`. Imports no D
 
 Train: random-resized crop (area 8-100 % by default, aspect 3/4-4/3), resize, random flip, normalise.
 Val, as timm's eval transform does it for each crop mode, with the model's interpolation
-(bilinear, bicubic or nearest; antialiased): the scale is floor(image_size / crop_fraction) (256
+(bilinear or bicubic; antialiased): the scale is floor(image_size / crop_fraction) (256
 for 224 at 0.875); "center" resizes the shorter side to it and centre-crops, "squash" resizes both
 sides to it (the aspect is lost) and centre-crops, "border" resizes the longer side to it and pads
 with the mean colour up to the crop. Normalise: ImageNet's mean and std, or a model's own
@@ -18,7 +18,7 @@ IMAGENET_STD_01 = (0.229, 0.224, 0.225)
 IMAGENET_MEAN = tuple(m * 255 for m in IMAGENET_MEAN_01)  # on 0-255 pixel values (DALI's)
 IMAGENET_STD = tuple(s * 255 for s in IMAGENET_STD_01)
 CROP_FRACTION = 0.875  # val: the centre crop's share of the resized shorter side
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest")  # the val resize's filter, by timm's names
+INTERPOLATIONS = ("bilinear", "bicubic")  # the val resize's filter, timm's names (where DALI and torchvision agree)
 CROP_MODES = ("center", "squash", "border")  # timm's val crop modes
 TRAIN_CROP_MIN_AREA = 0.08  # a random-resized crop takes this to 100 % of the image's area
 TRAIN_CROP_ASPECT = (3 / 4, 4 / 3)
