@@ -155,7 +155,7 @@ def fetch(source: str, files: tuple[str, ...] = (CONFIG, WEIGHTS)) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    from dali_imagenet.hub_errors import describe
+    from dali_imagenet.run.hub_errors import describe
 
     try:  # HF_ENDPOINT as it is now (huggingface_hub reads it once, at import)
         return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=list(files),

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from dali_imagenet.hub_errors import describe, endpoint
+from dali_imagenet.run.hub_errors import describe, endpoint
 from dali_imagenet.sharing.folder import PublishError
 
 PREFIX = {"model": "", "space": "spaces/", "dataset": "datasets/"}

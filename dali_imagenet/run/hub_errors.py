@@ -1,7 +1,7 @@
 """What a call to the Hugging Face Hub failed on, in one line and whole (the Hub's own words and
 the fix they name are never cut): offline mode, the network (or HF_ENDPOINT), the token, the
 name (a repo, a revision, a file), the size (a storage limit), or whatever else the Hub said.
-Shared by publishing (`sharing/hub.py`) and by reading `hf://` models (`run/published.py`)."""
+Used by reading `hf://` models (`published.py`) and by publishing (`sharing/hub.py`)."""
 from __future__ import annotations
 
 import os
