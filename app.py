@@ -6,8 +6,10 @@ the model looked for the first of them (a Grad-CAM heat map over the crop it saw
 The model is loaded once, on the CPU or the GPU; the page shows the model, its validation
 accuracy in training and the run's date. On a Hugging Face Space (`publish.py --space`, docs/results.md)
 it runs as `python app.py` on the checkpoint named by $DALI_IMAGENET_CHECKPOINT, else the published
-folder ./model (what `publish.py --space` puts there), else ./model.pt. --checkpoint takes a
-checkpoint, a published folder or hf://USER/NAME[@REVISION].
+folder ./model, else the hf://USER/NAME@COMMIT that ./model.txt names (what `publish.py --space`
+puts there: one or the other), else ./model.pt. --checkpoint takes a checkpoint, a published
+folder or hf://USER/NAME[@REVISION]. Its examples: the images in ./examples (a Space's), else a
+few drawn from the bundled sample.
 """
 from __future__ import annotations
 
@@ -24,14 +26,24 @@ HERE = Path(__file__).resolve().parent
 
 
 def default_checkpoint() -> str:
-    published = HERE / "model"
-    return os.environ.get("DALI_IMAGENET_CHECKPOINT") or str(
-        published if (published / "config.json").is_file() else HERE / "model.pt")
+    published, named = HERE / "model", HERE / "model.txt"
+    if os.environ.get("DALI_IMAGENET_CHECKPOINT"):
+        return os.environ["DALI_IMAGENET_CHECKPOINT"]
+    if (published / "config.json").is_file():
+        return str(published)
+    return named.read_text().strip() if named.is_file() else str(HERE / "model.pt")
 
 
 def example_images(folder: Path, count: int = 4) -> list[str]:
-    """A few images of the bundled sample's classes, drawn once into `folder` (none where the
-    sample's drawing code is not installed: a Space)."""
+    """The images in ./examples (a Space's), else a few of the bundled sample's classes, drawn
+    once into `folder` (none where neither is there)."""
+    shipped = sorted(str(p) for p in (HERE / "examples").glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    return shipped or [str(p) for p in sample_images(folder, count)]
+
+
+def sample_images(folder: Path, count: int = 4) -> list[Path]:
+    """`count` images of the bundled sample's classes, drawn once into `folder` (none where the
+    sample's drawing code is not installed)."""
     import numpy as np
 
     try:
@@ -46,7 +58,7 @@ def example_images(folder: Path, count: int = 4) -> list[str]:
         if not path.is_file():
             rng = np.random.default_rng(1000 + label)
             path.write_bytes(encode(draw_image(label, rng), "jpeg", rng))
-        paths.append(str(path))
+        paths.append(path)
     return paths
 
 
@@ -80,7 +92,7 @@ def build_demo(predictor: Predictor, header: str, examples: list[str]):
                             elem_id="gradcam")
         image.change(classify, inputs=image, outputs=[top5, heat])
         if examples:
-            gr.Examples(examples, inputs=image, label="examples from the bundled sample")
+            gr.Examples(examples, inputs=image, label="examples")
     return demo
 
 

@@ -4,7 +4,8 @@
 
 Loads this project's checkpoints (`last.pt`, `best.pt`, `final_weights.pt`; raw or EMA weights)
 and plain torchvision `resnet*` state dicts (`--arch` says which, default resnet50). Without
---image-size it uses the run's `val_image_size` and `val_crop_fraction`.
+--image-size it uses the run's `val_image_size` and `val_crop_fraction`; the resize's interpolation
+and crop mode are always the model's (a timm model's own: bicubic for most).
 """
 from __future__ import annotations
 
@@ -57,10 +58,12 @@ def main() -> None:
         loader = make_loader(shards, args.split, args.batch_size, device=args.device, image_size=image_size,
                              crop_fraction=crop_fraction, dtype=precision.loader_dtype,
                              backend="dali" if args.dali else "torchvision", train=False,
-                             normalization=loaded.config.normalization())
+                             normalization=loaded.config.normalization(), interpolation=loaded.config.val_interpolation,
+                             crop_mode=loaded.config.val_crop_mode)
         metrics = evaluate({"": loaded.model}, loader, precision, flip=args.flip)
         metrics.update(checkpoint=args.checkpoint, arch=loaded.arch, weights=loaded.weights, image_size=image_size,
-                       crop_fraction=crop_fraction, flip=args.flip)
+                       crop_fraction=crop_fraction, interpolation=loaded.config.val_interpolation,
+                       crop_mode=loaded.config.val_crop_mode, flip=args.flip)
         if args.json:
             print(json.dumps(metrics), flush=True)
         else:

@@ -97,7 +97,8 @@ def setup(args, cfg: TrainConfig, procs: distributed.Processes, leaving: Leaving
                           dtype=precision.loader_dtype, backend=backend, num_threads=cfg.loader_threads,
                           hw_decoder_load=cfg.hw_decoder_load, normalization=cfg.normalization())
     val_loader = make_loader(val_shards, "validation", image_size=cfg.val_image_size,
-                             crop_fraction=cfg.val_crop_fraction, **loader_options)
+                             crop_fraction=cfg.val_crop_fraction, interpolation=cfg.val_interpolation,
+                             crop_mode=cfg.val_crop_mode, **loader_options)
     train_step = training.step(cfg, procs, precision, shards.num_classes)
     steps_per_epoch = batches_per_epoch(shards.samples, procs.world, cfg.batch_size, train=True)
     schedule = LRSchedule(training.peak_lr, cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch),

@@ -9,7 +9,13 @@ from pathlib import Path
 import yaml
 
 from dali_imagenet.data.partition import SHUFFLE_BUFFER
-from dali_imagenet.data.preprocess import CROP_FRACTION, HW_DECODER_LOAD, TRAIN_CROP_MIN_AREA
+from dali_imagenet.data.preprocess import (
+    CROP_FRACTION,
+    CROP_MODES,
+    HW_DECODER_LOAD,
+    INTERPOLATIONS,
+    TRAIN_CROP_MIN_AREA,
+)
 from dali_imagenet.errors import DaliImagenetError
 
 
@@ -37,6 +43,8 @@ class TrainConfig:
     crop_min_area: float = TRAIN_CROP_MIN_AREA  # a train crop covers this to 100 % of the image (short runs: more)
     val_image_size: int = 224  # px, centre crop for validation (may differ from the train size)
     val_crop_fraction: float = CROP_FRACTION  # val: the crop's share of the resized shorter side (224 of 256)
+    val_interpolation: str = "bilinear"  # val resize filter: bilinear | bicubic (a timm arch: its own)
+    val_crop_mode: str = "center"  # val: center | squash | border, as timm's (preprocess.py; a timm arch: its own)
     val_flip: bool = False  # test-time augmentation: average the logits of each image and its mirror
     image_mean: str = ""  # "r,g,b" on 0-1 pixel values, subtracted before the model; "": the arch's (ImageNet's)
     image_std: str = ""  # "r,g,b", divided by; "": the arch's. A timm arch's size, crop, mean and std are its own
@@ -126,6 +134,9 @@ class TrainConfig:
             (0 <= self.hw_decoder_load <= 1, "hw_decoder_load must be in [0, 1]"),
             (0 < self.val_crop_fraction <= 1 and 0 < self.crop_min_area <= 1,
              "val_crop_fraction and crop_min_area must be in (0, 1]"),
+            (self.val_interpolation in INTERPOLATIONS and self.val_crop_mode in CROP_MODES,
+             f"val_interpolation must be one of {', '.join(INTERPOLATIONS)}; "
+             f"val_crop_mode one of {', '.join(CROP_MODES)}"),
             (0 <= self.drop_path < 1 and 0 <= self.label_smoothing < 1,
              "drop_path and label_smoothing must be in [0, 1)"),
             (self.mixup_alpha >= 0 and self.cutmix_alpha >= 0, "mixup_alpha and cutmix_alpha must be >= 0"),
@@ -212,12 +223,13 @@ def _triple(text: str) -> tuple[float, float, float] | None:
 
 
 # A timm arch brings its own input: these fields take its values unless the config sets them.
-ARCH_INPUT_FIELDS = ("image_size", "val_image_size", "val_crop_fraction", "image_mean", "image_std")
+ARCH_INPUT_FIELDS = ("image_size", "val_image_size", "val_crop_fraction", "image_mean", "image_std",
+                     "val_interpolation", "val_crop_mode")
 
 
 def with_arch_inputs(config: TrainConfig, set_keys: set[str]) -> TrainConfig:
-    """`config` with a timm arch's input size, validation crop and mean/std where the config did
-    not set them (our ResNets keep the dataclass's ImageNet defaults)."""
+    """`config` with a timm arch's input size, validation crop (fraction, mode, interpolation) and
+    mean/std where the config did not set them (our ResNets keep the dataclass's ImageNet defaults)."""
     from dali_imagenet.training.archs import input_defaults, is_timm, problem
 
     if not is_timm(config.arch) or problem(config.arch):
@@ -225,7 +237,8 @@ def with_arch_inputs(config: TrainConfig, set_keys: set[str]) -> TrainConfig:
     defaults = input_defaults(config.arch)
     values = {"image_size": defaults.image_size, "val_image_size": defaults.image_size,
               "val_crop_fraction": defaults.crop_fraction, "image_mean": ",".join(map(str, defaults.mean)),
-              "image_std": ",".join(map(str, defaults.std))}
+              "image_std": ",".join(map(str, defaults.std)), "val_interpolation": defaults.interpolation,
+              "val_crop_mode": defaults.crop_mode}
     for key in ARCH_INPUT_FIELDS:
         if key not in set_keys:
             setattr(config, key, values[key])

@@ -5,9 +5,16 @@ It answers what `publish.py --hub/--space` and `hf://USER/NAME[@REVISION]` ask: 
 `repos/create`, the commit API (`preupload` says which files go through LFS, the LFS `batch`
 answers with an upload and a verify action, the bytes are PUT and checked against their sha256,
 then the ndjson `commit` names regular files inline and LFS files by oid), repo info by revision,
-and `resolve` (HEAD and GET, ranges). Tokens map to users; a user writes only its own namespace;
-a private repo is "not found" to anyone else. It does not speak Xet (the Hub's newer storage):
-clients set `HF_HUB_DISABLE_XET=1`, which makes `huggingface_hub` use LFS as above.
+and `resolve` (HEAD and GET, ranges). Tokens map to users; a user writes only its own namespace
+and its organisations'; a private repo is "not found" to anyone else.
+
+Visibility as the Hub decides it: `repos/create` reads `"visibility"` (what huggingface_hub 2.x
+sends; `private=None` sends none) and, without it, the namespace's default (an organisation may
+make its repos private by default); an existing repo keeps its own. `PUT .../settings` changes it
+(`update_repo_settings`). A namespace may have a private storage limit: an LFS batch that would
+pass it is refused as the Hub does (403 "Private repository storage limit reached"). It does not
+speak Xet (the Hub's newer storage): clients set `HF_HUB_DISABLE_XET=1`, which makes
+`huggingface_hub` use LFS as above.
 """
 from __future__ import annotations
 
@@ -45,10 +52,19 @@ class Repo:
         return next((c for c in self.commits if c.oid == revision), None)
 
 
+@dataclass
+class Org:
+    members: set[str]
+    private_by_default: bool = False  # the organisation's setting: new repos are private unless asked otherwise
+
+
 class StandInModelHub:
-    def __init__(self, tokens: dict[str, str] | None = None):
-        """`tokens`: token -> user name."""
+    def __init__(self, tokens: dict[str, str] | None = None, orgs: dict[str, Org] | None = None,
+                 private_storage_bytes: dict[str, int] | None = None):
+        """`tokens`: token -> user name. `private_storage_bytes`: namespace -> its private storage limit."""
         self.tokens = {"hf_alice_write": "alice"} if tokens is None else tokens
+        self.orgs = orgs or {}
+        self.private_storage_bytes = private_storage_bytes or {}
         self.repos: dict[tuple[str, str], Repo] = {}
         self.blobs: dict[str, bytes] = {}  # sha256 -> bytes
         self.requests: list[tuple[str, str, int]] = []  # method, path, status
@@ -82,6 +98,15 @@ class StandInModelHub:
     def commits(self, repo_id: str, kind: str = "model") -> list[Commit]:
         return list(self.repos[(kind, repo_id)].commits)
 
+    def may_write(self, user: str | None, namespace: str) -> bool:
+        return bool(user) and (user == namespace or user in self.orgs.get(namespace, Org(set())).members)
+
+    def private_bytes(self, namespace: str) -> int:
+        """What the namespace's private repos hold (each stored object once)."""
+        shas = {sha for (_, repo_id), repo in self.repos.items() if repo.private and repo_id.split("/")[0] == namespace
+                for commit in repo.commits for sha in commit.files.values()}
+        return sum(len(self.blobs[sha]) for sha in shas)
+
 
 def _handler(hub: StandInModelHub):
     class Handler(http.Handler):
@@ -111,10 +136,10 @@ def _handler(hub: StandInModelHub):
                 self._error(401, "Invalid credentials in Authorization header", method=method)
                 return None
             repo = hub.repos.get((kind, repo_id))
-            if repo is None or (repo.private and user != repo_id.split("/")[0]):
+            if repo is None or (repo.private and not hub.may_write(user, repo_id.split("/")[0])):
                 self._error(404 if user else 401, "Repository not found", "RepoNotFound", method)
                 return None
-            if write and user != repo_id.split("/")[0]:
+            if write and not hub.may_write(user, repo_id.split("/")[0]):
                 self._error(403, f"You don't have the rights to write to {repo_id}", method=method)
                 return None
             return repo
@@ -149,7 +174,8 @@ def _handler(hub: StandInModelHub):
             user = self._user()
             if not user:
                 return self._error(401, "Invalid credentials in Authorization header", method=method)
-            self._json({"type": "user", "name": user, "orgs": [],
+            orgs = [{"type": "org", "name": name} for name, org in sorted(hub.orgs.items()) if user in org.members]
+            self._json({"type": "user", "name": user, "orgs": orgs,
                         "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": "write"}}},
                        method=method)
 
@@ -173,8 +199,17 @@ def _handler(hub: StandInModelHub):
             repo_id = f"{body.get('organization') or user}/{body['name']}"
             if not user:
                 return self._error(401, "Invalid credentials in Authorization header")
-            if repo_id.split("/")[0] != user:
-                return self._error(403, f"You don't have the rights to create a repo in {repo_id.split('/')[0]}")
+            namespace = repo_id.split("/")[0]
+            if not hub.may_write(user, namespace):
+                return self._error(403, f"You don't have the rights to create a repo in {namespace}")
+            visibility = body.get("visibility")
+            if visibility not in (None, "public", "private", "protected") or (visibility == "protected"
+                                                                              and kind != "space"):
+                return self._error(400, f"Invalid visibility: {visibility}")
+            if visibility is None and "private" in body:  # what older huggingface_hub versions sent
+                visibility = "private" if body["private"] else "public"
+            if visibility is None:
+                visibility = "private" if hub.orgs.get(namespace, Org(set())).private_by_default else "public"
             if (kind, repo_id) in hub.repos:  # the Hub's 409 names the repo: huggingface_hub reads its url
                 return self._reply(409, json.dumps({"error": "You already created this repo",
                                                     "url": f"{hub.url}/{PREFIX[kind]}{repo_id}"}).encode(),
@@ -184,16 +219,23 @@ def _handler(hub: StandInModelHub):
             if readme:
                 hub.blobs[hashlib.sha256(readme).hexdigest()] = readme
                 files["README.md"] = hashlib.sha256(readme).hexdigest()
-            repo = Repo(kind, bool(body.get("private")), body.get("sdk"))
+            repo = Repo(kind, visibility == "private", body.get("sdk"))
             repo.commits.append(Commit(hashlib.sha1(f"{kind}/{repo_id}".encode()).hexdigest(), "initial commit", files))
             hub.repos[(kind, repo_id)] = repo
             self._json({"url": f"{hub.url}/{PREFIX[kind]}{repo_id}", "name": repo_id})
 
         def _api(self, kind: str, repo_id: str, rest: list[str], method: str) -> None:
-            write = bool(rest) and rest[0] in ("preupload", "commit")
+            write = bool(rest) and rest[0] in ("preupload", "commit", "settings")
             repo = self._repo(kind, repo_id, method, write=write)
             if repo is None:
                 return
+            if rest == ["settings"] and method == "PUT":  # update_repo_settings: visibility, gating
+                body = json.loads(self._body())
+                if body.get("visibility") not in (None, "public", "private"):
+                    return self._error(400, f"Invalid visibility: {body['visibility']}")
+                if "visibility" in body:
+                    repo.private = body["visibility"] == "private"
+                return self._json({})
             if not rest or rest[0] == "revision":
                 commit = repo.at(rest[1] if len(rest) > 1 else "main")
                 if commit is None:
@@ -226,6 +268,12 @@ def _handler(hub: StandInModelHub):
             if self._repo(kind, repo_id, "POST", write=True) is None:
                 return
             body = json.loads(self._body())
+            namespace = repo_id.split("/")[0]
+            limit = hub.private_storage_bytes.get(namespace)
+            new = sum(item["size"] for item in body["objects"] if item["oid"] not in hub.blobs)
+            if hub.repos[(kind, repo_id)].private and limit is not None and hub.private_bytes(namespace) + new > limit:
+                return self._error(403, "Private repository storage limit reached, please upgrade your plan to "
+                                        "increase your private storage limit")
             objects = []
             for item in body["objects"]:
                 entry = {"oid": item["oid"], "size": item["size"]}

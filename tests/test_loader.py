@@ -88,6 +88,34 @@ def test_val_labels_match_each_key_and_pixels_match_torchvision(sample_shards):
     assert np.median(differences) < 1.0 and max(differences) < 3.0
 
 
+@pytest.mark.parametrize("interpolation,crop_mode", [("bicubic", "center"), ("bilinear", "squash")])
+def test_val_resize_and_crop_of_a_timm_model_match_torchvision(sample_shards, interpolation, crop_mode):
+    """A timm model's val preprocessing (its interpolation and crop mode): DALI's graph against the
+    torchvision transform predict.py and app.py use; "border" is the torchvision loader's only."""
+    from dali_imagenet.data.preprocess import val_geometry
+    from dali_imagenet.errors import UsageError
+
+    samples = shard_samples(sample_shards, "validation")[:16]
+    loader = make_loader(sample_shards, "validation", 16, device="cpu", image_size=SIZE, dtype=torch.float32,
+                         interpolation=interpolation, crop_mode=crop_mode)
+    pixels = to_pixels(next(iter(loader))[0])
+    geometry = val_geometry(SIZE, interpolation=interpolation, crop_mode=crop_mode)
+    differences, bilinear = [], []
+    for i, sample in enumerate(samples):
+        image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+        image = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+        for transform, found in ((geometry, differences), (val_geometry(SIZE), bilinear)):
+            reference = image
+            for step in transform:
+                reference = step(reference)
+            found.append(np.abs(pixels[i] - reference.permute(1, 2, 0).float().numpy()).mean())
+    print(f"val {interpolation}/{crop_mode}: |DALI - torchvision| = {np.median(differences):.2f} / 255, "
+          f"vs bilinear/center {np.median(bilinear):.2f}")
+    assert np.median(differences) < 1.5 and np.median(differences) < np.median(bilinear)
+    with pytest.raises(UsageError, match="border: the torchvision one only"):
+        make_loader(sample_shards, "validation", 16, device="cpu", image_size=SIZE, crop_mode="border")
+
+
 def test_val_is_deterministic(sample_shards):
     runs = [torch.cat([x for x, _ in make_loader(sample_shards, "validation", 16, device="cpu", image_size=SIZE)])
             for _ in range(2)]

@@ -1,7 +1,8 @@
-"""publish.py: a run as a folder timm loads (identical logits), a BlurPool run's folder that timm
-refuses and this project loads exactly, the upload to a stand-in Hub that speaks the commit API
-(preupload, LFS batch, commit) and keeps every revision, a Space that runs, and the one-line
-token errors. Reading back: predict.py/evaluate.py/train.py --init take FOLDER and hf://."""
+"""publish.py: a run as a folder timm loads (identical logits) under timm's own names, a BlurPool
+run's folder that timm refuses by name and loads in one line once dali_imagenet is imported (its
+registered network), the upload to a stand-in Hub that speaks the commit API (preupload, LFS
+batch, commit) and keeps every revision, and the one-line token errors. Reading back:
+predict.py/evaluate.py/train.py --init take FOLDER and hf://, with a timm model's own preprocessing."""
 from __future__ import annotations
 
 import json
@@ -49,7 +50,8 @@ def test_stock_folder_loads_in_timm_with_identical_logits(trained_run, sample_sh
     source = load_model(trained_run / "best.pt", which="auto")
     assert config["architecture"] == "resnet18" and config["model_args"]["layers"] == [1, 1, 1, 1]  # our ResNet-10
     assert config["model_args"]["channels"] == [16, 32, 64, 128]  # at the test runs' width
-    assert config["label_names"] == source.class_names and config["num_classes"] == 8
+    assert config["label_names"] == source.class_names and config["num_classes"] == 8  # the sample's: unique
+    assert config["label_descriptions"] == dict(zip(source.class_names, source.class_names))
     assert config["pretrained_cfg"]["input_size"] == [3, 40, 40] and config["pretrained_cfg"]["crop_pct"] == 0.875
     assert "tag" not in config["pretrained_cfg"]  # not timm's own weights
     assert config["dali_imagenet"]["weights"] == source.weights
@@ -60,7 +62,7 @@ def test_stock_folder_loads_in_timm_with_identical_logits(trained_run, sample_sh
 
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: timm" in card and "## Results" in card
-    assert f"local-dir:{out}" in card and "![validation curves](curves.png)" in card
+    assert f'"local-dir:{out.name}"' in card and "![validation curves](curves.png)" in card
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     images = tmp_path / "val"
@@ -75,21 +77,72 @@ def test_stock_folder_loads_in_timm_with_identical_logits(trained_run, sample_sh
     assert again.returncode == 1 and "--overwrite" in again.stderr and len(again.stderr.strip().splitlines()) == 1
 
 
-def test_blurpool_folder_is_refused_by_timm_and_loads_here(straight_run, tmp_path):
+def test_blurpool_loads_in_timm_once_dali_imagenet_is_imported(straight_run, tmp_path):
+    """timm has no FFCV-placed BlurPool: the folder names `resnet10_ffcvblur`, which timm refuses
+    (never silently its own resnetblur) unless `import dali_imagenet` registered it; then one line
+    gives the run's network and logits."""
     import timm
 
+    import dali_imagenet  # noqa: F401 - what the card says to import: it registers the network
     from dali_imagenet.inference.predictor import load_model
 
     out = tmp_path / "blur"
     result = publish(straight_run, out)
     assert result.returncode == 0, result.stderr
-    assert "not a timm network" in result.stdout
-    with pytest.raises(RuntimeError, match="Unknown model"):  # never silently timm's resnetblur
-        timm.create_model(f"local-dir:{out}", pretrained=True)
-    assert "Not a timm architecture" in (out / "README.md").read_text()
-    loaded, source = load_model(out), load_model(straight_run / "best.pt", which="auto")
+    assert "once dali_imagenet is imported" in result.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == "resnet10_ffcvblur" and config["model_args"]["width"] == 16
+    without = subprocess.run([sys.executable, "-c", f"import timm; timm.create_model('local-dir:{out}', "
+                              "pretrained=True)"], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                             env={**child_env(), "PYTHONPATH": ""})
+    assert without.returncode != 0 and "Unknown model (resnet10_ffcvblur)" in without.stderr
+    card = (out / "README.md").read_text()
+    assert "import dali_imagenet  # registers resnet10_ffcvblur" in card and "pip install git+" in card
+    source = load_model(straight_run / "best.pt", which="auto")
+    model = timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert torch.equal(logits(model, 40), logits(source.model, 40))
+    assert model.pretrained_cfg["crop_pct"] == 0.875 and tuple(model.pretrained_cfg["input_size"]) == (3, 40, 40)
+    loaded = load_model(out)
     assert loaded.config.blurpool and loaded.arch == source.arch and loaded.weights == source.weights
     assert torch.equal(logits(loaded.model, 40), logits(source.model, 40))
+
+
+@pytest.mark.parametrize("arch", ["resnet34", "resnet50"])
+def test_a_resnet_publishes_under_timms_own_name(arch, tmp_path):
+    """A ResNet-34 is timm's `resnet34` (not resnet18 with other layers): the name the Hub, search
+    and config.json readers see; timm builds it from that name alone, with the same logits."""
+    import timm
+
+    from dali_imagenet.config import TrainConfig
+    from dali_imagenet.run import published
+    from dali_imagenet.training.model import build_model
+
+    ours = build_model(arch, 5).eval()
+    with torch.no_grad():
+        for module in ours.modules():  # not the zero-initialised last BN: every block counts in the logits
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+    names = ["tench, Tinca tinca", "crane", "crane", "goldfish", "great white shark"]
+    written = published.write(tmp_path, ours.state_dict(), arch=arch, num_classes=5, config=TrainConfig(arch=arch),
+                              class_names=names, weights="raw", summary={})
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert written.stock and written.architecture == arch and config["architecture"] == arch
+    assert config["label_names"] == ["tench", "crane (1)", "crane (2)", "goldfish", "great white shark"]
+    assert config["label_descriptions"]["tench"] == "tench, Tinca tinca"
+    model = timm.create_model(f"local-dir:{tmp_path}", pretrained=True)
+    assert type(model).__name__ == "ResNet" and len(model.layer3) == 6
+    assert torch.equal(logits(model, 64), logits(ours, 64))
+    assert published.load(tmp_path).class_names == names
+
+
+def test_imagenet_classes_are_named_by_synset():
+    from dali_imagenet.data.classes import imagenet1k
+    from dali_imagenet.run.published import class_names_of, label_config
+
+    names = [names for _, names in imagenet1k()]
+    labels = label_config(names)
+    assert labels["label_names"][134] == "n02012849" and labels["label_names"][517] == "n03126707"  # both "crane"
+    assert len(set(labels["label_names"])) == 1000 and class_names_of(labels) == names
 
 
 @pytest.fixture
@@ -113,10 +166,10 @@ def run_publish(env, *args) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_hub_upload_keeps_every_revision_and_the_space_runs(trained_run, straight_run, sample_shards, model_hub,
-                                                             tmp_path):
+def test_hub_upload_keeps_every_revision(trained_run, straight_run, sample_shards, model_hub,
+                                          tmp_path):
     hub, env = model_hub
-    first = run_publish(env, trained_run, tmp_path / "one", "--hub", "alice/tiny", "--space", "alice/tiny-demo")
+    first = run_publish(env, trained_run, tmp_path / "one", "--hub", "alice/tiny")
     assert first.returncode == 0, first.stderr[-2000:]
     received = hub.files("alice/tiny")
     assert received == {p.name: p.read_bytes() for p in (tmp_path / "one").iterdir()}  # the folder, byte for byte
@@ -137,46 +190,22 @@ def test_hub_upload_keeps_every_revision_and_the_space_runs(trained_run, straigh
     assert predictions_of("hf://alice/tiny", images, env) == predictions_of(straight_run / "best.pt", images)
     page = run_in_process(script("report"), ["report.py", "--checkpoint", f"hf://alice/tiny@{first_commit}", "-o",
                                              str(tmp_path / "page.html")], env)
-    assert page.returncode == 0 and (tmp_path / "page.html").read_bytes() == (trained_run / "report.html").read_bytes()
+    assert page.returncode == 0
+    assert (tmp_path / "page.html").read_bytes() == hub.files("alice/tiny", revision=first_commit)["report.html"]
     started = train(sample_shards, tmp_path / "init", *EXACT, "max_steps=1", extra=["--init", "hf://alice/tiny"],
                     env=env)
     assert "initialised from hf://alice/tiny: every weight loaded" in started.stdout
 
-    # The Space: the app, its requirements, the library and the model, and it serves without DALI.
-    space = hub.files("alice/tiny-demo", "space")
-    assert {"app.py", "requirements.txt", "README.md", "model/config.json", "model/model.safetensors",
-            "dali_imagenet/inference/predictor.py"} <= set(space)
-    assert b"sdk: gradio" in space["README.md"] and b"models:\n- alice/tiny" in space["README.md"]
-    folder = tmp_path / "space"
-    for name, data in space.items():
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_bytes(data)
-    image = next(images.iterdir())
-    check = (
-        "import sys\nfor name in ('nvidia', 'nvidia.dali', 'boto3', 'webdataset', 'wandb', 'shard_tools'):\n"
-        "    sys.modules[name] = None  # not in the Space's requirements\n"
-        "import app, dali_imagenet\nassert dali_imagenet.__file__.startswith(app.HERE.as_posix())\n"
-        "loaded = app.load_model(app.default_checkpoint())\npredictor = app.Predictor(loaded)\n"
-        "app.build_demo(predictor, app.describe(loaded, 'model'), [])\n"
-        "from PIL import Image\n"
-        f"pixels = app.image_tensor(Image.open({str(image)!r}))\n"
-        "print(predictor.top(predictor.probabilities([pixels]), 1)[0][0][0])\n"
-    )
-    ran = subprocess.run([sys.executable, "-c", check], cwd=folder, capture_output=True, text=True,
-                         env={**child_env(), "PYTHONPATH": ""}, timeout=120)
-    assert ran.returncode == 0, ran.stderr[-2000:]
-    assert int(ran.stdout.split()[-1]) == next(p for p in ours if p["path"] == str(image))["top"][0]["index"]
-
 
 def test_token_errors_are_one_line(trained_run, model_hub, tmp_path):
     hub, env = model_hub
-    for token, said in (("hf_unknown", "the Hub refused the token"), ("", "no Hugging Face token")):
+    for token, said in (("hf_unknown", "the Hub refused the token (401: "), ("", "no Hugging Face token")):
         result = run_publish({**env, "HF_TOKEN": token}, trained_run, tmp_path / "out", "--hub", "alice/tiny")
         assert result.returncode == 1 and said in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "out").exists()  # checked before anything was built
     other = run_publish({**env, "HF_TOKEN": "hf_bob_write"}, trained_run, "--hub", "alice/tiny")
-    assert other.returncode == 1 and "alice/tiny: the Hub refused the upload" in other.stderr
+    assert other.returncode == 1 and "alice/tiny: the token may not do this (403: " in other.stderr
     assert len(other.stderr.strip().splitlines()) == 1
 
 
@@ -217,6 +246,37 @@ def test_init_timm_fetches_timms_pretrained_weights(sample_shards, model_hub, tm
                for method, path, status in hub.requests if method == "GET" and status == 200)
 
 
+def test_a_timm_models_own_preprocessing_is_used_whole(sample_shards, model_hub, tmp_path):
+    """Anyone's timm model with a bicubic config (crop 0.95, each of timm's crop modes), from the
+    Hub: predict.py's and app.py's transform is timm's own eval transform (PIL's bicubic against
+    torchvision's antialiased one: a rounding apart), not a bilinear resize of it."""
+    import timm
+    from conftest import environment
+    from PIL import Image
+    from timm.models import save_for_hf
+
+    from dali_imagenet.data.preprocess import val_transform
+    from dali_imagenet.inference.predictor import Predictor, image_tensor, load_model
+
+    hub, env = model_hub
+    image = Image.open(next(iter(val_images(sample_shards, tmp_path / "val")))).convert("RGB")
+    for mode in ("center", "squash", "border"):
+        folder = tmp_path / mode
+        save_for_hf(timm.create_model("test_resnet", num_classes=1000), str(folder), safe_serialization=True,
+                    data_config={"interpolation": "bicubic", "crop_pct": 0.95, "crop_mode": mode})
+        hub.seed(f"someone/bicubic-{mode}", {p.name: p.read_bytes() for p in folder.iterdir()})
+        with environment(env):
+            loaded = load_model(f"hf://someone/bicubic-{mode}")
+        config = loaded.config
+        assert (config.val_interpolation, config.val_crop_mode, config.val_crop_fraction) == ("bicubic", mode, 0.95)
+        theirs = timm.data.create_transform(**timm.data.resolve_data_config({}, model=loaded.model))(image)
+        ours = Predictor(loaded).transform(image_tensor(image))
+        bilinear = val_transform(160, 0.95, normalization=config.normalization(), crop_mode=mode)(image_tensor(image))
+        assert ours.shape == theirs.shape == (3, 160, 160)
+        off, off_bilinear = (ours - theirs).abs().mean().item(), (bilinear - theirs).abs().mean().item()
+        assert off < 0.01 and off < off_bilinear / 2, (mode, off, off_bilinear)
+
+
 def test_a_run_is_published_from_its_s3_prefix(trained_run, s3_bucket, tmp_path):
     from conftest import upload_folder
 
@@ -227,6 +287,6 @@ def test_a_run_is_published_from_its_s3_prefix(trained_run, s3_bucket, tmp_path)
     assert publish(trained_run, tmp_path / "local").returncode == 0
     for name in ("model.safetensors", "curves.png"):
         assert (tmp_path / "from-s3" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
-    assert (tmp_path / "from-s3" / "report.html").read_bytes() == (trained_run / "report.html").read_bytes()
+    assert (tmp_path / "from-s3" / "report.html").read_bytes() == (tmp_path / "local" / "report.html").read_bytes()
     missing = publish(f"s3://{s3_bucket}/runs/none", tmp_path / "none")
     assert missing.returncode == 1 and "not a run (no metrics.jsonl under it)" in missing.stderr

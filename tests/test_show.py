@@ -292,3 +292,42 @@ def test_an_index_of_runs_local_and_on_s3(demo_run, browser, s3_bucket, tmp_path
     assert head["ContentType"].startswith("text/html")
     page = client().get_object(Bucket=s3_bucket, Key="team/index.html")["Body"].read().decode()
     assert 'href="finished/report.html"' in page and "under-way" in page and "running" in page
+
+
+def test_the_model_card_renders_as_the_hub_shows_it(demo_run, browser, tmp_path):
+    """The published card's Markdown rendered as GitHub-flavoured Markdown (what the Hub renders),
+    its metadata beside it, in Chromium: the results table, the curves image, the load snippet."""
+    from markdown_it import MarkdownIt
+    from selenium.webdriver.common.by import By
+
+    out = tmp_path / "published"
+    result = run_in_process(script("publish"), ["publish.py", str(demo_run), str(out), "--data-name",
+                                                "ILSVRC/imagenet-1k"])
+    assert result.returncode == 0, result.stderr
+    _, metadata, body = (out / "README.md").read_text().split("---\n", 2)
+    page = tmp_path / "card.html"
+    page.write_text(f"<!doctype html><meta charset=utf-8><base href='{out.as_uri()}/'><title>model card</title>"
+                    "<style>body{font-family:sans-serif;max-width:1100px;margin:1em auto;display:flex;gap:2em}"
+                    "main{flex:3}aside{flex:1;font-size:12px}table{border-collapse:collapse}"
+                    "td,th{border:1px solid #ccc;padding:2px 6px}pre{background:#f4f4f4;padding:6px;overflow:auto}"
+                    "img{max-width:100%}</style>"
+                    f"<main>{MarkdownIt('commonmark').enable('table').render(body)}</main>"
+                    f"<aside><h4>metadata</h4><pre>{html_escape(metadata)}</pre></aside>")
+    browser.get(page.as_uri())
+    headers = [th.text for th in browser.find_elements(By.CSS_SELECTOR, "main table th")]
+    assert {"val size", "weights", "top-1 %", "top-5 %"} <= set(headers)
+    curves = browser.find_element(By.CSS_SELECTOR, "main img[alt='validation curves']")
+    assert browser.execute_script("return arguments[0].naturalWidth", curves) > 100  # curves.png beside it
+    code = " ".join(c.text for c in browser.find_elements(By.CSS_SELECTOR, "main pre code"))
+    assert 'timm.create_model("local-dir:published", pretrained=True)' in code
+    assert "model-index" in browser.find_element(By.TAG_NAME, "aside").text
+    browser.set_window_size(1280, 2400)
+    browser.save_screenshot(str(ARTIFACTS / "model-card.png"))
+    browser.set_window_size(1280, 1000)
+    assert (ARTIFACTS / "model-card.png").stat().st_size > 10_000
+
+
+def html_escape(text: str) -> str:
+    import html
+
+    return html.escape(text)

@@ -26,9 +26,9 @@ class Transform:
     is one line naming the shard and the key (`hint`: what to run about it), as in the DALI loader."""
 
     def __init__(self, train: bool, image_size: int, crop_fraction: float, crop_min_area: float, dtype: torch.dtype,
-                 hint: str = "", normalization=None):
+                 hint: str = "", normalization=None, interpolation: str = "bilinear", crop_mode: str = "center"):
         self.pipeline = (train_transform(image_size, crop_min_area, dtype, normalization) if train
-                         else val_transform(image_size, crop_fraction, dtype, normalization))
+                         else val_transform(image_size, crop_fraction, dtype, normalization, interpolation, crop_mode))
         self.hint = hint
 
     def __call__(self, sample):
@@ -95,7 +95,8 @@ class TorchvisionLoader(EpochPosition):
     def __init__(self, shards: SplitShards, batch_size: int, *, device: torch.device, image_size: int, rank: int,
                  world_size: int, batches: int, seed: int, dtype: torch.dtype, train: bool, threads: int,
                  shuffle_buffer: int, crop_fraction: float, crop_min_area: float, resume: dict | None,
-                 hw_decoder_load: float, normalization=None, interrupt=None):  # hw_decoder_load: DALI's, not ours
+                 hw_decoder_load: float, normalization=None, interrupt=None,  # hw_decoder_load: DALI's, not ours
+                 interpolation: str = "bilinear", crop_mode: str = "center"):
         if any(s3.is_s3(t) for t in shards.tars):
             raise ShardError("the torchvision baseline reads local shards only; use the DALI loader for s3://")
         super().__init__(shards, batch_size, batches, train, resume)
@@ -104,7 +105,8 @@ class TorchvisionLoader(EpochPosition):
         self._empty = (torch.empty((0, 3, image_size, image_size), dtype=dtype), torch.empty(0, dtype=torch.int64))
         pieces = rank_pieces(shards, world_size, rank)
         transform = Transform(
-            train, image_size, crop_fraction, crop_min_area, dtype, shards.repair_hint(), normalization
+            train, image_size, crop_fraction, crop_min_area, dtype, shards.repair_hint(), normalization, interpolation,
+            crop_mode
         )
         dataset = RankSamples(pieces, dict(zip(shards.tars, shards.indices)), transform, batch_size, shuffle_buffer,
                               seed, train)

@@ -20,7 +20,8 @@ class DaliLoader(EpochPosition):
     def __init__(self, shards: SplitShards, batch_size: int, *, device: torch.device, image_size: int, rank: int,
                  world_size: int, batches: int, seed: int, dtype: torch.dtype, train: bool, threads: int,
                  shuffle_buffer: int, crop_fraction: float, crop_min_area: float, resume: dict | None,
-                 hw_decoder_load: float, normalization=None, interrupt=None):
+                 hw_decoder_load: float, normalization=None, interrupt=None, interpolation: str = "bilinear",
+                 crop_mode: str = "center"):
         from nvidia.dali import types
         from nvidia.dali.plugin.base_iterator import LastBatchPolicy
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
@@ -49,6 +50,8 @@ class DaliLoader(EpochPosition):
             crop_min_area=crop_min_area,
             hw_decoder_load=hw_decoder_load,
             normalization=normalization,
+            interpolation=interpolation,
+            crop_mode=crop_mode,
             batch_size=batch_size,
             num_threads=threads,
             device_id=device.index if on_gpu else None,

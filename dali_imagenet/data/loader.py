@@ -16,7 +16,13 @@ import torch
 
 from dali_imagenet import seeding
 from dali_imagenet.data.partition import SHUFFLE_BUFFER, batches_per_epoch, epoch_shards
-from dali_imagenet.data.preprocess import CROP_FRACTION, HW_DECODER_LOAD, TRAIN_CROP_MIN_AREA
+from dali_imagenet.data.preprocess import (
+    CROP_FRACTION,
+    CROP_MODES,
+    HW_DECODER_LOAD,
+    INTERPOLATIONS,
+    TRAIN_CROP_MIN_AREA,
+)
 from dali_imagenet.data.shards import SplitShards, find_shards
 from dali_imagenet.errors import UsageError
 
@@ -45,7 +51,8 @@ def make_loader(data, split: str, batch_size: int, *, device: str | torch.device
                 shuffle_buffer: int = SHUFFLE_BUFFER, crop_fraction: float = CROP_FRACTION,
                 crop_min_area: float = TRAIN_CROP_MIN_AREA, cache_dir=None, resume: dict | None = None,
                 hw_decoder_load: float = HW_DECODER_LOAD, normalization=None,
-                interrupt: Callable[[int], None] | None = None) -> Loader:
+                interrupt: Callable[[int], None] | None = None, interpolation: str = "bilinear",
+                crop_mode: str = "center") -> Loader:
     """`data`: a shard folder, `s3://` prefix or timm-layout folder, or the `SplitShards` of one.
     `train` defaults to `split == "train"` (random crops, flips, shuffling, dropped last batch).
 
@@ -57,9 +64,13 @@ def make_loader(data, split: str, batch_size: int, *, device: str | torch.device
     replay decodes without training). `dtype` defaults to float16 on a GPU and float32 on a CPU (the fastest there).
     `hw_decoder_load`: DALI on a GPU, the share of JPEGs for the hardware decoder (0: nvJPEG's hybrid path).
     `normalization`: (mean, std) on 0-1 pixel values, the model's (default ImageNet's).
+    `interpolation`, `crop_mode`: the val resize's filter and crop (`preprocess`), the model's.
     """
     if backend not in BACKENDS:
         raise UsageError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if interpolation not in INTERPOLATIONS or crop_mode not in CROP_MODES or (backend, crop_mode) == ("dali", "border"):
+        raise UsageError(f"val interpolation {interpolation!r}, crop mode {crop_mode!r}: the loaders take "
+                         f"{', '.join(INTERPOLATIONS)} and {', '.join(CROP_MODES)} (border: the torchvision one only)")
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -80,7 +91,8 @@ def make_loader(data, split: str, batch_size: int, *, device: str | torch.device
                    # a buffer larger than the rank's share: DALI's first fill reads past it, re-reading samples
                    shuffle_buffer=max(1, min(shuffle_buffer, shards.samples // world_size)),
                    crop_fraction=crop_fraction, crop_min_area=crop_min_area, resume=resume,
-                   hw_decoder_load=hw_decoder_load, normalization=normalization, interrupt=interrupt)
+                   hw_decoder_load=hw_decoder_load, normalization=normalization, interrupt=interrupt,
+                   interpolation=interpolation, crop_mode=crop_mode)
     if backend == "torchvision":
         from dali_imagenet.data.baseline import TorchvisionLoader  # torchvision and webdataset: only when asked for
 

@@ -31,13 +31,19 @@ GPU_DECODER_HINTS = dict(
 )
 
 
+# timm's interpolation names -> DALI's filters
+DALI_INTERPOLATION = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
+
+
 def decode_and_augment(jpegs, *, device: str, train: bool, image_size: int, dtype,
                        crop_fraction: float = CROP_FRACTION, crop_min_area: float = TRAIN_CROP_MIN_AREA,
-                       hw_decoder_load: float = HW_DECODER_LOAD, normalization=None):
+                       hw_decoder_load: float = HW_DECODER_LOAD, normalization=None, interpolation: str = "bilinear",
+                       crop_mode: str = "center"):
     """JPEG bytes -> normalised `image_size`² HWC images of `dtype`, on `device` ("cpu" | "gpu").
 
     `preprocess`'s recipe: train crops are decoded as a ROI (only the crop's region), val images
-    are resized and centre-cropped with torchvision's rounding. HWC out: the batch arrives in
+    are resized (`interpolation`; "center" or "squash" `crop_mode`: "border" is the torchvision
+    loader's only) and centre-cropped with torchvision's rounding. HWC out: the batch arrives in
     PyTorch as NHWC memory, which *is* an NCHW tensor in channels_last format, with no transpose copy.
     """
     decoder_device = "mixed" if device == "gpu" else "cpu"
@@ -51,15 +57,18 @@ def decode_and_augment(jpegs, *, device: str, train: bool, image_size: int, dtyp
         crop_args = {}
     else:
         images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB, **hints)
-        images, crop_args = _resize_and_center_like_torchvision(images, image_size, crop_fraction)
+        images, crop_args = _resize_and_center_like_torchvision(images, image_size, crop_fraction,
+                                                                DALI_INTERPOLATION[interpolation], crop_mode)
         mirror, crop = 0, (image_size, image_size)
     mean, std = pixel_mean_std(normalization)
     return fn.crop_mirror_normalize(images, dtype=dtype, output_layout="HWC", crop=crop, mirror=mirror,
                                     mean=list(mean), std=list(std), **crop_args)
 
 
-def _resize_and_center_like_torchvision(images, image_size: int, crop_fraction: float):
-    """`Resize(R)` + `CenterCrop(image_size)` with torchvision's exact rounding.
+def _resize_and_center_like_torchvision(images, image_size: int, crop_fraction: float, interp_type,
+                                        crop_mode: str = "center"):
+    """`Resize(R)` (or `Resize((R, R))`: "squash") + `CenterCrop(image_size)` with torchvision's
+    exact rounding.
 
     DALI's `resize_shorter` rounds the long side where torchvision truncates it, and DALI
     rounds a centre crop's half-pixel offset up where torchvision rounds half to even: each
@@ -69,10 +78,16 @@ def _resize_and_center_like_torchvision(images, image_size: int, crop_fraction: 
     height, width = shape[0], shape[1]
     short = dmath.min(height, width)
     resize = val_resize_size(image_size, crop_fraction)
-    # Multiply before dividing: the short side then comes out as exactly `resize`.
-    new_height, new_width = dmath.floor(height * resize / short), dmath.floor(width * resize / short)
+    if crop_mode == "squash":
+        new_height, new_width = height * 0 + resize, width * 0 + resize
+    elif crop_mode == "center":
+        # Multiply before dividing: the short side then comes out as exactly `resize`.
+        new_height, new_width = dmath.floor(height * resize / short), dmath.floor(width * resize / short)
+    else:
+        raise ValueError(f"crop_mode {crop_mode!r}: DALI's val graph does center and squash; border is the "
+                         f"torchvision loader's (evaluate.py without --dali)")
     images = fn.resize(images, size=fn.cast(fn.stack(new_height, new_width), dtype=types.FLOAT),
-                       interp_type=types.INTERP_LINEAR, antialias=True)
+                       interp_type=interp_type, antialias=True)
     return images, dict(crop_pos_y=_centre_crop_pos(new_height, image_size),
                         crop_pos_x=_centre_crop_pos(new_width, image_size))
 
@@ -104,7 +119,7 @@ def label_from_ascii(cls):
 @pipeline_def
 def imagenet_pipeline(tars, indices, *, device, train, image_size, dtype, shard_id, num_shards, shuffle_buffer,
                       crop_fraction=CROP_FRACTION, crop_min_area=TRAIN_CROP_MIN_AREA, hw_decoder_load=HW_DECODER_LOAD,
-                      normalization=None):
+                      normalization=None, interpolation="bilinear", crop_mode="center"):
     jpegs, cls = fn.readers.webdataset(
         paths=tars, index_paths=indices, ext=["jpg", "cls"], missing_component_behavior="error",
         random_shuffle=train, initial_fill=shuffle_buffer, shard_id=shard_id, num_shards=num_shards,
@@ -113,6 +128,7 @@ def imagenet_pipeline(tars, indices, *, device, train, image_size, dtype, shard_
         pad_last_batch=True, stick_to_shard=not train, name="reader")
     images = decode_and_augment(jpegs, device=device, train=train, image_size=image_size, dtype=dtype,
                                 crop_fraction=crop_fraction, crop_min_area=crop_min_area,
-                                hw_decoder_load=hw_decoder_load, normalization=normalization)
+                                hw_decoder_load=hw_decoder_load, normalization=normalization,
+                                interpolation=interpolation, crop_mode=crop_mode)
     labels = label_from_ascii(cls)
     return images, (labels.gpu() if device == "gpu" else labels)

@@ -124,7 +124,8 @@ def image_tensor(image) -> torch.Tensor:
 
 class Predictor:
     """Class probabilities for images, preprocessed exactly as the checkpoint was validated:
-    `preprocess.val_transform` at the run's val size and crop fraction."""
+    `preprocess.val_transform` at the run's val size, crop fraction, crop mode and interpolation
+    (a published timm model's own)."""
 
     def __init__(self, loaded: LoadedModel, *, image_size: int | None = None, device: str | torch.device = "cpu",
                  class_names: list[str] | None = None):
@@ -136,9 +137,11 @@ class Predictor:
 
         self.loaded, self.device = loaded, torch.device(device)
         self.image_size = image_size or loaded.config.val_image_size
-        self.transform = val_transform(self.image_size, loaded.config.val_crop_fraction,
-                                       normalization=loaded.config.normalization())
-        self.geometry = v2.Compose(val_geometry(self.image_size, loaded.config.val_crop_fraction))
+        config = loaded.config
+        self.transform = val_transform(self.image_size, config.val_crop_fraction, normalization=config.normalization(),
+                                       interpolation=config.val_interpolation, crop_mode=config.val_crop_mode)
+        self.geometry = v2.Compose(val_geometry(self.image_size, config.val_crop_fraction, config.val_interpolation,
+                                                config.val_crop_mode, config.normalization()))
         self.precision = Precision.for_device(loaded.config.amp_dtype, self.device, fallback=True)
         names = class_names or loaded.class_names
         if names is None and loaded.num_classes == len(imagenet1k()):

@@ -1,19 +1,23 @@
 """The Hugging Face Hub: a published folder uploaded as one commit to a model repo (created if
-needed; every earlier commit stays a revision one can load), and a Gradio Space that serves the
-demo on it. The token is `HF_TOKEN` or the one `hf auth login` saved; `HF_ENDPOINT` names another
-Hub. A missing or refused token, a repo one may not write: one line each."""
+needed; every earlier commit stays a revision one can load), and a Space. The token is `HF_TOKEN`
+or the one `hf auth login` saved; `HF_ENDPOINT` names another Hub.
+
+Who can see it: a new repo gets the namespace's default (public for a user; an organisation may
+make its repos private by default) unless `private` asks for private; the visibility a repo ends
+with is read back from the Hub, never assumed. An existing public repo stays public: `private`
+on it is refused in one line unless `make_private` asks to change it. A repo that must be private
+(a Space holding a private model's weights) is never written while it is public. Every failure
+is one line that says what failed (`hub_errors`)."""
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from dali_imagenet.run.hub_errors import describe, endpoint
 from dali_imagenet.sharing.folder import PublishError
 
-SPACE_REQUIREMENTS = ("torch", "torchvision", "timm", "safetensors", "huggingface_hub", "pillow", "numpy", "pyyaml",
-                      "matplotlib")
-SPACE_MODEL = "model"  # the Space's copy of the published folder, which its app.py loads
+PREFIX = {"model": "", "space": "spaces/", "dataset": "datasets/"}
 
 
 @dataclass
@@ -21,14 +25,12 @@ class Pushed:
     repo_id: str
     url: str  # the repo's page
     commit: str  # the commit's id: hf://REPO@COMMIT loads exactly this upload
+    private: bool  # as the Hub has it after the upload
+    note: str = ""  # how its visibility came about, when not plainly asked
 
 
-def check_token() -> None:
-    """Raises, in one line, unless the Hub takes the token: before anything is built."""
-    _api()
-
-
-def _api():
+def connect():
+    """An `HfApi` whose token the Hub takes; raises, in one line, before anything is built."""
     from huggingface_hub import HfApi, get_token
 
     token = get_token()
@@ -37,54 +39,57 @@ def _api():
     api = HfApi(token=token, endpoint=os.environ.get("HF_ENDPOINT"))  # as it is now, not at import
     try:
         api.whoami()
-    except Exception as error:  # noqa: BLE001 - huggingface_hub's HTTP errors: the Hub's reason, one line
-        raise PublishError(f"the Hub refused the token ({_reason(error)})") from None
+    except Exception as error:  # noqa: BLE001 - huggingface_hub's HTTP and transport errors: said in one line
+        raise PublishError(describe(error, endpoint())) from None
     return api
 
 
-def _reason(error: Exception) -> str:
-    return " ".join(str(error).split())[:200]
+def visibility(api, repo_id: str, kind: str = "model") -> bool | None:
+    """Whether the repo is private; None when it does not exist (yet)."""
+    from huggingface_hub.errors import RepositoryNotFoundError
 
-
-def push(folder: Path, repo_id: str, *, kind: str = "model", private: bool = False, message: str,
-         space_sdk: str | None = None) -> Pushed:
-    """`folder` as one commit to `repo_id` (created when missing; an existing repo keeps its
-    privacy): its files replace those of the same names, nothing else is removed."""
     if repo_id.count("/") != 1:
         raise PublishError(f"{repo_id}: a Hub repo is USER/NAME")
-    api = _api()
     try:
-        api.create_repo(repo_id, repo_type=kind, private=private, exist_ok=True, space_sdk=space_sdk)
-        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type=kind, commit_message=message)
-    except Exception as error:  # noqa: BLE001 - a refused write, a name taken, the network: one line
-        raise PublishError(f"{repo_id}: the Hub refused the upload ({_reason(error)})") from None
-    prefix = {"model": "", "space": "spaces/", "dataset": "datasets/"}[kind]
-    return Pushed(repo_id, f"{api.endpoint}/{prefix}{repo_id}", info.oid)
+        return bool(api.repo_info(repo_id, repo_type=kind).private)
+    except RepositoryNotFoundError:
+        return None
+    except Exception as error:  # noqa: BLE001 - the network, the token: one line
+        raise PublishError(describe(error, repo_id)) from None
 
 
-def space_folder(out: Path, published: Path, app: Path, *, title: str, model_repo: str | None) -> Path:
-    """What a Gradio Space needs to serve the demo on the published model: app.py, the library it
-    imports (no DALI: inference only), requirements.txt, the Space's README (its config) and the
-    published folder as `model/`."""
-    import dali_imagenet
+def check_private(repo_id: str, private_now: bool | None, *, make_private: bool, why: str) -> None:
+    """Refuses, in one line, to write to a public repo that must be private."""
+    if private_now is False and not make_private:
+        raise PublishError(f"{repo_id} exists and is public: {why}; pass --make-private to make it private "
+                           f"first, or name another repo")
 
+
+def push(api, folder: Path, repo_id: str, *, kind: str = "model", private: bool = False, make_private: bool = False,
+         message: str, space_sdk: str | None = None, replace: bool = False) -> Pushed:
+    """`folder` as one commit to `repo_id`, created when missing. `private`: it must be private
+    (created so; an existing public one is refused, or made private first with `make_private`);
+    otherwise a new repo takes its namespace's default. `replace`: files of the repo that the
+    folder does not hold are removed in the same commit (a Space's stale files); otherwise its
+    files replace those of the same names and nothing else is removed."""
+    before = visibility(api, repo_id, kind)
+    if private:
+        check_private(repo_id, before, make_private=make_private, why="its files would be public")
     try:
-        import gradio
-
-        version = f"sdk_version: {gradio.__version__}\n"  # the Space runs the Gradio the app was tested with
-    except ImportError:
-        version = ""
-
-    out.mkdir(parents=True)
-    shutil.copyfile(app, out / "app.py")
-    package = Path(dali_imagenet.__file__).parent
-    shutil.copytree(package, out / "dali_imagenet", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    shutil.copytree(published, out / SPACE_MODEL, ignore=shutil.ignore_patterns("report.html", "curves.png"))
-    (out / SPACE_MODEL / "README.md").unlink(missing_ok=True)  # the Space's README is its config
-    (out / "requirements.txt").write_text("\n".join(SPACE_REQUIREMENTS) + "\n")
-    models = f"models:\n- {model_repo}\n" if model_repo else ""
-    (out / "README.md").write_text(f"---\ntitle: {title}\nsdk: gradio\n{version}"
-                                   f"app_file: app.py\npinned: false\n{models}---\n\n"
-                                   f"The dali-imagenet demo of {model_repo or title}: top-5 classes of a photo and "
-                                   f"where the model looked (Grad-CAM).\n")
-    return out
+        if before is None:
+            api.create_repo(repo_id, repo_type=kind, private=True if private else None, exist_ok=True,
+                            space_sdk=space_sdk)
+        elif private and not before:
+            api.update_repo_settings(repo_id, repo_type=kind, visibility="private")
+        after = visibility(api, repo_id, kind)
+        if private and not after:  # never upload what must be private to a public repo
+            raise PublishError(f"{repo_id}: the Hub has it public though it was asked private; nothing uploaded")
+        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type=kind, commit_message=message,
+                                 delete_patterns="*" if replace else None)
+    except PublishError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a refused write, a name taken, the size, the network: one line
+        raise PublishError(describe(error, repo_id)) from None
+    note = ("made private" if private and before is False else
+            "its namespace's default" if before is None and not private and after else "")
+    return Pushed(repo_id, f"{api.endpoint}/{PREFIX[kind]}{repo_id}", info.oid, bool(after), note)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dali_imagenet.data.preprocess import CROP_FRACTION, IMAGENET_MEAN_01, IMAGENET_STD_01
+from dali_imagenet.data.preprocess import CROP_FRACTION, CROP_MODES, IMAGENET_MEAN_01, IMAGENET_STD_01, INTERPOLATIONS
 from dali_imagenet.errors import DaliImagenetError
 from dali_imagenet.training.model import LAYOUTS, WIDTH, build_model
 
@@ -32,6 +32,8 @@ class InputDefaults:
     mean: tuple[float, float, float]  # on 0-1 pixel values
     std: tuple[float, float, float]
     crop_fraction: float  # validation: the centre crop's share of the resized shorter side
+    interpolation: str = "bilinear"  # validation: the resize's filter
+    crop_mode: str = "center"  # validation: preprocess.CROP_MODES
 
 
 def is_timm(arch: str) -> bool:
@@ -84,7 +86,9 @@ def input_defaults(arch: str) -> InputDefaults:
     cfg = get_pretrained_cfg(arch[len(TIMM):])
     if cfg is None:  # a model without a pretrained config: ImageNet's
         return imagenet
-    return InputDefaults(int(cfg.input_size[-1]), tuple(cfg.mean), tuple(cfg.std), float(cfg.crop_pct))
+    interpolation = cfg.interpolation if cfg.interpolation in INTERPOLATIONS else "bicubic"  # lanczos, random: close
+    return InputDefaults(int(cfg.input_size[-1]), tuple(cfg.mean), tuple(cfg.std), float(cfg.crop_pct), interpolation,
+                         cfg.crop_mode if cfg.crop_mode in CROP_MODES else "center")
 
 
 def classifier_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
