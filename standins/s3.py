@@ -14,7 +14,9 @@ Requests are path-style (`/bucket/key`), as boto3 and DALI send them to an IP ad
 are passed through as they come (streamed, in both directions); keep-alive is kept on the
 client's side. For the tests of a bucket that misbehaves: `refuse_writes` answers every write
 (PUT, POST, DELETE) with S3's 403 AccessDenied, as a bucket policy or an IAM role without
-s3:PutObject does; `before_forward(request)` is called before each request goes on (it may wait).
+s3:PutObject does; `before_forward(request)` is called before each request goes on (it may wait);
+`corrupt_next` holds keys whose next GET gets its body's first byte changed (same length, same
+headers: a body damaged on its way, which only a checksum tells), once each.
 """
 from __future__ import annotations
 
@@ -76,6 +78,7 @@ class LatencyProxy:
         self.requests: list[Request] = []
         self.refuse_writes = False
         self.before_forward = None  # Callable[[Request], None]
+        self.corrupt_next: set[str] = set()
         self._lock = threading.Lock()
         proxy = self
 
@@ -120,11 +123,13 @@ class LatencyProxy:
                     self.end_headers()
                     if self.command == "HEAD":
                         return
+                    damage = self.command == "GET" and response.status in (200, 206) and proxy._take_corrupt(key)
                     if payload is not None:
-                        self.wfile.write(payload)
+                        self.wfile.write(_damaged(payload) if damage else payload)
                         return
                     while block := response.read(CHUNK):
-                        self.wfile.write(block)
+                        self.wfile.write(_damaged(block) if damage else block)
+                        damage = False
                 finally:
                     upstream_connection.close()
 
@@ -159,6 +164,13 @@ class LatencyProxy:
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
 
+    def _take_corrupt(self, key: str) -> bool:
+        with self._lock:
+            if key in self.corrupt_next:
+                self.corrupt_next.discard(key)
+                return True
+            return False
+
     def reset(self) -> None:
         with self._lock:
             self.requests.clear()
@@ -171,3 +183,7 @@ class LatencyProxy:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def _damaged(block: bytes) -> bytes:
+    return bytes([block[0] ^ 0xFF]) + block[1:] if block else block

@@ -72,19 +72,72 @@ def test_a_wrong_or_missing_copy_is_fetched_again(sample_shards, s3_bucket, s3_s
     find_shards(local, "train")
 
 
-def test_an_object_that_is_not_the_manifests_shard_stops_in_one_line(sample_shards, s3_bucket, s3_server, tmp_path):
+def test_an_object_that_is_not_the_manifests_shard_stops_in_one_line(sample_shards, s3_bucket, s3_server, tmp_path,
+                                                                     monkeypatch):
+    monkeypatch.setattr(staging, "BACKOFF_S", 0.01)  # it is fetched again TRIES times, and is wrong each time
     upload_folder(sample_shards, s3_bucket, "shards")
     name = json.loads((sample_shards / "manifest.json").read_text())["splits"]["validation"]["shards"][0]["name"]
     other = bytearray((sample_shards / name).read_bytes())
     other[700] ^= 0xFF
     client().put_object(Bucket=s3_bucket, Key=f"shards/{name}", Body=bytes(other))
     with pytest.raises(
-        staging.StagingError, match=f"{name.rsplit('/', 1)[-1]}: sha256 differs from the manifest"
+        staging.StagingError, match=f"{name.rsplit('/', 1)[-1]}: sha256 differs from the manifest.*after 4 tries"
     ) as error:
         staging.stage(f"s3://{s3_bucket}/shards", tmp_path / "staged", ("validation",), progress=False,
                       log=lambda line: None)
     assert "\n" not in str(error.value)
     assert not (tmp_path / "staged" / name).exists()  # a wrong copy is not left for the loaders
+    assert not list((tmp_path / "staged").rglob("*.part*"))
+
+
+def test_an_object_corrupt_on_the_first_read_is_staged_in_the_same_launch(sample_shards, s3_bucket, s3_proxy,
+                                                                           tmp_path, monkeypatch):
+    """A body damaged on its way (same length, S3's own headers): the copy fails its check, is
+    fetched again after a pause, and lands; nothing else is fetched twice."""
+    monkeypatch.setattr(staging, "BACKOFF_S", 0.01)
+    upload_folder(sample_shards, s3_bucket, "shards")
+    name = json.loads((sample_shards / "manifest.json").read_text())["splits"]["train"]["shards"][2]["name"]
+    index = name[:-4] + ".idx"
+    s3_proxy.reset()
+    s3_proxy.corrupt_next |= {f"shards/{name}", f"shards/{index}"}
+    local = tmp_path / "staged"
+    done = staging.stage(f"s3://{s3_bucket}/shards", local, SPLITS, progress=False, log=lambda line: None)
+    assert not s3_proxy.corrupt_next  # both were served damaged once
+    assert done.fetched == done.files
+    reads = tar_reads(s3_proxy, "shards/")
+    assert reads[name.rsplit("/", 1)[-1]] == reads[index.rsplit("/", 1)[-1]] == 2 and set(reads.values()) == {1, 2}
+    assert (local / name).read_bytes() == (sample_shards / name).read_bytes()
+    assert (local / index).read_bytes() == (sample_shards / index).read_bytes()
+    assert json.loads((local / staging.RECORD).read_text()).keys() >= {name, index}
+    assert find_shards(local, "train").samples == 96
+
+
+def test_a_notice_during_the_submission_of_more_objects_than_s3transfers_queues_hold_is_heard(s3_bucket, s3_latency,
+                                                                                              tmp_path):
+    """2,100 objects (s3transfer's queues hold 1,000; submitting them all would block until ~1,100
+    had been fetched): the notice, given as soon as the first GETs go out, stops the staging while
+    the first window is still in flight, not after the bulk."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dali_imagenet.errors import Interrupted
+
+    objects = 2100
+    s3 = client(max_connections=16)
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda i: s3.put_object(Bucket=s3_bucket, Key=f"timm/train/imagenet1k-train-{i:04d}.tar",
+                                              Body=b"%d" % i), range(objects)))
+    s3_latency.reset()
+
+    def notice_once_fetching():
+        if s3_latency.object_reads("timm/"):
+            raise Interrupted("spot interruption notice")
+
+    with pytest.raises(Interrupted):
+        staging.stage(f"s3://{s3_bucket}/timm", tmp_path / "staged", ("train",), progress=False, log=lambda line: None,
+                      interrupt=notice_once_fetching, workers=16)
+    assert len(s3_latency.object_reads("timm/")) <= 4 * 16 + 16  # the first window (and a poll's worth), not ~1,100
+    kept = json.loads((tmp_path / "staged" / staging.RECORD).read_text())
+    assert all((tmp_path / "staged" / name).read_bytes() == b"%d" % int(name[-8:-4]) for name in kept)
 
 
 @contextlib.contextmanager

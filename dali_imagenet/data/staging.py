@@ -6,7 +6,11 @@ bucket's ~10 ms to the first byte some 45 img/s. Staging fetches whole objects i
 flight (boto3's transfer manager), then the loaders read the local copy:
 
 - every tar is checked against the manifest (size and sha256), every index against its listing
-  (size, and the MD5 its ETag is) and the manifest's sample count; a file that fails is fetched again;
+  (size, and the MD5 its ETag is) and the manifest's sample count, as `<name>.part`, then renamed:
+  a file under its own name is whole and checked; one that fails, or that S3 fails to send, is
+  fetched again in the same launch (a few tries, with a pause between), then named in one line;
+- the objects go to the transfer manager a bounded window at a time, so a spot notice is heard
+  within a fraction of a second whatever the number of objects (the transfers in flight are cancelled);
 - `.staged.json` in the folder records what was verified (size, mtime, checksum): a second start
   on the same machine fetches only what is missing or changed (a relaunch on a new machine, whose
   local disk is new, stages again);
@@ -24,8 +28,8 @@ import json
 import os
 import shutil
 import sys
-import threading
 import time
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -53,6 +57,10 @@ LOCK = ".staging.lock"
 PART_SIZE = 64 * 2**20  # bytes per ranged GET of a large object: ~2 GETs for a 140 MB shard
 HEADROOM = 2**30  # bytes left free on the disk after staging (logs, checkpoints, the venv)
 GETS_PER_SAMPLE = 2  # what streaming costs: DALI reads each sample's .jpg and .cls with a GET each
+PART = ".part"  # a download's name until it is whole and checked (s3transfer's own temporary name is PART + .XXXXXXXX)
+TRIES = 4  # fetches of one object (a failed or wrong copy is fetched again) before staging names it and stops
+BACKOFF_S = 1.0  # seconds before the second try of an object, doubling for each further one
+POLL_S = 0.1  # seconds between looks at the transfers (and calls of `interrupt()`)
 
 
 class StagingError(DaliImagenetError):
@@ -202,13 +210,14 @@ def _as_listed(name: str, listing: dict) -> Wanted:
 
 
 def _remove_partial_downloads(folder: Path, wanted: list[Wanted]) -> None:
-    """s3transfer downloads to `<name>.<8 random characters>` and renames when complete: a process
-    killed mid-download leaves those behind, taking disk the staging needs."""
+    """A process killed mid-download leaves `<name>.part` and s3transfer's `<name>.part.<8 random
+    characters>` (or, from before `.part`, `<name>.<8 characters>`), taking disk the staging needs."""
     for item in wanted:
         target = folder / item.name
         for partial in target.parent.glob(glob.escape(target.name) + ".*"):
             suffix = partial.name[len(target.name) + 1:]
-            if len(suffix) == 8 and suffix.isalnum():
+            if suffix == PART[1:] or (suffix.startswith(PART[1:] + ".") and len(suffix) == len(PART) + 8) or (
+                    len(suffix) == 8 and suffix.isalnum()):
                 partial.unlink(missing_ok=True)
 
 
@@ -256,8 +265,13 @@ def _check_room(folder: Path, need: int, total: int, splits) -> None:
 
 def _fetch(client, bucket: str, prefix: str, folder: Path, wanted: list[Wanted], record: dict, workers: int,
            progress: bool, interrupt) -> None:
-    """Downloads `wanted` (atomically: s3transfer writes a temporary name and renames), verifies each
-    as it lands (in a thread pool: hashing is off the GIL) and records it in `.staged.json`."""
+    """Downloads `wanted` to `<name>.part`, verifies each as it lands (in a thread pool: hashing is
+    off the GIL), renames it to its name and records it in `.staged.json`: a file under its own
+    name is always whole and checked. At most `window` objects are with s3transfer at a time
+    (its queues, 1,000 deep, would block the submission of a large set for minutes), so
+    `interrupt()` is called every `POLL_S` whatever the number of objects. An object that fails
+    (S3's answer, or a copy that is not the object) is fetched again after a pause, up to `TRIES`
+    times, then named in one line; the others go on."""
     if not wanted:
         return
     from boto3.s3.transfer import TransferConfig, create_transfer_manager
@@ -266,56 +280,72 @@ def _fetch(client, bucket: str, prefix: str, folder: Path, wanted: list[Wanted],
     config = TransferConfig(max_concurrency=workers, multipart_threshold=PART_SIZE, multipart_chunksize=PART_SIZE)
     bar = tqdm(total=sum(w.bytes for w in wanted), unit="B", unit_scale=True, unit_divisor=1024, desc="staging",
                disable=not progress, file=sys.stderr, mininterval=1 if sys.stderr.isatty() else 30, smoothing=0.1)
-    lock = threading.Lock()
+    window = 4 * workers
+    queue = deque((0.0, item) for item in wanted)  # (not before, in time.monotonic(); the object)
+    tries: Counter = Counter()
     failures: list[str] = []
+    in_flight: list = []  # (s3transfer future, item)
+    checking: list = []  # (verification future, item)
 
-    class Progress:  # s3transfer's subscriber interface: bytes as they arrive
+    class Subscriber:  # s3transfer's subscriber interface
+        def __init__(self, size: int):
+            self.size = size
+
+        def on_queued(self, future, **_):  # the size we know: no HEAD per object
+            future.meta.provide_transfer_size(self.size)
+
         def on_progress(self, future, bytes_transferred, **_):
             bar.update(bytes_transferred)
 
-    def verify(item: Wanted) -> None:
-        path = folder / item.name
-        try:
-            problem = _problem(path, item)
-        except OSError as error:  # the disk, not the object: said as the file's problem
-            problem = f"{path}: cannot be read back ({error.strerror or error})"
-        with lock:
-            if problem:
-                failures.append(problem)
-                path.unlink(missing_ok=True)
-                return
-            stat = path.stat()
-            record[item.name] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "check": item.check}
+    def failed(item: Wanted, what: str) -> None:
+        """Another try after a pause (1 s, 2 s, 4 s), or, after the last, one line."""
+        tries[item.name] += 1
+        if tries[item.name] < TRIES:
+            queue.append((time.monotonic() + BACKOFF_S * 2 ** (tries[item.name] - 1), item))
+        else:
+            failures.append(f"{what} (after {TRIES} tries)")
 
     try:
         with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as checks, \
                 create_transfer_manager(client, config) as manager:
-            pending = []
-            for item in wanted:
-                (folder / item.name).parent.mkdir(parents=True, exist_ok=True)
-                transfer = manager.download(bucket, s3.join_key(prefix, item.name), str(folder / item.name),
-                                            subscribers=[Progress()])
-                pending.append((transfer, item))
-            verified = []
-            while pending:
+            while queue or in_flight or checking:
                 interrupt()  # a spot notice during staging: leave, keeping what is finished
+                now, later = time.monotonic(), deque()
+                while queue and len(in_flight) + len(checking) < window:
+                    not_before, item = queue.popleft()
+                    if not_before > now:
+                        later.append((not_before, item))
+                        continue
+                    part = folder / (item.name + PART)
+                    part.parent.mkdir(parents=True, exist_ok=True)
+                    in_flight.append((manager.download(bucket, s3.join_key(prefix, item.name), str(part),
+                                                       subscribers=[Subscriber(item.bytes)]), item))
+                queue.extendleft(reversed(later))
                 still = []
-                for transfer, item in pending:
-                    if transfer.done():
-                        try:
-                            transfer.result()
-                        except Exception as error:  # botocore's many error types: one line each
-                            failures.append(f"s3://{bucket}/{s3.join_key(prefix, item.name)}: cannot fetch "
-                                            f"({s3.reason(error)})")
-                            continue
-                        verified.append(checks.submit(verify, item))
-                    else:
+                for transfer, item in in_flight:
+                    if not transfer.done():
                         still.append((transfer, item))
-                pending = still
-                if pending:
-                    time.sleep(0.2)
-            for check in verified:
-                check.result()
+                        continue
+                    try:
+                        transfer.result()
+                    except Exception as error:  # botocore's many error types: S3's answer, on one line
+                        failed(item, f"s3://{bucket}/{s3.join_key(prefix, item.name)}: cannot fetch "
+                                     f"({s3.reason(error)})")
+                        continue
+                    checking.append((checks.submit(_land, folder, item), item))
+                in_flight, still = still, []
+                for check, item in checking:
+                    if not check.done():
+                        still.append((check, item))
+                    elif problem := check.result():
+                        bar.update(-item.bytes)
+                        failed(item, problem)
+                    else:
+                        stat = (folder / item.name).stat()
+                        record[item.name] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "check": item.check}
+                checking = still
+                if in_flight or checking or queue:
+                    time.sleep(POLL_S)
     finally:
         bar.close()
     if failures:
@@ -323,22 +353,37 @@ def _fetch(client, bucket: str, prefix: str, folder: Path, wanted: list[Wanted],
         raise StagingError(failures[0] + more)
 
 
-def _problem(path: Path, item: Wanted) -> str | None:
-    """What is wrong with a fetched copy, or None."""
+def _land(folder: Path, item: Wanted) -> str | None:
+    """Checks a fetched `<name>.part` and renames it to its name (atomic: a reader sees the whole
+    file or none); what is wrong with it otherwise (the part removed), or None."""
+    part, path = folder / (item.name + PART), folder / item.name
+    try:
+        problem = _problem(part, item, path)
+    except OSError as error:  # the disk, not the object: said as the file's problem
+        problem = f"{path}: cannot be read back ({error.strerror or error})"
+    if problem:
+        part.unlink(missing_ok=True)
+        return problem
+    os.replace(part, path)
+    return None
+
+
+def _problem(path: Path, item: Wanted, name: Path) -> str | None:
+    """What is wrong with a fetched copy at `path` of the file `name`, or None."""
     size = path.stat().st_size
     if size != item.bytes:
-        return f"{path}: {size} bytes fetched, {item.bytes} expected"
+        return f"{name}: {size} bytes fetched, {item.bytes} expected"
     if item.check.startswith("sha256:") and not _checksum_matches(path, item.check):
-        return f"{path}: sha256 differs from the manifest's (the object in S3 is not the shard the manifest lists)"
+        return f"{name}: sha256 differs from the manifest's (the object in S3 is not the shard the manifest lists)"
     if _md5_etag(item.check) and not _checksum_matches(path, item.check):
-        return f"{path}: MD5 differs from the object's ETag (changed in S3 while it was fetched?)"
+        return f"{name}: MD5 differs from the object's ETag (changed in S3 while it was fetched?)"
     if item.samples is not None:
         try:
-            samples = len(parse_index(path.read_text(), str(path)))
+            samples = len(parse_index(path.read_text(), str(name)))
         except (FormatError, UnicodeDecodeError) as error:
             return str(error)
         if samples != item.samples:
-            return f"{path}: lists {samples} samples, the manifest says {item.samples}"
+            return f"{name}: lists {samples} samples, the manifest says {item.samples}"
     return None
 
 
