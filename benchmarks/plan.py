@@ -40,6 +40,10 @@ IMAGENET_TRAIN, IMAGENET_VAL = 1_281_167, 50_000
 IMAGENET_SHARDS_GB = 147.0  # shard-imagenet's train + validation shards, as they are in S3
 IMAGENET_SHARD_FILES = 2 * (1_025 + 40)  # tars and their indices, train + validation
 G6_XLARGE_GBIT = 2.5  # network baseline (bursts to 10 on credits)
+G6_XLARGE_VCPUS = 4
+# CPU-seconds per GB staged: s3transfer's copy + sha256, median of `python -m benchmarks.staging` (plain HTTP
+# to a local server; S3's TLS adds some); the least of the clients measured there but s5cmd (2.6, not a clear win)
+STAGING_CPU_S_PER_GB = 2.9
 
 
 @dataclass(frozen=True)
@@ -198,10 +202,10 @@ def plan(cfg: TrainConfig, *, data: str | None, device: torch.device, seconds: f
     rows.append({"phase": f"warm-up/compile x {len(sizes)}", "epochs": 0, "image_size": None,
                  "step_images_per_s": None, "loader_images_per_s": None, "bound": "compile",
                  "hours": sum(steps[s]["warmup_s"] for s in sizes) / 3600})
+    minutes, bound = minutes_to_first_step(shards_gb, network_gbit)
     rows.append({"phase": f"staging x {launches} launch(es)", "epochs": 0, "image_size": None,
-                 "step_images_per_s": None, "loader_images_per_s": None,
-                 "bound": f"network: {shards_gb:g} GB at {network_gbit:g} Gbit/s",
-                 "hours": launches * shards_gb * 8 / network_gbit / 3600})
+                 "step_images_per_s": None, "loader_images_per_s": None, "bound": bound,
+                 "hours": launches * minutes / 60})
     hours = sum(row["hours"] for row in rows)
     data_cost = data_costs(cfg, launches=launches, shards_gb=shards_gb, shard_files=shard_files,
                            cross_region=cross_region, train_images=train_images, val_images=val_images)
@@ -211,6 +215,17 @@ def plan(cfg: TrainConfig, *, data: str | None, device: torch.device, seconds: f
             "spot_price_per_hour": spot_price_per_hour,
             "spot_dollars": hours * spot_price_per_hour if spot_price_per_hour is not None else None,
             "data": data_cost, "total_dollars": hours * price_per_hour + data_cost["dollars"]}
+
+
+def minutes_to_first_step(gb_first: float, network_gbit: float, vcpus: int = G6_XLARGE_VCPUS,
+                          cpu_s_per_gb: float = STAGING_CPU_S_PER_GB) -> tuple[float, str]:
+    """(minutes of staging before a launch's first step, what bounds them): the GB the first step
+    needs (the whole set: the loaders are built on a complete copy) at the slower of the link and
+    what `vcpus` can fetch and hash (`cpu_s_per_gb`, measured)."""
+    link_gb_s, cpu_gb_s = network_gbit / 8, vcpus / cpu_s_per_gb
+    if link_gb_s <= cpu_gb_s:
+        return gb_first / link_gb_s / 60, f"network: {gb_first:g} GB at {network_gbit:g} Gbit/s"
+    return gb_first / cpu_gb_s / 60, f"CPU: {gb_first:g} GB at {cpu_s_per_gb:g} CPU-s/GB on {vcpus} vCPUs"
 
 
 def _bound(step_rate: float, loader_rate: float | None) -> str:

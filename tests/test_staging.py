@@ -267,3 +267,52 @@ def test_a_stop_while_staging_keeps_what_finished_and_the_next_start_fetches_the
     again = staging.stage(f"s3://{s3_bucket}/shards", local, SPLITS, progress=False, log=lambda line: None)
     assert 1 <= again.fetched < again.files and again.fetched == again.files - len(kept)
     assert find_shards(local, "validation").samples == 40
+
+
+@pytest.mark.slow
+def test_a_notice_while_train_py_stages_exits_75_and_the_relaunch_stages_and_ends_as_the_straight_run(
+        sample_shards, straight_run, s3_bucket, s3_proxy, tmp_path):
+    """EC2's notice (the stand-in IMDS) while train.py stages --data s3://: exit 75 before any
+    step, the finished files recorded; the relaunch, a new machine (a new stage folder), stages
+    again and trains to the uninterrupted run's weights."""
+    import time
+    import urllib.request
+
+    import torch
+    from conftest import EXACT, child_env, records, train
+
+    from dali_imagenet.run import exits, spot
+    from standins.imds import StandInIMDS
+
+    upload_folder(sample_shards, s3_bucket, "shards")
+    imds = StandInIMDS()
+    sets = (*EXACT, "spot_poll_seconds=0.2", "s3_resume_timeout_s=2", "checkpoint_minutes=1000")
+    runs = f"s3://{s3_bucket}/runs/staged"
+    given = []
+
+    def notice_at_the_first_shard(request):
+        if request.method == "GET" and request.key.endswith(".tar") and not given:
+            given.append(time.time())
+            urllib.request.urlopen(urllib.request.Request(imds.notice_url, data=b"", method="POST"), timeout=5).read()
+            time.sleep(1.0)  # the watcher polls every 0.2 s: it has seen it before this shard lands
+
+    s3_proxy.before_forward = notice_at_the_first_shard
+    try:
+        first = train(f"s3://{s3_bucket}/shards", tmp_path / "first", *sets, check=False,
+                      extra=["--s3", runs, "--stage-dir", str(tmp_path / "machine-1")],
+                      env=child_env(AWS_EC2_METADATA_SERVICE_ENDPOINT=imds.url, AWS_EC2_METADATA_DISABLED="false"))
+    finally:
+        s3_proxy.before_forward = None
+        imds.close()
+    assert first.returncode == exits.RECLAIM, first.stderr[-3000:]
+    assert f"{spot.NOTICE}: stopped during start-up, nothing trained; exit 75" in first.stderr
+    assert not (tmp_path / "machine-1" / "manifest.json").exists()  # not a complete copy
+    assert not list((tmp_path / "machine-1").rglob("*.part*"))  # nothing half-written left
+    second = train(f"s3://{s3_bucket}/shards", tmp_path / "second", *sets,
+                   extra=["--resume", "auto", "--s3", runs, "--spot", "off",
+                          "--stage-dir", str(tmp_path / "machine-2")])
+    assert "staged s3://" in second.stdout and (tmp_path / "machine-2" / "manifest.json").is_file()
+    a = torch.load(straight_run / "final_weights.pt", weights_only=True)
+    b = torch.load(tmp_path / "second" / "final_weights.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a), "reclaimed while staging + relaunched != straight"
+    assert [r["step"] for r in records(tmp_path / "second") if "loss" in r] == list(range(1, 13))
