@@ -41,9 +41,10 @@ IMAGENET_SHARDS_GB = 147.0  # shard-imagenet's train + validation shards, as the
 IMAGENET_SHARD_FILES = 2 * (1_025 + 40)  # tars and their indices, train + validation
 G6_XLARGE_GBIT = 2.5  # network baseline (bursts to 10 on credits)
 G6_XLARGE_VCPUS = 4
-# CPU-seconds per GB staged: s3transfer's copy + sha256, median of `python -m benchmarks.staging` (plain HTTP
-# to a local server; S3's TLS adds some); the least of the clients measured there but s5cmd (2.6, not a clear win)
-STAGING_CPU_S_PER_GB = 2.9
+# CPU-seconds per GB staged: s3transfer's copy + sha256, the median of `python -m benchmarks.staging` (2.1 and 2.9
+# in two runs on a loaded 2-core machine; plain HTTP to a local server: S3's TLS adds some). s5cmd took 1.9 and 2.6,
+# not a clear win; boto3's CRT client 3.3 and 4.8.
+STAGING_CPU_S_PER_GB = 2.5
 
 
 @dataclass(frozen=True)

@@ -242,7 +242,7 @@ def table(clients: list[dict], notices: list[dict]) -> str:
         if rows:
             med = {k: statistics.median(r[k] for r in rows) for k in ("mb_per_s", "cpu_s_per_gb",
                                                                        "server_cpu_s_per_gb")}
-            label = "staging.stage (s3transfer, window, checks)" if name == "stage" else name
+            label = "staging.stage (s3transfer, window, MD5 of the ETag, record)" if name == "stage" else name
             lines.append(f"| {label} | {med['mb_per_s']:.0f} | {med['cpu_s_per_gb']:.2f} | "
                          f"{med['server_cpu_s_per_gb']:.2f} | {len(rows)} |")
     if notices:

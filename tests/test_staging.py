@@ -8,6 +8,7 @@ import contextlib
 import json
 import shutil
 import subprocess
+import sys
 import threading
 from collections import Counter
 
@@ -316,3 +317,29 @@ def test_a_notice_while_train_py_stages_exits_75_and_the_relaunch_stages_and_end
     b = torch.load(tmp_path / "second" / "final_weights.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a), "reclaimed while staging + relaunched != straight"
     assert [r["step"] for r in records(tmp_path / "second") if "loss" in r] == list(range(1, 13))
+
+
+def test_the_plan_stages_at_the_slower_of_the_link_and_the_cpus():
+    from benchmarks.plan import minutes_to_first_step
+
+    minutes, bound = minutes_to_first_step(147, 2.5, vcpus=4, cpu_s_per_gb=2.5)
+    assert minutes == pytest.approx(147 * 8 / 2.5 / 60) and bound.startswith("network")
+    minutes, bound = minutes_to_first_step(147, 100, vcpus=4, cpu_s_per_gb=2.5)  # 12.5 GB/s of link, 1.6 of CPU
+    assert minutes == pytest.approx(147 * 2.5 / 4 / 60) and bound == "CPU: 147 GB at 2.5 CPU-s/GB on 4 vCPUs"
+
+
+def test_the_staging_benchmark_measures_each_client_and_the_notice(tmp_path):
+    """`python -m benchmarks.staging` at toy sizes: a row per client it could run, and the notice's timing."""
+    from conftest import REPO, child_env
+
+    result = subprocess.run([sys.executable, "-m", "benchmarks.staging", "--clients", "s3transfer", "stage",
+                             "--objects", "2", "--mb", "1", "--repeats", "1", "--notice-objects", "600"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300, env=child_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    clients = {r["client"]: r for r in rows if r["stage"] == "staging-client"}
+    assert set(clients) == {"s3transfer", "stage"}
+    assert all(r["bytes"] == 2 * 2**20 and r["files"] == 2 and r["cpu_s_per_gb"] > 0 for r in clients.values())
+    notice = next(r for r in rows if r["stage"] == "staging-notice")
+    assert notice["gets_at_notice"] <= notice["gets_sent"] < 600 and notice["landed"] < 600
+    assert "| s3transfer |" in result.stdout and "notice to exit while staging 600 objects" in result.stdout
