@@ -305,9 +305,13 @@ def _fetch(client, bucket: str, prefix: str, folder: Path, wanted: list[Wanted],
         else:
             failures.append(f"{what} (after {TRIES} tries)")
 
+    def recorded(item: Wanted) -> None:
+        stat = (folder / item.name).stat()
+        record[item.name] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "check": item.check}
+
+    checks = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))
     try:
-        with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as checks, \
-                create_transfer_manager(client, config) as manager:
+        with create_transfer_manager(client, config) as manager:
             while queue or in_flight or checking:
                 interrupt()  # a spot notice during staging: leave, keeping what is finished
                 now, later = time.monotonic(), deque()
@@ -341,12 +345,17 @@ def _fetch(client, bucket: str, prefix: str, folder: Path, wanted: list[Wanted],
                         bar.update(-item.bytes)
                         failed(item, problem)
                     else:
-                        stat = (folder / item.name).stat()
-                        record[item.name] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "check": item.check}
+                        recorded(item)
                 checking = still
                 if in_flight or checking or queue:
                     time.sleep(POLL_S)
     finally:
+        # Stopped early: the checks under way finish (a file each), those not started are dropped
+        # (their .part files go at the next start); every file that landed is recorded.
+        checks.shutdown(wait=True, cancel_futures=True)
+        for check, item in checking:
+            if not check.cancelled() and check.exception() is None and check.result() is None:
+                recorded(item)
         bar.close()
     if failures:
         more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
