@@ -350,11 +350,16 @@ def _fetch(client, bucket: str, prefix: str, folder: Path, wanted: list[Wanted],
                 if in_flight or checking or queue:
                     time.sleep(POLL_S)
     finally:
-        # Stopped early: the checks under way finish (a file each), those not started are dropped
-        # (their .part files go at the next start); every file that landed is recorded.
+        # Stopped early (the transfer manager has stopped its transfers): the checks under way
+        # finish (a file each), those not started are dropped; so are the .part files of both,
+        # and every file that landed is recorded.
         checks.shutdown(wait=True, cancel_futures=True)
+        for _, item in in_flight:
+            (folder / (item.name + PART)).unlink(missing_ok=True)
         for check, item in checking:
-            if not check.cancelled() and check.exception() is None and check.result() is None:
+            if check.cancelled():
+                (folder / (item.name + PART)).unlink(missing_ok=True)
+            elif check.exception() is None and check.result() is None:
                 recorded(item)
         bar.close()
     if failures:
