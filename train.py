@@ -86,16 +86,21 @@ def setup(args, cfg: TrainConfig, procs: distributed.Processes, leaving: Leaving
     if args.s3 and procs.master:  # before anything is written or staged: S3 takes our files, no other job writes there
         s3.probe_writes(args.s3, cfg.s3_resume_timeout_s)
         leaving.hold(args.s3, cfg.lease_seconds, cfg.s3_resume_timeout_s)
-    data, shards, val_shards = read_splits(args, cfg, procs, leaving)
+    staged, shards, val_shards = read_splits(args, cfg, procs, leaving)
+    data = staged.data
     training = recipe.build(cfg, shards.num_classes, procs, precision)
     point, initialised = starting_weights(args, cfg, procs, training, run_dir, shards)
+    # The tars still to stage arrive while training, in the order this epoch reads them; the loaders wait on them.
+    staged.begin(staging.run_order(shards, val_shards, cfg.seed, point.state.epoch, procs.world,
+                                   staging.machine_ranks(procs.rank, procs.local_rank)))
     stops = StopCheck(leaving.request, procs, checkpoint_minutes=cfg.checkpoint_minutes, max_minutes=cfg.max_minutes,
                       max_steps=cfg.max_steps, earlier_s=point.state.wall_s)
     stops.interrupt_if_asked()  # a notice during the resume download: leave before anything is written
     backend = "dali" if args.dali else "torchvision"
     loader_options = dict(batch_size=cfg.batch_size, device=procs.device, rank=procs.rank, world_size=procs.world,
                           dtype=precision.loader_dtype, backend=backend, num_threads=cfg.loader_threads,
-                          hw_decoder_load=cfg.hw_decoder_load, normalization=cfg.normalization())
+                          hw_decoder_load=cfg.hw_decoder_load, normalization=cfg.normalization(),
+                          landing=staged.landing)
     val_loader = make_loader(val_shards, "validation", image_size=cfg.val_image_size,
                              crop_fraction=cfg.val_crop_fraction, interpolation=cfg.val_interpolation,
                              crop_mode=cfg.val_crop_mode, **loader_options)
@@ -129,17 +134,18 @@ def setup(args, cfg: TrainConfig, procs: distributed.Processes, leaving: Leaving
 
 
 def read_splits(args, cfg: TrainConfig, procs: distributed.Processes, leaving: Leaving):
-    """(what the loaders read, the train split, the val split): s3:// data is staged to a local
-    disk first unless streamed (which then says what it costs); both splits must be labelled."""
-    data = staging.local_data(args.data, args.stage_dir, stream=args.stream, here=procs.local_master,
-                              interrupt=leaving.request.interrupt_if_asked)
-    shards, val_shards = find_shards(data, "train"), find_shards(data, "validation")
+    """(what the loaders read and wait on: `staging.Staging`, the train split, the val split):
+    s3:// data is staged to a local disk unless streamed (which then says what it costs); both
+    splits must be labelled."""
+    staged = staging.local_data(args.data, args.stage_dir, stream=args.stream, here=procs.local_master,
+                                interrupt=leaving.request.interrupt_if_asked)
+    shards, val_shards = find_shards(staged.data, "train"), find_shards(staged.data, "validation")
     if args.stream and s3.is_s3(args.data) and procs.master:
         print(staging.streaming_line(args.data, shards.samples + val_shards.samples, cfg.epochs,
                                      cfg.s3_get_price_per_1000), file=sys.stderr, flush=True)
     shards.require_labels("training")
     val_shards.require_labels("validation")
-    return data, shards, val_shards
+    return staged, shards, val_shards
 
 
 def starting_weights(args, cfg: TrainConfig, procs: distributed.Processes, training, run_dir, shards):
@@ -261,7 +267,14 @@ def train(run: Run) -> str | None:
         validate(run)
     while state.epoch < run.cfg.epochs:
         run.stops.interrupt_if_asked()  # before the epoch's loader is built and its first step compiles
-        result = train_one_epoch(run, run.train_loader())
+        loader = run.train_loader()
+        try:
+            result = train_one_epoch(run, loader)
+        except Interrupted:  # a notice while the loader waited for a shard still being staged
+            if state.batch_in_epoch and run.procs.world == 1:  # the steps so far are kept (one process: no peer)
+                state.loader = [loader.state_dict()]
+                run.save_checkpoint()
+            raise
         if result.ended:
             end_epoch(run, result.rates)
         if result.stop:

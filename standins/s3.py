@@ -16,7 +16,10 @@ client's side. For the tests of a bucket that misbehaves: `refuse_writes` answer
 (PUT, POST, DELETE) with S3's 403 AccessDenied, as a bucket policy or an IAM role without
 s3:PutObject does; `before_forward(request)` is called before each request goes on (it may wait);
 `corrupt_next` holds keys whose next GET gets its body's first byte changed (same length, same
-headers: a body damaged on its way, which only a checksum tells), once each.
+headers: a body damaged on its way, which only a checksum tells), once each. `bytes_per_s` caps
+the bodies sent, all connections together (a slow link); `pause_midway[key]` (a threading.Event)
+holds a GET of that key after half its body was sent, until the event is set (a download that
+arrives late, half of it already written).
 """
 from __future__ import annotations
 
@@ -79,7 +82,10 @@ class LatencyProxy:
         self.refuse_writes = False
         self.before_forward = None  # Callable[[Request], None]
         self.corrupt_next: set[str] = set()
+        self.bytes_per_s: float | None = None
+        self.pause_midway: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
+        self._link_free = 0.0  # time.monotonic() when the capped link has sent what was given to it
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -127,9 +133,16 @@ class LatencyProxy:
                     if payload is not None:
                         self.wfile.write(_damaged(payload) if damage else payload)
                         return
-                    while block := response.read(CHUNK):
+                    pause = proxy.pause_midway.get(key) if self.command == "GET" else None
+                    half, sent = int(length or 0) // 2, 0
+                    while block := response.read(CHUNK if pause is None else min(CHUNK, max(half - sent, 1))):
+                        proxy._pace(len(block))
                         self.wfile.write(_damaged(block) if damage else block)
-                        damage = False
+                        damage, sent = False, sent + len(block)
+                        if pause is not None and sent >= half:
+                            self.wfile.flush()
+                            pause.wait(timeout=120)
+                            pause = None
                 finally:
                     upstream_connection.close()
 
@@ -163,6 +176,15 @@ class LatencyProxy:
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
+
+    def _pace(self, size: int) -> None:
+        """Waits until the capped link has room for `size` more bytes (one queue for every connection)."""
+        if not self.bytes_per_s:
+            return
+        with self._lock:
+            self._link_free = max(time.monotonic(), self._link_free) + size / self.bytes_per_s
+            until = self._link_free
+        time.sleep(max(0.0, until - time.monotonic()))
 
     def _take_corrupt(self, key: str) -> bool:
         with self._lock:

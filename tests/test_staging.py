@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from conftest import upload_folder
@@ -88,7 +89,9 @@ def test_an_object_that_is_not_the_manifests_shard_stops_in_one_line(sample_shar
         staging.stage(f"s3://{s3_bucket}/shards", tmp_path / "staged", ("validation",), progress=False,
                       log=lambda line: None)
     assert "\n" not in str(error.value)
-    assert not (tmp_path / "staged" / name).exists()  # a wrong copy is not left for the loaders
+    record = json.loads((tmp_path / "staged" / staging.RECORD).read_text())
+    assert record[name] == {"pending": True}  # a wrong copy is never recorded as landed: a loader would wait
+    assert not (tmp_path / "staged" / "manifest.json").exists()  # not a complete copy
     assert not list((tmp_path / "staged").rglob("*.part*"))
 
 
@@ -275,8 +278,8 @@ def test_a_stop_while_staging_keeps_what_finished_and_the_next_start_fetches_the
 def test_a_notice_while_train_py_stages_exits_75_and_the_relaunch_stages_and_ends_as_the_straight_run(
         sample_shards, straight_run, s3_bucket, s3_proxy, tmp_path):
     """EC2's notice (the stand-in IMDS) while train.py stages --data s3://: exit 75 before any
-    step, the finished files recorded; the relaunch, a new machine (a new stage folder), stages
-    again and trains to the uninterrupted run's weights."""
+    step, the finished files recorded, the others pending; the relaunch on the same machine
+    fetches only what had not landed and trains to the uninterrupted run's weights."""
     import time
     import urllib.request
 
@@ -308,12 +311,17 @@ def test_a_notice_while_train_py_stages_exits_75_and_the_relaunch_stages_and_end
         imds.close()
     assert first.returncode == exits.RECLAIM, first.stderr[-3000:]
     assert f"{spot.NOTICE}: stopped during start-up, nothing trained; exit 75" in first.stderr
-    assert not (tmp_path / "machine-1" / "manifest.json").exists()  # not a complete copy
+    record = json.loads((tmp_path / "machine-1" / staging.RECORD).read_text())
+    tars = [name for name in record if name.endswith(".tar")]
+    assert any(record[name] == {"pending": True} for name in tars)  # not landed: fetched again by the relaunch
     assert not list((tmp_path / "machine-1").rglob("*.part*"))  # nothing half-written left
+    s3_proxy.reset()
     second = train(f"s3://{s3_bucket}/shards", tmp_path / "second", *sets,
                    extra=["--resume", "auto", "--s3", runs, "--spot", "off",
-                          "--stage-dir", str(tmp_path / "machine-2")])
-    assert "staged s3://" in second.stdout and (tmp_path / "machine-2" / "manifest.json").is_file()
+                          "--stage-dir", str(tmp_path / "machine-1")])
+    assert "staged s3://" in second.stdout
+    refetched = {r.key.rsplit("/", 1)[-1] for r in s3_proxy.object_reads("shards/") if r.key.endswith(".tar")}
+    assert refetched == {name.rsplit("/", 1)[-1] for name in tars if record[name] == {"pending": True}}
     a = torch.load(straight_run / "final_weights.pt", weights_only=True)
     b = torch.load(tmp_path / "second" / "final_weights.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a), "reclaimed while staging + relaunched != straight"
@@ -344,3 +352,146 @@ def test_the_staging_benchmark_measures_each_client_and_the_notice(tmp_path):
     notice = next(r for r in rows if r["stage"] == "staging-notice")
     assert notice["gets_at_notice"] <= notice["gets_sent"] < 600 and notice["landed"] < 600
     assert "| s3transfer |" in result.stdout and "notice to exit while staging 600 objects" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def fine_shards(sample_dir, tmp_path_factory):
+    """The sample in shards of 4 images (24 train, 10 validation): at batch 4 and a shuffle buffer
+    of 4, DALI's reader reaches 6 train shards before the first step, so most are read later."""
+    from shard_tools.convert import Options, convert
+
+    out = tmp_path_factory.mktemp("fine")
+    convert(sample_dir, str(out), SPLITS, Options(shard_size=4), progress=False)
+    return out
+
+
+FINE = ("batch_size=4", "shuffle_buffer=4", "log_every=1", "checkpoint_minutes=0.0001", "s3_resume_timeout_s=2")
+
+
+@pytest.fixture(scope="module")
+def fine_local_run(fine_shards, tmp_path_factory):
+    """EXACT on the local fine shards: what a run that stages while it trains must equal."""
+    from conftest import EXACT, train
+
+    out = tmp_path_factory.mktemp("fine-local") / "run"
+    train(fine_shards, out, *EXACT, *FINE)
+    return out
+
+
+class LateShard:
+    """The last tar the run reads, held by the proxy after half its body was sent (so half of it is
+    on disk, not landed) until the run has made its first step and then stalled: its records have
+    stopped growing for `quiet_s`. `then(run_dir)` is called at that moment, before the release."""
+
+    def __init__(self, proxy, fine_shards, bucket: str, run_dir, then=lambda run_dir: None, quiet_s: float = 1.5):
+        from dali_imagenet.config import TrainConfig  # the seed: the default in both runs
+
+        train_split, val_split = find_shards(fine_shards, "train"), find_shards(fine_shards, "validation")
+        order = staging.run_order(train_split, val_split, TrainConfig.seed, 0, 1, range(1))
+        self.name = str(Path(order[-1]).relative_to(fine_shards))
+        self.released, self.steps_at_release, self.on_disk = threading.Event(), None, None
+        proxy.pause_midway[f"shards/{self.name}"] = self.released
+        self._thread = threading.Thread(target=self._watch, args=(run_dir, then, quiet_s), daemon=True)
+        self._thread.start()
+
+    def _watch(self, run_dir, then, quiet_s):
+        import time
+
+        metrics, last, since, deadline = run_dir / "metrics.jsonl", None, time.monotonic(), time.monotonic() + 120
+        while time.monotonic() < deadline:
+            size = metrics.stat().st_size if metrics.exists() else 0
+            steps = [json.loads(line) for line in metrics.read_text().splitlines()] if size else []
+            if size != last:
+                last, since = size, time.monotonic()
+            elif any("loss" in r for r in steps) and time.monotonic() - since > quiet_s:
+                self.steps_at_release = max(r["step"] for r in steps if "loss" in r)
+                break
+            time.sleep(0.1)
+        self.on_disk = (run_dir.parent / "machine" / self.name).read_bytes()
+        then(run_dir)
+        time.sleep(0.5)
+        self.released.set()
+
+    def join(self):
+        self._thread.join(timeout=130)
+
+
+def test_a_run_trains_while_staging_waits_for_a_late_shard_and_ends_on_the_local_runs_weights(
+        fine_shards, fine_local_run, s3_bucket, s3_latency, tmp_path, monkeypatch):
+    """The task's run on s3:// behind latency and a capped link: its first step comes while a tar
+    it reads later is half written (held midway by the proxy until the run has stepped and then
+    stalled waiting for it), the wait is the meter's data wait, and the weights are the local run's."""
+    import torch
+    from conftest import EXACT, records, train
+
+    upload_folder(fine_shards, s3_bucket, "shards")
+    s3_latency.bytes_per_s = 4e6
+    monkeypatch.setattr(staging, "IO_CHUNK", 16 * 2**10)  # the held tar's first half reaches the disk
+    late = LateShard(s3_latency, fine_shards, s3_bucket, tmp_path / "run")
+    try:
+        result = train(f"s3://{s3_bucket}/shards", tmp_path / "run", *EXACT, *FINE,
+                       extra=["--stage-dir", str(tmp_path / "machine")])
+    finally:
+        late.released.set()
+        late.join()
+    steps_per_epoch = 96 // 4
+    assert late.steps_at_release is not None, "the run never stepped while the late shard was held"
+    assert 1 <= late.steps_at_release < steps_per_epoch  # stepped before it landed, then waited for it
+    real = (fine_shards / late.name).read_bytes()
+    assert late.on_disk != real and late.on_disk[:1000] == real[:1000]  # half written meanwhile, not landed
+    assert "(while training)" in result.stdout
+    logged = records(tmp_path / "run")
+    waits = [r["data_wait"] for r in logged if "data_wait" in r and r["step"] > late.steps_at_release]
+    assert waits and waits[0] > 0.2, waits  # the step after the stall: mostly waiting for the shard
+    assert next(r["epoch_data_wait"] for r in logged if "epoch_data_wait" in r) > 0
+    a = torch.load(fine_local_run / "final_weights.pt", weights_only=True)
+    b = torch.load(tmp_path / "run" / "final_weights.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a), "staged while training != the run on the local shards"
+
+
+def test_a_notice_while_a_run_waits_for_a_shard_exits_75_and_the_relaunch_ends_on_the_local_runs_weights(
+        fine_shards, fine_local_run, s3_bucket, s3_latency, tmp_path):
+    """EC2's notice while the run trains and waits for a shard still arriving: exit 75 with the
+    steps so far checkpointed; the relaunch on the same machine fetches what had not landed,
+    resumes mid-epoch and ends on the weights of the run on local shards."""
+    import urllib.request
+
+    import torch
+    from conftest import EXACT, child_env, records, train
+
+    from dali_imagenet.run import exits
+    from standins.imds import StandInIMDS
+
+    upload_folder(fine_shards, s3_bucket, "shards")
+    s3_latency.bytes_per_s = 4e6
+    imds = StandInIMDS()
+
+    def notice(run_dir):
+        urllib.request.urlopen(urllib.request.Request(imds.notice_url, data=b"", method="POST"), timeout=5).read()
+
+    late = LateShard(s3_latency, fine_shards, s3_bucket, tmp_path / "run", then=notice)
+    machine = ["--stage-dir", str(tmp_path / "machine")]
+    try:
+        first = train(f"s3://{s3_bucket}/shards", tmp_path / "run", *EXACT, *FINE, "spot_poll_seconds=0.2",
+                      check=False, extra=machine,
+                      env=child_env(AWS_EC2_METADATA_SERVICE_ENDPOINT=imds.url, AWS_EC2_METADATA_DISABLED="false"))
+    finally:
+        late.released.set()
+        late.join()
+        imds.close()
+    assert first.returncode == exits.RECLAIM, first.stdout[-2000:] + first.stderr[-3000:]
+    assert 1 <= late.steps_at_release < 24
+    record = json.loads((tmp_path / "machine" / staging.RECORD).read_text())
+    assert record[late.name] == {"pending": True}
+    stopped = [r for r in records(tmp_path / "run") if r.get("event") == "stopped"]
+    assert stopped and stopped[0]["step"] == late.steps_at_release
+    s3_latency.pause_midway.clear()
+    s3_latency.reset()
+    second = train(f"s3://{s3_bucket}/shards", tmp_path / "run", *EXACT, *FINE,
+                   extra=[*machine, "--resume", "auto", "--spot", "off"])
+    fetched = {r.key for r in s3_latency.object_reads("shards/") if r.key.endswith(".tar")}
+    assert f"shards/{late.name}" in fetched and len(fetched) < 34  # only what had not landed
+    assert "resum" in second.stdout.lower()
+    a = torch.load(fine_local_run / "final_weights.pt", weights_only=True)
+    b = torch.load(tmp_path / "run" / "final_weights.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a), "reclaimed while staging-and-training + relaunched != local"

@@ -96,10 +96,13 @@ class TorchvisionLoader(EpochPosition):
                  world_size: int, batches: int, seed: int, dtype: torch.dtype, train: bool, threads: int,
                  shuffle_buffer: int, crop_fraction: float, crop_min_area: float, resume: dict | None,
                  hw_decoder_load: float, normalization=None, interrupt=None,  # hw_decoder_load: DALI's, not ours
-                 interpolation: str = "bilinear", crop_mode: str = "center"):
+                 interpolation: str = "bilinear", crop_mode: str = "center", landing=None):
         if any(s3.is_s3(t) for t in shards.tars):
             raise ShardError("the torchvision baseline reads local shards only; use the DALI loader for s3://")
         super().__init__(shards, batch_size, batches, train, resume)
+        # Staged while training: the baseline (a comparison, not the fast path) waits for its whole rank share.
+        share = [tar for tar, _, _ in rank_pieces(shards, world_size, rank)]
+        self.build_wait_s = landing.wait(share) if landing else 0.0
         self.device = device
         self._interrupt = interrupt
         self._empty = (torch.empty((0, 3, image_size, image_size), dtype=dtype), torch.empty(0, dtype=torch.int64))

@@ -5,15 +5,26 @@ mid-epoch restores the reader instead of decoding the epoch's earlier batches ag
 A reader state belongs to the sample list it was taken on. If the split's sample count changed
 since (`verify-shards --repair` dropped a bad sample), it cannot be restored: the epoch is then
 rebuilt on the repaired shards and its first `batch` batches are decoded and dropped (a replay),
-so the epoch continues at the same batch number, over the new, shorter epoch."""
+so the epoch continues at the same batch number, over the new, shorter epoch.
+
+While `train.py` stages, the tars arrive during training (`staging.Landing`): before the pipeline
+is built and before each batch, the loader waits until every tar the reader can reach has landed.
+DALI reads ahead of the batches handed out: the pipeline's queue (`PREFETCH_DEPTH` batches, filled
+when the iterator is built), the reader's own (`READER_PREFETCH`), the batch being made and the
+shuffle buffer (`initial_fill`); one more tar is a margin. Were that model ever wrong, the reader
+would meet a placeholder's zeros: a zeroed JPEG does not decode, so DALI fails loudly (checked by
+experiment with DALI 2.4: "nvImageCodec failure", the sample named), it never trains on them."""
 from __future__ import annotations
 
 import os
 
 import torch
 
-from dali_imagenet.data.partition import EpochPosition, rank_range
+from dali_imagenet.data.partition import EpochPosition, rank_range, tars_within_reach
 from dali_imagenet.data.shards import ShardError, SplitShards, find_undecodable
+
+PREFETCH_DEPTH = 2  # batches the pipeline prepares ahead (its prefetch_queue_depth)
+READER_PREFETCH = 1  # batches the webdataset reader reads ahead of the pipeline (its own prefetch_queue_depth)
 
 
 class DaliLoader(EpochPosition):
@@ -21,7 +32,7 @@ class DaliLoader(EpochPosition):
                  world_size: int, batches: int, seed: int, dtype: torch.dtype, train: bool, threads: int,
                  shuffle_buffer: int, crop_fraction: float, crop_min_area: float, resume: dict | None,
                  hw_decoder_load: float, normalization=None, interrupt=None, interpolation: str = "bilinear",
-                 crop_mode: str = "center"):
+                 crop_mode: str = "center", landing=None):
         from nvidia.dali import types
         from nvidia.dali.plugin.base_iterator import LastBatchPolicy
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
@@ -33,6 +44,9 @@ class DaliLoader(EpochPosition):
         restorable = resume is not None and resume.get("samples", shards.samples) == shards.samples
         self._replay = self.position if resume and not restorable else 0
         self._interrupt = interrupt
+        self._landing, self._rank, self._world, self._shuffle_buffer = landing, rank, world_size, shuffle_buffer
+        self._reader_batches = self.position if restorable else 0  # where the reader stands in the epoch
+        self.build_wait_s = self._wait_for_shards()  # seconds waited for tars before the build (data wait)
         # DALI has no bfloat16 output: emit float16 and convert on the device (one cheap kernel).
         self._cast_to = torch.bfloat16 if dtype == torch.bfloat16 else None
         on_gpu = device.type == "cuda"
@@ -56,7 +70,7 @@ class DaliLoader(EpochPosition):
             num_threads=threads,
             device_id=device.index if on_gpu else None,
             seed=seed,
-            prefetch_queue_depth=2,
+            prefetch_queue_depth=PREFETCH_DEPTH,
             enable_checkpointing=True,
             checkpoint=resume["dali"] if restorable else None,
         )
@@ -103,7 +117,20 @@ class DaliLoader(EpochPosition):
             return
         raise RuntimeError(f"DALI's epoch is longer than the {self._batches} batches computed for it")
 
+    def _wait_for_shards(self) -> float:
+        """Waits for the tars the reader can reach before it hands out its next batch (all of a
+        validation's: its loader is built once and reads it whole); the seconds waited."""
+        if self._landing is None:
+            return 0.0
+        if not self.train:
+            return self._landing.wait(self.shards.tars)
+        reach = ((self._reader_batches + PREFETCH_DEPTH + READER_PREFETCH + 1) * self.batch_size
+                 + self._shuffle_buffer)
+        return self._landing.wait(tars_within_reach(self.shards, self._world, self._rank, reach, self.train))
+
     def _next_batch(self) -> dict:
+        self._wait_for_shards()
+        self._reader_batches += 1
         try:
             batch = next(self._iterator)[0]
         except StopIteration:  # fewer batches on one rank would leave the others waiting

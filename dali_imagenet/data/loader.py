@@ -34,6 +34,7 @@ class Loader(Protocol):
     num_samples: int  # in the split, over all ranks
     num_classes: int
     batches_read: int  # batches this process decoded (a resume that restores must not replay)
+    build_wait_s: float  # seconds waited for staged tars before the first batch could be read
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (the same on every rank)."""
@@ -52,7 +53,7 @@ def make_loader(data, split: str, batch_size: int, *, device: str | torch.device
                 crop_min_area: float = TRAIN_CROP_MIN_AREA, cache_dir=None, resume: dict | None = None,
                 hw_decoder_load: float = HW_DECODER_LOAD, normalization=None,
                 interrupt: Callable[[int], None] | None = None, interpolation: str = "bilinear",
-                crop_mode: str = "center") -> Loader:
+                crop_mode: str = "center", landing=None) -> Loader:
     """`data`: a shard folder, `s3://` prefix or timm-layout folder, or the `SplitShards` of one.
     `train` defaults to `split == "train"` (random crops, flips, shuffling, dropped last batch).
 
@@ -65,6 +66,8 @@ def make_loader(data, split: str, batch_size: int, *, device: str | torch.device
     `hw_decoder_load`: DALI on a GPU, the share of JPEGs for the hardware decoder (0: nvJPEG's hybrid path).
     `normalization`: (mean, std) on 0-1 pixel values, the model's (default ImageNet's).
     `interpolation`, `crop_mode`: the val resize's filter and crop (`preprocess`), the model's.
+    `landing`: while the tars are being staged (`staging.Landing`), what the loader waits on before
+    reading one (the seconds before the first batch: `build_wait_s`).
     """
     if backend not in BACKENDS:
         raise UsageError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
@@ -92,7 +95,7 @@ def make_loader(data, split: str, batch_size: int, *, device: str | torch.device
                    shuffle_buffer=max(1, min(shuffle_buffer, shards.samples // world_size)),
                    crop_fraction=crop_fraction, crop_min_area=crop_min_area, resume=resume,
                    hw_decoder_load=hw_decoder_load, normalization=normalization, interrupt=interrupt,
-                   interpolation=interpolation, crop_mode=crop_mode)
+                   interpolation=interpolation, crop_mode=crop_mode, landing=landing)
     if backend == "torchvision":
         from dali_imagenet.data.baseline import TorchvisionLoader  # torchvision and webdataset: only when asked for
 

@@ -42,6 +42,23 @@ def rank_pieces(shards: SplitShards, world_size: int, rank: int) -> list[tuple[s
     return pieces
 
 
+def tars_within_reach(shards: SplitShards, world_size: int, rank: int, samples: int, train: bool) -> list[str]:
+    """The tars holding the rank's first `samples` samples in reading order, and one more (a
+    margin). A train reader goes on into the next rank's share at its epoch's end (DALI's
+    `stick_to_shard=False`: the iterator's reset prefetches the next epoch there), so the walk does too."""
+    pieces = rank_pieces(shards, world_size, rank)
+    if train and world_size > 1:
+        pieces += rank_pieces(shards, world_size, (rank + 1) % world_size)
+    tars, read = [], 0
+    for tar, _, count in pieces:
+        if read >= samples:
+            tars.append(tar)  # the margin
+            break
+        tars.append(tar)
+        read += count
+    return list(dict.fromkeys(tars))
+
+
 class EpochPosition:
     """What both loaders keep of the epoch under way: the `loader.Loader` fields and `len`."""
 

@@ -5,20 +5,27 @@ another: ~2 GETs per sample and epoch (ImageNet, 40 epochs: ~100 M requests, ~$4
 bucket's ~10 ms to the first byte some 45 img/s. Staging fetches whole objects instead, many in
 flight (boto3's transfer manager), then the loaders read the local copy:
 
-- every tar is checked against the manifest (size and sha256), every index against its listing
-  (size, and the MD5 its ETag is) and the manifest's sample count, as `<name>.part`, then renamed:
-  a file under its own name is whole and checked; one that fails, or that S3 fails to send, is
-  fetched again in the same launch (a few tries, with a pause between), then named in one line;
+- the small files first (every index, checked against its listing: size, the MD5 its ETag is,
+  the manifest's sample count, fetched as `<name>.part` and renamed), then the tars in the order
+  the run reads them (`run_order`). DALI opens every tar when its pipeline is built and keeps the
+  inode, so a tar cannot arrive by rename while training: each is first a sparse placeholder of
+  its final size under its own name, is downloaded into in place, checked (size and sha256 of what
+  was written) and only then recorded as landed in `.staged.json`, which the loaders wait on
+  (`Landing`); a landed tar is never written again. A file that fails, or that S3 fails to send,
+  is fetched again in the same launch (a few tries, with a pause between), then named in one line;
 - the objects go to the transfer manager a bounded window at a time, so a spot notice is heard
   within a fraction of a second whatever the number of objects (the transfers in flight are cancelled);
 - `.staged.json` in the folder records what was verified (size, mtime, checksum): a second start
-  on the same machine fetches only what is missing or changed (a relaunch on a new machine, whose
-  local disk is new, stages again);
+  on the same machine fetches only what is missing, changed or not landed (a placeholder); a
+  relaunch on a new machine, whose local disk is new, stages again;
+- `train.py` trains while the tars arrive (`local_data`: the indices and placeholders first, the
+  tars in a thread of the machine's first process); `stage` (stage-shards, evaluate) returns when
+  every file is there;
 - the disk is checked before the first byte, in one line that says how much is needed;
 - one process at a time per folder (a file lock): torchrun's processes on one machine stage once.
 
-A timm-layout set (tars only, no manifest) is staged the same way, each tar checked by size and
-ETag; its indices are then built from the local copy (`shards.find_shards`).
+A timm-layout set (tars only, no manifest) is staged whole before training, each tar checked by
+size and ETag; its indices are then built from the local copy (`shards.find_shards`).
 """
 from __future__ import annotations
 
@@ -28,14 +35,17 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import zip_longest
 from pathlib import Path
 
 from dali_imagenet import s3
+from dali_imagenet.data.partition import epoch_shards, rank_pieces
 from dali_imagenet.data.shardformat import (
     CLASSES_TSV,
     MANIFEST,
@@ -49,18 +59,22 @@ from dali_imagenet.data.shardformat import (
     split_entry,
     write_text_atomic,
 )
-from dali_imagenet.data.shards import TIMM_SPLIT_NAMES, is_timm_tar
-from dali_imagenet.errors import DaliImagenetError
+from dali_imagenet.data.shards import TIMM_SPLIT_NAMES, SplitShards, is_timm_tar
+from dali_imagenet.errors import DaliImagenetError, Interrupted
 
-RECORD = ".staged.json"
+RECORD = ".staged.json"  # {name: {bytes, mtime_ns, check}}: verified (a tar: landed); {"pending": true}: not yet
 LOCK = ".staging.lock"
+FAILED = ".staging.failed"  # the line that ended a staging under way, for every process that waits on it
+PREPARED = ".staging.prepared"  # the launch whose indices and placeholders are in place (the local master's parent)
 PART_SIZE = 64 * 2**20  # bytes per ranged GET of a large object: ~2 GETs for a 140 MB shard
+IO_CHUNK = 256 * 2**10  # bytes per write to disk (s3transfer's default io_chunksize)
 HEADROOM = 2**30  # bytes left free on the disk after staging (logs, checkpoints, the venv)
 GETS_PER_SAMPLE = 2  # what streaming costs: DALI reads each sample's .jpg and .cls with a GET each
 PART = ".part"  # a download's name until it is whole and checked (s3transfer's own temporary name is PART + .XXXXXXXX)
 TRIES = 4  # fetches of one object (a failed or wrong copy is fetched again) before staging names it and stops
 BACKOFF_S = 1.0  # seconds before the second try of an object, doubling for each further one
 POLL_S = 0.1  # seconds between looks at the transfers (and calls of `interrupt()`)
+VAL_AFTER = 4  # train tars staged before the validation split (what the first steps read)
 
 
 class StagingError(DaliImagenetError):
@@ -112,10 +126,50 @@ def stage(url: str, folder: str | os.PathLike, splits: tuple[str, ...], *, worke
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with _locked(folder / LOCK, interrupt):
-        return _stage(url.rstrip("/"), folder, splits, workers, progress, interrupt or (lambda: None), log)
+        prepared = _prepare(url.rstrip("/"), folder, splits, workers, interrupt or (lambda: None), log,
+                            manifest_now=False)
+        staged = prepared.fetch_tars(None, progress, interrupt or (lambda: None))
+        if prepared.manifest_text is not None:  # last: a folder with a manifest is a complete copy of its splits
+            write_text_atomic(folder / MANIFEST, prepared.manifest_text.decode())
+        return staged
 
 
-def _stage(url: str, folder: Path, splits, workers: int, progress: bool, interrupt, log) -> Staged:
+@dataclass
+class _Prepared:
+    """A folder whose small files are staged and whose tars still to fetch are placeholders."""
+    url: str
+    folder: Path
+    client: object
+    tars: list[Wanted]  # to fetch, in place
+    record: dict
+    wanted: int  # files in all
+    bytes_total: int
+    bytes_needed: int  # of the files fetched, the small ones included
+    fetched: int  # small files fetched
+    started: float
+    region: str | None
+    workers: int
+    manifest_text: bytes | None
+
+    def fetch_tars(self, order: list[str] | None, progress: bool, interrupt) -> Staged:
+        """Downloads the tars into their placeholders, `order` (names under the folder) first."""
+        rank = {name: i for i, name in enumerate(order or [])}
+        tars = sorted(self.tars, key=lambda w: rank.get(w.name, len(rank)))
+        bucket, prefix = s3.split_s3_url(self.url)
+        try:
+            _fetch(self.client, bucket, prefix, self.folder, tars, self.record, self.workers, progress, interrupt)
+        finally:  # what was verified, fetched or found intact, even if a stop or a failure cut it short
+            _write_record(self.folder, self.record)
+        return Staged(self.folder, self.wanted, self.fetched + len(self.tars), self.bytes_total, self.bytes_needed,
+                      time.monotonic() - self.started, self.region)
+
+
+def _prepare(url: str, folder: Path, splits, workers: int, interrupt, log, manifest_now: bool) -> _Prepared:
+    """Lists the set, checks the disk, fetches the small files (renamed once checked) and makes
+    every tar still to fetch a placeholder of its final size, recorded as pending (not landed).
+    `manifest_now`: then writes the manifest, so that the folder can be read by `find_shards` and a
+    DALI pipeline built on it (which reads only the indices) before the tars' bytes are there; the
+    loaders must then wait on a `Landing`. Else the caller writes it once every tar has landed."""
     started = time.monotonic()
     bucket, prefix = s3.split_s3_url(url)
     client = s3.client(max_connections=workers + 4)
@@ -130,6 +184,7 @@ def _stage(url: str, folder: Path, splits, workers: int, progress: bool, interru
         wanted = _from_manifest(manifest_text, listing, splits, url)
     else:
         wanted = _from_timm_listing(url, listing, splits)
+    (folder / FAILED).unlink(missing_ok=True)
     _remove_partial_downloads(folder, wanted)
     record = _read_record(folder)
     to_fetch = [w for w in wanted if not _intact(folder, w, record)]
@@ -138,14 +193,35 @@ def _stage(url: str, folder: Path, splits, workers: int, progress: bool, interru
     if to_fetch:
         log(f"staging {url} ({'+'.join(splits)}) into {folder}: {len(to_fetch)} of {len(wanted)} files, "
             f"{need / 1e9:.2f} GB to fetch" + (f" (bucket in {region})" if region else ""))
+    # Tars of a manifest's set are written in place (placeholders); the rest (indices, a timm set's
+    # tars, whose indices are built from them) arrive whole, by rename, before any loader is built.
+    in_place = [w for w in to_fetch if manifest_text is not None and w.check.startswith("sha256:")]
+    small = [w for w in to_fetch if w not in in_place]
+    for item in in_place:
+        record[item.name] = {"pending": True}
+    _write_record(folder, record)
+    for item in in_place:
+        path = folder / item.name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "ab"):
+            pass
+        if path.stat().st_size != item.bytes:  # sparse: takes no disk until written
+            os.truncate(path, item.bytes)
     try:
-        _fetch(client, bucket, prefix, folder, to_fetch, record, workers, progress, interrupt)
-    finally:  # what was verified, fetched or found intact, even if a stop or a failure cut it short
-        write_text_atomic(folder / RECORD, json.dumps(record, indent=0, sort_keys=True))
-    if manifest_text is not None:  # last: a folder with a manifest is a complete copy of its splits
-        write_text_atomic(folder / MANIFEST, manifest_text.decode())
-    return Staged(folder, len(wanted), len(to_fetch), sum(w.bytes for w in wanted), need, time.monotonic() - started,
-                  region)
+        _fetch(client, bucket, prefix, folder, small, record, workers, False, interrupt)
+    finally:
+        _write_record(folder, record)
+    if manifest_text is not None:
+        if manifest_now:  # the folder's indices are complete, its tars placeholders or landed
+            write_text_atomic(folder / MANIFEST, manifest_text.decode())
+        elif in_place:  # a manifest left from an earlier staging no longer says the copy is complete
+            (folder / MANIFEST).unlink(missing_ok=True)
+    return _Prepared(url, folder, client, in_place, record, len(wanted), sum(w.bytes for w in wanted), need,
+                     len(small), started, region, workers, manifest_text)
+
+
+def _write_record(folder: Path, record: dict) -> None:
+    write_text_atomic(folder / RECORD, json.dumps(record, indent=0, sort_keys=True))
 
 
 def _list(client, bucket: str, prefix: str, url: str) -> dict[str, tuple[int, str]]:
@@ -239,6 +315,8 @@ def _intact(folder: Path, wanted: Wanted, record: dict) -> bool:
     if stat.st_size != wanted.bytes:
         return False
     seen = record.get(wanted.name)
+    if seen and seen.get("pending"):  # a placeholder, perhaps half written: fetched again (never hashed)
+        return False
     if (
         seen
         and seen["check"] == wanted.check
@@ -277,14 +355,15 @@ def _fetch(client, bucket: str, prefix: str, folder: Path, wanted: list[Wanted],
     from boto3.s3.transfer import TransferConfig, create_transfer_manager
     from tqdm import tqdm
 
-    config = TransferConfig(max_concurrency=workers, multipart_threshold=PART_SIZE, multipart_chunksize=PART_SIZE)
+    config = TransferConfig(max_concurrency=workers, multipart_threshold=PART_SIZE, multipart_chunksize=PART_SIZE,
+                            io_chunksize=IO_CHUNK)
     bar = tqdm(total=sum(w.bytes for w in wanted), unit="B", unit_scale=True, unit_divisor=1024, desc="staging",
                disable=not progress, file=sys.stderr, mininterval=1 if sys.stderr.isatty() else 30, smoothing=0.1)
     window = 4 * workers
     queue = deque((0.0, item) for item in wanted)  # (not before, in time.monotonic(); the object)
     tries: Counter = Counter()
     failures: list[str] = []
-    in_flight: list = []  # (s3transfer future, item)
+    in_flight: list = []  # (s3transfer future, item, its target: a path, or the open placeholder)
     checking: list = []  # (verification future, item)
 
     class Subscriber:  # s3transfer's subscriber interface
@@ -306,8 +385,14 @@ def _fetch(client, bucket: str, prefix: str, folder: Path, wanted: list[Wanted],
             failures.append(f"{what} (after {TRIES} tries)")
 
     def recorded(item: Wanted) -> None:
+        was_placeholder = placeholder(item)
         stat = (folder / item.name).stat()
         record[item.name] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "check": item.check}
+        if was_placeholder:  # landed: what the loaders wait for, on every process of the machine
+            write_text_atomic(folder / RECORD, json.dumps(record, indent=0, sort_keys=True))
+
+    def placeholder(item: Wanted) -> bool:
+        return bool(record.get(item.name, {}).get("pending"))
 
     checks = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))
     try:
@@ -320,15 +405,19 @@ def _fetch(client, bucket: str, prefix: str, folder: Path, wanted: list[Wanted],
                     if not_before > now:
                         later.append((not_before, item))
                         continue
-                    part = folder / (item.name + PART)
-                    part.parent.mkdir(parents=True, exist_ok=True)
-                    in_flight.append((manager.download(bucket, s3.join_key(prefix, item.name), str(part),
-                                                       subscribers=[Subscriber(item.bytes)]), item))
+                    if placeholder(item):  # written in place, at each part's offset (s3transfer seeks)
+                        target = open(folder / item.name, "r+b", buffering=0)  # noqa: SIM115 - closed when it ends
+                    else:
+                        target = folder / (item.name + PART)
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                    in_flight.append((manager.download(bucket, s3.join_key(prefix, item.name),
+                                                       target if placeholder(item) else str(target),
+                                                       subscribers=[Subscriber(item.bytes)]), item, target))
                 queue.extendleft(reversed(later))
                 still = []
-                for transfer, item in in_flight:
+                for transfer, item, target in in_flight:
                     if not transfer.done():
-                        still.append((transfer, item))
+                        still.append((transfer, item, target))
                         continue
                     try:
                         transfer.result()
@@ -336,7 +425,10 @@ def _fetch(client, bucket: str, prefix: str, folder: Path, wanted: list[Wanted],
                         failed(item, f"s3://{bucket}/{s3.join_key(prefix, item.name)}: cannot fetch "
                                      f"({s3.reason(error)})")
                         continue
-                    checking.append((checks.submit(_land, folder, item), item))
+                    finally:
+                        if placeholder(item):
+                            target.close()
+                    checking.append((checks.submit(_land_in_place if placeholder(item) else _land, folder, item), item))
                 in_flight, still = still, []
                 for check, item in checking:
                     if not check.done():
@@ -354,8 +446,11 @@ def _fetch(client, bucket: str, prefix: str, folder: Path, wanted: list[Wanted],
         # finish (a file each), those not started are dropped; so are the .part files of both,
         # and every file that landed is recorded.
         checks.shutdown(wait=True, cancel_futures=True)
-        for _, item in in_flight:
-            (folder / (item.name + PART)).unlink(missing_ok=True)
+        for _, item, target in in_flight:  # a placeholder stays, pending: the next start fetches it again
+            if placeholder(item):
+                target.close()
+            else:
+                (folder / (item.name + PART)).unlink(missing_ok=True)
         for check, item in checking:
             if check.cancelled():
                 (folder / (item.name + PART)).unlink(missing_ok=True)
@@ -380,6 +475,21 @@ def _land(folder: Path, item: Wanted) -> str | None:
         return problem
     os.replace(part, path)
     return None
+
+
+def _land_in_place(folder: Path, item: Wanted) -> str | None:
+    """Checks a tar written into its placeholder, from the disk (fsync first: what a reader will
+    see); what is wrong with it (it stays pending and is written again), or None."""
+    path = folder / item.name
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        return _problem(path, item, path)
+    except OSError as error:  # the disk, not the object: said as the file's problem
+        return f"{path}: cannot be read back ({error.strerror or error})"
 
 
 def _problem(path: Path, item: Wanted, name: Path) -> str | None:
@@ -449,15 +559,142 @@ def streaming_line(url: str, samples: int, epochs: int, get_price_per_1000: floa
     )
 
 
-def local_data(data: str, stage_dir: str | None, *, stream: bool, here: bool, interrupt) -> str:
+def run_order(train: SplitShards, validation: SplitShards, seed: int, epoch: int, world_size: int,
+              ranks: range) -> list[str]:
+    """The tars (paths) in the order a run starting at `epoch` reads them on a machine holding
+    `ranks`: each rank's share of the epoch's shard order, round-robin (every rank's first shards
+    first), the validation split after the first `VAL_AFTER` of them, then every other tar in the
+    epoch's order (later epochs read the shards of other ranks too)."""
+    ordered = epoch_shards(train, seed, epoch)
+    shares = [[tar for tar, _, _ in rank_pieces(ordered, world_size, rank)] for rank in ranks]
+    first = [tar for round_ in zip_longest(*shares) for tar in round_ if tar is not None]
+    order = list(dict.fromkeys([*first[:VAL_AFTER], *validation.tars, *first, *ordered.tars]))
+    return order
+
+
+def machine_ranks(rank: int, local_rank: int) -> range:
+    """The ranks on this machine (torchrun's LOCAL_WORLD_SIZE of them, from this one's rank)."""
+    first = rank - local_rank
+    return range(first, first + int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+class Landing:
+    """What the loaders wait on while the tars arrive: `wait(tars)` returns once each has landed
+    (recorded in `.staged.json` as whole and checked), calling `interrupt()` between looks (a
+    spot notice leaves at once) and raising the staging's one line if it failed. Seconds waited
+    are returned, for the run's data wait."""
+
+    def __init__(self, folder: Path, interrupt, background: _Background | None = None):
+        self.folder, self.interrupt, self.background = Path(folder), interrupt or (lambda: None), background
+        self._landed: set[str] = set()
+        self._seen = None  # the record's (mtime_ns, size) when last read
+
+    def wait(self, tars) -> float:
+        names = [os.path.relpath(tar, self.folder) for tar in tars]
+        if all(name in self._landed for name in names):
+            return 0.0
+        started = time.perf_counter()
+        while True:
+            self._read()
+            missing = [name for name in names if name not in self._landed]
+            if not missing:
+                return time.perf_counter() - started
+            self.interrupt()
+            self._raise_if_failed(missing)
+            time.sleep(POLL_S)
+
+    def _read(self) -> None:
+        try:
+            stat = (self.folder / RECORD).stat()
+        except OSError:
+            return
+        if (stat.st_mtime_ns, stat.st_size) != self._seen:
+            self._seen = (stat.st_mtime_ns, stat.st_size)
+            self._landed = {name for name, seen in _read_record(self.folder).items() if "check" in seen}
+
+    def _raise_if_failed(self, missing: list[str]) -> None:
+        try:
+            raise StagingError((self.folder / FAILED).read_text().strip())
+        except OSError:
+            pass
+        if self.background is not None and self.background.order is not None and not self.background.is_alive():
+            raise StagingError(self.background.error or f"{self.folder / missing[0]}: staging stopped before it "
+                                                        f"landed")
+
+
+class _Background(threading.Thread):
+    """The tars fetched in the machine's first process while it trains; a failure is kept (and
+    written to `FAILED` for the other processes), a stop request ends it quietly."""
+
+    def __init__(self, prepared: _Prepared, url: str, interrupt, log):
+        super().__init__(name="staging", daemon=True)
+        self.prepared, self.url, self.interrupt, self.log = prepared, url, interrupt, log
+        self.order: list[str] | None = None
+        self.error: str | None = None
+
+    def begin(self, order: list[str]) -> None:
+        self.order = [os.path.relpath(tar, self.prepared.folder) for tar in order]
+        self.start()
+
+    def run(self) -> None:
+        try:
+            with _locked(self.prepared.folder / LOCK, self.interrupt):
+                staged = self.prepared.fetch_tars(self.order, False, self.interrupt)
+            self.log(staged.line(self.url) + " (while training)")
+        except Interrupted:
+            pass
+        except Exception as error:  # noqa: BLE001 - any failure ends the run in one line, not a hanging loader
+            self.error = str(error) if isinstance(error, DaliImagenetError) else f"staging failed: {error!r}"
+            write_text_atomic(self.prepared.folder / FAILED, self.error + "\n")
+
+
+class Staging:
+    """What `local_data` hands `train.py`: the folder the loaders read and the `Landing` they wait
+    on (None: nothing left to wait for); `begin(order)` starts the tars' download (the local
+    master's; a no-op elsewhere) once the run knows its starting epoch."""
+
+    def __init__(self, data: str, landing: Landing | None = None, background: _Background | None = None):
+        self.data, self.landing, self.background = data, landing, background
+
+    def begin(self, order: list[str]) -> None:
+        if self.background is not None and not self.background.is_alive() and self.background.order is None:
+            self.background.begin(order)
+
+
+def local_data(data: str, stage_dir: str | None, *, stream: bool, here: bool, interrupt) -> Staging:
     """What the loaders read: `data` itself, unless it is on S3 and not streamed: then its local
-    copy in `stage_dir` (default `default_folder`), staged first, by one process per machine
-    (`here`; the others wait for it and find it complete). `interrupt()` raises to stop staging
-    (a spot notice) before anything is written."""
+    copy in `stage_dir` (default `default_folder`). One process per machine (`here`) stages: the
+    small files and the tars' placeholders now, the tars in the background after `begin`; the
+    others wait until that launch's indices and placeholders are in place. A timm-layout set
+    (whose indices are built from its tars) is staged whole first. `interrupt()` raises to stop
+    (a spot notice)."""
     if not s3.is_s3(data) or stream:
-        return data
-    folder = stage_dir or default_folder(data)
-    say = (lambda line: print(line, flush=True)) if here else (lambda line: None)
-    staged = stage(data, folder, ("train", "validation"), progress=here, interrupt=interrupt, log=say)
-    say(staged.line(data))
-    return str(folder)
+        return Staging(data)
+    folder = Path(stage_dir or default_folder(data))
+    folder.mkdir(parents=True, exist_ok=True)
+    launch = str(os.getppid())  # torchrun's agent: the same for every process of this launch on this machine
+    if not here:
+        while not _prepared_by(folder, launch):
+            interrupt()
+            time.sleep(POLL_S)
+        return Staging(str(folder), Landing(folder, interrupt))
+    say = lambda line: print(line, flush=True)  # noqa: E731
+    with _locked(folder / LOCK, interrupt):
+        prepared = _prepare(data.rstrip("/"), folder, ("train", "validation"), 16, interrupt, say, manifest_now=True)
+        if prepared.manifest_text is None:  # a timm-layout set: whole before its indices can be built
+            say(prepared.fetch_tars(None, True, interrupt).line(data))
+            prepared.tars = []
+        write_text_atomic(folder / PREPARED, launch)
+    if not prepared.tars:
+        say(Staged(folder, prepared.wanted, prepared.fetched, prepared.bytes_total, prepared.bytes_needed,
+                   time.monotonic() - prepared.started, prepared.region).line(data))
+        return Staging(str(folder))
+    background = _Background(prepared, data, interrupt, say)
+    return Staging(str(folder), Landing(folder, interrupt, background), background)
+
+
+def _prepared_by(folder: Path, launch: str) -> bool:
+    try:
+        return (folder / PREPARED).read_text() == launch
+    except OSError:
+        return False

@@ -196,8 +196,10 @@ class ThroughputMeter:
 
         if self.gpu is not None:
             torch.cuda.reset_peak_memory_stats(self.gpu)  # each image size's own peak
-        now = time.perf_counter()
-        self._epoch, self._window = [now, 0, 0.0], [now, 0, 0.0]  # start, images, seconds waited
+        # What the loader waited for before its first batch (tars still being staged) is data wait too.
+        waited = getattr(loader, "build_wait_s", 0.0)
+        now = time.perf_counter() - waited
+        self._epoch, self._window = [now, 0, waited], [now, 0, waited]  # start, images, seconds waited
         self._warm = None
         batches = iter(loader)
         while True:
