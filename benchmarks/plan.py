@@ -15,10 +15,12 @@ shards given, which only serve to measure the loader. On a CPU (with a small bat
 plumbing, which is how CI runs it.
 
 Each launch (the first, and each spot relaunch on a new machine) stages the shards from S3 onto
-the machine's disk first: `--shards-gb` at `--network-gbit` (a g6.xlarge's 2.5 Gbit/s baseline), a
-phase of its own. The data's costs are added: the staging's S3 requests, the bytes moved across
-regions with `--cross-region` (the bucket elsewhere), and, for comparison, what streaming from
-S3 every epoch would have cost in requests.
+the machine's disk while it trains; what it waits for is what the first step needs (`first_step_gb`:
+the indices, the validation split, the shards DALI's reader reaches first, and on a relaunch
+mid-epoch, half an epoch on average, the shards before the resume point), at `--network-gbit` (a
+g6.xlarge's 2.5 Gbit/s baseline) or the CPUs' rate, a phase of its own. The data's costs are
+added: the staging's S3 requests, the bytes moved across regions with `--cross-region` (the bucket
+elsewhere), and, for comparison, what streaming from S3 every epoch would have cost in requests.
 """
 from __future__ import annotations
 
@@ -38,7 +40,9 @@ from dali_imagenet.training.recipe import build
 
 IMAGENET_TRAIN, IMAGENET_VAL = 1_281_167, 50_000
 IMAGENET_SHARDS_GB = 147.0  # shard-imagenet's train + validation shards, as they are in S3
-IMAGENET_SHARD_FILES = 2 * (1_025 + 40)  # tars and their indices, train + validation
+IMAGENET_TRAIN_TARS = 1_025
+IMAGENET_SHARD_FILES = 2 * (IMAGENET_TRAIN_TARS + 40)  # tars and their indices, train + validation
+INDEX_BYTES_PER_SAMPLE = 155  # a wds2idx line per sample (the bundled sample's indices)
 G6_XLARGE_GBIT = 2.5  # network baseline (bursts to 10 on credits)
 G6_XLARGE_VCPUS = 4
 # CPU-seconds per GB staged: s3transfer's copy + sha256, the median of `python -m benchmarks.staging` (2.1 and 2.9
@@ -203,10 +207,12 @@ def plan(cfg: TrainConfig, *, data: str | None, device: torch.device, seconds: f
     rows.append({"phase": f"warm-up/compile x {len(sizes)}", "epochs": 0, "image_size": None,
                  "step_images_per_s": None, "loader_images_per_s": None, "bound": "compile",
                  "hours": sum(steps[s]["warmup_s"] for s in sizes) / 3600})
-    minutes, bound = minutes_to_first_step(shards_gb, network_gbit)
-    rows.append({"phase": f"staging x {launches} launch(es)", "epochs": 0, "image_size": None,
+    first, _ = minutes_to_first_step(first_step_gb(cfg, shards_gb, train_images, val_images), network_gbit)
+    relaunch, bound = minutes_to_first_step(first_step_gb(cfg, shards_gb, train_images, val_images, epoch_done=0.5),
+                                            network_gbit)
+    rows.append({"phase": f"staging to the first step x {launches} launch(es)", "epochs": 0, "image_size": None,
                  "step_images_per_s": None, "loader_images_per_s": None, "bound": bound,
-                 "hours": launches * minutes / 60})
+                 "hours": (first + (launches - 1) * relaunch) / 60})
     hours = sum(row["hours"] for row in rows)
     data_cost = data_costs(cfg, launches=launches, shards_gb=shards_gb, shard_files=shard_files,
                            cross_region=cross_region, train_images=train_images, val_images=val_images)
@@ -218,11 +224,29 @@ def plan(cfg: TrainConfig, *, data: str | None, device: torch.device, seconds: f
             "data": data_cost, "total_dollars": hours * price_per_hour + data_cost["dollars"]}
 
 
+def first_step_gb(cfg: TrainConfig, shards_gb: float, train_images: int, val_images: int, *,
+                  train_tars: int = IMAGENET_TRAIN_TARS, epoch_done: float = 0.0) -> float:
+    """The GB staged before a launch's first step (one process): every index, then (staging's
+    order) the validation split (its loader is built at the start) and the train shards the reader
+    reaches before its first batch (`reader_reach`, one more as a margin, at least `VAL_AFTER`);
+    resumed `epoch_done` into an epoch, the shards before that point too (the reader's restored
+    shuffle buffer holds samples from before it). The rest arrives while it trains."""
+    from dali_imagenet.data.dali_loader import reader_reach
+    from dali_imagenet.data.staging import VAL_AFTER
+
+    images = train_images + val_images
+    train_gb, val_gb = shards_gb * train_images / images, shards_gb * val_images / images
+    per_tar = train_images / train_tars
+    reach = epoch_done * train_images + reader_reach(0, cfg.batch_size, cfg.shuffle_buffer)
+    tars = min(train_tars, max(VAL_AFTER, -(-reach // per_tar) + 1))
+    return images * INDEX_BYTES_PER_SAMPLE / 1e9 + val_gb + tars * train_gb / train_tars
+
+
 def minutes_to_first_step(gb_first: float, network_gbit: float, vcpus: int = G6_XLARGE_VCPUS,
                           cpu_s_per_gb: float = STAGING_CPU_S_PER_GB) -> tuple[float, str]:
     """(minutes of staging before a launch's first step, what bounds them): the GB the first step
-    needs (the whole set: the loaders are built on a complete copy) at the slower of the link and
-    what `vcpus` can fetch and hash (`cpu_s_per_gb`, measured)."""
+    needs (`first_step_gb`) at the slower of the link and what `vcpus` can fetch and hash
+    (`cpu_s_per_gb`, measured)."""
     link_gb_s, cpu_gb_s = network_gbit / 8, vcpus / cpu_s_per_gb
     if link_gb_s <= cpu_gb_s:
         return gb_first / link_gb_s / 60, f"network: {gb_first:g} GB at {network_gbit:g} Gbit/s"

@@ -124,8 +124,13 @@ def test_plan_smoke_on_cpu(sample_shards, tmp_path):
     rows = plan["phases"]
     assert [r["image_size"] for r in rows[:2]] == [32, 64] and [r["epochs"] for r in rows[:2]] == [32, 8]
     assert rows[2]["phase"] == "validation x 10" and rows[3]["phase"].startswith("warm-up")
-    # three launches, each staging ImageNet's 147 GB at a g6.xlarge's 2.5 Gbit/s (~7.8 min), across regions
-    assert rows[4]["phase"] == "staging x 3 launch(es)" and rows[4]["hours"] == pytest.approx(3 * 147 * 8 / 2.5 / 3600)
+    # three launches at a g6.xlarge's 2.5 Gbit/s, across regions: each waits for what its first step reads, not
+    # ImageNet's 147 GB (7.8 min): ~6 GB at the start, a relaunch half-way through an epoch ~70 GB more
+    cfg = load_config(str(REPO / "configs" / "l4-16h.yaml"), ["batch_size=4"])
+    start, relaunch = (planner.first_step_gb(cfg, 147, 1_281_167, 50_000, epoch_done=done) for done in (0, 0.5))
+    assert 5 < start < 8 and 70 < relaunch - start < 72
+    assert rows[4]["phase"] == "staging to the first step x 3 launch(es)"
+    assert rows[4]["hours"] == pytest.approx((start + 2 * relaunch) * 8 / 2.5 / 3600)
     data = plan["data"]
     assert data["cross_region_gb"] == 3 * 147 and data["dollars"] > 3 * 147 * 0.02
     assert data["streamed_gets"] == 2 * (40 * 1_281_167 + 10 * 50_000)  # l4-16h: 40 epochs, 10 validations

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import upload_folder
 
+from dali_imagenet.config import load_config
 from dali_imagenet.data import staging
 from dali_imagenet.data.shards import find_shards
 from dali_imagenet.s3 import client
@@ -266,9 +267,10 @@ def test_a_stop_while_staging_keeps_what_finished_and_the_next_start_fetches_the
         staging.stage(f"s3://{s3_bucket}/shards", local, SPLITS, progress=False, log=lambda line: None,
                       interrupt=notice_on_the_fifth_look)
     release.set()
-    kept = json.loads((local / staging.RECORD).read_text())
-    assert kept and stalled not in kept  # the finished ones recorded, the stalled one not
-    assert not [p for p in local.rglob("*") if p.is_file() and ".tar." in p.name]  # nothing half-written left
+    record = json.loads((local / staging.RECORD).read_text())
+    kept = {name for name, seen in record.items() if "check" in seen}
+    assert kept and record[stalled] == {"pending": True}  # the finished ones recorded, the stalled one not landed
+    assert not [p for p in local.rglob("*") if p.is_file() and ".tar." in p.name]  # no .part left
     again = staging.stage(f"s3://{s3_bucket}/shards", local, SPLITS, progress=False, log=lambda line: None)
     assert 1 <= again.fetched < again.files and again.fetched == again.files - len(kept)
     assert find_shards(local, "validation").samples == 40
@@ -326,6 +328,21 @@ def test_a_notice_while_train_py_stages_exits_75_and_the_relaunch_stages_and_end
     b = torch.load(tmp_path / "second" / "final_weights.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a), "reclaimed while staging + relaunched != straight"
     assert [r["step"] for r in records(tmp_path / "second") if "loss" in r] == list(range(1, 13))
+
+
+def test_the_plan_waits_only_for_what_the_first_step_reads():
+    """A start waits for the indices, the validation split and the first train shards; a relaunch
+    half-way through an epoch for the shards before that point too; never for the whole set."""
+    from benchmarks.plan import IMAGENET_SHARDS_GB, IMAGENET_TRAIN, IMAGENET_VAL, first_step_gb
+
+    cfg = load_config("configs/l4-16h.yaml", [])
+    start = first_step_gb(cfg, IMAGENET_SHARDS_GB, IMAGENET_TRAIN, IMAGENET_VAL)
+    val_gb = IMAGENET_SHARDS_GB * IMAGENET_VAL / (IMAGENET_TRAIN + IMAGENET_VAL)
+    assert val_gb < start < val_gb + 1.5  # + ~0.2 GB of indices + 6 train shards of ~0.14 GB
+    relaunch = first_step_gb(cfg, IMAGENET_SHARDS_GB, IMAGENET_TRAIN, IMAGENET_VAL, epoch_done=0.5)
+    assert relaunch - start == pytest.approx((IMAGENET_SHARDS_GB - val_gb) / 2, rel=0.02)
+    cfg = load_config("configs/l4-16h.yaml", ["shuffle_buffer=100000000"])  # a reader that reaches every shard
+    assert first_step_gb(cfg, IMAGENET_SHARDS_GB, IMAGENET_TRAIN, IMAGENET_VAL) < IMAGENET_SHARDS_GB + 0.3
 
 
 def test_the_plan_stages_at_the_slower_of_the_link_and_the_cpus():

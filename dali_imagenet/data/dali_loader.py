@@ -27,6 +27,13 @@ PREFETCH_DEPTH = 2  # batches the pipeline prepares ahead (its prefetch_queue_de
 READER_PREFETCH = 1  # batches the webdataset reader reads ahead of the pipeline (its own prefetch_queue_depth)
 
 
+def reader_reach(batches_read: int, batch_size: int, shuffle_buffer: int) -> int:
+    """Samples of its share (from the start: a restored reader re-reads its shuffle buffer's, which
+    can come from anywhere before the resume point) that a train reader may have read once
+    `batches_read` batches were asked of it: the ones asked for, the queues ahead and the buffer."""
+    return (batches_read + PREFETCH_DEPTH + READER_PREFETCH + 1) * batch_size + shuffle_buffer
+
+
 class DaliLoader(EpochPosition):
     def __init__(self, shards: SplitShards, batch_size: int, *, device: torch.device, image_size: int, rank: int,
                  world_size: int, batches: int, seed: int, dtype: torch.dtype, train: bool, threads: int,
@@ -124,8 +131,7 @@ class DaliLoader(EpochPosition):
             return 0.0
         if not self.train:
             return self._landing.wait(self.shards.tars)
-        reach = ((self._reader_batches + PREFETCH_DEPTH + READER_PREFETCH + 1) * self.batch_size
-                 + self._shuffle_buffer)
+        reach = reader_reach(self._reader_batches, self.batch_size, self._shuffle_buffer)
         return self._landing.wait(tars_within_reach(self.shards, self._world, self._rank, reach, self.train))
 
     def _next_batch(self) -> dict:
