@@ -512,3 +512,28 @@ def test_a_notice_while_a_run_waits_for_a_shard_exits_75_and_the_relaunch_ends_o
     a = torch.load(fine_local_run / "final_weights.pt", weights_only=True)
     b = torch.load(tmp_path / "run" / "final_weights.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a), "reclaimed while staging-and-training + relaunched != local"
+
+
+def test_a_shard_that_fails_while_the_run_trains_ends_it_in_one_line_not_a_hanging_loader(
+        fine_shards, s3_bucket, s3_latency, tmp_path, monkeypatch):
+    """The last tar the run reads is not the manifest's in S3: staging fetches it TRIES times, then
+    the loader waiting for it raises staging's one line and the run exits 1."""
+    from conftest import EXACT, records, train
+
+    from dali_imagenet.config import TrainConfig
+
+    monkeypatch.setattr(staging, "BACKOFF_S", 0.01)
+    upload_folder(fine_shards, s3_bucket, "shards")
+    order = staging.run_order(find_shards(fine_shards, "train"), find_shards(fine_shards, "validation"),
+                              TrainConfig.seed, 0, 1, range(1))
+    name = str(Path(order[-1]).relative_to(fine_shards))
+    other = bytearray((fine_shards / name).read_bytes())
+    other[700] ^= 0xFF
+    client().put_object(Bucket=s3_bucket, Key=f"shards/{name}", Body=bytes(other))
+    result = train(f"s3://{s3_bucket}/shards", tmp_path / "run", *EXACT, *FINE, check=False,
+                   extra=["--stage-dir", str(tmp_path / "machine")])
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    line = f"{name.rsplit('/', 1)[-1]}: sha256 differs from the manifest's"
+    assert line in result.stderr and "after 4 tries" in result.stderr
+    assert len(s3_latency.object_reads(f"shards/{name}")) == staging.TRIES
+    assert not any(r.get("event") == "finished" for r in records(tmp_path / "run"))
