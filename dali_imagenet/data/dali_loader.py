@@ -12,8 +12,9 @@ is built and before each batch, the loader waits until every tar the reader can 
 DALI reads ahead of the batches handed out: the pipeline's queue (`PREFETCH_DEPTH` batches, filled
 when the iterator is built), the reader's own (`READER_PREFETCH`), the batch being made and the
 shuffle buffer (`initial_fill`); one more tar is a margin. Were that model ever wrong, the reader
-would meet a placeholder's zeros: a zeroed JPEG does not decode, so DALI fails loudly (checked by
-experiment with DALI 2.4: "nvImageCodec failure", the sample named), it never trains on them."""
+would meet a placeholder's zeros: a zeroed JPEG does not decode (DALI 2.4, by experiment:
+"nvImageCodec failure", the sample then named) and a zeroed `.cls` parses as label -48, which the
+loss refuses (seen with the gate switched off), so the run fails loudly, never trains on them."""
 from __future__ import annotations
 
 import os
