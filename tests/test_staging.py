@@ -538,3 +538,30 @@ def test_a_shard_that_fails_while_the_run_trains_ends_it_in_one_line_not_a_hangi
     assert len(s3_latency.object_reads(f"shards/{name}")) == staging.TRIES
     metrics = tmp_path / "run" / "metrics.jsonl"
     assert not metrics.exists() or not any(r.get("event") == "finished" for r in records(tmp_path / "run"))
+
+
+@pytest.mark.slow
+def test_two_processes_on_one_machine_train_while_one_of_them_stages(fine_shards, s3_bucket,
+                                                                      s3_latency, tmp_path):
+    """torchrun, 2 CPU ranks, --data s3:// behind a capped link: rank 0 stages (each object fetched
+    once), rank 1 waits for its indices and placeholders, both wait on the same record; the run
+    ends as a 2-rank run on the local shards does."""
+    import torch
+    from conftest import EXACT, REPO, child_env, train_command
+
+    upload_folder(fine_shards, s3_bucket, "shards")
+    s3_latency.bytes_per_s = 4e6
+    runs = {}
+    for name, data in (("local", fine_shards), ("staged", f"s3://{s3_bucket}/shards")):
+        command = train_command(data, tmp_path / name, *EXACT, *FINE, "batch_size=2",
+                                extra=["--stage-dir", str(tmp_path / "machine")])
+        runs[name] = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                     "--standalone", *command[1:]], capture_output=True, text=True,
+                                    env=child_env(), cwd=REPO, timeout=300)
+        assert runs[name].returncode == 0, runs[name].stdout[-2000:] + runs[name].stderr[-3000:]
+    assert "(while training)" in runs["staged"].stdout
+    reads = Counter(r.key for r in s3_latency.object_reads("shards/") if r.key.endswith((".tar", ".idx")))
+    assert reads and set(reads.values()) == {1}
+    a = torch.load(tmp_path / "local" / "final_weights.pt", weights_only=True)
+    b = torch.load(tmp_path / "staged" / "final_weights.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a), "2 ranks staged while training != 2 ranks on the local shards"
