@@ -133,7 +133,11 @@ class DaliLoader(EpochPosition):
         if not self.train:
             return self._landing.wait(self.shards.tars)
         reach = reader_reach(self._reader_batches, self.batch_size, self._shuffle_buffer)
-        return self._landing.wait(tars_within_reach(self.shards, self._world, self._rank, reach, self.train))
+        tars = tars_within_reach(self.shards, self._world, self._rank, reach, self.train)
+        waited = self._landing.wait(tars)
+        if len(tars) == len(tars_within_reach(self.shards, self._world, self._rank, self.num_samples, self.train)):
+            self._landing = None  # every tar this reader can reach has landed: nothing more to wait for
+        return waited
 
     def _next_batch(self) -> dict:
         self._wait_for_shards()

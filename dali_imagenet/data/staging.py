@@ -127,7 +127,7 @@ def stage(url: str, folder: str | os.PathLike, splits: tuple[str, ...], *, worke
     folder.mkdir(parents=True, exist_ok=True)
     with _locked(folder / LOCK, interrupt):
         prepared = _prepare(url.rstrip("/"), folder, splits, workers, interrupt or (lambda: None), log,
-                            manifest_now=False)
+                            manifest_now=False, progress=progress)
         staged = prepared.fetch_tars(None, progress, interrupt or (lambda: None))
         if prepared.manifest_text is not None:  # last: a folder with a manifest is a complete copy of its splits
             write_text_atomic(folder / MANIFEST, prepared.manifest_text.decode())
@@ -164,7 +164,8 @@ class _Prepared:
                       time.monotonic() - self.started, self.region)
 
 
-def _prepare(url: str, folder: Path, splits, workers: int, interrupt, log, manifest_now: bool) -> _Prepared:
+def _prepare(url: str, folder: Path, splits, workers: int, interrupt, log, manifest_now: bool,
+             progress: bool = False) -> _Prepared:
     """Lists the set, checks the disk, fetches the small files (renamed once checked) and makes
     every tar still to fetch a placeholder of its final size, recorded as pending (not landed).
     `manifest_now`: then writes the manifest, so that the folder can be read by `find_shards` and a
@@ -208,7 +209,7 @@ def _prepare(url: str, folder: Path, splits, workers: int, interrupt, log, manif
         if path.stat().st_size != item.bytes:  # sparse: takes no disk until written
             os.truncate(path, item.bytes)
     try:
-        _fetch(client, bucket, prefix, folder, small, record, workers, False, interrupt)
+        _fetch(client, bucket, prefix, folder, small, record, workers, progress and manifest_text is None, interrupt)
     finally:
         _write_record(folder, record)
     if manifest_text is not None:
@@ -587,7 +588,7 @@ class Landing:
     def __init__(self, folder: Path, interrupt, background: _Background | None = None):
         self.folder, self.interrupt, self.background = Path(folder), interrupt or (lambda: None), background
         self._landed: set[str] = set()
-        self._seen = None  # the record's (mtime_ns, size) when last read
+        self._seen = None  # the record's (inode, mtime_ns, size) when last read
 
     def wait(self, tars) -> float:
         names = [os.path.relpath(tar, self.folder) for tar in tars]
@@ -608,8 +609,8 @@ class Landing:
             stat = (self.folder / RECORD).stat()
         except OSError:
             return
-        if (stat.st_mtime_ns, stat.st_size) != self._seen:
-            self._seen = (stat.st_mtime_ns, stat.st_size)
+        if (stat.st_ino, stat.st_mtime_ns, stat.st_size) != self._seen:  # each write is a new file (a rename)
+            self._seen = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
             self._landed = {name for name, seen in _read_record(self.folder).items() if "check" in seen}
 
     def _raise_if_failed(self, missing: list[str]) -> None:
@@ -680,11 +681,9 @@ def local_data(data: str, stage_dir: str | None, *, stream: bool, here: bool, in
         return Staging(str(folder), Landing(folder, interrupt))
     say = lambda line: print(line, flush=True)  # noqa: E731
     with _locked(folder / LOCK, interrupt):
-        prepared = _prepare(data.rstrip("/"), folder, ("train", "validation"), 16, interrupt, say, manifest_now=True)
-        if prepared.manifest_text is None:  # a timm-layout set: whole before its indices can be built
-            say(prepared.fetch_tars(None, True, interrupt).line(data))
-            prepared.tars = []
-        write_text_atomic(folder / PREPARED, launch)
+        prepared = _prepare(data.rstrip("/"), folder, ("train", "validation"), 16, interrupt, say, manifest_now=True,
+                            progress=True)
+        write_text_atomic(folder / PREPARED, launch)  # (a timm-layout set was fetched whole: its tars are not in place)
     if not prepared.tars:
         say(Staged(folder, prepared.wanted, prepared.fetched, prepared.bytes_total, prepared.bytes_needed,
                    time.monotonic() - prepared.started, prepared.region).line(data))
