@@ -54,7 +54,10 @@ from dali_imagenet.inference.uploads import MAX_BYTES, MAX_PIXELS, UploadError, 
 
 log = logging.getLogger("serve")
 MAX_K = 1000  # the most classes one answer may list
-DEFAULT_BATCH = {"cpu": 4, "cuda": 32}  # rows per forward: a CPU gains little past 4 (docs/serving.md)
+# Rows per forward pass. Every pass is padded to it (an answer must not depend on its batch), so a
+# lone request pays for all the rows: on a CPU, where a batch gains little, that did not pay off
+# (docs/serving.md: ResNet-50 with 4 rows was 0.19x the rate at 1 client, 1.00x at 32).
+DEFAULT_BATCH = {"cpu": 1, "cuda": 16}
 UPLOAD_BODY = {"required": True, "content": {
     "image/*": {"schema": {"type": "string", "format": "binary"}},
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
@@ -69,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--weights", choices=WEIGHT_CHOICES, default="auto", help="raw weights or their EMA")
     parser.add_argument("--max-batch", type=int, help=f"images per forward pass; 1: no batching (default "
-                        f"{DEFAULT_BATCH['cpu']} on a CPU, {DEFAULT_BATCH['cuda']} on a GPU)")
+                        f"{DEFAULT_BATCH['cpu']} on a CPU, {DEFAULT_BATCH['cuda']} on a GPU; docs/serving.md)")
     parser.add_argument("--max-wait-ms", type=float, default=10.0,
                         help="how long the first request of a batch waits for others (ms)")
     parser.add_argument("--decode-threads", type=int, default=os.cpu_count() or 1, help="uploads decoded at once")

@@ -5,8 +5,8 @@
 
 For each model (the demo model: ResNet-18 at 64 px with 8 classes, as `make demo` trains it; and
 ResNet-50 at 224 px with ImageNet's 1,000 classes; random weights: the speed is the same), two
-serve.py processes on 127.0.0.1, batching off (`--max-batch 1`) and on (serve.py's defaults:
---max-batch 4 on a CPU, 32 on a GPU; --max-wait-ms 10), measured in turns at each client count. An
+serve.py processes on 127.0.0.1, batching off (`--max-batch 1`) and on (`--max-batch` 4 on a CPU,
+32 on a GPU; serve.py's --max-wait-ms, 10), measured in turns at each client count. An
 asyncio load generator in this process: N clients, each on its own keep-alive HTTP/1.1
 connection, each sending its next JPEG (the bundled sample's, 500 x 375, ~50 KB) as soon as its
 answer comes (a closed loop). After a warm-up (until every client has had an answer, then half a
@@ -33,6 +33,7 @@ from pathlib import Path
 from benchmarks.common import REPO, machine, summarize
 
 CLIENTS = (1, 8, 32)
+BATCH_ON = {"cpu": 4, "cuda": 32}  # --max-batch with batching on; serve.py's default --max-wait-ms
 MODELS = {  # name -> (arch, classes, val size in px)
     "demo": ("resnet18", 8, 64),
     "resnet50": ("resnet50", 1000, 224),
@@ -176,7 +177,7 @@ def measure(model: str, checkpoint: Path, device: str, clients: list[int], secon
     servers = {}
     try:
         for batching in (False, True):
-            servers[batching] = Server(checkpoint, device, [] if batching else ["--max-batch", "1"],
+            servers[batching] = Server(checkpoint, device, ["--max-batch", str(BATCH_ON[device] if batching else 1)],
                                        logs / f"{model}-{'on' if batching else 'off'}.log")
         records = []
         for count in clients:
