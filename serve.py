@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--drain-s", type=float, default=30.0,
                         help="on SIGTERM: how long the requests in flight may take before they are cancelled (s)")
     parser.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
-                        help="a line per request on stderr")
+                        help="a line per request (uvicorn's access log, on stdout)")
     args = parser.parse_args(argv)
     args.max_batch = args.max_batch or DEFAULT_BATCH[args.device]
     for name in ("max_batch", "decode_threads", "max_bytes", "max_pixels", "max_concurrency"):
@@ -136,7 +136,12 @@ async def read_upload(request, max_bytes: int) -> tuple[bytes, str | None]:
 
 
 def heat_map_png(predictor: Predictor, image: torch.Tensor, class_index: int) -> dict:
-    _, _, heat = predictor.heat_map(image, class_index)
+    from dali_imagenet.training.archs import ArchError
+
+    try:
+        _, _, heat = predictor.heat_map(image, class_index)
+    except ArchError as error:  # a network without a feature map to look at (a transformer's tokens)
+        raise UploadError(422, f"no Grad-CAM for this model: {error}") from None
     png = io.BytesIO()
     heat.save(png, format="PNG")
     return {"index": class_index, "png_base64": base64.b64encode(png.getvalue()).decode("ascii")}
