@@ -56,7 +56,8 @@ log = logging.getLogger("serve")
 MAX_K = 1000  # the most classes one answer may list
 # Rows per forward pass. Every pass is padded to it (an answer must not depend on its batch), so a
 # lone request pays for all the rows: on a CPU, where a batch gains little, that did not pay off
-# (docs/serving.md: ResNet-50 with 4 rows was 0.19x the rate at 1 client, 1.00x at 32).
+# (docs/serving.md: ResNet-50 with 4 rows, two runs: 0.19x and 0.48x the rate at 1 client; at 32
+# clients 1.00x and 1.89x, within the noise of a loaded machine).
 DEFAULT_BATCH = {"cpu": 1, "cuda": 16}
 UPLOAD_BODY = {"required": True, "content": {
     "image/*": {"schema": {"type": "string", "format": "binary"}},
@@ -268,8 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     if not server.started:
         return 1
     batches = app.state.batcher.batch_sizes
-    print(f"stopped{' on a signal' if stops else ''}: {app.state.answered} requests answered in "
-          f"{sum(batches.values())} forward passes", flush=True)
+    passes = sum(batches.values())
+    print(f"stopped{' on a signal' if stops else ''}: {app.state.answered} requests answered in {passes} forward "
+          f"pass{'' if passes == 1 else 'es'}", flush=True)
     return 0
 
 

@@ -227,7 +227,7 @@ def test_sigterm_answers_the_requests_in_flight_then_exits_0(server, trained_run
         assert [r.json() for r in results] == alone
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{stopping.url}/v1/health", timeout=5)
-        assert "6 requests answered in 1 forward passes" in stopping.process.stdout.read()
+        assert "6 requests answered in 1 forward pass\n" in stopping.process.stdout.read()
     finally:
         stopping.stop()
 
