@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from dali_imagenet.errors import UsageError, one_line_errors
-from dali_imagenet.inference.predictor import WEIGHT_CHOICES, ImageError, Predictor, load_image, load_model
+from dali_imagenet.inference.predictor import WEIGHT_CHOICES, ImageError, Predictor, load_image, load_model, top_json
 from dali_imagenet.training.model import LAYOUTS
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".jpe", ".jfif"}
@@ -107,8 +107,7 @@ def main() -> None:
         tops = predictor.top(predictor.probabilities([image for _, image in batch]), args.top)
         for (name, _), top in zip(batch, tops):
             if args.json:
-                print(json.dumps({"path": name, "top": [{"index": i, "name": n, "probability": p}
-                                                         for i, n, p in top]}), flush=True)
+                print(json.dumps({"path": name, "top": top_json(top)}), flush=True)
             else:
                 print(f"{name}:\n" + "".join(f"  {p:7.2%}  {n}\n" for _, n, p in top), end="", flush=True)
     if not seen:

@@ -20,7 +20,7 @@ def test_bench_smoke_writes_records_table_and_chart(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]
     stages = {r["stage"] for r in records}
-    assert stages == {"limit", "loader", "step", "end-to-end", "s3"}
+    assert stages == {"limit", "loader", "step", "end-to-end", "s3", "serve"}
     for record in records:
         assert "error" not in record, record
         assert (
@@ -49,6 +49,12 @@ def test_bench_smoke_writes_records_table_and_chart(tmp_path):
     )
     assert all(s3[(ms, "staged,")]["staging_mb_per_s"] > 0 for ms in (0, 10))
     assert "| S3 latency | read |" in result.stdout
+    # serve.py over HTTP, batching off and on at 1 and 4 clients: answers came, and on shared passes at 4
+    served = {(r["batching"], r["clients"]): r for r in records if r["stage"] == "serve"}
+    assert set(served) == {(False, 1), (False, 4), (True, 1), (True, 4)}
+    assert all(0 < r["p50_ms"] <= r["p99_ms"] for r in served.values())
+    assert served[(False, 4)]["mean_batch"] == 1 and served[(True, 4)]["mean_batch"] > 1
+    assert "| model | batching | clients |" in result.stdout
 
 
 def test_gpu_check_runs_in_smoke_mode_on_cpu(tmp_path):

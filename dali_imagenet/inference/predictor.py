@@ -150,12 +150,17 @@ class Predictor:
             raise UsageError(f"{len(names)} class names for a model with {loaded.num_classes} classes")
         self.names = display_names(names) if names else [f"class {i}" for i in range(loaded.num_classes)]
 
-    @torch.no_grad()
     def probabilities(self, images: list[torch.Tensor]) -> torch.Tensor:
         """uint8 CHW images -> (N, classes) probabilities, in one batch."""
-        batch = torch.stack([self.transform(image) for image in images]).to(self.device)
+        return self.forward(torch.stack([self.transform(image) for image in images]))
+
+    @torch.no_grad()
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Images already through `self.transform` (N x 3 x size x size, on any device) -> (N,
+        classes) probabilities on the CPU. Each row's softmax is its own: a row depends on the
+        other rows only through the shape the kernels were chosen for (serve.py's fixed batch)."""
         with self.precision.autocast():
-            logits = self.loaded.model(batch.contiguous(memory_format=torch.channels_last))
+            logits = self.loaded.model(batch.to(self.device).contiguous(memory_format=torch.channels_last))
         return logits.float().softmax(dim=1).cpu()
 
     def top(self, probabilities: torch.Tensor, k: int = 5) -> list[list[tuple[int, str, float]]]:
@@ -180,3 +185,8 @@ class Predictor:
         side = max(display_px, crop.shape[-1])
         pictures = (Image.fromarray(crop.permute(1, 2, 0).numpy()), heat)
         return (class_index, *(picture.resize((side, side), Image.BILINEAR) for picture in pictures))
+
+
+def top_json(top: list[tuple[int, str, float]]) -> list[dict]:
+    """One image's top-k as `predict.py --json` and serve.py write it."""
+    return [{"index": i, "name": n, "probability": p} for i, n, p in top]
