@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from dali_imagenet import distributed, make_loader, s3
 from dali_imagenet.config import TrainConfig, load_config, to_dict
+from dali_imagenet.cuda_check import cuda_available
 from dali_imagenet.data import decoder, staging
 from dali_imagenet.data.loader import Loader
 from dali_imagenet.data.partition import batches_per_epoch
@@ -61,7 +62,8 @@ def parse_args() -> argparse.Namespace:
     add("--init", metavar="SOURCE", help="a new run from these weights (other classes: a new classifier): a checkpoint,"
         " a run folder, a published folder or hf://USER/NAME, a state dict, or 'timm' (its pretrained weights)")
     add("--overwrite", action="store_true", help="replace the run that --out holds")
-    add("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--device", choices=["cuda", "cpu"], help="cuda: stop at once, naming why, if CUDA cannot run here (the "
+        "cloud tasks ask for it); default: cuda if usable, else cpu")
     add("--s3", help="s3://bucket/prefix for checkpoints, weights and metrics")
     add("--wandb", action=argparse.BooleanOptionalAction, help="log to W&B (default: on when WANDB_API_KEY or "
         "WANDB_MODE is set)")
@@ -271,6 +273,7 @@ def train(run: Run) -> str | None:
 
 def main() -> int:
     args = parse_args()
+    args.device = args.device or ("cuda" if cuda_available() else "cpu")
     s3.usage.reset()  # this process's S3 requests, for the cost record (a resume adds the earlier ones)
     leaving = Leaving(StopRequest(announce=os.environ.get("RANK", "0") == "0"), TrainConfig.s3_flush_timeout_s)
     try:
