@@ -19,7 +19,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from dali_imagenet import distributed, make_loader, s3
+from dali_imagenet import distributed, s3
 from dali_imagenet.config import TrainConfig, load_config, to_dict
 from dali_imagenet.cuda_check import cuda_available
 from dali_imagenet.data import decoder, staging
@@ -97,10 +97,8 @@ def setup(args, cfg: TrainConfig, procs: distributed.Processes, leaving: Leaving
     backend = "dali" if args.dali else "torchvision"
     loader_options = dict(batch_size=cfg.batch_size, device=procs.device, rank=procs.rank, world_size=procs.world,
                           dtype=precision.loader_dtype, backend=backend, num_threads=cfg.loader_threads,
-                          hw_decoder_load=cfg.hw_decoder_load, normalization=cfg.normalization())
-    val_loader = make_loader(val_shards, "validation", image_size=cfg.val_image_size,
-                             crop_fraction=cfg.val_crop_fraction, interpolation=cfg.val_interpolation,
-                             crop_mode=cfg.val_crop_mode, **loader_options)
+                          hw_decoder_load=cfg.hw_decoder_load, hybrid_huffman_threshold=cfg.hybrid_huffman_threshold,
+                          normalization=cfg.normalization())
     train_step = training.step(cfg, procs, precision, shards.num_classes)
     steps_per_epoch = batches_per_epoch(shards.samples, procs.world, cfg.batch_size, train=True)
     schedule = LRSchedule(training.peak_lr, cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch),
@@ -114,10 +112,11 @@ def setup(args, cfg: TrainConfig, procs: distributed.Processes, leaving: Leaving
                          extra={"loader": backend, "world_size": procs.world, "data": args.data,
                                 **({"staged_to": data} if data != args.data else {}), "config_file": args.config,
                                 "spot_watch": watching, **({"init": initialised.record()} if initialised else {})})
-    leaving.run = Run(cfg, procs, precision, shards, val_shards, train_step, val_loader, loader_options, schedule,
+    leaving.run = Run(cfg, procs, precision, shards, val_shards, train_step, loader_options, schedule,
                       stops, outputs, point.state, leaving.watcher, cost_basis=cost_basis(cfg, procs, instance),
                       data_basis=data_basis(cfg, instance), streamed=args.stream and s3.is_s3(args.data),
                       initialised=initialised)
+    leaving.run.val_loader()  # built (and dropped) to check the val split now, not after an epoch of training
     if leaving.watcher:
         leaving.watcher.log = outputs.note
     if point.path is not None:
@@ -222,7 +221,7 @@ def validate(run: Run, line: str = "") -> None:
     cfg, state, ema = run.cfg, run.state, run.train_step.ema
     epoch = state.validation_due
     final = epoch == cfg.epochs and run.loader_options["backend"] == "dali"
-    metrics, top5 = evaluate_with_top5(run.models(), run.val_loader, run.precision, flip=cfg.val_flip,
+    metrics, top5 = evaluate_with_top5(run.models(), run.val_loader(), run.precision, flip=cfg.val_flip,
                                        channels_last=cfg.channels_last, interrupt=run.stops.interrupt_if_asked,
                                        keep=final)
     if final and run.procs.master:
@@ -245,7 +244,7 @@ def validate(run: Run, line: str = "") -> None:
 
 def validate_start(run: Run) -> None:
     """The initial weights' score (--init), before any step: where a fine-tuning starts from."""
-    metrics = evaluate(run.models(), run.val_loader, run.precision, flip=run.cfg.val_flip,
+    metrics = evaluate(run.models(), run.val_loader(), run.precision, flip=run.cfg.val_flip,
                        channels_last=run.cfg.channels_last, interrupt=run.stops.interrupt_if_asked)
     run.outputs.log({"event": "init_validation", "step": 0, "epoch": 0, **{f"val_{k}": v for k, v in metrics.items()}})
     if run.procs.master:

@@ -39,7 +39,6 @@ class Run:
     shards: SplitShards  # the train split
     val_shards: SplitShards
     train_step: TrainStep  # holds the model, its DDP/compiled wrapper, optimizer, scaler and EMA
-    val_loader: Loader
     loader_options: dict  # what every epoch's train loader shares with the val loader
     schedule: LRSchedule
     stops: StopCheck
@@ -60,6 +59,15 @@ class Run:
                            image_size=cfg.train_image_size(state.epoch), shuffle_buffer=cfg.shuffle_buffer,
                            crop_min_area=cfg.crop_min_area, resume=resume_at, interrupt=self.stops.interrupt_if_asked,
                            **self.loader_options)
+
+    def val_loader(self) -> Loader:
+        """A new loader of the val split, built for each validation and gone with it: its DALI
+        pipeline's device memory (nvJPEG's buffers, DALI#5087) is never held beside an epoch's
+        train pipeline for the whole run (one pipeline at a time on an L4's 24 GB)."""
+        cfg = self.cfg
+        return make_loader(self.val_shards, "validation", image_size=cfg.val_image_size,
+                           crop_fraction=cfg.val_crop_fraction, interpolation=cfg.val_interpolation,
+                           crop_mode=cfg.val_crop_mode, **self.loader_options)
 
     def check_loss(self) -> None:
         """Raises LossDiverged at the first step (1-based, as metrics.jsonl counts) whose loss was
