@@ -239,3 +239,17 @@ def test_hub_benchmark_smoke_compares_hub_and_local_on_an_imagefolder_tree(tmp_p
     assert hub["peak_scratch_mb"] < 0.1  # nothing of the source lands on disk
     assert list((tmp_path / "work" / "hub-parquet-photos" / "data").glob("train-*.parquet"))
     assert "Hub / local:" in result.stdout
+
+
+def test_reencode_benchmark_compares_the_three_sets(sample_dir, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "benchmarks.reencode", "--source", str(sample_dir), "--split",
+                             "validation", "--max-side", "256", "--quality", "80", "--threads", "1", "--repeats", "2",
+                             "--work", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(result.stdout.strip().splitlines()[-1])["rows"]
+    assert [r["set"] for r in rows] == ["originals", "--max-side 256", "--reencode --max-side 256 --quality 80"]
+    assert rows[0]["max_side_px"] > 256 >= rows[1]["max_side_px"] and rows[2]["max_side_px"] <= 256
+    assert rows[2]["bytes_per_image"] < rows[0]["bytes_per_image"]  # the sample's ~100 KB images, at 256 px
+    assert all(r["images"] == rows[0]["images"] and r["decode"]["images_per_s"] > 0
+               and r["decode"]["cpu_ms_per_image_min"] > 0 for r in rows)
+    assert "| --reencode --max-side 256 --quality 80 |" in result.stdout
