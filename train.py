@@ -36,7 +36,7 @@ from dali_imagenet.run.interrupts import StopCheck, StopRequest
 from dali_imagenet.run.leaving import Leaving
 from dali_imagenet.run.metrics import ThroughputMeter, cost_basis, data_basis, wandb_wanted
 from dali_imagenet.run.outputs import RunOutputs
-from dali_imagenet.run.parts import EpochResult, Run
+from dali_imagenet.run.parts import EpochResult, Run, val_loader
 from dali_imagenet.seeding import derive_seed
 from dali_imagenet.training import recipe
 from dali_imagenet.training.evaluation import evaluate, evaluate_with_top5
@@ -99,6 +99,7 @@ def setup(args, cfg: TrainConfig, procs: distributed.Processes, leaving: Leaving
                           dtype=precision.loader_dtype, backend=backend, num_threads=cfg.loader_threads,
                           hw_decoder_load=cfg.hw_decoder_load, hybrid_huffman_threshold=cfg.hybrid_huffman_threshold,
                           normalization=cfg.normalization())
+    val_loader(cfg, val_shards, loader_options)  # built (and dropped) to check the val split before anything is written
     train_step = training.step(cfg, procs, precision, shards.num_classes)
     steps_per_epoch = batches_per_epoch(shards.samples, procs.world, cfg.batch_size, train=True)
     schedule = LRSchedule(training.peak_lr, cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch),
@@ -116,7 +117,6 @@ def setup(args, cfg: TrainConfig, procs: distributed.Processes, leaving: Leaving
                       stops, outputs, point.state, leaving.watcher, cost_basis=cost_basis(cfg, procs, instance),
                       data_basis=data_basis(cfg, instance), streamed=args.stream and s3.is_s3(args.data),
                       initialised=initialised)
-    leaving.run.val_loader()  # built (and dropped) to check the val split now, not after an epoch of training
     if leaving.watcher:
         leaving.watcher.log = outputs.note
     if point.path is not None:

@@ -64,10 +64,7 @@ class Run:
         """A new loader of the val split, built for each validation and gone with it: its DALI
         pipeline's device memory (nvJPEG's buffers, DALI#5087) is never held beside an epoch's
         train pipeline for the whole run (one pipeline at a time on an L4's 24 GB)."""
-        cfg = self.cfg
-        return make_loader(self.val_shards, "validation", image_size=cfg.val_image_size,
-                           crop_fraction=cfg.val_crop_fraction, interpolation=cfg.val_interpolation,
-                           crop_mode=cfg.val_crop_mode, **self.loader_options)
+        return val_loader(self.cfg, self.val_shards, self.loader_options)
 
     def check_loss(self) -> None:
         """Raises LossDiverged at the first step (1-based, as metrics.jsonl counts) whose loss was
@@ -95,6 +92,11 @@ class Run:
         """What a validation scores: the raw weights ("") and their EMA, when the run keeps one."""
         ema = self.train_step.ema
         return {"": self.train_step.model, **({"ema": ema.module} if ema else {})}
+
+
+def val_loader(cfg: TrainConfig, val_shards: SplitShards, loader_options: dict) -> Loader:
+    return make_loader(val_shards, "validation", image_size=cfg.val_image_size, crop_fraction=cfg.val_crop_fraction,
+                       interpolation=cfg.val_interpolation, crop_mode=cfg.val_crop_mode, **loader_options)
 
 
 @dataclass(frozen=True)
