@@ -52,7 +52,8 @@ class TrainConfig:
     batch_size: int = 128  # images per step per process (the global batch is this x world size)
     loader_threads: int = 4  # DALI CPU threads / DataLoader workers per process
     hw_decoder_load: float = HW_DECODER_LOAD  # GPU: share of JPEGs for the hardware decoder; 0: nvJPEG's hybrid path
-    # px; GPU, hybrid path: larger JPEGs Huffman-decode on the GPU, smaller on the loader's CPU threads (0: all on GPU)
+    # px; GPU, nvJPEG without its hardware decoder: larger JPEGs take the GPU-assisted Huffman decoder, smaller
+    # ones the host's (on the loader threads); 0: all the GPU-assisted one (which still largely uses the CPU)
     hybrid_huffman_threshold: int = HYBRID_HUFFMAN_THRESHOLD
     shuffle_buffer: int = SHUFFLE_BUFFER  # samples mixed by the train reader (shards are shuffled when written)
     # optimisation

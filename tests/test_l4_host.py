@@ -1,5 +1,5 @@
 """The loader set for an L4 host: which CPUs stand in for a g6.xlarge's 4 vCPUs, the verdict on who
-sets the pace, and the config field that moves Huffman decoding to the GPU."""
+sets the pace, and the config field that picks nvJPEG's Huffman decoder by image size."""
 from __future__ import annotations
 
 import pytest

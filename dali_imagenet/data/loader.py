@@ -64,7 +64,7 @@ def make_loader(data, split: str, batch_size: int, *, device: str | torch.device
     replays them, calling `interrupt(batch)` before each replayed batch (it may raise to stop: a
     replay decodes without training). `dtype` defaults to float16 on a GPU and float32 on a CPU (the fastest there).
     `hw_decoder_load`: DALI on a GPU, the share of JPEGs for the hardware decoder (0: nvJPEG's hybrid path).
-    `hybrid_huffman_threshold`: DALI on a GPU, px above which the hybrid path Huffman-decodes on the GPU.
+    `hybrid_huffman_threshold`: DALI on a GPU, px above which nvJPEG's GPU-assisted Huffman decoder is used.
     `normalization`: (mean, std) on 0-1 pixel values, the model's (default ImageNet's).
     `interpolation`, `crop_mode`: the val resize's filter and crop (`preprocess`), the model's.
     """
