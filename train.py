@@ -19,8 +19,9 @@ import sys
 import torch
 from tqdm import tqdm
 
-from dali_imagenet import distributed, make_loader, s3
+from dali_imagenet import distributed, s3
 from dali_imagenet.config import TrainConfig, load_config, to_dict
+from dali_imagenet.cuda_check import cuda_available
 from dali_imagenet.data import decoder, staging
 from dali_imagenet.data.loader import Loader
 from dali_imagenet.data.partition import batches_per_epoch
@@ -35,7 +36,7 @@ from dali_imagenet.run.interrupts import StopCheck, StopRequest
 from dali_imagenet.run.leaving import Leaving
 from dali_imagenet.run.metrics import ThroughputMeter, cost_basis, data_basis, wandb_wanted
 from dali_imagenet.run.outputs import RunOutputs
-from dali_imagenet.run.parts import EpochResult, Run
+from dali_imagenet.run.parts import EpochResult, Run, val_loader
 from dali_imagenet.seeding import derive_seed
 from dali_imagenet.training import recipe
 from dali_imagenet.training.evaluation import evaluate, evaluate_with_top5
@@ -61,7 +62,8 @@ def parse_args() -> argparse.Namespace:
     add("--init", metavar="SOURCE", help="a new run from these weights (other classes: a new classifier): a checkpoint,"
         " a run folder, a published folder or hf://USER/NAME, a state dict, or 'timm' (its pretrained weights)")
     add("--overwrite", action="store_true", help="replace the run that --out holds")
-    add("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--device", choices=["cuda", "cpu"], help="cuda: stop at once, naming why, if CUDA cannot run here (the "
+        "cloud tasks ask for it); default: cuda if usable, else cpu")
     add("--s3", help="s3://bucket/prefix for checkpoints, weights and metrics")
     add("--wandb", action=argparse.BooleanOptionalAction, help="log to W&B (default: on when WANDB_API_KEY or "
         "WANDB_MODE is set)")
@@ -95,10 +97,9 @@ def setup(args, cfg: TrainConfig, procs: distributed.Processes, leaving: Leaving
     backend = "dali" if args.dali else "torchvision"
     loader_options = dict(batch_size=cfg.batch_size, device=procs.device, rank=procs.rank, world_size=procs.world,
                           dtype=precision.loader_dtype, backend=backend, num_threads=cfg.loader_threads,
-                          hw_decoder_load=cfg.hw_decoder_load, normalization=cfg.normalization())
-    val_loader = make_loader(val_shards, "validation", image_size=cfg.val_image_size,
-                             crop_fraction=cfg.val_crop_fraction, interpolation=cfg.val_interpolation,
-                             crop_mode=cfg.val_crop_mode, **loader_options)
+                          hw_decoder_load=cfg.hw_decoder_load, hybrid_huffman_threshold=cfg.hybrid_huffman_threshold,
+                          normalization=cfg.normalization())
+    val_loader(cfg, val_shards, loader_options)  # built (and dropped) to check the val split before anything is written
     train_step = training.step(cfg, procs, precision, shards.num_classes)
     steps_per_epoch = batches_per_epoch(shards.samples, procs.world, cfg.batch_size, train=True)
     schedule = LRSchedule(training.peak_lr, cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch),
@@ -112,7 +113,7 @@ def setup(args, cfg: TrainConfig, procs: distributed.Processes, leaving: Leaving
                          extra={"loader": backend, "world_size": procs.world, "data": args.data,
                                 **({"staged_to": data} if data != args.data else {}), "config_file": args.config,
                                 "spot_watch": watching, **({"init": initialised.record()} if initialised else {})})
-    leaving.run = Run(cfg, procs, precision, shards, val_shards, train_step, val_loader, loader_options, schedule,
+    leaving.run = Run(cfg, procs, precision, shards, val_shards, train_step, loader_options, schedule,
                       stops, outputs, point.state, leaving.watcher, cost_basis=cost_basis(cfg, procs, instance),
                       data_basis=data_basis(cfg, instance), streamed=args.stream and s3.is_s3(args.data),
                       initialised=initialised)
@@ -220,7 +221,7 @@ def validate(run: Run, line: str = "") -> None:
     cfg, state, ema = run.cfg, run.state, run.train_step.ema
     epoch = state.validation_due
     final = epoch == cfg.epochs and run.loader_options["backend"] == "dali"
-    metrics, top5 = evaluate_with_top5(run.models(), run.val_loader, run.precision, flip=cfg.val_flip,
+    metrics, top5 = evaluate_with_top5(run.models(), run.val_loader(), run.precision, flip=cfg.val_flip,
                                        channels_last=cfg.channels_last, interrupt=run.stops.interrupt_if_asked,
                                        keep=final)
     if final and run.procs.master:
@@ -243,7 +244,7 @@ def validate(run: Run, line: str = "") -> None:
 
 def validate_start(run: Run) -> None:
     """The initial weights' score (--init), before any step: where a fine-tuning starts from."""
-    metrics = evaluate(run.models(), run.val_loader, run.precision, flip=run.cfg.val_flip,
+    metrics = evaluate(run.models(), run.val_loader(), run.precision, flip=run.cfg.val_flip,
                        channels_last=run.cfg.channels_last, interrupt=run.stops.interrupt_if_asked)
     run.outputs.log({"event": "init_validation", "step": 0, "epoch": 0, **{f"val_{k}": v for k, v in metrics.items()}})
     if run.procs.master:
@@ -271,6 +272,7 @@ def train(run: Run) -> str | None:
 
 def main() -> int:
     args = parse_args()
+    args.device = args.device or ("cuda" if cuda_available() else "cpu")
     s3.usage.reset()  # this process's S3 requests, for the cost record (a resume adds the earlier ones)
     leaving = Leaving(StopRequest(announce=os.environ.get("RANK", "0") == "0"), TrainConfig.s3_flush_timeout_s)
     try:

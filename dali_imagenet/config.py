@@ -13,6 +13,7 @@ from dali_imagenet.data.preprocess import (
     CROP_FRACTION,
     CROP_MODES,
     HW_DECODER_LOAD,
+    HYBRID_HUFFMAN_THRESHOLD,
     INTERPOLATIONS,
     TRAIN_CROP_MIN_AREA,
 )
@@ -51,6 +52,9 @@ class TrainConfig:
     batch_size: int = 128  # images per step per process (the global batch is this x world size)
     loader_threads: int = 4  # DALI CPU threads / DataLoader workers per process
     hw_decoder_load: float = HW_DECODER_LOAD  # GPU: share of JPEGs for the hardware decoder; 0: nvJPEG's hybrid path
+    # px; GPU, nvJPEG without its hardware decoder: larger JPEGs take the GPU-assisted Huffman decoder, smaller
+    # ones the host's (on the loader threads); 0: all the GPU-assisted one (which still largely uses the CPU)
+    hybrid_huffman_threshold: int = HYBRID_HUFFMAN_THRESHOLD
     shuffle_buffer: int = SHUFFLE_BUFFER  # samples mixed by the train reader (shards are shuffled when written)
     # optimisation
     epochs: int = 90
@@ -132,6 +136,7 @@ class TrainConfig:
              "a size ramp needs 0 < min_image_size <= image_size, ramp_start_epoch <= ramp_end_epoch, "
              "image_size_step > 0"),
             (0 <= self.hw_decoder_load <= 1, "hw_decoder_load must be in [0, 1]"),
+            (0 <= self.hybrid_huffman_threshold <= 10**9, "hybrid_huffman_threshold must be in [0, 1e9] px"),
             (0 < self.val_crop_fraction <= 1 and 0 < self.crop_min_area <= 1,
              "val_crop_fraction and crop_min_area must be in (0, 1]"),
             (self.val_interpolation in INTERPOLATIONS and self.val_crop_mode in CROP_MODES,
@@ -156,7 +161,8 @@ class TrainConfig:
 # What a resumed run may set differently from the run it continues: how it runs, logs and is
 # paid for, not what it learns (the schedule, the data, the recipe). Any other field that differs
 # makes `--resume auto` refuse: a fixed S3 prefix must not continue another config's run.
-CHANGEABLE_ON_RESUME = ("compile", "cuda_graph", "loader_threads", "hw_decoder_load", "log_every", "val_every",
+CHANGEABLE_ON_RESUME = ("compile", "cuda_graph", "loader_threads", "hw_decoder_load", "hybrid_huffman_threshold",
+                        "log_every", "val_every",
                         "checkpoint_minutes", "max_steps", "max_minutes", "s3_flush_timeout_s", "s3_resume_timeout_s",
                         "lease_seconds", "spot_poll_seconds", "wandb_project", "price_per_hour", "spot_price_per_hour",
                         "s3_get_price_per_1000", "s3_put_price_per_1000", "cross_region_price_per_gb")

@@ -50,9 +50,10 @@ class Options:
     """Everything that changes the output bytes; recorded in the manifest and checked on resume."""
     shard_size: int = 1250  # samples per shard: ~1,025 train shards for the full 1,281,167 rows
     seed: int = 0
-    max_side: int | None = None  # px; re-encode only images whose longer side is larger
+    max_side: int | None = None  # px; re-encode only images whose longer side is larger (all: `reencode`)
     quality: int = 90  # JPEG quality of re-encoded images
     name: str = "imagenet1k"  # shard file prefix: <split>/<name>-<split>-NNNNNN.tar
+    reencode: bool = False  # every image re-encoded at `quality` (FFCV's set: with max_side 500, quality 90)
 
 
 @dataclass
@@ -184,7 +185,7 @@ def _make_sample(record: Record, job: ChunkJob) -> tuple[str, dict[str, bytes], 
         raise Rejected("no label")
     if label < -1 or (job.num_classes and label >= job.num_classes):
         raise Rejected(f"label {label} outside 0..{job.num_classes - 1}")
-    prepared = prepare_image(record.data, job.options.max_side, job.options.quality)
+    prepared = prepare_image(record.data, job.options.max_side, job.options.quality, job.options.reencode)
     synset = (job.synsets[label] if 0 <= label < len(job.synsets) else None) or synset_from_path(record.path)
     meta = {"path": record.path, "synset": synset, "label": label,
             "width": prepared.width, "height": prepared.height}
@@ -289,7 +290,7 @@ def convert(source_path: str | Path, output_url: str, splits: tuple[str, ...], o
         _check_same_commit(old.get("source", {}), source, output.url)
         if old.get("source", {}).get("fingerprint") != source.fingerprint:
             raise ConvertError(f"{output.url}/{MANIFEST}: made from a different source; cannot resume")
-        if old.get("options") != asdict(options):
+        if {**asdict(Options()), **old.get("options", {})} != asdict(options):  # fields it predates: their defaults
             raise ConvertError(
                 f"{output.url}/{MANIFEST}: made with options {old.get('options')}; cannot resume with {asdict(options)}"
             )

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 
 import pytest
+import torch
 from conftest import REPO, child_env, records
 
 from dali_imagenet.run import exits
@@ -81,6 +82,8 @@ def test_skypilot_reads_the_task_and_relaunches_on_the_reclaim_code(name):
         assert relaunches[exits.RECLAIM] == [True] * 4  # every reclaim relaunches, uncounted
         assert relaunches[exits.UPLOADS_PENDING] == [True, True, False, False]
         assert "--resume auto" in task["run"] and "--s3" in task["run"] and "--spot auto" in task["run"]
+        assert "--device cuda" in task["run"]  # never the CPU by accident (test_cuda_check.py)
+        assert "bash cloud/torch-for-driver.sh ~/venv/bin/python" in task["setup"]
         assert "basename \"$CONFIG\" .yaml" in task["run"]  # the default RUN prefix names the config
     else:
         assert task["secrets"] == {"HF_TOKEN": ""}
@@ -101,6 +104,24 @@ def run_task(name: str, home, **envs) -> subprocess.CompletedProcess:
     result = subprocess.run(["bash", "-c", task["run"]], cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     print(f"{name}'s run: exit {result.returncode} after {time.monotonic() - started:.1f} s")
     return result
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or os.path.exists("/proc/driver/nvidia/version"),
+                    reason="CUDA or an NVIDIA driver is here")
+def test_the_l4_task_on_a_machine_without_cuda_stops_in_one_line(tmp_path):
+    """The task's `run:` as SkyPilot runs it, with its own envs and no TRAIN_ARGS: on a machine
+    without a GPU, one line naming why, exit 1 within a minute; no staging, no step, no run folder."""
+    home = tmp_path / "home"
+    path = [p for p in os.environ["PATH"].split(os.pathsep) if p and not os.path.exists(os.path.join(p, "nvidia-smi"))]
+    started = time.monotonic()
+    result = run_task("train-l4", home, BUCKET="no-such-bucket", STAGE_DIR=str(tmp_path / "stage"),
+                      PATH=os.pathsep.join(path))
+    assert time.monotonic() - started < 60
+    assert result.returncode == exits.ERROR, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        "error: --device cuda: no NVIDIA driver on this machine (no nvidia-smi, no /proc/driver/nvidia/version): it "
+        "has no usable GPU; train on a GPU machine, or --device cpu"]
+    assert not (home / "run").exists() and not (tmp_path / "stage").exists() and "step" not in result.stdout
 
 
 @pytest.mark.slow

@@ -39,7 +39,6 @@ class Run:
     shards: SplitShards  # the train split
     val_shards: SplitShards
     train_step: TrainStep  # holds the model, its DDP/compiled wrapper, optimizer, scaler and EMA
-    val_loader: Loader
     loader_options: dict  # what every epoch's train loader shares with the val loader
     schedule: LRSchedule
     stops: StopCheck
@@ -60,6 +59,12 @@ class Run:
                            image_size=cfg.train_image_size(state.epoch), shuffle_buffer=cfg.shuffle_buffer,
                            crop_min_area=cfg.crop_min_area, resume=resume_at, interrupt=self.stops.interrupt_if_asked,
                            **self.loader_options)
+
+    def val_loader(self) -> Loader:
+        """A new loader of the val split, built for each validation and gone with it: its DALI
+        pipeline's device memory (nvJPEG's buffers, DALI#5087) is never held beside an epoch's
+        train pipeline for the whole run (one pipeline at a time on an L4's 24 GB)."""
+        return val_loader(self.cfg, self.val_shards, self.loader_options)
 
     def check_loss(self) -> None:
         """Raises LossDiverged at the first step (1-based, as metrics.jsonl counts) whose loss was
@@ -87,6 +92,11 @@ class Run:
         """What a validation scores: the raw weights ("") and their EMA, when the run keeps one."""
         ema = self.train_step.ema
         return {"": self.train_step.model, **({"ema": ema.module} if ema else {})}
+
+
+def val_loader(cfg: TrainConfig, val_shards: SplitShards, loader_options: dict) -> Loader:
+    return make_loader(val_shards, "validation", image_size=cfg.val_image_size, crop_fraction=cfg.val_crop_fraction,
+                       interpolation=cfg.val_interpolation, crop_mode=cfg.val_crop_mode, **loader_options)
 
 
 @dataclass(frozen=True)
