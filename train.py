@@ -87,7 +87,8 @@ def setup(args, cfg: TrainConfig, procs: distributed.Processes, leaving: Leaving
         s3.probe_writes(args.s3, cfg.s3_resume_timeout_s)
         leaving.hold(args.s3, cfg.lease_seconds, cfg.s3_resume_timeout_s)
     data, shards, val_shards = read_splits(args, cfg, procs, leaving)
-    training = recipe.build(cfg, shards.num_classes, procs, precision)
+    with leaving.request.at_once():  # a stop during the build: nothing made yet to keep, no step to wait for
+        training = recipe.build(cfg, shards.num_classes, procs, precision)
     point, initialised = starting_weights(args, cfg, procs, training, run_dir, shards)
     stops = StopCheck(leaving.request, procs, checkpoint_minutes=cfg.checkpoint_minutes, max_minutes=cfg.max_minutes,
                       max_steps=cfg.max_steps, earlier_s=point.state.wall_s)
