@@ -18,7 +18,8 @@ import torch
 from dali_imagenet.errors import DaliImagenetError
 from dali_imagenet.training import archs
 
-USABLE_SHARE = 0.9  # of the device's memory (host RAM available now, on the CPU) that a run may plan to use
+USABLE_SHARE = 0.9  # of the GPU's memory that a run may plan to use
+HOST_SHARE = 0.75  # of the host RAM available now: the loader's processes and the page cache need the rest
 PROBE_BATCH = 2  # images in the meta forward (BatchNorm in training mode needs more than one value per channel)
 AMP_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -74,12 +75,12 @@ def available_bytes(device: torch.device) -> tuple[int, str]:
     now divided among this machine's processes (torchrun's ranks share it on the CPU)."""
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
-        return int(total * USABLE_SHARE), f"{total / 2**30:.1f} GiB of GPU memory"
+        return int(total * USABLE_SHARE), f"{total / 2**30:.1f} GiB of GPU memory ({USABLE_SHARE:.0%} usable)"
     available = _host_available()
     ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     share = available // max(ranks, 1)
-    return int(share * USABLE_SHARE), (f"{available / 2**30:.1f} GiB of host RAM available"
-                                       + (f" for {ranks} processes" if ranks > 1 else ""))
+    return int(share * HOST_SHARE), (f"{available / 2**30:.1f} GiB of host RAM available"
+                                     + (f" for {ranks} processes" if ranks > 1 else "") + f" ({HOST_SHARE:.0%} usable)")
 
 
 def _host_available() -> int:
@@ -101,4 +102,4 @@ def check_fits(found: Estimate, device: torch.device, *, network: str, batch_siz
             f"{network} does not fit: ~{found.total / 2**30:.1f} GiB needed ({found.parameters / 1e6:,.0f} M "
             f"parameters: {found.state_bytes / 2**30:.1f} GiB of weights, gradients and optimizer state; "
             f"{found.activation_bytes / 2**30:.1f} GiB of activations at batch {batch_size}, {image_size} px), "
-            f"{what} ({USABLE_SHARE:.0%} usable): lower width, batch_size or image_size")
+            f"{what}: lower width, batch_size or image_size")
