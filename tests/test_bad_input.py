@@ -176,7 +176,8 @@ CASES = [
          ["--max-pixels"]),
     Case("shard-rejects-a-huge-image-by-name", "shard-imagenet",
          ["{images}", "{tmp}/out", "--workers", "1", "--quiet", "--shard-size", "64"], 0,
-         ["huge.png", "144.0 megapixels, over the limit"], setup=huge_image_in_images, changes=["{tmp}/out"],
+         ["huge.png", "12000x12000 = 144,000,000 pixels, over the limit of 89,478,485"], setup=huge_image_in_images,
+         changes=["{tmp}/out"],
          slow=True),
     Case("stage-not-an-s3-url", "stage-shards", ["notaurl", "{tmp}/dest"], 1, ["notaurl", "not an S3 URL"]),
     Case("stage-into-a-foreign-folder", "stage-shards", ["s3://bucket/prefix", "{tmp}/mine"], 1,
@@ -226,7 +227,7 @@ CASES = [
     Case("predict-image-size-0", "predict", ["{images}", "--checkpoint", "{run}/best.pt", "--image-size", "0"], 1,
          ["--image-size 0"]),
     Case("predict-144-megapixels", "predict", ["{tmp}/huge.png", "--checkpoint", "{run}/best.pt", "--device", "cpu"],
-         1, ["huge.png", "144.0 megapixels, over the limit"], setup=huge_image),
+         1, ["huge.png", "12000x12000 = 144,000,000 pixels, over the limit of 89,478,485"], setup=huge_image),
     Case("predict-config-json-a-list", "predict", ["{images}", "--checkpoint", "{published}"], 1,
          ["config.json", "a JSON list"], setup=write("published/config.json", "[1, 2]")),
     Case("predict-truncated-safetensors", "predict", ["{images}", "--checkpoint", "{published}"], 1,
@@ -308,3 +309,107 @@ def test_bad_input(case: Case, request, tmp_path: Path):
     assert changed == [], changed
     if "{tmp}/newrun" in case.args:  # a refused run made no run folder
         assert not (tmp_path / "newrun").exists()
+
+
+# ---- a test per defect, beyond the table's refusals
+
+
+def test_a_truncated_tar_is_repaired_into_a_set_the_loaders_take(sample_shards, tmp_path):
+    """The most common damage: verify-shards names it, --repair drops the samples the cut took and
+    records the tar's size now, and the set then verifies clean and passes train.py's checks."""
+    from dali_imagenet.data.shards import find_shards
+
+    shards = tmp_path / "shards"
+    shutil.copytree(sample_shards, shards)
+    truncate_first_tar(tmp_path)
+    verify = click_main("shard_tools.verify")
+    repaired = run_in_process(verify, ["verify-shards", str(shards), "--repair", "--workers", "1", "--quiet"])
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    manifest = json.loads((shards / "manifest.json").read_text())
+    entry = manifest["splits"]["train"]["shards"][0]
+    assert entry["bytes"] == first_tar(tmp_path).stat().st_size
+    dropped = [e for e in manifest["splits"]["train"]["rejected"] if e["shard"] == entry["name"]]
+    assert any("truncated" in e["reason"] for e in dropped) and entry["samples"] < 16
+    train = find_shards(str(shards), "train")  # the size and index checks train.py makes
+    assert train.samples == 96 - (16 - entry["samples"])
+    again = run_in_process(verify, ["verify-shards", str(shards), "--workers", "1", "--quiet"])
+    assert again.returncode == 0 and "bad 0" in again.stdout, again.stdout + again.stderr
+
+
+def test_a_stop_during_the_model_build_stops_it_at_once():
+    """SIGTERM while a model is being built (minutes for a large one, one tensor at a time): the
+    build raises `Interrupted` within a fraction of a second instead of running to its end."""
+    import signal
+    import threading
+    import time
+
+    from dali_imagenet.errors import Interrupted
+    from dali_imagenet.run.interrupts import StopRequest
+    from dali_imagenet.training import archs
+
+    request = StopRequest(announce=False)
+    try:
+        timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
+        started = time.monotonic()
+        with pytest.raises(Interrupted, match="SIGTERM"), request.at_once():
+            timer.start()
+            while time.monotonic() - started < 30:  # ResNet-50s, one after another: far longer than the stop takes
+                archs.build("resnet50", 1000)
+        assert time.monotonic() - started < 0.3 + 3
+    finally:
+        request.restore()
+
+
+def test_the_memory_estimate_counts_what_a_resnet_50_holds():
+    """25,557,032 weights (torchvision's ResNet-50); activations grow with the batch and the pixels."""
+    from dali_imagenet.training import memory
+
+    small = memory.estimate("resnet50", 64, 1000, image_size=112, batch_size=32, amp_dtype="bfloat16", ema=False)
+    assert small.parameters == 25_557_032 and small.state_bytes == 25_557_032 * 4 * 3
+    doubled = memory.estimate("resnet50", 64, 1000, image_size=224, batch_size=64, amp_dtype="bfloat16", ema=True)
+    assert doubled.state_bytes == 25_557_032 * 4 * 4
+    assert 7.5 < doubled.activation_bytes / small.activation_bytes < 8.5  # 2 x the batch, ~4 x the pixels
+    float32 = memory.estimate("resnet50", 64, 1000, image_size=112, batch_size=32, amp_dtype="float32", ema=False)
+    assert float32.activation_bytes == 2 * small.activation_bytes
+
+
+def test_the_pixel_limit_is_checked_from_the_header_and_says_the_size(tmp_path):
+    from dali_imagenet.data.pixels import MAX_PIXELS, TooManyPixels, open_image
+    from shard_tools.images import Rejected, prepare_image
+
+    png_header(tmp_path / "wide.png", 20000, 10000)  # 200 megapixels: over PIL's own error limit too
+    png_header(tmp_path / "ok.png", 100, 50)
+    with pytest.raises(TooManyPixels, match="^200,000,000 pixels, over the limit of 89,478,485"):
+        open_image(tmp_path / "wide.png")
+    assert open_image(tmp_path / "ok.png").size == (100, 50)
+    with pytest.raises(TooManyPixels, match="^100x50 = 5,000 pixels, over the limit of 4,999"):
+        open_image(tmp_path / "ok.png", limit=4999)
+    assert open_image(tmp_path / "ok.png", limit=None).size == (100, 50) and MAX_PIXELS == 89_478_485
+    with pytest.raises(Rejected) as why:
+        prepare_image(b"not an image at all")
+    assert "BytesIO" not in str(why.value) and "cannot identify image file" in str(why.value)
+
+
+def test_the_staging_lock_goes_with_its_holder_and_a_waiter_takes_a_live_one(tmp_path):
+    import threading
+    import time
+
+    from dali_imagenet.data.staging import LOCK, _locked
+
+    path = tmp_path / LOCK
+    order = []
+    first = _locked(path, None).__enter__()
+
+    def wait():
+        with _locked(path, None):
+            order.append("second has it")
+            assert path.exists()  # its own file, not the one the first holder removed
+            time.sleep(0.1)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    time.sleep(0.5)
+    assert order == []  # held
+    first.__exit__(None, None, None)
+    waiter.join(5)
+    assert order == ["second has it"] and not path.exists()

@@ -20,8 +20,7 @@ class TooManyPixels(DaliImagenetError):
 def check_pixels(width: int, height: int, limit: int | None = MAX_PIXELS) -> None:
     """Raises `TooManyPixels` when width x height is over `limit` (None: no limit)."""
     if limit is not None and width * height > limit:
-        raise TooManyPixels(f"{width}x{height} = {width * height / 1e6:.1f} megapixels, over the limit of "
-                            f"{limit / 1e6:.1f} (--max-pixels)")
+        raise TooManyPixels(f"{width}x{height} = {width * height:,} pixels, over the limit of {limit:,} (--max-pixels)")
 
 
 def open_image(source, limit: int | None = MAX_PIXELS):
@@ -35,9 +34,8 @@ def open_image(source, limit: int | None = MAX_PIXELS):
             image = Image.open(source)
         except Image.DecompressionBombError as error:
             sizes = [int(n) for n in re.findall(r"\((\d+) pixels\)", str(error))]
-            over = f"the limit of {limit / 1e6:.1f} (--max-pixels)" if limit else "PIL's limit"
-            raise TooManyPixels((f"{sizes[0] / 1e6:.1f} megapixels" if sizes else "too many pixels")
-                                + f", over {over}") from None
+            over = f"the limit of {limit:,} (--max-pixels)" if limit else "PIL's limit"
+            raise TooManyPixels((f"{sizes[0]:,} pixels" if sizes else "too many pixels") + f", over {over}") from None
     try:
         check_pixels(*image.size, limit)
     except TooManyPixels:
