@@ -22,6 +22,7 @@ from tqdm import tqdm
 from dali_imagenet import distributed, make_loader, s3
 from dali_imagenet.config import TrainConfig, load_config, to_dict
 from dali_imagenet.data import decoder, staging
+from dali_imagenet.data.folders import refuse_overlap
 from dali_imagenet.data.loader import Loader
 from dali_imagenet.data.partition import batches_per_epoch
 from dali_imagenet.data.shards import find_shards, sample_locations
@@ -81,6 +82,8 @@ def setup(args, cfg: TrainConfig, procs: distributed.Processes, leaving: Leaving
     precision = Precision.for_device(cfg.amp_dtype, procs.device)
     torch.manual_seed(derive_seed(cfg.seed, "torch", procs.rank))
     run_dir = run_folder.choose(args.out, cfg.arch, resume=args.resume, overwrite=args.overwrite, world=procs.world)
+    if not s3.is_s3(args.data):  # a run never writes into the shards it reads (nor around them)
+        refuse_overlap(run_dir, args.data, output_name="--out", source_name="--data")
     s3_held = resume.check_s3_prefix(args.s3, resume=args.resume, overwrite=args.overwrite,
                                      timeout_s=cfg.s3_resume_timeout_s) if procs.master else []
     if args.s3 and procs.master:  # before anything is written or staged: S3 takes our files, no other job writes there

@@ -111,6 +111,12 @@ def escaping_manifest(tmp: Path) -> None:
         **m["splits"]["train"], "shards": [{**m["splits"]["train"]["shards"][0], "name": "../../outside.tar"}]}}})(tmp)
 
 
+def pickle_with_code(tmp: Path) -> None:
+    import torch
+
+    torch.save({"model": {}, "run": os.system}, tmp / "evil.pt")  # unpickling it would import os.system
+
+
 def image_folder(root: Path) -> None:
     """A small ImageFolder tree: 2 classes x 3 train and 2 val JPEGs."""
     from PIL import Image
@@ -181,7 +187,7 @@ CASES = [
          slow=True),
     Case("stage-not-an-s3-url", "stage-shards", ["notaurl", "{tmp}/dest"], 1, ["notaurl", "not an S3 URL"]),
     Case("stage-into-a-foreign-folder", "stage-shards", ["s3://bucket/prefix", "{tmp}/mine"], 1,
-         ["notes.txt", "not a staged copy"], setup=write("mine/notes.txt")),
+         ["notes.txt", "not a staged copy of shards"], setup=write("mine/notes.txt")),
     Case("stage-into-a-file", "stage-shards", ["s3://bucket/prefix", "{tmp}/file.txt"], 1,
          ["exists and is not a folder"], setup=write("file.txt")),
     Case("stage-under-proc", "stage-shards", ["s3://bucket/prefix", "/proc/dali-imagenet-staged"], 1,
@@ -204,6 +210,10 @@ CASES = [
                ["does not fit", "GiB needed", "host RAM"]),
     train_case("train-vit-at-64-px", ["arch=timm:vit_tiny_patch16_224", "width=64", "image_size=64",
                                       "val_image_size=64"], 1, ["timm:vit_tiny_patch16_224", "cannot take 64 px"]),
+    Case("train-out-inside-data", "train", [*TRAIN[:3], "--out", "{shards}/run", *TRAIN[5:]], 1,
+         ["--out", "lies inside --data"]),
+    Case("train-out-around-data", "train", [*TRAIN[:3], "--out", "{tmp}", *TRAIN[5:]], 1,
+         ["--out", "contains --data"]),
     train_case("train-lr-reference-batch-0", ["lr_reference_batch=0"], 1, ["lr_reference_batch must be > 0"]),
     train_case("train-momentum-negative", ["momentum=-5"], 1, ["momentum must be in [0, 1)"]),
     train_case("train-max-steps-negative", ["max_steps=-1"], 1, ["max_steps must be >= 0"]),
@@ -237,6 +247,10 @@ CASES = [
     Case("predict-label-names-disagree", "predict", ["{images}", "--checkpoint", "{published}"], 1,
          ["3 label_names", "8 outputs"],
          setup=edit_json("published/config.json", lambda c: {**c, "label_names": ["a", "b", "c"]})),
+    Case("predict-pickle-with-code", "predict", ["{images}", "--checkpoint", "{tmp}/evil.pt"], 1,
+         ["evil.pt", "refused", "could run code", "weights_only=True)"], setup=pickle_with_code),
+    Case("predict-folder-without-config", "predict", ["{images}", "--checkpoint", "{tmp}/mine"], 1,
+         ["mine", "a folder, and not a published model (no config.json"], setup=write("mine/notes.txt")),
     Case("evaluate-batch-size-0", "evaluate", ["--checkpoint", "{run}/best.pt", "--data", "{shards}",
                                                "--batch-size", "0"], 1, ["--batch-size 0"]),
     Case("evaluate-image-size-0", "evaluate", ["--checkpoint", "{run}/best.pt", "--data", "{shards}",
@@ -388,6 +402,18 @@ def test_the_pixel_limit_is_checked_from_the_header_and_says_the_size(tmp_path):
     with pytest.raises(Rejected) as why:
         prepare_image(b"not an image at all")
     assert "BytesIO" not in str(why.value) and "cannot identify image file" in str(why.value)
+
+
+def test_init_from_an_unnamed_state_dict_says_its_class_count(tmp_path):
+    import torch
+
+    from dali_imagenet.run.initial import initialise
+    from dali_imagenet.training import archs
+
+    torch.save(archs.build("resnet10", 5, width=16).state_dict(), tmp_path / "five.pt")
+    started = initialise(str(tmp_path / "five.pt"), archs.build("resnet10", 8, width=16), "resnet10",
+                         [f"c{i}" for i in range(8)], 16)
+    assert "a new classifier for 8 classes (5 there)" in started.line(8)
 
 
 def test_the_staging_lock_goes_with_its_holder_and_a_waiter_takes_a_live_one(tmp_path):

@@ -120,13 +120,16 @@ def stage(url: str, folder: str | os.PathLike, splits: tuple[str, ...], *, worke
 
 
 def check_folder(folder: Path) -> None:
-    """A staging folder is new, empty, or one staging made (its record says so): never a file, a
-    folder of someone else's files to merge into, or a place that cannot be written."""
+    """A staging folder is new, empty, or a copy of a shard set (staging's record, a manifest, or
+    timm-layout tars say so; a copy made by hand is checked file by file): never a file, a folder
+    of someone else's files to merge into, or a place that cannot be written."""
     from dali_imagenet.data.folders import check_output_folder
 
-    if (folder / RECORD).is_file():
+    if folder.is_dir() and ((folder / RECORD).is_file() or (folder / MANIFEST).is_file()
+                            or any(is_timm_tar(p.name, s) for p in folder.iterdir() for s in TIMM_SPLIT_NAMES)):
         return
-    check_output_folder(folder, lambda name: name == LOCK, what="a staged copy", marker=RECORD)
+    check_output_folder(folder, lambda name: name == LOCK, what="a staged copy of shards",
+                        marker=f"{RECORD} or {MANIFEST}")
 
 
 def _stage(url: str, folder: Path, splits, workers: int, progress: bool, interrupt, log) -> Staged:

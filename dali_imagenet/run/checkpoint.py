@@ -10,6 +10,7 @@ half of one. Which files a run folder holds, and their names, is `run_folder`'s 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import time
 import warnings
@@ -124,18 +125,30 @@ def load(path: str | Path, map_location="cpu") -> dict:
     """Any `.pt` this project reads back (a checkpoint, final weights, a torchvision state dict).
     weights_only: a file fetched from S3 must not be able to run code."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a folder, and not a published model (no config.json in it): give a checkpoint "
+                              f"file (best.pt, last.pt) or a folder publish.py wrote")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
         with warnings.catch_warnings():  # a damaged file draws pickle warnings: its one line below says it all
             warnings.simplefilter("ignore")
             loaded = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" not in str(error):
+            raise CheckpointError(f"{path}: not a checkpoint: PyTorch cannot read it ({_first_line(error)})") from None
+        raise CheckpointError(f"{path}: refused: it holds Python objects besides tensors and numbers, which could run "
+                              f"code when loaded; only plain weights are read (torch.load weights_only=True)") from None
     except Exception as error:
         first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"{path}: not a checkpoint: PyTorch cannot read it ({first})") from None
     if not isinstance(loaded, dict):
         raise CheckpointError(f"{path}: not a checkpoint: holds a {type(loaded).__name__}, not a dict")
     return loaded
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
 
 
 def weights(checkpoint: dict, which: str = "raw") -> dict:
