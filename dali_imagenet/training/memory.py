@@ -20,6 +20,7 @@ from dali_imagenet.training import archs
 
 USABLE_SHARE = 0.9  # of the GPU's memory that a run may plan to use
 HOST_SHARE = 0.75  # of the host RAM available now: the loader's processes and the page cache need the rest
+CPU_PROBE_SHARE = 0.25  # of the host RAM available: the largest network probed for real when the meta device fails
 PROBE_BATCH = 2  # images in the meta forward (BatchNorm in training mode needs more than one value per channel)
 AMP_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -41,10 +42,37 @@ class Estimate:
 
 def estimate(arch: str, width: int, num_classes: int, *, image_size: int, batch_size: int, amp_dtype: str,
              ema: bool, drop_path: float = 0.0, blurpool: bool = False, other_sizes: tuple[int, ...] = ()) -> Estimate:
-    """The estimate at the train size `image_size`; `other_sizes` (validation's) are only checked."""
+    """The estimate at the train size `image_size`; `other_sizes` (validation's) are only checked.
+    A network whose forward the meta device cannot run (one that makes a CPU tensor inside it) is
+    probed again for real on the CPU, where its weights take little room; a large one is refused
+    with the meta device's reason."""
+    def build():
+        return archs.build(arch, num_classes, drop_path_rate=drop_path, blurpool=blurpool, width=width)
+
     with torch.device("meta"):
-        model = archs.build(arch, num_classes, drop_path_rate=drop_path, blurpool=blurpool, width=width)
+        model = build()
     parameters = sum(p.numel() for p in model.parameters())
+    try:
+        elements = _probe(model, "meta", image_size, other_sizes)
+    except _SizeRefused as refused:
+        if parameters * 4 > CPU_PROBE_SHARE * _host_available():
+            raise ModelSizeError(f"arch {arch} cannot take {refused.size} px images: {refused.reason}") from None
+        try:
+            elements = _probe(build(), "cpu", image_size, other_sizes)
+        except _SizeRefused as again:
+            raise ModelSizeError(f"arch {arch} cannot take {again.size} px images: {again.reason}") from None
+    return Estimate(parameters, parameters * 4 * (4 if ema else 3), elements * batch_size * AMP_BYTES.get(amp_dtype, 4))
+
+
+class _SizeRefused(Exception):
+    def __init__(self, size: int, reason: str):
+        super().__init__(reason)
+        self.size, self.reason = size, reason
+
+
+def _probe(model: torch.nn.Module, device: str, image_size: int, other_sizes: tuple[int, ...]) -> int:
+    """Elements of every leaf module's output for one image at `image_size` (a forward of
+    PROBE_BATCH images on `device`); the other sizes are only run."""
     elements = [0]
 
     def count(module, inputs, output):
@@ -55,19 +83,17 @@ def estimate(arch: str, width: int, num_classes: int, *, image_size: int, batch_
     size = image_size
     try:
         with torch.no_grad():
-            model.train()(torch.empty(PROBE_BATCH, 3, size, size, device="meta"))
+            model.train()(torch.zeros(PROBE_BATCH, 3, size, size, device=device))
             for hook in hooks:
                 hook.remove()
             for size in other_sizes:
-                model.eval()(torch.empty(PROBE_BATCH, 3, size, size, device="meta"))
+                model.eval()(torch.zeros(PROBE_BATCH, 3, size, size, device=device))
     except Exception as error:  # noqa: BLE001 - whatever the network says about the size, in one line
-        raise ModelSizeError(f"arch {arch} cannot take {size} px images: {' '.join(str(error).split())[:300]}"
-                             ) from None
+        raise _SizeRefused(size, " ".join(str(error).split())[:300]) from None
     finally:
         for hook in hooks:
             hook.remove()
-    return Estimate(parameters, parameters * 4 * (4 if ema else 3),
-                    elements[0] * batch_size * AMP_BYTES.get(amp_dtype, 4))
+    return elements[0]
 
 
 def available_bytes(device: torch.device) -> tuple[int, str]:
