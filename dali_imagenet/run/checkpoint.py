@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -135,10 +136,14 @@ def load(path: str | Path, map_location="cpu") -> dict:
             warnings.simplefilter("ignore")
             loaded = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        if "Weights only load failed" not in str(error):
-            raise CheckpointError(f"{path}: not a checkpoint: PyTorch cannot read it ({_first_line(error)})") from None
-        raise CheckpointError(f"{path}: refused: it holds Python objects besides tensors and numbers, which could run "
-                              f"code when loaded; only plain weights are read (torch.load weights_only=True)") from None
+        named = re.search(r"GLOBAL (\S+)", str(error))  # weights_only's refusal of a pickled function or class
+        if named:
+            raise CheckpointError(f"{path}: refused: it names {named.group(1)}, a Python object beyond tensors and "
+                                  f"numbers, which loading could run; only plain weights are read (torch.load "
+                                  f"weights_only=True)") from None
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
+        raise CheckpointError(f"{path}: not a checkpoint: PyTorch cannot read it "
+                              f"({detail.group(1).strip() if detail else _first_line(error)})") from None
     except Exception as error:
         first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"{path}: not a checkpoint: PyTorch cannot read it ({first})") from None

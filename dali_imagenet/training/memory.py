@@ -64,7 +64,9 @@ def estimate(arch: str, width: int, num_classes: int, *, image_size: int, batch_
     return Estimate(parameters, parameters * 4 * (4 if ema else 3), elements * batch_size * AMP_BYTES.get(amp_dtype, 4))
 
 
-class _SizeRefused(Exception):
+class _SizeRefused(DaliImagenetError):
+    """The probe's forward failed at `size` (turned into a `ModelSizeError` by `estimate`)."""
+
     def __init__(self, size: int, reason: str):
         super().__init__(reason)
         self.size, self.reason = size, reason
