@@ -240,6 +240,9 @@ CASES = [
          1, ["huge.png", "12000x12000 = 144,000,000 pixels, over the limit of 89,478,485"], setup=huge_image),
     Case("predict-config-json-a-list", "predict", ["{images}", "--checkpoint", "{published}"], 1,
          ["config.json", "a JSON list"], setup=write("published/config.json", "[1, 2]")),
+    Case("predict-config-json-without-our-section", "predict", ["{images}", "--checkpoint", "{published}"], 0,
+         [".JPEG:"], setup=edit_json("published/config.json", lambda c: {k: v for k, v in c.items()
+                                                                            if k != "dali_imagenet"})),
     Case("predict-truncated-safetensors", "predict", ["{images}", "--checkpoint", "{published}"], 1,
          ["model.safetensors", "not readable safetensors"], setup=truncate("published/model.safetensors", 0.5)),
     Case("predict-num-classes-disagrees", "predict", ["{images}", "--checkpoint", "{published}"], 1,
