@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from dali_imagenet.data.pixels import MAX_PIXELS
 from dali_imagenet.errors import UsageError, one_line_errors
 from dali_imagenet.inference.predictor import WEIGHT_CHOICES, ImageError, Predictor, load_image, load_model, top_json
 from dali_imagenet.training.model import LAYOUTS
@@ -84,9 +85,15 @@ def main() -> None:
     parser.add_argument("--classes", help="class names: a classes.tsv or one name per line (default: the checkpoint's)")
     parser.add_argument("--image-size", type=int, help="crop size in px (default: the run's val_image_size)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="refuse an image with more pixels (width x "
+                        f"height) than this, before decoding it (default {MAX_PIXELS:,}: PIL's warning limit)")
     args = parser.parse_args()
     if bool(args.images) == bool(args.data):
         raise UsageError("give image files or folders, or --data SHARDS [--split SPLIT], not both or neither")
+    for flag, value in (("--top", args.top), ("--batch-size", args.batch_size), ("--image-size", args.image_size),
+                        ("--max-pixels", args.max_pixels)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} {value}: must be at least 1")
 
     loaded = load_model(args.checkpoint, arch=args.arch, which=args.weights, device=args.device)
     predictor = Predictor(loaded, image_size=args.image_size, device=args.device,
@@ -98,7 +105,7 @@ def main() -> None:
         batch = []
         for name, source in chunk:
             try:
-                batch.append((name, load_image(source)))
+                batch.append((name, load_image(source, args.max_pixels)))
             except (ImageError, OSError) as error:  # a missing file is one line too
                 failed += 1
                 print(f"{name}: {error}", file=sys.stderr, flush=True)

@@ -23,6 +23,7 @@ from dali_imagenet import distributed, s3
 from dali_imagenet.config import TrainConfig, load_config, to_dict
 from dali_imagenet.cuda_check import cuda_available
 from dali_imagenet.data import decoder, staging
+from dali_imagenet.data.folders import refuse_overlap
 from dali_imagenet.data.loader import Loader
 from dali_imagenet.data.partition import batches_per_epoch
 from dali_imagenet.data.shards import find_shards, sample_locations
@@ -83,13 +84,16 @@ def setup(args, cfg: TrainConfig, procs: distributed.Processes, leaving: Leaving
     precision = Precision.for_device(cfg.amp_dtype, procs.device)
     torch.manual_seed(derive_seed(cfg.seed, "torch", procs.rank))
     run_dir = run_folder.choose(args.out, cfg.arch, resume=args.resume, overwrite=args.overwrite, world=procs.world)
+    if not s3.is_s3(args.data):  # a run never writes into the shards it reads (nor around them)
+        refuse_overlap(run_dir, args.data, output_name="--out", source_name="--data")
     s3_held = resume.check_s3_prefix(args.s3, resume=args.resume, overwrite=args.overwrite,
                                      timeout_s=cfg.s3_resume_timeout_s) if procs.master else []
     if args.s3 and procs.master:  # before anything is written or staged: S3 takes our files, no other job writes there
         s3.probe_writes(args.s3, cfg.s3_resume_timeout_s)
         leaving.hold(args.s3, cfg.lease_seconds, cfg.s3_resume_timeout_s)
     data, shards, val_shards = read_splits(args, cfg, procs, leaving)
-    training = recipe.build(cfg, shards.num_classes, procs, precision)
+    with leaving.request.at_once():  # a stop during the build: nothing made yet to keep, no step to wait for
+        training = recipe.build(cfg, shards.num_classes, procs, precision)
     point, initialised = starting_weights(args, cfg, procs, training, run_dir, shards)
     stops = StopCheck(leaving.request, procs, checkpoint_minutes=cfg.checkpoint_minutes, max_minutes=cfg.max_minutes,
                       max_steps=cfg.max_steps, earlier_s=point.state.wall_s)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageFile
 
+from dali_imagenet.data.pixels import MAX_PIXELS, TooManyPixels, open_image, without_buffer_names
 from dali_imagenet.errors import DaliImagenetError
 
 # A truncated JPEG must fail, not decode to grey bottom rows.
@@ -33,14 +34,14 @@ class Prepared:
 
 
 def prepare_image(data: bytes | None, max_side: int | None = None, quality: int = 90,
-                  reencode: bool = False) -> Prepared:
+                  reencode: bool = False, max_pixels: int | None = MAX_PIXELS) -> Prepared:
     """`converted` says why an image's bytes changed; under `reencode` only a reason besides it (a
     CMYK or PNG source): every image is re-encoded, and downscaled past `max_side`, as the
     manifest's options say (ImageNet would otherwise list ~10 % of its images there)."""
     if not data:
         raise Rejected("empty image")
     try:
-        image = Image.open(io.BytesIO(data))
+        image = open_image(io.BytesIO(data), max_pixels)
         width, height = image.size
         reason = _why_convert(image)
         too_large = max_side is not None and max(width, height) > max_side
@@ -57,8 +58,10 @@ def prepare_image(data: bytes | None, max_side: int | None = None, quality: int 
         image.load()
     except Rejected:
         raise
+    except TooManyPixels as error:
+        raise Rejected(str(error)) from None
     except Exception as error:  # PIL raises many types for bad data; all mean "undecodable"
-        raise Rejected(f"undecodable: {error}".strip()) from None
+        raise Rejected(without_buffer_names(f"undecodable: {error}".strip())) from None
 
     rgb = image.convert("RGB")
     if too_large:

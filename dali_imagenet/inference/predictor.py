@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from dali_imagenet.config import TrainConfig, from_dict
+from dali_imagenet.data.pixels import MAX_PIXELS, TooManyPixels, open_image
 from dali_imagenet.errors import DaliImagenetError, UsageError
 from dali_imagenet.run import published
 from dali_imagenet.run.checkpoint import CheckpointError, load, weights
@@ -101,15 +102,20 @@ def _classes_in(state: dict, arch: str, path) -> int:
     return state[head].shape[0]
 
 
-def load_image(path: str | Path) -> torch.Tensor:
+def load_image(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> torch.Tensor:
     """An image file of any mode (RGB, grayscale, CMYK, palette, PNG with alpha) as uint8 RGB CHW.
-    Raises ImageError with the reason when the file is not a complete image."""
-    from PIL import Image, ImageFile
+    Raises ImageError with the reason when the file is not a complete image or has more than
+    `max_pixels` pixels (checked before decoding)."""
+    from PIL import ImageFile
 
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not decode to grey rows
     try:
-        with Image.open(path) as image:
+        with open_image(path, max_pixels) as image:
             return image_tensor(image)
+    except TooManyPixels as error:
+        raise ImageError(str(error)) from None
+    except FileNotFoundError:
+        raise ImageError("no such file") from None
     except Exception as error:  # PIL raises many types for bad data
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ImageError(f"not a readable image ({reason})") from None
