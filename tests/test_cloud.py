@@ -30,15 +30,29 @@ PARSE = """
 import asyncio, json, sys, sky
 from sky import backends
 from sky.jobs import recovery_strategy
+from sky.utils import yaml_utils
+def load(path, bucket=True):  # as `sky jobs launch path [--env BUCKET=given-bucket]` reads it
+    with open(path) as f:
+        text = f.read()
+    config = yaml_utils.safe_load(text)
+    config['_user_specified_yaml'] = text
+    return sky.Task.from_yaml_config(config, env_overrides=[('BUCKET', 'given-bucket')] if bucket else None)
+def refusal(path):
+    try:
+        load(path, bucket=False)
+    except ValueError as error:
+        return str(error)
+    return None
 def read(path):
-    t = sky.Task.from_yaml(path)
+    t = load(path)
     r = list(t.resources)[0]
     task = {'num_nodes': t.num_nodes, 'run': t.run, 'setup': t.setup, 'envs': dict(t.envs),
             'secrets': {k: v.get_secret_value() for k, v in t.secrets.items()}, 'accelerators': r.accelerators,
-            'use_spot': r.use_spot, 'job_recovery': dict(r.job_recovery), 'version': sky.__version__}
+            'use_spot': r.use_spot, 'job_recovery': dict(r.job_recovery), 'version': sky.__version__,
+            'without_bucket': refusal(path)}
     # SkyPilot's own recovery executor, as its jobs controller builds it, asked what it does on each code
     def executor():  # a fresh one per code: it counts restarts on errors
-        return recovery_strategy.StrategyExecutor.make('c', backends.CloudVmRayBackend(), sky.Task.from_yaml(path), 1,
+        return recovery_strategy.StrategyExecutor.make('c', backends.CloudVmRayBackend(), load(path), 1,
                                                        0, None, set(), asyncio.Lock(), asyncio.Condition())
     task['executor'] = type(executor()).__name__
     task['relaunches'] = {}
@@ -71,7 +85,7 @@ def test_skypilot_reads_the_task_and_relaunches_on_the_reclaim_code(name):
     assert task["version"] == "0.14.1"
     assert task["use_spot"] is True and task["job_recovery"]["strategy"] == "EAGER_NEXT_REGION"
     assert task["executor"] == "EagerFailoverStrategyExecutor"  # terminates the instance under notice first
-    assert "pip install" in task["setup"] and "BUCKET" in task["envs"]
+    assert task["setup"].strip() == "bash cloud/setup.sh" and task["envs"]["BUCKET"] == "given-bucket"
     assert not {"HF_TOKEN", "WANDB_API_KEY"} & set(task["envs"])  # tokens are secrets, never envs
     relaunches = {int(code): answers for code, answers in task["relaunches"].items()}
     assert relaunches[1] == [True, True, False, False]  # a crash: max_restarts_on_errors (2) more tries
@@ -85,6 +99,14 @@ def test_skypilot_reads_the_task_and_relaunches_on_the_reclaim_code(name):
     else:
         assert task["secrets"] == {"HF_TOKEN": ""}
     assert task["num_nodes"] == (2 if name == "train-multinode" else 1)
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_a_launch_without_a_bucket_is_refused_by_skypilot(name):
+    """`BUCKET` has no default: `sky jobs launch` without `--env BUCKET=...` stops at once, in
+    SkyPilot's own words, instead of provisioning a machine whose write probe fails (three times)."""
+    refusal = parse(name)["without_bucket"]
+    assert refusal is not None and refusal.startswith("Environment variable 'BUCKET' is None"), refusal
 
 
 def run_task(name: str, home, **envs) -> subprocess.CompletedProcess:
@@ -190,13 +212,15 @@ def test_the_tasks_run_commands_work_end_to_end(sample_dir, sample_shards, s3_bu
 def test_local_disk_picks_the_instance_store_and_formats_it_only_when_blank(tmp_path):
     """cloud/local-disk.sh on a stand-in /sys/block (an EBS root volume, an instance store) with the
     disk tools replaced by stubs that log their calls: it mounts the instance store, formats it only
-    when blkid finds nothing on it, never touches the EBS volume; with no store, the root disk."""
+    when blkid finds nothing on it, never touches the EBS volume; a store mounted already (by the
+    image) is used where it is; with no store, the root disk."""
     blocks, bin_dir, calls = tmp_path / "sys-block", tmp_path / "bin", tmp_path / "calls"
     for name, model in (("nvme0n1", "Amazon Elastic Block Store"), ("nvme1n1", "Amazon EC2 NVMe Instance Storage")):
         (blocks / name / "device").mkdir(parents=True)
         (blocks / name / "device" / "model").write_text(model + "\n")
     bin_dir.mkdir()
-    for tool, body in (("mountpoint", "exit 1"), ("findmnt", "exit 1"), ("blkid", 'exit "${BLKID_EXIT:-2}"'),
+    mounted = '[ -n "$MOUNTED_AT" ] && echo "$MOUNTED_AT"'  # findmnt: where the store is mounted, if it is
+    for tool, body in (("mountpoint", "exit 1"), ("findmnt", mounted), ("blkid", 'exit "${BLKID_EXIT:-2}"'),
                        ("mkfs.ext4", ""), ("mount", ""), ("chown", ""), ("mkdir", ""), ("df", "echo Size; echo 233G")):
         stub = bin_dir / tool
         stub.write_text(f'#!/bin/sh\necho "{tool} $*" >> {calls}\n{body}\n')
@@ -220,6 +244,11 @@ def test_local_disk_picks_the_instance_store_and_formats_it_only_when_blank(tmp_
     assert not [line for line in log if "nvme0n1" in line]  # the EBS volume: not formatted, not mounted
     folder, log = local_disk(BLKID_EXIT="0")  # a file system already there (the same machine, a second start)
     assert folder.endswith("nvme/shards") and not [line for line in log if line.startswith("mkfs")]
+    dlami = tmp_path / "opt-dlami-nvme"  # a deep-learning AMI mounts the store itself
+    dlami.mkdir()
+    folder, log = local_disk(MOUNTED_AT=str(dlami))
+    assert folder == f"{dlami}/shards"  # staged there, not on the 100 GB root disk
+    assert "findmnt -rno TARGET -S /dev/nvme1n1" in log and not [c for c in log if c.startswith(("mkfs", "mount "))]
     (blocks / "nvme1n1").rename(blocks / "sda")  # no instance store: the root disk
     folder, log = local_disk()
     assert folder == f"{tmp_path}/shards" and not [line for line in log if line.startswith(("mkfs", "mount "))]
