@@ -9,11 +9,13 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 import time
 from collections import Counter
 
 import pytest
-from conftest import REPO, child_env, records
+import torch
+from conftest import REPO, TRAIN_BASE, child_env, records
 
 from dali_imagenet.run import exits
 
@@ -252,3 +254,135 @@ def test_local_disk_picks_the_instance_store_and_formats_it_only_when_blank(tmp_
     (blocks / "nvme1n1").rename(blocks / "sda")  # no instance store: the root disk
     folder, log = local_disk()
     assert folder == f"{tmp_path}/shards" and not [line for line in log if line.startswith(("mkfs", "mount "))]
+
+
+def machine(home, imds, **envs) -> dict:
+    """A new machine as SkyPilot leaves it before the task's `setup:`: an empty HOME with uv at
+    ~/.local/bin (SkyPilot installs it on every cluster; here the uv from PyPI that the test venv
+    holds), its own instance metadata service; the task's envs with the test's values. How the
+    setup avoids downloading ~5 GB of wheels here (never in user docs): uv finds this machine's
+    python3.11 (UV_PYTHON_PREFERENCE=only-system, no downloads: the interpreter the tests run on,
+    first on PATH), every distribution the test venv holds is excluded from the install
+    (UV_EXCLUDE) and reached through PYTHONPATH instead, and the project is built without isolation
+    and offline: uv still makes the venv, resolves and installs the project, editable, into it."""
+    from importlib import metadata
+
+    home.mkdir()
+    (home / ".local" / "bin").mkdir(parents=True)
+    (home / ".local" / "bin" / "uv").symlink_to(REPO / ".venv" / "bin" / "uv")
+    interpreter = home.parent / "python-here"
+    if not interpreter.exists():
+        interpreter.mkdir()
+        (interpreter / "python3.11").symlink_to(getattr(sys, "_base_executable", sys.executable))
+    excluded = home.parent / "installed-already.txt"
+    names = sorted({d.metadata["Name"] for d in metadata.distributions()} - {"dali-imagenet"})
+    excluded.write_text("\n".join(names) + "\n")
+    site = sysconfig.get_paths()["purelib"]
+    return child_env(**{
+        **parse("train-l4")["envs"], **envs, "HOME": str(home),
+        "PATH": f"{home / '.local' / 'bin'}:{interpreter}:{os.environ['PATH']}",
+        "PYTHONPATH": f"{REPO}:{site}", "UV_PYTHON_PREFERENCE": "only-system", "UV_PYTHON_DOWNLOADS": "never",
+        "UV_EXCLUDE": str(excluded), "UV_NO_BUILD_ISOLATION": "1", "UV_OFFLINE": "1",
+        "UV_CACHE_DIR": str(home.parent / "uv-cache"), "SYS_BLOCK": str(home.parent / "no-instance-store"),
+        "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds.url, "AWS_EC2_METADATA_DISABLED": "false"})
+
+
+def launch(home, imds, timeline: list, **envs) -> subprocess.CompletedProcess:
+    """One launch of train-l4.yaml: the task's `setup:`, then its `run:`, as SkyPilot runs them (bash,
+    in the workdir) on the machine `home`; the seconds from the machine's start to the run's exit
+    go to `timeline`."""
+    task, env = parse("train-l4"), machine(home, imds, **envs)
+    setup = subprocess.run(["bash", "-c", task["setup"]], cwd=REPO, capture_output=True, text=True, env=env,
+                           timeout=300)
+    assert setup.returncode == 0, setup.stdout[-3000:] + setup.stderr[-3000:]
+    lines = [line for line in setup.stdout.splitlines() if line.startswith("[setup ")]
+    ready = lines[-1].split("] ", 1)[1]
+    assert "on Python 3.11" in lines[0] and ready.startswith(f"ready: {home / 'venv'} (Python 3.11"), lines
+    assert (home / "venv" / "bin" / "python").exists() and (home / ".dali-imagenet-setup.json").is_file()
+    env["PYTHONPATH"] = f"{home.parent / 'hook'}:{env['PYTHONPATH']}"  # the notice at the phase NOTICE_AT names
+    run = subprocess.run(["bash", "-c", task["run"]], cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    timeline.append(time.time() - imds.launched)
+    return run
+
+
+@pytest.mark.slow
+def test_a_launch_rehearsed_reclaimed_while_staging_and_while_training_ends_as_the_straight_run(
+        sample_shards, straight_run, s3_bucket, s3_latency, tmp_path):
+    """train-l4.yaml as SkyPilot launches it, three times over (each a new machine: an empty HOME, a
+    new instance metadata service), against S3 behind a real bucket's 10 ms: setup builds the venv
+    with uv on Python 3.11; the first run stages and is reclaimed while staging (exit 75, nothing
+    trained); the second stages again, trains and is reclaimed mid-epoch (75, its checkpoint in S3);
+    the third resumes and finishes with the uninterrupted run's weights. Its closing record counts
+    the three launches, each split into its phases, the machine's time before the process included,
+    each priced at what EC2's price history (the S3 server's EC2) says."""
+    from conftest import EXACT, upload_folder
+
+    from dali_imagenet.run import spot
+    from dali_imagenet.s3 import client
+    from standins.imds import NOTICE_HOOK, StandInIMDS
+
+    upload_folder(sample_shards, s3_bucket, "imagenet-shards")
+    # moto's EC2 loads its tables at its first request (seconds on a busy machine; EC2 itself answers at once)
+    import boto3
+
+    boto3.client("ec2", region_name="us-east-1").describe_spot_price_history(InstanceTypes=["g6.xlarge"])
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(NOTICE_HOOK)
+    (tmp_path / "no-instance-store").mkdir()
+    config = tmp_path / "rehearsal.yaml"  # the straight run's recipe: the defaults and the sets below
+    config.write_text("epochs: 2\n")
+    args = "--device cpu --no-wandb " + " ".join(f"--set {s}" for s in (*TRAIN_BASE, *EXACT, "spot_poll_seconds=0.2",
+                                                                           "s3_resume_timeout_s=5"))
+    common = dict(BUCKET=s3_bucket, CONFIG=str(config), TRAIN_ARGS=args)
+    timeline, runs = [], f"runs/{config.stem}"
+    imds = StandInIMDS()
+    try:
+        first = launch(tmp_path / "machine-1", imds, timeline, NOTICE_URL=imds.notice_url, NOTICE_AT="staging",
+                       **common)
+    finally:
+        imds.close()
+    assert first.returncode == exits.RECLAIM, first.stderr[-3000:]
+    assert "stopped during start-up, nothing trained; exit 75" in first.stderr
+    assert not client().list_objects_v2(Bucket=s3_bucket, Prefix=f"{runs}/last.pt").get("KeyCount")
+    imds = StandInIMDS()
+    try:
+        second = launch(tmp_path / "machine-2", imds, timeline, NOTICE_URL=imds.notice_url, NOTICE_AT="step",
+                        NOTICE_STEP="3", **common)
+    finally:
+        imds.close()
+    assert second.returncode == exits.RECLAIM, second.stderr[-3000:]
+    assert client().head_object(Bucket=s3_bucket, Key=f"{runs}/last.pt")["Metadata"]["step"] == "4"
+    imds = StandInIMDS()
+    try:
+        third = launch(tmp_path / "machine-3", imds, timeline, **common)
+    finally:
+        imds.close()
+    assert third.returncode == 0, third.stderr[-3000:]
+    run = tmp_path / "machine-3" / "run"
+    a = torch.load(straight_run / "final_weights.pt", weights_only=True)
+    b = torch.load(run / "final_weights.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a), "reclaimed twice and relaunched != straight"
+
+    closing = records(run)[-1]
+    launches = closing["launches"]
+    assert closing["event"] == "finished" and closing["cost"]["launches"] == 3 == len(launches)
+    assert [(x["exit_code"], x["reason"]) for x in launches] == [(75, spot.NOTICE), (75, spot.NOTICE), (0, None)]
+    for x, seconds in zip(launches, timeline):
+        phases = x["phases_s"]
+        assert x["instance"]["zone"] == "us-east-1a" and x["instance"]["lifecycle"] == "spot"
+        assert x["price_source"] == "EC2 spot price history (g6.xlarge, us-east-1a)"  # moto's EC2 answers it
+        assert phases["setup"] > 0 and phases["start"] > 0 and phases["leaving"] > 0
+        # the machine's whole time from EC2's launch (to its second) up to the launch's record, which
+        # leaves out only what follows it: the report, the last uploads, the interpreter's exit
+        assert seconds - 10 < x["seconds"] <= seconds + 1, (x, seconds)
+    assert launches[0]["phases_s"]["staging"] > 0 and launches[0]["phases_s"]["training"] == 0
+    assert launches[1]["phases_s"]["staging"] > 0 and launches[1]["phases_s"]["compile"] > 0
+    assert launches[1]["phases_s"]["training"] > 0 and launches[2]["phases_s"]["resume"] > 0
+    assert closing["cost"]["wall_hours"] * 3600 == pytest.approx(sum(x["seconds"] for x in launches))
+    stored = json.loads(client().get_object(Bucket=s3_bucket, Key=f"{runs}/launches.json")["Body"].read())
+    assert stored == launches
+    page = (run / "report.html").read_text()
+    assert "<h2>Launches</h2>" in page and "3 launches" in page
+    print("launch  " + "  ".join(f"{p:>12}" for p in (*launches[0]["phases_s"], "total")))
+    for x in launches:
+        print(f"{x['launch']:>6}  " + "  ".join(f"{s:>12.1f}" for s in (*x["phases_s"].values(), x["seconds"])))

@@ -44,7 +44,9 @@ def test_imds_off_or_absent_costs_at_most_a_short_timeout(monkeypatch):
 
 def test_imdsv2_token_is_required_and_refreshed(imds):
     client = spot.probe(imds.url)
-    assert client is not None and client.instance() == {"instance_type": "g6.xlarge", "lifecycle": "spot"}
+    assert client is not None and client.instance() == {  # when EC2 launched it: the identity document's pendingTime
+        "instance_type": "g6.xlarge", "lifecycle": "spot", "region": "us-east-1", "zone": "us-east-1a",
+        "pending_time": float(int(imds.launched))}
     imds.rotate()  # the old token is refused (401): the client fetches a new one and retries
     assert client.get("spot/instance-action") == (404, "")
     assert imds.requests.count("PUT /latest/api/token") == 2
