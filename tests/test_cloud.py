@@ -318,6 +318,7 @@ def test_a_launch_rehearsed_reclaimed_while_staging_and_while_training_ends_as_t
     from conftest import EXACT, upload_folder
 
     from dali_imagenet.run import spot
+    from dali_imagenet.run.launches import PHASES
     from dali_imagenet.s3 import client
     from standins.imds import NOTICE_HOOK, StandInIMDS
 
@@ -383,6 +384,6 @@ def test_a_launch_rehearsed_reclaimed_while_staging_and_while_training_ends_as_t
     assert stored == launches
     page = (run / "report.html").read_text()
     assert "<h2>Launches</h2>" in page and "3 launches" in page
-    print("launch  " + "  ".join(f"{p:>12}" for p in (*launches[0]["phases_s"], "total")))
+    print("\nlaunch  " + "  ".join(f"{p:>12}" for p in (*PHASES, "total s")))
     for x in launches:
-        print(f"{x['launch']:>6}  " + "  ".join(f"{s:>12.1f}" for s in (*x["phases_s"].values(), x["seconds"])))
+        print(f"{x['launch']:>6}  " + "  ".join(f"{s:>12.1f}" for s in (*map(x["phases_s"].get, PHASES), x["seconds"])))
