@@ -124,13 +124,17 @@ def _row(item: Listed, now: float) -> list[tuple[object, object]]:
         number(final.get("val_ema_top5"), f"{final.get('val_ema_top5', 0):.2f}"),
         number(hours, f"{hours or 0:.2f}" if (hours or 0) >= 0.1 else f"{hours or 0:.2g}"),  # a short run: not 0.00
         number(cost.get("launches"), f"{cost.get('launches', 0)}"),
-        number(cost.get("overhead_hours"), f"{cost.get('overhead_hours', 0) * 60:,.1f}"),
+        number(cost.get("overhead_hours"), _minutes(cost.get("overhead_hours", 0) * 60)),
         number(cost.get("dollars"), f"${cost.get('dollars', 0):,.2f}"),
         number(data.get("dollars"), f"${data.get('dollars', 0):,.2f}"),
         number(rate, f"{rate or 0:,.0f}"),
         (html.escape(run.state()), run.state()),
         (f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(item.updated))} ({_ago(now - item.updated)})", item.updated),
     ]
+
+
+def _minutes(value: float) -> str:
+    return f"{value:,.1f}" if value >= 0.1 else f"{value:.2g}"  # seconds outside training: not 0.0
 
 
 def render_index(listed: list[Listed], where: str) -> str:
