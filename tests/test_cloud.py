@@ -387,3 +387,28 @@ def test_a_launch_rehearsed_reclaimed_while_staging_and_while_training_ends_as_t
     print("\nlaunch  " + "  ".join(f"{p:>12}" for p in (*PHASES, "total s")))
     for x in launches:
         print(f"{x['launch']:>6}  " + "  ".join(f"{s:>12.1f}" for s in (*map(x["phases_s"].get, PHASES), x["seconds"])))
+
+
+def test_setup_fails_in_one_line_without_uv_or_when_the_install_fails(tmp_path):
+    """cloud/setup.sh's two ways to fail, each one line on stderr naming what failed: no uv (not on
+    PATH, none at ~/.local/bin), and an install uv cannot do (here: offline, with nothing cached,
+    torch cannot be had), with uv's own error and where the whole log is."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home), "PATH": "/usr/bin:/bin"}
+    alone = subprocess.run(["bash", "cloud/setup.sh"], cwd=REPO, capture_output=True, text=True, env=env, timeout=60)
+    assert alone.returncode == 1 and alone.stderr.strip().splitlines() == [
+        "setup failed: no uv on PATH or at ~/.local/bin/uv (SkyPilot installs it on every machine it starts; "
+        "elsewhere: pip install uv)"]
+    (home / ".local" / "bin").mkdir(parents=True)
+    (home / ".local" / "bin" / "uv").symlink_to(REPO / ".venv" / "bin" / "uv")
+    python = tmp_path / "python-here"
+    python.mkdir()
+    (python / "python3.11").symlink_to(getattr(sys, "_base_executable", sys.executable))
+    offline = subprocess.run(["bash", "cloud/setup.sh"], cwd=REPO, capture_output=True, text=True, timeout=120, env={
+        **env, "PATH": f"{python}:/usr/bin:/bin", "UV_PYTHON_PREFERENCE": "only-system", "UV_PYTHON_DOWNLOADS": "never",
+        "UV_OFFLINE": "1", "UV_CACHE_DIR": str(tmp_path / "empty-cache")})
+    assert offline.returncode == 1 and "[setup " in offline.stdout and "the venv: done" in offline.stdout
+    (line,) = offline.stderr.strip().splitlines()
+    assert line.startswith("setup failed: torch (torch==") and "(exit 1): error: " in line, line
+    assert "torch" in line.split("error: ", 1)[1] and line.endswith(f"(full log: {home}/.dali-imagenet-setup.log)")
