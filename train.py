@@ -92,7 +92,7 @@ def setup(args, cfg: TrainConfig, procs: distributed.Processes, leaving: Leaving
         leaving.hold(args.s3, cfg.lease_seconds, cfg.s3_resume_timeout_s)
     if procs.master:  # the run's earlier launches (a reclaim's relaunch: this machine's is added on the way out)
         leaving.clock.earlier = [] if args.overwrite else launches.read(run_dir, args.s3, cfg.s3_resume_timeout_s)
-        leaving.launch_store = (run_dir, args.s3, cfg.s3_flush_timeout_s)
+        leaving.launch_store = (args.s3, cfg.s3_flush_timeout_s)
     leaving.clock.enter("staging")
     data, shards, val_shards = read_splits(args, cfg, procs, leaving)
     leaving.clock.enter("resume")

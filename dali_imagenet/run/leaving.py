@@ -45,7 +45,7 @@ class Leaving:
         self.flush_timeout_s = flush_timeout_s
         self.clock = LaunchClock(started)
         self.launch_basis: dict | None = None  # `metrics.cost_basis`, once the config and machine are known
-        self.launch_store: tuple | None = None  # (the run folder, its S3 prefix, a timeout) once they may be written
+        self.launch_store: tuple | None = None  # (the run's S3 prefix or None, a timeout) once the lease is held
         self.master = True
         self.lock = threading.Lock()
         self.run: Run | None = None
@@ -134,19 +134,22 @@ class Leaving:
         `before_the_run`, a stop before the run folder exists, straight to S3: a relaunch follows
         and must count it; a failed start writes nothing); returns them all. [] on the other ranks,
         or before the config and the run's place are known (nothing to add it to)."""
+        outputs = self.run.outputs if self.run else None
+        in_folder = outputs is not None and outputs.logger is not None
         if not self.master or self.launch_basis is None or self.launch_store is None:
             return []
+        s3_url, timeout_s = self.launch_store
+        if not in_folder and not (before_the_run and s3_url):
+            return []  # nowhere to keep it: a failed start, or a stop at start-up of a run without S3
         try:
             clock, basis = self.clock, self.launch_basis
             price = launches.machine_price(clock.instance, clock.window(), price_per_hour=basis["price_per_hour"],
                                            spot_price_per_hour=basis["spot_price_per_hour"])
             every = [*clock.earlier, clock.record(exit_code=code, reason=reason, machines=basis["machines"],
                                                   price=price, on_demand_per_hour=basis["price_per_hour"])]
-            outputs = self.run.outputs if self.run else None
-            run_dir, s3_url, timeout_s = self.launch_store
-            if outputs is not None and outputs.logger is not None:
+            if in_folder:
                 outputs.save_launches(every)
-            elif s3_url and before_the_run:
+            else:
                 launches.upload(every, s3_url, timeout_s)
             return every
         except Exception as error:  # noqa: BLE001 - the way out goes on; the count misses this launch, said once
