@@ -93,6 +93,7 @@ class StandInIMDS:
     def __init__(self, lifecycle: str = "spot", launched: float | None = None):
         """`launched`: when EC2 launched the instance (Unix time; the identity document's pendingTime)."""
         self.launched = time.time() if launched is None else launched
+        self.instance_id = f"i-{os.urandom(9).hex()[:17]}"  # a new machine each time
         self.tokens = {"token-1"}
         self.current = "token-1"
         self.noticed_at = None
@@ -160,7 +161,7 @@ class StandInIMDS:
         """The instance identity document, as EC2 writes it (the fields the run reads, and a few more)."""
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.launched))
         return {"accountId": "123456789012", "architecture": "x86_64", "availabilityZone": "us-east-1a",
-                "imageId": "ami-0123456789abcdef0", "instanceId": "i-0123456789abcdef0", "instanceType": "g6.xlarge",
+                "imageId": "ami-0123456789abcdef0", "instanceId": self.instance_id, "instanceType": "g6.xlarge",
                 "pendingTime": stamp, "privateIp": "10.0.0.12", "region": "us-east-1", "version": "2017-09-30"}
 
     def notice(self) -> None:

@@ -407,6 +407,29 @@ def test_the_cost_of_a_run_sums_its_launches_each_at_its_own_price():
                                   "40.0 min outside training")
 
 
+def test_a_launch_is_billed_from_the_instances_launch_or_from_an_earlier_launch_on_the_same_machine():
+    """EC2 bills from the instance's launch: provisioning up to setup's start, setup, then on to the
+    process; a second launch on a machine the run used already counts only from that launch's end."""
+    from dali_imagenet.run.launches import LaunchClock
+
+    clock = LaunchClock(started=1000.0)
+    clock.on_machine({"pending_time": 700.0, "instance_id": "i-1"}, {"started": 800.0, "ended": 950.0})
+    assert clock.before_start() == {"provisioning": 100.0, "setup": 150.0, "start": 50.0}
+    clock.earlier = [{"instance": {"instance_id": "i-2"}, "ended_at": "1970-01-01T00:13:00Z"}]  # another machine
+    assert clock.before_start()["provisioning"] == 100.0
+    clock.earlier.append({"instance": {"instance_id": "i-1"}, "ended_at": "1970-01-01T00:13:00Z"})  # this one, to 780 s
+    assert clock.before_start() == {"provisioning": 20.0, "setup": 150.0, "start": 50.0}
+    clock.enter("training", 1100.0)
+    record = clock.record(exit_code=0, reason=None, machines=1, price=(0.36, "test"), on_demand_per_hour=0.8,
+                          now=1160.0)
+    assert record["phases_s"]["start"] == 150.0 and record["phases_s"]["training"] == 60.0
+    assert record["seconds"] == 380.0 and record["overhead_s"] == 320.0 and record["launch"] == 3
+    assert record["started_at"] == "1970-01-01T00:13:00.0Z" and record["dollars"] == pytest.approx(380 / 3600 * 0.36)
+    off_ec2 = LaunchClock(started=1000.0)
+    off_ec2.on_machine({}, None)
+    assert off_ec2.before_start() == {}
+
+
 def test_spot_price_is_the_time_weighted_price_ec2_charged_else_the_configs_else_on_demand():
     from dali_imagenet.run.launches import average_price, machine_price
 

@@ -46,7 +46,7 @@ def test_imdsv2_token_is_required_and_refreshed(imds):
     client = spot.probe(imds.url)
     assert client is not None and client.instance() == {  # when EC2 launched it: the identity document's pendingTime
         "instance_type": "g6.xlarge", "lifecycle": "spot", "region": "us-east-1", "zone": "us-east-1a",
-        "pending_time": float(int(imds.launched))}
+        "instance_id": imds.instance_id, "pending_time": float(int(imds.launched))}
     imds.rotate()  # the old token is refused (401): the client fetches a new one and retries
     assert client.get("spot/instance-action") == (404, "")
     assert imds.requests.count("PUT /latest/api/token") == 2

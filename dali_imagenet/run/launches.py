@@ -36,12 +36,12 @@ class LaunchClock:
     gives the seconds since the last change to the phase it leaves."""
 
     def __init__(self, started: float):
-        """`started`: time.time() when the process started (train.py notes it before its imports)."""
+        """`started`: time.time() when the process started (`process_started`: its imports count)."""
         self.started = started
-        self.phases = dict.fromkeys(PHASES, 0.0)
+        self.phases = dict.fromkeys(PHASES, 0.0)  # this process's; the time before it is added by `record`
         self.current = "start"
         self.instance: dict = {}
-        self.before_start_s = 0.0  # provisioning and setup: the machine ran (and was billed) before the process
+        self.setup: dict | None = None  # cloud/setup.sh's start and end on this machine (`setup_times`)
         self.earlier: list[dict] = []  # the run's launches before this one (`launches.json`)
         self._since = started
 
@@ -61,31 +61,40 @@ class LaunchClock:
             self.enter("leaving")
 
     def on_machine(self, instance: dict, setup: dict | None) -> None:
-        """`instance` (`spot.IMDS.instance()`; empty off EC2): with its launch time, the seconds from
-        there to this process are billed too, split at `setup`'s times when they fall between."""
-        self.instance = instance
-        launched = instance.get("pending_time")
+        """`instance` (`spot.IMDS.instance()`; empty off EC2) and `setup` (`setup_times`): with the
+        instance's launch time, the seconds from there to this process are billed too."""
+        self.instance, self.setup = instance, setup
+
+    def before_start(self) -> dict[str, float]:
+        """The machine's billed seconds before this process, by phase: from EC2's launch (or, on a
+        machine an earlier launch of the run used, from that launch's end) to setup's start
+        (provisioning), setup, and on to the process (start). Empty off EC2."""
+        launched = self.instance.get("pending_time")
+        same = [_unix(e["ended_at"]) for e in self.earlier
+                if self.instance.get("instance_id") and e.get("instance", {}).get("instance_id") ==
+                self.instance["instance_id"]]
         if launched is None or launched > self.started:
-            return
+            return {}
+        launched = max([launched, *same])
+        setup = self.setup
         if setup and launched <= setup["started"] <= setup["ended"] <= self.started:
-            self.phases["provisioning"] = setup["started"] - launched
-            self.phases["setup"] = setup["ended"] - setup["started"]
-            self.phases["start"] += self.started - setup["ended"]
-        else:
-            self.phases["provisioning"] = self.started - launched
-        self.before_start_s = self.started - launched
+            return {"provisioning": setup["started"] - launched, "setup": setup["ended"] - setup["started"],
+                    "start": self.started - setup["ended"]}
+        return {"provisioning": self.started - launched}
 
     def record(self, *, exit_code: int, reason: str | None, machines: int, price: tuple[float, str],
                on_demand_per_hour: float, now: float | None = None) -> dict:
         """This launch as `launches.json` keeps it, its phases counted up to `now`."""
         now = time.time() if now is None else now
         self.enter(self.current, now)
-        seconds = sum(self.phases.values())
+        before = self.before_start()
+        phases = {phase: seconds + before.get(phase, 0.0) for phase, seconds in self.phases.items()}
+        seconds = sum(phases.values())
         price_per_hour, source = price
-        return {"launch": len(self.earlier) + 1, "started_at": _iso(self.started - self.before_start_s),
+        return {"launch": len(self.earlier) + 1, "started_at": _iso(self.started - sum(before.values())),
                 "ended_at": _iso(now), "instance": {k: v for k, v in self.instance.items() if k != "pending_time"},
-                "phases_s": {k: round(v, 2) for k, v in self.phases.items()}, "seconds": round(seconds, 2),
-                "overhead_s": round(seconds - self.phases[TRAINING], 2), "machines": machines,
+                "phases_s": {k: round(v, 2) for k, v in phases.items()}, "seconds": round(seconds, 2),
+                "overhead_s": round(seconds - phases[TRAINING], 2), "machines": machines,
                 "price_per_hour": price_per_hour, "price_source": source,
                 "dollars": seconds / 3600 * machines * price_per_hour,
                 "on_demand_dollars": seconds / 3600 * machines * on_demand_per_hour,
@@ -93,7 +102,7 @@ class LaunchClock:
 
     def window(self) -> tuple[float, float]:
         """(when the machine started, now), for the price it was charged meanwhile."""
-        return self.started - self.before_start_s, time.time()
+        return self.started - sum(self.before_start().values()), time.time()
 
 
 def process_started() -> float:
@@ -235,4 +244,8 @@ def _utc(unix: float) -> datetime.datetime:
 
 
 def _iso(unix: float) -> str:
-    return _utc(unix).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return _utc(unix).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-6] + "Z"  # tenths of a second
+
+
+def _unix(stamp: str) -> float:
+    return datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()

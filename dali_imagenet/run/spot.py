@@ -73,7 +73,7 @@ class IMDS:
     def instance(self) -> dict:
         """The instance type, lifecycle ("spot" or "on-demand"), region and zone for the run's machine
         record (the region prices data moved from a bucket elsewhere; type and zone, the spot price),
-        and `pending_time`: when EC2 launched it (Unix time; billing starts about then)."""
+        its id, and `pending_time`: when EC2 launched it (Unix time; billing starts about then)."""
         info = {}
         for key, path in (("instance_type", "instance-type"), ("lifecycle", "instance-life-cycle"),
                           ("region", "placement/region"), ("zone", "placement/availability-zone")):
@@ -81,8 +81,11 @@ class IMDS:
             if status == 200:
                 info[key] = body.strip()
         status, body = self.get("instance-identity/document", tree="dynamic")
-        launched = _json_or_text(body).get("pendingTime") if status == 200 and body.strip().startswith("{") else None
-        if isinstance(launched, str) and (when := _unix(launched)) is not None:
+        document = _json_or_text(body) if status == 200 else None
+        document = document if isinstance(document, dict) else {}
+        if isinstance(document.get("instanceId"), str):
+            info["instance_id"] = document["instanceId"]
+        if isinstance(document.get("pendingTime"), str) and (when := _unix(document["pendingTime"])) is not None:
             info["pending_time"] = when
         return info
 
