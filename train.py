@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import torch
 from tqdm import tqdm
@@ -31,7 +32,7 @@ from dali_imagenet.errors import Interrupted
 from dali_imagenet.inference import predictions
 from dali_imagenet.report.html_report import write_report
 from dali_imagenet.report.wandb_media import wandb_media
-from dali_imagenet.run import exits, resume, run_folder
+from dali_imagenet.run import exits, launches, resume, run_folder
 from dali_imagenet.run.initial import initialise
 from dali_imagenet.run.interrupts import StopCheck, StopRequest
 from dali_imagenet.run.leaving import Leaving
@@ -81,6 +82,9 @@ def setup(args, cfg: TrainConfig, procs: distributed.Processes, leaving: Leaving
     watching = leaving.connect(procs, args.spot, cfg.spot_poll_seconds)
     if procs.master:
         print(watching, flush=True)
+    instance = leaving.watcher.imds.instance() if leaving.watcher else {}
+    leaving.clock.on_machine(instance, launches.setup_times())  # on EC2: the machine's time before this process
+    leaving.launch_basis = cost_basis(cfg, procs, instance)
     precision = Precision.for_device(cfg.amp_dtype, procs.device)
     torch.manual_seed(derive_seed(cfg.seed, "torch", procs.rank))
     run_dir = run_folder.choose(args.out, cfg.arch, resume=args.resume, overwrite=args.overwrite, world=procs.world)
@@ -91,10 +95,16 @@ def setup(args, cfg: TrainConfig, procs: distributed.Processes, leaving: Leaving
     if args.s3 and procs.master:  # before anything is written or staged: S3 takes our files, no other job writes there
         s3.probe_writes(args.s3, cfg.s3_resume_timeout_s)
         leaving.hold(args.s3, cfg.lease_seconds, cfg.s3_resume_timeout_s)
+    if procs.master:  # the run's earlier launches (a reclaim's relaunch: this machine's is added on the way out)
+        leaving.clock.earlier = [] if args.overwrite else launches.read(run_dir, args.s3, cfg.s3_resume_timeout_s)
+        leaving.launch_store = (args.s3, cfg.s3_flush_timeout_s)
+    leaving.clock.enter("staging")
     data, shards, val_shards = read_splits(args, cfg, procs, leaving)
+    leaving.clock.enter("resume")
     with leaving.request.at_once():  # a stop during the build: nothing made yet to keep, no step to wait for
         training = recipe.build(cfg, shards.num_classes, procs, precision)
     point, initialised = starting_weights(args, cfg, procs, training, run_dir, shards)
+    leaving.clock.enter("start")  # the loaders, the step, the run folder
     stops = StopCheck(leaving.request, procs, checkpoint_minutes=cfg.checkpoint_minutes, max_minutes=cfg.max_minutes,
                       max_steps=cfg.max_steps, earlier_s=point.state.wall_s)
     stops.interrupt_if_asked()  # a notice during the resume download: leave before anything is written
@@ -108,7 +118,6 @@ def setup(args, cfg: TrainConfig, procs: distributed.Processes, leaving: Leaving
     steps_per_epoch = batches_per_epoch(shards.samples, procs.world, cfg.batch_size, train=True)
     schedule = LRSchedule(training.peak_lr, cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch),
                           cfg.min_lr, cfg.lr_schedule)
-    instance = leaving.watcher.imds.instance() if leaving.watcher else {}
     decoding = decoder.describe(backend, procs.device, cfg.hw_decoder_load) if procs.master else {}
     outputs = RunOutputs(run_dir, to_dict(cfg), procs, overwrite=args.overwrite, s3_url=args.s3, s3_held=s3_held,
                          wandb=wandb_wanted(args.wandb), wandb_id=point.state.wandb_id,
@@ -118,9 +127,9 @@ def setup(args, cfg: TrainConfig, procs: distributed.Processes, leaving: Leaving
                                 **({"staged_to": data} if data != args.data else {}), "config_file": args.config,
                                 "spot_watch": watching, **({"init": initialised.record()} if initialised else {})})
     leaving.run = Run(cfg, procs, precision, shards, val_shards, train_step, loader_options, schedule,
-                      stops, outputs, point.state, leaving.watcher, cost_basis=cost_basis(cfg, procs, instance),
+                      stops, outputs, point.state, leaving.watcher, cost_basis=leaving.launch_basis,
                       data_basis=data_basis(cfg, instance), streamed=args.stream and s3.is_s3(args.data),
-                      initialised=initialised)
+                      initialised=initialised, clock=leaving.clock)
     if leaving.watcher:
         leaving.watcher.log = outputs.note
     if point.path is not None:
@@ -176,6 +185,7 @@ def train_one_epoch(run: Run, loader: Loader) -> EpochResult:
     for images, labels in meter.batches(loader):
         lr = run.schedule.at(state.step)
         loss_sum = loss_sum + run.train_step(images, labels, step=state.step, lr=lr)
+        run.clock.first_step()
         window, state.step, state.batch_in_epoch = window + 1, state.step + 1, state.batch_in_epoch + 1
         progress.update(1)
         if state.step % cfg.log_every == 0 or state.batch_in_epoch >= steps_in_epoch:  # the only host syncs
@@ -187,6 +197,8 @@ def train_one_epoch(run: Run, loader: Loader) -> EpochResult:
                                  wait=f"{record['data_wait']:.0%}")
             loss_sum, window = 0.0, 0
         stop, checkpoint_due = run.stops.after_step(state.step)
+        if stop:
+            run.clock.leave()  # the stop's checkpoint and uploads: the way out
         if (stop or checkpoint_due) and state.batch_in_epoch < steps_in_epoch:  # an epoch's end checkpoints anyway
             # Every rank's reader state: a resume starts each where it stopped, decoding nothing twice.
             state.loader = distributed.gather(loader.state_dict(), procs)
@@ -260,10 +272,12 @@ def train(run: Run) -> str | None:
     """Trains the epochs left; returns why the run stopped early, or None when every epoch ran.
     A stop request outside a train step raises `Interrupted` (nothing new to checkpoint there)."""
     state = run.state
+    run.clock.enter("training")
     if run.initialised and state.step == 0:
         validate_start(run)
     if state.validation_due:  # a stop cut that validation short: the resumed run does it first
         validate(run)
+    run.clock.enter("compile")  # the first epoch's loader and step (torch.compile's graphs, cuDNN's autotuning)
     while state.epoch < run.cfg.epochs:
         run.stops.interrupt_if_asked()  # before the epoch's loader is built and its first step compiles
         result = train_one_epoch(run, run.train_loader())
@@ -274,11 +288,14 @@ def train(run: Run) -> str | None:
     return None
 
 
-def main() -> int:
+def main(started: float | None = None) -> int:
+    """`started`: when the process started (its launch is counted from there; default: now)."""
+    started = time.time() if started is None else started
     args = parse_args()
     args.device = args.device or ("cuda" if cuda_available() else "cpu")
     s3.usage.reset()  # this process's S3 requests, for the cost record (a resume adds the earlier ones)
-    leaving = Leaving(StopRequest(announce=os.environ.get("RANK", "0") == "0"), TrainConfig.s3_flush_timeout_s)
+    leaving = Leaving(StopRequest(announce=os.environ.get("RANK", "0") == "0"), TrainConfig.s3_flush_timeout_s,
+                      started)
     try:
         try:
             cfg = load_config(args.config, [*args.set, *([f"price_per_hour={args.price_per_hour}"]
@@ -287,7 +304,9 @@ def main() -> int:
             stop = train(setup(args, cfg, distributed.setup(args.device, cfg.deterministic), leaving))
         except Interrupted as interrupted:
             stop = interrupted.reason
-            if leaving.run is None:  # during start-up: nothing trained, nothing written
+            if leaving.run is None:  # during start-up: nothing trained, nothing written but this launch's record
+                leaving.clock.leave()
+                leaving.close_launch(exits.for_stop(stop), stop, before_the_run=True)
                 print(f"{stop}: stopped during start-up, nothing trained; exit {exits.for_stop(stop)}",
                       file=sys.stderr, flush=True)
                 return exits.for_stop(stop)
@@ -302,6 +321,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    exit_code = main()
+    exit_code = main(launches.process_started())
     exits.record(exit_code)
     sys.exit(exit_code)

@@ -100,8 +100,9 @@ def test_plan_smoke_on_cpu(sample_shards, tmp_path):
             out,
             "--spot-price-per-hour",
             "0.3",
-            "--launches",
-            "3",
+            "--reclaims",
+            "0",
+            "2",
             "--cross-region",
             *[
                 f"--set={item}"
@@ -124,12 +125,24 @@ def test_plan_smoke_on_cpu(sample_shards, tmp_path):
     rows = plan["phases"]
     assert [r["image_size"] for r in rows[:2]] == [32, 64] and [r["epochs"] for r in rows[:2]] == [32, 8]
     assert rows[2]["phase"] == "validation x 10" and rows[3]["phase"].startswith("warm-up")
-    # three launches, each staging ImageNet's 147 GB at a g6.xlarge's 2.5 Gbit/s (~7.8 min), across regions
-    assert rows[4]["phase"] == "staging x 3 launch(es)" and rows[4]["hours"] == pytest.approx(3 * 147 * 8 / 2.5 / 3600)
+    assert rows[4]["phase"] == "provisioning + setup" and rows[4]["hours"] == pytest.approx((3.5 + 2) / 60)
+    # staging ImageNet's 147 GB at the slower of a g6.xlarge's 2.5 Gbit/s and 4 vCPUs at the rate per CPU measured
+    measured = planner.measured_s3()
+    per_cpu = measured["staging_mb_per_s_per_cpu"]
+    assert per_cpu and measured["gets_per_sample"] == pytest.approx(2.80625)  # docs/results/s3.jsonl
+    staging_h = 147_000 / min(2500 / 8, 4 * per_cpu) / 3600
+    assert rows[5]["phase"] == "staging" and rows[5]["hours"] == pytest.approx(staging_h)
+    none, two = plan["reclaims"]
+    relaunch_h = none["relaunch_min"] / 60  # a new machine: provisioning, setup, staging, compile, EC2's notice
+    assert relaunch_h == pytest.approx((3.5 + 2 + 2) / 60 + rows[5]["hours"] + plan["launch"]["compile_min"] / 60)
+    assert none["total_hours"] == pytest.approx(sum(r["hours"] for r in rows))
+    assert two["total_hours"] == pytest.approx(none["total_hours"] + 2 * relaunch_h)
+    assert two["overhead_hours"] - none["overhead_hours"] == pytest.approx(2 * relaunch_h)
+    assert none["data"]["cross_region_gb"] == 147 and two["data"]["cross_region_gb"] == 3 * 147  # each stages again
     data = plan["data"]
-    assert data["cross_region_gb"] == 3 * 147 and data["dollars"] > 3 * 147 * 0.02
-    assert data["streamed_gets"] == 2 * (40 * 1_281_167 + 10 * 50_000)  # l4-16h: 40 epochs, 10 validations
+    assert data["streamed_gets"] == round(2.80625 * (40 * 1_281_167 + 10 * 50_000))  # l4-16h: 40 epochs, 10 vals
     assert plan["total_dollars"] == pytest.approx(plan["dollars"] + data["dollars"])
+    assert two["spot_dollars"] == pytest.approx(two["total_hours"] * 0.3)
     assert all(r["step_images_per_s"] > 0 and r["loader_images_per_s"] > 0 for r in rows[:3])
     for row in rows[:2]:  # hours: the epochs at the slower of step and loader
         rate = min(row["step_images_per_s"], row["loader_images_per_s"])
@@ -138,3 +151,15 @@ def test_plan_smoke_on_cpu(sample_shards, tmp_path):
     assert plan["dollars"] == pytest.approx(plan["total_hours"] * plan["price_per_hour"])
     assert plan["spot_dollars"] == pytest.approx(plan["total_hours"] * 0.3)
     assert "| epochs 1-32 | 32 | 32 |" in result.stdout and "on demand" in result.stdout
+    assert f"| 2 | {two['total_hours']:.2f} | {two['overhead_hours']:.2f} |" in result.stdout
+
+
+def test_an_interruption_rate_is_expected_reclaims_over_a_run_each_relaunch_makes_longer():
+    from benchmarks.plan import relaunches
+
+    # 0.05 reclaims an hour over a 16 h run whose relaunches take 0.4 h each: r = 0.05 * (16 + 0.4 r)
+    (expected,) = relaunches(16.0, 0.4, reclaims=[0], rate=0.05)
+    assert expected == pytest.approx(0.05 * (16 + 0.4 * expected)) and expected == pytest.approx(0.8 / 0.98)
+    assert relaunches(16.0, 0.4, reclaims=[0, 2, 4], rate=None) == [0, 2, 4]
+    with pytest.raises(ValueError, match="never ends"):
+        relaunches(16.0, 0.5, reclaims=[0], rate=2.0)

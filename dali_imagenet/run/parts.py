@@ -13,6 +13,7 @@ from dali_imagenet.run import run_folder
 from dali_imagenet.run.checkpoint import TrainState, contents
 from dali_imagenet.run.initial import Initialised
 from dali_imagenet.run.interrupts import StopCheck
+from dali_imagenet.run.launches import LaunchClock
 from dali_imagenet.run.outputs import RunOutputs
 from dali_imagenet.run.spot import SpotWatcher
 from dali_imagenet.training.precision import Precision
@@ -49,6 +50,7 @@ class Run:
     data_basis: dict  # what `metrics.data_cost` needs besides the S3 usage
     streamed: bool  # DALI reads s3:// itself, every epoch (--stream): its GETs are estimated
     initialised: Initialised | None  # where a fresh run's weights came from (--init); None: random, or resumed
+    clock: LaunchClock  # this launch's phases (the loop marks its first step and the stop)
 
     def train_loader(self) -> Loader:
         """The loader of epoch `state.epoch`, at that epoch's image size, restored mid-epoch if the
