@@ -98,7 +98,7 @@ def test_skypilot_reads_the_task_and_relaunches_on_the_reclaim_code(name):
         assert relaunches[exits.UPLOADS_PENDING] == [True, True, False, False]
         assert "--resume auto" in task["run"] and "--s3" in task["run"] and "--spot auto" in task["run"]
         assert "--device cuda" in task["run"]  # never the CPU by accident (test_cuda_check.py)
-        assert "bash cloud/torch-for-driver.sh ~/venv/bin/python" in task["setup"]
+        assert "bash cloud/torch-for-driver.sh \"$python\"" in (REPO / "cloud" / "setup.sh").read_text()
         assert "basename \"$CONFIG\" .yaml" in task["run"]  # the default RUN prefix names the config
     else:
         assert task["secrets"] == {"HF_TOKEN": ""}
