@@ -23,6 +23,8 @@ whose box no longer fits is skipped with a row saying so. Sections, most importa
    `hw_decoder_load=0` (nvJPEG's hybrid path)
 6. the synthetic step and the real loader -> step at the ramp's sizes
 7. eager vs `cuda_graph` at b128 on 4 cores and b256 on all cores
+8. serve.py over HTTP (benchmarks.serve): ResNet-50 at 224 px, 1/8/32 clients, batching off and on
+   (needs fastapi and uvicorn: `pip install '.[serve]'`; a row says so without them)
 $OUT (the results folder a lent machine sends back) gets only gpu_check.json, gpu_check.md and
 gpu_check.log; shards and runs go to --work (default: a new folder under /tmp), removed at the end
 unless --keep.
@@ -30,6 +32,7 @@ unless --keep.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import queue
@@ -53,7 +56,7 @@ LOSS_RTOL = 2e-2  # their relative difference allowed where kernels are not bitw
 # Section -> its time box in seconds on an H100/H200 (measured there or estimated: cold compiles
 # included); a section starts only while half its box still fits the budget, and gets at most its box.
 SECTION_BOX_S = {"train.py": 240, "L4 host": 170, "cuda_graph memory": 60, "pytest -m gpu": 40, "loader": 30,
-                 "step": 60, "eager/graph": 45}
+                 "step": 60, "eager/graph": 45, "serve": 90}
 MARGIN_S = 10.0  # kept after the last box: the results written, the work folder removed
 MEMORY_POLL_MS = 200  # NVML's used memory, sampled by nvidia-smi this often
 
@@ -585,6 +588,39 @@ def graphs(check: Check) -> None:
                            "--blurpool", *(["--cuda-graph"] if mode == "cuda_graph" else []), *timing], box, prefix)
 
 
+def serve(check: Check, work: Path) -> None:
+    """serve.py over HTTP on this device (benchmarks.serve): img/s and p50/p99 at 1/8/32 clients,
+    batching off and on, a row each. Last: the product's inference path, not its training."""
+    section = "serve"
+    if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
+        check.add({"section": section, "what": "serve.py", "seconds": 0,
+                   "result": "not run: fastapi/uvicorn not installed here (pip install '.[serve]')"})
+        return
+    box = check.fits(section)
+    if not box:
+        return
+    results = work / "serve.jsonl"
+    args = ["-m", "benchmarks.serve", "--device", check.device, "--work", str(work), "--out", str(results)]
+    args += ["--smoke"] if check.smoke else ["--models", "resnet50", "--seconds", "2"]
+    started = time.monotonic()
+    try:
+        result = check.run(section, "serve.py over HTTP", [sys.executable, *args], box)
+    except TimedOut as why:
+        check.add({"section": section, "what": "serve.py over HTTP", "result": str(why), "timed_out": True,
+                   "seconds": time.monotonic() - started})
+        return
+    if result.returncode != 0:
+        check.add({"section": section, "what": "serve.py over HTTP", "seconds": time.monotonic() - started,
+                   "error": (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1][:200]})
+        return
+    for row in map(json.loads, results.read_text().splitlines()):
+        batching = f"batching ≤ {row['max_batch']}" if row["batching"] else "no batching"
+        check.add({"section": section, "what": f"{row['model']}, {row['clients']} clients, {batching}",
+                   "images_per_s": row["images_per_s"], "seconds": 0,
+                   "result": f"{row['images_per_s']:,.0f} img/s, p50 {row['p50_ms']:,.0f} ms, "
+                             f"p99 {row['p99_ms']:,.0f} ms"})
+
+
 def gpu_tests(check: Check) -> None:
     if check.device != "cuda":
         check.add({"section": "pytest -m gpu", "what": "the GPU tests", "result": "needs a GPU", "seconds": 0})
@@ -678,6 +714,7 @@ def main() -> None:
         loaders(check, shards)
         steps(check, shards)
         graphs(check)
+        serve(check, work)
     except Stopped as why:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop is enough: the rest is writing what we have
         if check.current is not None:

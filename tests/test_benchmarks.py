@@ -77,7 +77,8 @@ def test_gpu_check_runs_in_smoke_mode_on_cpu(tmp_path):
     assert not work.exists()  # the work folder goes at the end (--keep keeps it)
     rows = json.loads((out / "gpu_check.json").read_text())["rows"]
     assert {r["section"] for r in rows} == {"setup", "train.py", "memory", "L4 host", "cuda_graph memory",
-                                            "pytest -m gpu", "loader", "step", "loader -> step", "eager/graph", "total"}
+                                            "pytest -m gpu", "loader", "step", "loader -> step", "eager/graph", "serve",
+                                            "total"}
     assert all("seconds" in r for r in rows if r["section"] not in ("train.py",) or "straight vs" in r["what"])
     assert not [r for r in rows if "error" in r], [r for r in rows if "error" in r]
     measured = [r for r in rows if r["section"] in ("loader", "step", "loader -> step") and "result" not in r]
@@ -104,6 +105,10 @@ def test_gpu_check_runs_in_smoke_mode_on_cpu(tmp_path):
     assert "| train.py | l4-16h: straight vs stopped at step" in result.stdout
     assert (out / "gpu_check.md").read_text().startswith("gpu_check on CPU")
     assert "[train.py]" in (out / "gpu_check.log").read_text()
+    served = [r for r in rows if r["section"] == "serve"]  # --smoke: the demo model, 1 and 4 clients, off and on
+    assert sorted(r["what"] for r in served) == sorted(f"demo, {c} clients, {b}" for c in (1, 4)
+                                                       for b in ("no batching", "batching ≤ 4"))
+    assert all(r["images_per_s"] > 0 for r in served)
 
 
 def test_gpu_check_stopped_half_way_keeps_the_rows_it_finished(tmp_path):
