@@ -2,6 +2,7 @@
 # The cloud tasks' `setup:`: builds ~/venv on the Python the tests run on, with the uv that SkyPilot
 # installs on every machine it starts (~/.local/bin/uv), and installs this checkout into it.
 #   bash cloud/setup.sh            # from the workdir (SkyPilot: ~/sky_workdir)
+#   EXTRAS=serve GPU=optional bash cloud/setup.sh   # the project's [serve] extra; a machine without a GPU is fine
 # Each step prints a timestamped line (`sky jobs logs` shows them as they come), a long install says
 # every HEARTBEAT_S seconds how far it got, and a failure is one line naming the step and uv's last
 # word (the whole output stays in $SETUP_LOG). It also writes when it started and ended
@@ -60,10 +61,15 @@ torch_pins=$(grep -E '^\s+torch(vision)?==' setup.cfg | tr -d ' ')
 run_step "torch ($(echo $torch_pins))" "$uv" pip install --python "$python" $torch_pins
 # ---- end of the torch install ----
 
-run_step "the project and its other dependencies" "$uv" pip install --python "$python" -e .
+run_step "the project and its other dependencies" "$uv" pip install --python "$python" -e ".${EXTRAS:+[$EXTRAS]}"
 # The pinned torch wheel needs a recent NVIDIA driver (CUDA 13.0): print the driver / torch's CUDA /
 # DALI's CUDA, and on an older driver install the same torch built for CUDA 12, or stop in one line.
-PATH="$(dirname "$uv"):$PATH" run_step "a torch this machine's driver runs" bash cloud/torch-for-driver.sh "$python"
+# A task that may run without a GPU (cloud/serve.yaml's CPU replicas) sets GPU=optional.
+if [ "${GPU:-required}" = optional ] && ! command -v nvidia-smi >/dev/null && [ ! -e /proc/driver/nvidia/version ]; then
+  say "no NVIDIA driver here: the CPU (GPU=optional)"
+else
+  PATH="$(dirname "$uv"):$PATH" run_step "a torch this machine's driver runs" bash cloud/torch-for-driver.sh "$python"
+fi
 version=$("$python" -c 'import platform, torch; print(f"Python {platform.python_version()}, torch {torch.__version__}")' \
   2>>"$log") || fail "importing torch from $venv"
 ended=$(date +%s.%N)

@@ -285,4 +285,5 @@ def test_skypilot_reads_the_service_and_its_l4_option():
     assert cpu["autoscaler"] == "FallbackRequestRateAutoscaler" and cpu["fallback"] is True
     assert cpu["qps"] > 0 and 1 <= cpu["min"] < cpu["max"]
     assert "serve.py --checkpoint \"$MODEL\" --host 0.0.0.0 --port 8000" in cpu["run"]
-    assert "'.[serve]'" in cpu["setup"] and cpu["envs"]["MODEL"] == "hf://someone/model"
+    assert "EXTRAS=serve GPU=optional bash cloud/setup.sh" in cpu["setup"]
+    assert cpu["envs"]["MODEL"] == "hf://someone/model"
