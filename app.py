@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from dali_imagenet.errors import one_line_errors
+from dali_imagenet.errors import UsageError, one_line_errors
 from dali_imagenet.inference.predictor import WEIGHT_CHOICES, Predictor, image_tensor, load_model
 
 HERE = Path(__file__).resolve().parent
@@ -108,6 +108,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home
     with one_line_errors():
+        if args.port is not None and not 0 < args.port < 65536:
+            raise UsageError(f"--port {args.port}: a port is 1-65535")
         loaded = load_model(args.checkpoint, which=args.weights, device=args.device)
         predictor = Predictor(loaded, device=args.device)
     examples = [] if args.no_examples else example_images(HERE / "build" / "app-examples")

@@ -16,7 +16,7 @@ import torch
 
 from dali_imagenet import make_loader
 from dali_imagenet.data.shards import find_shards
-from dali_imagenet.errors import one_line_errors
+from dali_imagenet.errors import UsageError, one_line_errors
 from dali_imagenet.inference.predictor import WEIGHT_CHOICES, load_model
 from dali_imagenet.training.evaluation import evaluate
 from dali_imagenet.training.model import LAYOUTS
@@ -48,6 +48,12 @@ def main() -> None:
                         help="autocast dtype (default: the run's, else float32)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per size")
     args = parser.parse_args()
+    for flag, values in (("--batch-size", [args.batch_size]), ("--image-size", args.image_size or [])):
+        for value in values:
+            if value < 1:
+                raise UsageError(f"{flag} {value}: must be at least 1")
+    if args.crop_fraction is not None and not 0 < args.crop_fraction <= 1:
+        raise UsageError(f"--crop-fraction {args.crop_fraction}: must be in (0, 1]")
 
     loaded = load_model(args.checkpoint, arch=args.arch, which=args.weights, device=args.device)
     precision = Precision.for_device(args.amp or loaded.config.amp_dtype, args.device, fallback=True)

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
+from dali_imagenet.data.pixels import MAX_PIXELS
 from dali_imagenet.errors import UsageError, one_line_errors
-from dali_imagenet.inference.predictor import WEIGHT_CHOICES, ImageError, Predictor, load_image, load_model
+from dali_imagenet.inference.predictor import WEIGHT_CHOICES, ImageError, Predictor, load_image, load_model, top_json
 from dali_imagenet.training.model import LAYOUTS
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".jpe", ".jfif"}
@@ -84,9 +85,15 @@ def main() -> None:
     parser.add_argument("--classes", help="class names: a classes.tsv or one name per line (default: the checkpoint's)")
     parser.add_argument("--image-size", type=int, help="crop size in px (default: the run's val_image_size)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="refuse an image with more pixels (width x "
+                        f"height) than this, before decoding it (default {MAX_PIXELS:,}: PIL's warning limit)")
     args = parser.parse_args()
     if bool(args.images) == bool(args.data):
         raise UsageError("give image files or folders, or --data SHARDS [--split SPLIT], not both or neither")
+    for flag, value in (("--top", args.top), ("--batch-size", args.batch_size), ("--image-size", args.image_size),
+                        ("--max-pixels", args.max_pixels)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} {value}: must be at least 1")
 
     loaded = load_model(args.checkpoint, arch=args.arch, which=args.weights, device=args.device)
     predictor = Predictor(loaded, image_size=args.image_size, device=args.device,
@@ -98,7 +105,7 @@ def main() -> None:
         batch = []
         for name, source in chunk:
             try:
-                batch.append((name, load_image(source)))
+                batch.append((name, load_image(source, args.max_pixels)))
             except (ImageError, OSError) as error:  # a missing file is one line too
                 failed += 1
                 print(f"{name}: {error}", file=sys.stderr, flush=True)
@@ -107,8 +114,7 @@ def main() -> None:
         tops = predictor.top(predictor.probabilities([image for _, image in batch]), args.top)
         for (name, _), top in zip(batch, tops):
             if args.json:
-                print(json.dumps({"path": name, "top": [{"index": i, "name": n, "probability": p}
-                                                         for i, n, p in top]}), flush=True)
+                print(json.dumps({"path": name, "top": top_json(top)}), flush=True)
             else:
                 print(f"{name}:\n" + "".join(f"  {p:7.2%}  {n}\n" for _, n, p in top), end="", flush=True)
     if not seen:

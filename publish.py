@@ -28,7 +28,7 @@ from pathlib import Path
 
 from dali_imagenet.errors import UsageError, one_line_errors
 from dali_imagenet.sharing import hub
-from dali_imagenet.sharing.folder import build
+from dali_imagenet.sharing.folder import build, check_destination
 from dali_imagenet.sharing.model_card import check_license
 from dali_imagenet.sharing.space import EXAMPLE_SUFFIXES, space_folder
 
@@ -60,6 +60,14 @@ def main() -> None:
         raise UsageError("give OUT_DIR, --hub USER/NAME or --space USER/NAME (or several)")
     check_license(args.license)
     private = args.private or args.make_private
+    if private and not (args.hub or args.space):
+        raise UsageError(f"{'--private' if args.private else '--make-private'} is about a Hub repo: give --hub "
+                         f"USER/NAME or --space USER/NAME (a local folder is as private as its disk)")
+    for flag, repo in (("--hub", args.hub), ("--space", args.space)):
+        if repo is not None and (repo.count("/") != 1 or not all(repo.split("/"))):
+            raise UsageError(f"{flag} {repo}: a Hub repo is USER/NAME")
+    if args.out_dir:  # before the Hub is asked or anything is built
+        check_destination(args.run, Path(args.out_dir), overwrite=args.overwrite)
     examples = [Path(p) for p in args.examples or []]
     for path in examples:
         if not path.is_file() or path.suffix.lower() not in EXAMPLE_SUFFIXES:

@@ -15,13 +15,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import torch
 from tqdm import tqdm
 
-from dali_imagenet import distributed, make_loader, s3
+from dali_imagenet import distributed, s3
 from dali_imagenet.config import TrainConfig, load_config, to_dict
+from dali_imagenet.cuda_check import cuda_available
 from dali_imagenet.data import decoder, staging
+from dali_imagenet.data.folders import refuse_overlap
 from dali_imagenet.data.loader import Loader
 from dali_imagenet.data.partition import batches_per_epoch
 from dali_imagenet.data.shards import find_shards, sample_locations
@@ -29,13 +32,13 @@ from dali_imagenet.errors import Interrupted
 from dali_imagenet.inference import predictions
 from dali_imagenet.report.html_report import write_report
 from dali_imagenet.report.wandb_media import wandb_media
-from dali_imagenet.run import exits, resume, run_folder
+from dali_imagenet.run import exits, launches, resume, run_folder
 from dali_imagenet.run.initial import initialise
 from dali_imagenet.run.interrupts import StopCheck, StopRequest
 from dali_imagenet.run.leaving import Leaving
 from dali_imagenet.run.metrics import ThroughputMeter, cost_basis, data_basis, wandb_wanted
 from dali_imagenet.run.outputs import RunOutputs
-from dali_imagenet.run.parts import EpochResult, Run
+from dali_imagenet.run.parts import EpochResult, Run, val_loader
 from dali_imagenet.seeding import derive_seed
 from dali_imagenet.training import recipe
 from dali_imagenet.training.evaluation import evaluate, evaluate_with_top5
@@ -61,7 +64,8 @@ def parse_args() -> argparse.Namespace:
     add("--init", metavar="SOURCE", help="a new run from these weights (other classes: a new classifier): a checkpoint,"
         " a run folder, a published folder or hf://USER/NAME, a state dict, or 'timm' (its pretrained weights)")
     add("--overwrite", action="store_true", help="replace the run that --out holds")
-    add("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--device", choices=["cuda", "cpu"], help="cuda: stop at once, naming why, if CUDA cannot run here (the "
+        "cloud tasks ask for it); default: cuda if usable, else cpu")
     add("--s3", help="s3://bucket/prefix for checkpoints, weights and metrics")
     add("--wandb", action=argparse.BooleanOptionalAction, help="log to W&B (default: on when WANDB_API_KEY or "
         "WANDB_MODE is set)")
@@ -78,37 +82,47 @@ def setup(args, cfg: TrainConfig, procs: distributed.Processes, leaving: Leaving
     watching = leaving.connect(procs, args.spot, cfg.spot_poll_seconds)
     if procs.master:
         print(watching, flush=True)
+    instance = leaving.watcher.imds.instance() if leaving.watcher else {}
+    leaving.clock.on_machine(instance, launches.setup_times())  # on EC2: the machine's time before this process
+    leaving.launch_basis = cost_basis(cfg, procs, instance)
     precision = Precision.for_device(cfg.amp_dtype, procs.device)
     torch.manual_seed(derive_seed(cfg.seed, "torch", procs.rank))
     run_dir = run_folder.choose(args.out, cfg.arch, resume=args.resume, overwrite=args.overwrite, world=procs.world)
+    if not s3.is_s3(args.data):  # a run never writes into the shards it reads (nor around them)
+        refuse_overlap(run_dir, args.data, output_name="--out", source_name="--data")
     s3_held = resume.check_s3_prefix(args.s3, resume=args.resume, overwrite=args.overwrite,
                                      timeout_s=cfg.s3_resume_timeout_s) if procs.master else []
     if args.s3 and procs.master:  # before anything is written or staged: S3 takes our files, no other job writes there
         s3.probe_writes(args.s3, cfg.s3_resume_timeout_s)
         leaving.hold(args.s3, cfg.lease_seconds, cfg.s3_resume_timeout_s)
+    if procs.master:  # the run's earlier launches (a reclaim's relaunch: this machine's is added on the way out)
+        leaving.clock.earlier = [] if args.overwrite else launches.read(run_dir, args.s3, cfg.s3_resume_timeout_s)
+        leaving.launch_store = (args.s3, cfg.s3_flush_timeout_s)
+    leaving.clock.enter("staging")  # the indices and placeholders; the tars arrive while training
     staged, shards, val_shards = read_splits(args, cfg, procs, leaving)
     data = staged.data
-    training = recipe.build(cfg, shards.num_classes, procs, precision)
+    leaving.clock.enter("resume")
+    with leaving.request.at_once():  # a stop during the build: nothing made yet to keep, no step to wait for
+        training = recipe.build(cfg, shards.num_classes, procs, precision)
     point, initialised = starting_weights(args, cfg, procs, training, run_dir, shards)
     # The tars still to stage arrive while training, in the order this epoch reads them; the loaders wait on them.
     staged.begin(staging.run_order(shards, val_shards, cfg.seed, point.state.epoch, procs.world,
                                    staging.machine_ranks(procs.rank, procs.local_rank)))
+    leaving.clock.enter("start")  # the loaders, the step, the run folder
     stops = StopCheck(leaving.request, procs, checkpoint_minutes=cfg.checkpoint_minutes, max_minutes=cfg.max_minutes,
                       max_steps=cfg.max_steps, earlier_s=point.state.wall_s)
     stops.interrupt_if_asked()  # a notice during the resume download: leave before anything is written
     backend = "dali" if args.dali else "torchvision"
     loader_options = dict(batch_size=cfg.batch_size, device=procs.device, rank=procs.rank, world_size=procs.world,
                           dtype=precision.loader_dtype, backend=backend, num_threads=cfg.loader_threads,
-                          hw_decoder_load=cfg.hw_decoder_load, normalization=cfg.normalization(),
-                          landing=staged.landing)
-    val_loader = make_loader(val_shards, "validation", image_size=cfg.val_image_size,
-                             crop_fraction=cfg.val_crop_fraction, interpolation=cfg.val_interpolation,
-                             crop_mode=cfg.val_crop_mode, **loader_options)
+                          hw_decoder_load=cfg.hw_decoder_load, hybrid_huffman_threshold=cfg.hybrid_huffman_threshold,
+                          normalization=cfg.normalization(), landing=staged.landing)
+    if staged.landing is None:  # (staging checks each tar's size and sha256 as it lands)
+        val_loader(cfg, val_shards, loader_options)  # built and dropped: the val split checked before anything is written
     train_step = training.step(cfg, procs, precision, shards.num_classes)
     steps_per_epoch = batches_per_epoch(shards.samples, procs.world, cfg.batch_size, train=True)
     schedule = LRSchedule(training.peak_lr, cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch),
                           cfg.min_lr, cfg.lr_schedule)
-    instance = leaving.watcher.imds.instance() if leaving.watcher else {}
     decoding = decoder.describe(backend, procs.device, cfg.hw_decoder_load) if procs.master else {}
     outputs = RunOutputs(run_dir, to_dict(cfg), procs, overwrite=args.overwrite, s3_url=args.s3, s3_held=s3_held,
                          wandb=wandb_wanted(args.wandb), wandb_id=point.state.wandb_id,
@@ -117,10 +131,10 @@ def setup(args, cfg: TrainConfig, procs: distributed.Processes, leaving: Leaving
                          extra={"loader": backend, "world_size": procs.world, "data": args.data,
                                 **({"staged_to": data} if data != args.data else {}), "config_file": args.config,
                                 "spot_watch": watching, **({"init": initialised.record()} if initialised else {})})
-    leaving.run = Run(cfg, procs, precision, shards, val_shards, train_step, val_loader, loader_options, schedule,
-                      stops, outputs, point.state, leaving.watcher, cost_basis=cost_basis(cfg, procs, instance),
+    leaving.run = Run(cfg, procs, precision, shards, val_shards, train_step, loader_options, schedule,
+                      stops, outputs, point.state, leaving.watcher, cost_basis=leaving.launch_basis,
                       data_basis=data_basis(cfg, instance), streamed=args.stream and s3.is_s3(args.data),
-                      initialised=initialised)
+                      initialised=initialised, clock=leaving.clock)
     if leaving.watcher:
         leaving.watcher.log = outputs.note
     if point.path is not None:
@@ -177,6 +191,7 @@ def train_one_epoch(run: Run, loader: Loader) -> EpochResult:
     for images, labels in meter.batches(loader):
         lr = run.schedule.at(state.step)
         loss_sum = loss_sum + run.train_step(images, labels, step=state.step, lr=lr)
+        run.clock.first_step()
         window, state.step, state.batch_in_epoch = window + 1, state.step + 1, state.batch_in_epoch + 1
         progress.update(1)
         if state.step % cfg.log_every == 0 or state.batch_in_epoch >= steps_in_epoch:  # the only host syncs
@@ -188,6 +203,8 @@ def train_one_epoch(run: Run, loader: Loader) -> EpochResult:
                                  wait=f"{record['data_wait']:.0%}")
             loss_sum, window = 0.0, 0
         stop, checkpoint_due = run.stops.after_step(state.step)
+        if stop:
+            run.clock.leave()  # the stop's checkpoint and uploads: the way out
         if (stop or checkpoint_due) and state.batch_in_epoch < steps_in_epoch:  # an epoch's end checkpoints anyway
             # Every rank's reader state: a resume starts each where it stopped, decoding nothing twice.
             state.loader = distributed.gather(loader.state_dict(), procs)
@@ -226,7 +243,7 @@ def validate(run: Run, line: str = "") -> None:
     cfg, state, ema = run.cfg, run.state, run.train_step.ema
     epoch = state.validation_due
     final = epoch == cfg.epochs and run.loader_options["backend"] == "dali"
-    metrics, top5 = evaluate_with_top5(run.models(), run.val_loader, run.precision, flip=cfg.val_flip,
+    metrics, top5 = evaluate_with_top5(run.models(), run.val_loader(), run.precision, flip=cfg.val_flip,
                                        channels_last=cfg.channels_last, interrupt=run.stops.interrupt_if_asked,
                                        keep=final)
     if final and run.procs.master:
@@ -249,7 +266,7 @@ def validate(run: Run, line: str = "") -> None:
 
 def validate_start(run: Run) -> None:
     """The initial weights' score (--init), before any step: where a fine-tuning starts from."""
-    metrics = evaluate(run.models(), run.val_loader, run.precision, flip=run.cfg.val_flip,
+    metrics = evaluate(run.models(), run.val_loader(), run.precision, flip=run.cfg.val_flip,
                        channels_last=run.cfg.channels_last, interrupt=run.stops.interrupt_if_asked)
     run.outputs.log({"event": "init_validation", "step": 0, "epoch": 0, **{f"val_{k}": v for k, v in metrics.items()}})
     if run.procs.master:
@@ -261,10 +278,12 @@ def train(run: Run) -> str | None:
     """Trains the epochs left; returns why the run stopped early, or None when every epoch ran.
     A stop request outside a train step raises `Interrupted` (nothing new to checkpoint there)."""
     state = run.state
+    run.clock.enter("training")
     if run.initialised and state.step == 0:
         validate_start(run)
     if state.validation_due:  # a stop cut that validation short: the resumed run does it first
         validate(run)
+    run.clock.enter("compile")  # the first epoch's loader and step (torch.compile's graphs, cuDNN's autotuning)
     while state.epoch < run.cfg.epochs:
         run.stops.interrupt_if_asked()  # before the epoch's loader is built and its first step compiles
         loader = run.train_loader()
@@ -282,10 +301,14 @@ def train(run: Run) -> str | None:
     return None
 
 
-def main() -> int:
+def main(started: float | None = None) -> int:
+    """`started`: when the process started (its launch is counted from there; default: now)."""
+    started = time.time() if started is None else started
     args = parse_args()
+    args.device = args.device or ("cuda" if cuda_available() else "cpu")
     s3.usage.reset()  # this process's S3 requests, for the cost record (a resume adds the earlier ones)
-    leaving = Leaving(StopRequest(announce=os.environ.get("RANK", "0") == "0"), TrainConfig.s3_flush_timeout_s)
+    leaving = Leaving(StopRequest(announce=os.environ.get("RANK", "0") == "0"), TrainConfig.s3_flush_timeout_s,
+                      started)
     try:
         try:
             cfg = load_config(args.config, [*args.set, *([f"price_per_hour={args.price_per_hour}"]
@@ -294,7 +317,9 @@ def main() -> int:
             stop = train(setup(args, cfg, distributed.setup(args.device, cfg.deterministic), leaving))
         except Interrupted as interrupted:
             stop = interrupted.reason
-            if leaving.run is None:  # during start-up: nothing trained, nothing written
+            if leaving.run is None:  # during start-up: nothing trained, nothing written but this launch's record
+                leaving.clock.leave()
+                leaving.close_launch(exits.for_stop(stop), stop, before_the_run=True)
                 print(f"{stop}: stopped during start-up, nothing trained; exit {exits.for_stop(stop)}",
                       file=sys.stderr, flush=True)
                 return exits.for_stop(stop)
@@ -309,6 +334,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    exit_code = main()
+    exit_code = main(launches.process_started())
     exits.record(exit_code)
     sys.exit(exit_code)

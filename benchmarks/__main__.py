@@ -3,6 +3,7 @@
     python -m benchmarks                     # all, on the bundled sample (built if missing)
     python -m benchmarks --only loader step  # a subset
     python -m benchmarks --only s3           # shards on S3 behind 0/10/20 ms: streamed vs staged (benchmarks.s3)
+    python -m benchmarks --only serve        # serve.py over HTTP: 1/8/32 clients, batching on/off (benchmarks.serve)
     python -m benchmarks --only step --arch resnet18 timm:efficientnet_b0   # the step of several networks
     python -m benchmarks --smoke             # seconds: tiny sizes, checks the plumbing only
 
@@ -23,7 +24,7 @@ import torch
 from benchmarks.common import REPO, machine, run_isolated
 from benchmarks.report import add_ratios, markdown_table, save_chart
 
-STAGES = ("loader", "step", "end-to-end", "s3")
+STAGES = ("loader", "step", "end-to-end", "s3", "serve")
 
 
 def ensure_shards(work: Path, smoke: bool) -> dict[str, Path]:
@@ -122,7 +123,7 @@ def main() -> None:
         work = REPO / work
     out.parent.mkdir(parents=True, exist_ok=True)
     env = machine()
-    shards = ensure_shards(work, args.smoke)
+    shards = ensure_shards(work, args.smoke) if set(args.only) - {"serve"} else {}
     plans = []
     if "loader" in args.only:
         plans += [("benchmarks.loaders", *run) for run in loader_runs(shards, args.device, args.smoke)]
@@ -141,6 +142,13 @@ def main() -> None:
         with open(out, "a") as sink:
             sink.writelines(json.dumps({**r, "env": env, "options": {"smoke": args.smoke}}) + "\n" for r in s3_results)
         print(s3.table(s3_results) + "\n")
+    if "serve" in args.only:  # its own table: batching on and off at each client count, measured in turns
+        from benchmarks import serve
+
+        served = serve.run(work, args.device, args.smoke)
+        with open(out, "a") as sink:
+            sink.writelines(json.dumps({**r, "env": env, "options": {"smoke": args.smoke}}) + "\n" for r in served)
+        print(serve.table(served) + "\n")
     for i, (module, meta, cli) in enumerate(plans, 1):
         print(f"[{i}/{len(plans)}] {meta['stage']}: {meta['name']} ({meta.get('shards', meta.get('device'))})",
               flush=True)

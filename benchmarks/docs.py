@@ -4,7 +4,8 @@
     python -m benchmarks.docs --check    # exit 1 naming each block that differs (the tests run this)
 
 A block is `<!-- generated: KIND [FILE] -->` ... `<!-- end -->`; KIND is `status` (the README's
-status table), `s3` (`benchmarks.s3`'s table of FILE) or `accuracy` (`benchmarks.accuracy`'s). A
+status table), `s3` (`benchmarks.s3`'s table of FILE), `accuracy` (`benchmarks.accuracy`'s) or `serve`
+(`benchmarks.serve`'s). A
 new measurement is a new result file (the benchmark's `--out`), copied into docs/results/, then
 this command: no number in those tables is typed by hand.
 """
@@ -73,6 +74,10 @@ def render(kind: str, name: str | None) -> str:
         from benchmarks.accuracy import markdown_table
 
         return markdown_table(results(name))
+    if kind == "serve":
+        from benchmarks.serve import table
+
+        return table(results(name))
     raise ValueError(f"unknown generated block {kind!r}")
 
 

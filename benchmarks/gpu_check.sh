@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The whole GPU product on one GPU (benchmarks/gpu_check.py says what): train.py with the L4 config
-# as it runs (compile, the size ramp, resume), cuda_graph's memory over the ramp, pytest -m gpu, the
-# DALI loaders, steps and graphs. At most 8 minutes on an H100/H200 (--budget-s 450 for the
-# sections). With $OUT set, $OUT gets gpu_check.json, gpu_check.md and gpu_check.log, nothing else;
-# the shards and runs go to a temporary folder (--work, --keep). Needs DALI importable (on the lent
-# machine: source .device/dali-device-unpack; PYTHONPATH=/tmp/site:$PWD).
+# as it runs (compile, the size ramp, resume, the device memory peak), the L4 host's loader on 2
+# cores + SMT feeding the l4-16h step, cuda_graph's memory over the ramp, pytest -m gpu, the DALI
+# loaders, steps and graphs. Each section in its own time box inside --budget-s (500 s); $OUT gets
+# every row as soon as it is measured (gpu_check.json, gpu_check.md, gpu_check.log, nothing else),
+# so the `timeout` below, or any SIGTERM, leaves the rows finished. The shards and runs go to a
+# temporary folder (--work, --keep). Needs DALI importable (on the lent machine: source
+# .device/dali-device-unpack; PYTHONPATH=/tmp/site:$PWD).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=python3
@@ -14,4 +16,4 @@ if ! "$python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() el
     exit 2
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-PYTHONUNBUFFERED=1 timeout 480 "$python" -m benchmarks.gpu_check "$@"
+PYTHONUNBUFFERED=1 timeout -k 30 560 "$python" -m benchmarks.gpu_check "$@"  # SIGTERM: it writes what it has and stops

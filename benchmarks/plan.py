@@ -2,7 +2,8 @@
 
     python -m benchmarks.plan --config configs/l4-16h.yaml [--data SHARDS] [--seconds 20]
                               [--price-per-hour 0.8048] [--spot-price-per-hour Q] [--json plan.json]
-                              [--launches N] [--shards-gb 147] [--network-gbit 2.5] [--cross-region]
+                              [--reclaims 0 2 4 | --interruption-rate R] [--shards-gb 147] [--network-gbit 2.5]
+                              [--vcpus 4] [--provision-min 3.5] [--setup-min 2] [--cross-region]
 
 For each train size the config's schedule visits, it measures the real train step (the config's
 model, BlurPool, channels-last, compile, precision, batch, mixing: `recipe.build`, as train.py
@@ -14,20 +15,27 @@ bound. Hours count the real dataset's size (ImageNet-1K by default: `--train-ima
 shards given, which only serve to measure the loader. On a CPU (with a small batch) it checks the
 plumbing, which is how CI runs it.
 
-Each launch (the first, and each spot relaunch on a new machine) stages the shards from S3 onto
-the machine's disk while it trains; what it waits for is what the first step needs (`first_step_gb`:
-the indices, the validation split, the shards DALI's reader reaches first, and on a relaunch
-mid-epoch, half an epoch on average, the shards before the resume point), at `--network-gbit` (a
-g6.xlarge's 2.5 Gbit/s baseline) or the CPUs' rate, a phase of its own. The data's costs are
-added: the staging's S3 requests, the bytes moved across regions with `--cross-region` (the bucket
-elsewhere), and, for comparison, what streaming from S3 every epoch would have cost in requests.
+Each launch (the first, and each spot relaunch on a new machine) is billed before it trains:
+provisioning and boot (`--provision-min`), the task's setup (`--setup-min`), the staging its first
+step waits for (the rest of the shards arrive while it trains: `first_step_gb`, the indices, the
+validation split, the shards DALI's reader reaches first, and on a relaunch mid-epoch, half an
+epoch on average, the shards before the resume point) at the slower of `--network-gbit` (a
+g6.xlarge's 2.5 Gbit/s baseline) and what `--vcpus` fetch and hash (`STAGING_CPU_S_PER_GB`,
+`benchmarks.staging`), and its first step's compile (measured); a reclaim adds EC2's two minutes
+between the notice and the end of the machine. `--reclaims` takes the numbers of reclaims to
+price (each a line), `--interruption-rate` an expected rate per machine-hour instead. The data's
+costs are added: the staging's S3 requests, the bytes moved across regions with `--cross-region`
+(the bucket elsewhere), and, for comparison, what streaming from S3 every epoch would have cost in
+requests at the GETs per sample `benchmarks --only s3` measured.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -49,6 +57,11 @@ G6_XLARGE_VCPUS = 4
 # in two runs on a loaded 2-core machine; plain HTTP to a local server: S3's TLS adds some). s5cmd took 1.9 and 2.6,
 # not a clear win; boto3's CRT client 3.3 and 4.8.
 STAGING_CPU_S_PER_GB = 2.5
+# Not measurable here (no cloud): field notes' AWS figures, until a launch's closing record says (its phases_s)
+PROVISION_MIN = 3.5  # a spot request to a booted instance: 2-5 min
+SETUP_MIN = 2.0  # cloud/setup.sh: uv, ~5 GB of wheels at a few hundred MB/s
+NOTICE_MIN = 2.0  # EC2 bills the reclaimed machine until it goes, ~2 min after the notice
+S3_RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results" / "s3.jsonl"  # `benchmarks --only s3`
 
 
 @dataclass(frozen=True)
@@ -164,26 +177,68 @@ def measure_loader(cfg: TrainConfig, data: str, split: str, size: int, device: t
     return timed_rate(lambda: next(stream)[0].shape[0], seconds, device)
 
 
-def data_costs(cfg: TrainConfig, *, launches: int, shards_gb: float, shard_files: int, cross_region: bool,
-               train_images: int, val_images: int) -> dict:
-    """What the data costs besides the machine: per launch, a HEAD and a GET per file plus a
-    ranged GET per `staging.PART_SIZE` of it; across regions, the bytes; and, for comparison,
-    streaming: DALI's GETs per sample, every epoch (and every validation)."""
-    from dali_imagenet.data.staging import GETS_PER_SAMPLE, PART_SIZE
+def measured_s3(path: Path = S3_RESULTS) -> dict:
+    """What `benchmarks --only s3` measured (medians over its runs): DALI's GETs per sample when it
+    streams s3:// (where there is no result file: staging's own figure of 2 GETs a sample)."""
+    from dali_imagenet.data.staging import GETS_PER_SAMPLE
 
-    gets = launches * (2 * shard_files + round(shards_gb * 1e9 / PART_SIZE))
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except OSError:
+        rows = []
+    gets = [r["gets_per_sample"] for r in rows
+            if r.get("gets_counted_over") == "each epoch" and r.get("gets_per_sample")]
+    return {"gets_per_sample": statistics.median(gets) if gets else GETS_PER_SAMPLE,
+            "from": str(path) if rows else "no measurement"}
+
+
+def data_costs(cfg: TrainConfig, *, launches: float, shards_gb: float, shard_files: int, cross_region: bool,
+               train_images: int, val_images: int, gets_per_sample: float) -> dict:
+    """What the data costs besides the machine: per launch, a GET per file plus a
+    ranged GET per `staging.PART_SIZE` of it; across regions, the bytes; and, for comparison,
+    streaming: DALI's GETs per sample (measured), every epoch (and every validation)."""
+    from dali_imagenet.data.staging import PART_SIZE
+
+    gets = round(launches * (shard_files + round(shards_gb * 1e9 / PART_SIZE)))  # no HEAD: sizes come from the listing
     cross_gb = launches * shards_gb if cross_region else 0.0
-    streamed = GETS_PER_SAMPLE * (cfg.epochs * train_images + validations(cfg) * val_images)
+    streamed = round(gets_per_sample * (cfg.epochs * train_images + validations(cfg) * val_images))
     price = cfg.s3_get_price_per_1000 / 1000
     return {"staging_gets": gets, "cross_region_gb": cross_gb,
             "dollars": gets * price + cross_gb * cfg.cross_region_price_per_gb,
-            "streamed_gets": streamed, "streamed_dollars": streamed * price}
+            "streamed_gets": streamed, "streamed_dollars": streamed * price, "gets_per_sample": gets_per_sample}
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What a launch costs before it trains (minutes), but its compile (measured with the step)."""
+    provision_min: float = PROVISION_MIN
+    setup_min: float = SETUP_MIN
+    shards_gb: float = IMAGENET_SHARDS_GB
+    network_gbit: float = G6_XLARGE_GBIT
+    vcpus: int = G6_XLARGE_VCPUS
+    staging_cpu_s_per_gb: float = STAGING_CPU_S_PER_GB  # measured (`benchmarks.staging`)
+    notice_min: float = NOTICE_MIN
+
+    def staging(self, gb: float) -> tuple[float, str]:
+        """(minutes to stage `gb`, what bounds it: the network or the CPUs)."""
+        return minutes_to_first_step(gb, self.network_gbit, self.vcpus, self.staging_cpu_s_per_gb)
+
+
+def relaunches(base_hours: float, relaunch_hours: float, *, reclaims: list[float], rate: float | None) -> list[float]:
+    """The reclaim counts to price: as given, or the expected count at `rate` reclaims per
+    machine-hour over a run that every relaunch makes longer (r = rate * (base + r * relaunch))."""
+    if rate is None:
+        return list(reclaims)
+    if rate * relaunch_hours >= 1:
+        raise ValueError(f"--interruption-rate {rate:g}/h: a relaunch ({relaunch_hours * 60:.0f} min) is reclaimed "
+                         f"before it trains; the run never ends")
+    return [rate * base_hours / (1 - rate * relaunch_hours)]
 
 
 def plan(cfg: TrainConfig, *, data: str | None, device: torch.device, seconds: float, train_images: int,
-         val_images: int, price_per_hour: float, spot_price_per_hour: float | None, launches: int = 1,
-         shards_gb: float = IMAGENET_SHARDS_GB, shard_files: int = IMAGENET_SHARD_FILES,
-         network_gbit: float = G6_XLARGE_GBIT, cross_region: bool = False) -> dict:
+         val_images: int, price_per_hour: float, spot_price_per_hour: float | None, reclaims: list[float] = (0,),
+         interruption_rate: float | None = None, launch: Launch = Launch(),
+         shard_files: int = IMAGENET_SHARD_FILES, cross_region: bool = False, gets_per_sample: float = 2.0) -> dict:
     schedule = phases(cfg)
     sizes = sorted({p.image_size for p in schedule})
     steps = measure_steps(cfg, sizes, device, seconds)
@@ -207,21 +262,42 @@ def plan(cfg: TrainConfig, *, data: str | None, device: torch.device, seconds: f
     rows.append({"phase": f"warm-up/compile x {len(sizes)}", "epochs": 0, "image_size": None,
                  "step_images_per_s": None, "loader_images_per_s": None, "bound": "compile",
                  "hours": sum(steps[s]["warmup_s"] for s in sizes) / 3600})
-    first, _ = minutes_to_first_step(first_step_gb(cfg, shards_gb, train_images, val_images), network_gbit)
-    relaunch, bound = minutes_to_first_step(first_step_gb(cfg, shards_gb, train_images, val_images, epoch_done=0.5),
-                                            network_gbit)
-    rows.append({"phase": f"staging to the first step x {launches} launch(es)", "epochs": 0, "image_size": None,
-                 "step_images_per_s": None, "loader_images_per_s": None, "bound": bound,
-                 "hours": (first + (launches - 1) * relaunch) / 60})
+    rows.append({"phase": "provisioning + setup", "epochs": 0, "image_size": None, "step_images_per_s": None,
+                 "loader_images_per_s": None,
+                 "bound": f"{launch.provision_min:g} + {launch.setup_min:g} min (AWS's figures)",
+                 "hours": (launch.provision_min + launch.setup_min) / 60})
+    staging_min, staging_bound = launch.staging(first_step_gb(cfg, launch.shards_gb, train_images, val_images))
+    rows.append({"phase": "staging to the first step", "epochs": 0, "image_size": None, "step_images_per_s": None,
+                 "loader_images_per_s": None, "bound": staging_bound, "hours": staging_min / 60})
+    # a relaunch mid-epoch (half-way on average) waits for the shards before its resume point too
+    relaunch_staging_min, _ = launch.staging(first_step_gb(cfg, launch.shards_gb, train_images, val_images,
+                                                           epoch_done=0.5))
     hours = sum(row["hours"] for row in rows)
-    data_cost = data_costs(cfg, launches=launches, shards_gb=shards_gb, shard_files=shard_files,
-                           cross_region=cross_region, train_images=train_images, val_images=val_images)
+    training_hours = sum(row["hours"] for row in rows[:-3])  # the epochs and validations: the rest is overhead
+    # a relaunch: a new machine (provisioning, setup, staging), the compile at the size it resumes at, and the
+    # two minutes EC2 bills between the notice and the end of the reclaimed one
+    compile_min = statistics.mean(steps[s]["warmup_s"] for s in sizes) / 60
+    relaunch_min = launch.provision_min + launch.setup_min + relaunch_staging_min + compile_min + launch.notice_min
+    scenarios = []
+    for count in relaunches(hours, relaunch_min / 60, reclaims=list(reclaims), rate=interruption_rate):
+        total = hours + count * relaunch_min / 60
+        data_cost = data_costs(cfg, launches=1 + count, shards_gb=launch.shards_gb, shard_files=shard_files,
+                               cross_region=cross_region, train_images=train_images, val_images=val_images,
+                               gets_per_sample=gets_per_sample)
+        scenarios.append({"reclaims": count, "relaunch_min": relaunch_min, "total_hours": total,
+                          "overhead_hours": total - training_hours,
+                          "dollars": total * price_per_hour,
+                          "spot_dollars": total * spot_price_per_hour if spot_price_per_hour is not None else None,
+                          "data": data_cost, "total_dollars": total * price_per_hour + data_cost["dollars"]})
+    first = scenarios[0]
     return {"config": to_dict(cfg), "machine": machine(), "device": str(device), "seconds": seconds,
             "train_images": train_images, "val_images": val_images, "loader_measured": bool(data), "phases": rows,
-            "total_hours": hours, "price_per_hour": price_per_hour, "dollars": hours * price_per_hour,
-            "spot_price_per_hour": spot_price_per_hour,
-            "spot_dollars": hours * spot_price_per_hour if spot_price_per_hour is not None else None,
-            "data": data_cost, "total_dollars": hours * price_per_hour + data_cost["dollars"]}
+            "launch": {**launch.__dict__, "staging_min": staging_min,
+                       "relaunch_staging_min": relaunch_staging_min, "compile_min": compile_min,
+                       "relaunch_min": relaunch_min}, "interruption_rate": interruption_rate,
+            "reclaims": scenarios, "total_hours": first["total_hours"], "price_per_hour": price_per_hour,
+            "dollars": first["dollars"], "spot_price_per_hour": spot_price_per_hour,
+            "spot_dollars": first["spot_dollars"], "data": first["data"], "total_dollars": first["total_dollars"]}
 
 
 def first_step_gb(cfg: TrainConfig, shards_gb: float, train_images: int, val_images: int, *,
@@ -269,20 +345,29 @@ def table(result: dict) -> str:
         lines.append(f"| {row['phase']} | {row['epochs'] or ''} | {row['image_size'] or ''} | "
                      f"{rate(row['step_images_per_s'])} | {rate(row['loader_images_per_s'])} | {row['bound']} | "
                      f"{row['hours']:.2f} |")
-    spot = (
-        f"${result['spot_dollars']:,.2f} on spot at ${result['spot_price_per_hour']}/h"
-        if result["spot_dollars"] is not None
-        else "spot: pass --spot-price-per-hour (spot prices change by the hour)"
-    )
     gpu = result["machine"]["gpu"] or f"CPU ({result['machine']['cpu_count']} cores)"
-    lines.append(f"\ntotal {result['total_hours']:.2f} h on {gpu} for {result['train_images']:,} train images: "
-                 f"${result['dollars']:,.2f} on demand at ${result['price_per_hour']}/h; {spot}"
-                 + ("" if result["loader_measured"] else "; the loader was not measured (no --data): a lower bound"))
+    launch = result["launch"]
+    lines.append(f"\na relaunch after a reclaim: {launch['relaunch_min']:.1f} min (provisioning "
+                 f"{launch['provision_min']:g} + setup {launch['setup_min']:g} + staging {launch['staging_min']:.1f} + "
+                 f"compile {launch['compile_min']:.1f} + EC2's notice {launch['notice_min']:g})"
+                 + (f"; {result['interruption_rate']:g} reclaims per machine-hour expected"
+                    if result["interruption_rate"] is not None else ""))
+    lines += ["", "| reclaims | hours | outside training h | $ on demand | $ on spot | S3 $ | $ in all (on demand) |",
+              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for case in result["reclaims"]:
+        spot = f"${case['spot_dollars']:,.2f}" if case["spot_dollars"] is not None else "-"
+        lines.append(f"| {case['reclaims']:g} | {case['total_hours']:.2f} | {case['overhead_hours']:.2f} | "
+                     f"${case['dollars']:,.2f} | {spot} | ${case['data']['dollars']:,.3f} | "
+                     f"${case['total_dollars']:,.2f} |")
     data = result["data"]
-    lines.append(f"data: ${data['dollars']:,.3f} ({data['staging_gets']:,} S3 GETs staging"
+    lines.append(f"\non {gpu} for {result['train_images']:,} train images at ${result['price_per_hour']}/h on demand"
+                 + (f", ${result['spot_price_per_hour']}/h on spot" if result["spot_price_per_hour"] is not None
+                    else " (spot: pass --spot-price-per-hour; spot prices change by the hour)")
+                 + ("" if result["loader_measured"] else "; the loader was not measured (no --data): a lower bound")
+                 + f"; S3: {data['staging_gets']:,} GETs staging a launch"
                  + (f", {data['cross_region_gb']:,.0f} GB across regions" if data["cross_region_gb"] else "")
-                 + f"), ${result['total_dollars']:,.2f} in all on demand; streaming from S3 every epoch instead: "
-                 f"{data['streamed_gets']:,} GETs, ${data['streamed_dollars']:,.2f}")
+                 + f"; streaming from S3 every epoch instead: {data['streamed_gets']:,} GETs "
+                 f"({data['gets_per_sample']:.2f} a sample, measured), ${data['streamed_dollars']:,.2f}")
     return "\n".join(lines)
 
 
@@ -298,18 +383,27 @@ def main() -> None:
     parser.add_argument("--price-per-hour", type=float, default=None, help="default: the config's price_per_hour")
     parser.add_argument("--spot-price-per-hour", type=float, default=None)
     parser.add_argument("--json", help="write the plan here too")
-    parser.add_argument("--launches", type=int, default=1, help="machines the run starts on: 1 + spot relaunches "
-                        "(each stages the shards again)")
+    reclaims = parser.add_mutually_exclusive_group()
+    reclaims.add_argument("--reclaims", type=float, nargs="+", default=[0], metavar="N",
+                          help="spot reclaims to price, each a line (each: a relaunch on a new machine)")
+    reclaims.add_argument("--interruption-rate", type=float, metavar="R", help="expected reclaims per machine-hour")
     parser.add_argument("--shards-gb", type=float, default=IMAGENET_SHARDS_GB, help="the shards staged per launch")
     parser.add_argument("--network-gbit", type=float, default=G6_XLARGE_GBIT, help="the machine's network to S3")
+    parser.add_argument("--vcpus", type=int, default=G6_XLARGE_VCPUS, help="the machine's vCPUs (staging is CPU-bound)")
+    parser.add_argument("--provision-min", type=float, default=PROVISION_MIN, help="a spot request to a booted machine")
+    parser.add_argument("--setup-min", type=float, default=SETUP_MIN, help="the task's setup (cloud/setup.sh)")
     parser.add_argument("--cross-region", action="store_true", help="the bucket is in another region than the machine")
     args = parser.parse_args()
     cfg = load_config(args.config, args.set)
+    measured = measured_s3()
+    launch = Launch(provision_min=args.provision_min, setup_min=args.setup_min, shards_gb=args.shards_gb,
+                    network_gbit=args.network_gbit, vcpus=args.vcpus)
     result = plan(cfg, data=args.data, device=torch.device(args.device), seconds=args.seconds,
                   train_images=args.train_images, val_images=args.val_images,
                   price_per_hour=args.price_per_hour if args.price_per_hour is not None else cfg.price_per_hour,
-                  spot_price_per_hour=args.spot_price_per_hour, launches=args.launches, shards_gb=args.shards_gb,
-                  network_gbit=args.network_gbit, cross_region=args.cross_region)
+                  spot_price_per_hour=args.spot_price_per_hour, reclaims=args.reclaims,
+                  interruption_rate=args.interruption_rate, launch=launch, cross_region=args.cross_region,
+                  gets_per_sample=measured["gets_per_sample"])
     print(table(result))
     if args.json:
         with open(args.json, "w") as f:

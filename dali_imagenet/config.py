@@ -13,6 +13,7 @@ from dali_imagenet.data.preprocess import (
     CROP_FRACTION,
     CROP_MODES,
     HW_DECODER_LOAD,
+    HYBRID_HUFFMAN_THRESHOLD,
     INTERPOLATIONS,
     TRAIN_CROP_MIN_AREA,
 )
@@ -51,6 +52,9 @@ class TrainConfig:
     batch_size: int = 128  # images per step per process (the global batch is this x world size)
     loader_threads: int = 4  # DALI CPU threads / DataLoader workers per process
     hw_decoder_load: float = HW_DECODER_LOAD  # GPU: share of JPEGs for the hardware decoder; 0: nvJPEG's hybrid path
+    # px; GPU, nvJPEG without its hardware decoder: larger JPEGs take the GPU-assisted Huffman decoder, smaller
+    # ones the host's (on the loader threads); 0: all the GPU-assisted one (which still largely uses the CPU)
+    hybrid_huffman_threshold: int = HYBRID_HUFFMAN_THRESHOLD
     shuffle_buffer: int = SHUFFLE_BUFFER  # samples mixed by the train reader (shards are shuffled when written)
     # optimisation
     epochs: int = 90
@@ -132,6 +136,7 @@ class TrainConfig:
              "a size ramp needs 0 < min_image_size <= image_size, ramp_start_epoch <= ramp_end_epoch, "
              "image_size_step > 0"),
             (0 <= self.hw_decoder_load <= 1, "hw_decoder_load must be in [0, 1]"),
+            (0 <= self.hybrid_huffman_threshold <= 10**9, "hybrid_huffman_threshold must be in [0, 1e9] px"),
             (0 < self.val_crop_fraction <= 1 and 0 < self.crop_min_area <= 1,
              "val_crop_fraction and crop_min_area must be in (0, 1]"),
             (self.val_interpolation in INTERPOLATIONS and self.val_crop_mode in CROP_MODES,
@@ -144,6 +149,22 @@ class TrainConfig:
              "ema_decay must be in [0, 1), ema_warmup_power > 0"),
             (self.lr > 0 and self.min_lr >= 0 and self.warmup_epochs >= 0, "lr > 0, min_lr >= 0, warmup_epochs >= 0"),
             (self.log_every > 0, "log_every must be > 0"),
+            (self.ramp_start_epoch >= 0 and self.ramp_end_epoch >= 0 and self.image_size_step > 0,
+             "ramp_start_epoch and ramp_end_epoch must be >= 0, image_size_step > 0"),
+            (self.loader_threads >= 1 and self.shuffle_buffer >= 1,
+             "loader_threads and shuffle_buffer must be >= 1"),
+            (self.lr_reference_batch > 0, "lr_reference_batch must be > 0 (images: the LR is scaled by batch / it)"),
+            (0 <= self.momentum < 1 and self.weight_decay >= 0, "momentum must be in [0, 1), weight_decay >= 0"),
+            (self.momentum > 0 or not self.nesterov, "nesterov needs momentum > 0 (or set nesterov: false)"),
+            (0 <= self.mix_switch_prob <= 1, "mix_switch_prob must be in [0, 1]"),
+            (self.seed >= 0, "seed must be >= 0"),
+            (self.val_every >= 0 and self.max_steps >= 0, "val_every and max_steps must be >= 0 (0: at the end; no "
+                                                          "limit)"),
+            (self.checkpoint_minutes >= 0 and self.max_minutes >= 0,
+             "checkpoint_minutes (0: after every step) and max_minutes (0: no limit) must be >= 0"),
+            (self.s3_flush_timeout_s >= 0 and self.s3_resume_timeout_s >= 0 and self.spot_poll_seconds > 0,
+             "s3_flush_timeout_s and s3_resume_timeout_s must be >= 0, spot_poll_seconds > 0"),
+            (bool(self.wandb_project.strip()), "wandb_project must not be empty"),
             (self.lease_seconds >= 3, "lease_seconds must be >= 3 (it is renewed every third of it)"),
             (min(self.price_per_hour, self.spot_price_per_hour, self.s3_get_price_per_1000, self.s3_put_price_per_1000,
                  self.cross_region_price_per_gb) >= 0, "prices must be >= 0"),
@@ -156,7 +177,8 @@ class TrainConfig:
 # What a resumed run may set differently from the run it continues: how it runs, logs and is
 # paid for, not what it learns (the schedule, the data, the recipe). Any other field that differs
 # makes `--resume auto` refuse: a fixed S3 prefix must not continue another config's run.
-CHANGEABLE_ON_RESUME = ("compile", "cuda_graph", "loader_threads", "hw_decoder_load", "log_every", "val_every",
+CHANGEABLE_ON_RESUME = ("compile", "cuda_graph", "loader_threads", "hw_decoder_load", "hybrid_huffman_threshold",
+                        "log_every", "val_every",
                         "checkpoint_minutes", "max_steps", "max_minutes", "s3_flush_timeout_s", "s3_resume_timeout_s",
                         "lease_seconds", "spot_poll_seconds", "wandb_project", "price_per_hour", "spot_price_per_hour",
                         "s3_get_price_per_1000", "s3_put_price_per_1000", "cross_region_price_per_gb")

@@ -17,11 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from dali_imagenet.errors import DaliImagenetError
-
-
-class DeviceError(DaliImagenetError):
-    """The device asked for is not there; the message is one line."""
+from dali_imagenet.cuda_check import require_cuda
 
 
 @dataclass(frozen=True)
@@ -48,8 +44,7 @@ def setup(device_type: str, deterministic: bool = False) -> Processes:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device_type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError("--device cuda but no CUDA GPU is visible (use --device cpu)")
+        require_cuda()  # one line naming why not (no driver, one too old for this torch): never the CPU instead
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
         torch.backends.cudnn.benchmark = not deterministic

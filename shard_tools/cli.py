@@ -22,6 +22,12 @@ from shard_tools.sources import SPLITS
               help="re-encode only images whose longer side exceeds this many px")
 @click.option("--quality", type=click.IntRange(1, 100), default=Options.quality, show_default=True,
               help="JPEG quality of re-encoded images")
+@click.option("--reencode", is_flag=True,
+              help="re-encode every image at --quality (with --max-side: larger ones downscaled first), e.g. "
+                   "FFCV's ImageNet: --reencode --max-side 500 --quality 90; SOURCE may be shards of ours "
+                   "(a folder or s3:// prefix)")
+@click.option("--max-pixels", type=click.IntRange(1), default=Options.max_pixels, show_default=True,
+              help="reject images with more pixels (width x height) than this, before decoding them")
 @click.option("--name", default=Options.name, show_default=True, help="shard file prefix")
 @click.option("--workers", type=click.IntRange(1), default=os.cpu_count() or 1, show_default=True,
               help="processes (re-encoding scales with cores; pass-through is I/O bound)")
@@ -29,12 +35,14 @@ from shard_tools.sources import SPLITS
 @click.option("--overwrite", is_flag=True, help="start over even if OUTPUT holds a manifest")
 @click.option("--strict", is_flag=True, help="stop at the first undecodable image instead of rejecting it")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def main(source, output, split, shard_size, seed, max_side, quality, name, workers, resume, overwrite, strict, quiet):
+def main(source, output, split, shard_size, seed, max_side, quality, reencode, max_pixels, name, workers, resume,
+         overwrite, strict, quiet):
     """Convert SOURCE (hf://datasets/OWNER/NAME[@REVISION] read from the Hugging Face Hub, a folder
     of the hub's parquet files, or an ImageFolder tree) into webdataset shards with DALI index
     files in OUTPUT (a folder or s3://bucket/prefix)."""
     splits = SPLITS if split == "all" else (split,)
-    options = Options(shard_size=shard_size, seed=seed, max_side=max_side, quality=quality, name=name)
+    options = Options(shard_size=shard_size, seed=seed, max_side=max_side, quality=quality, name=name,
+                      reencode=reencode, max_pixels=max_pixels)
     try:
         manifest = convert(source, output, splits, options, workers=workers, resume=resume,
                            overwrite=overwrite, strict=strict, progress=not quiet)

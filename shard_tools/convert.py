@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
+import re
 import resource
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,6 +21,9 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from tqdm import tqdm
 
+from dali_imagenet import s3
+from dali_imagenet.data.folders import check_output_folder, refuse_overlap
+from dali_imagenet.data.pixels import MAX_PIXELS
 from dali_imagenet.data.shardformat import (
     CLASSES_TSV,
     MANIFEST,
@@ -50,9 +54,11 @@ class Options:
     """Everything that changes the output bytes; recorded in the manifest and checked on resume."""
     shard_size: int = 1250  # samples per shard: ~1,025 train shards for the full 1,281,167 rows
     seed: int = 0
-    max_side: int | None = None  # px; re-encode only images whose longer side is larger
+    max_side: int | None = None  # px; re-encode only images whose longer side is larger (all: `reencode`)
     quality: int = 90  # JPEG quality of re-encoded images
     name: str = "imagenet1k"  # shard file prefix: <split>/<name>-<split>-NNNNNN.tar
+    reencode: bool = False  # every image re-encoded at `quality` (FFCV's set: with max_side 500, quality 90)
+    max_pixels: int = MAX_PIXELS  # width x height; a larger image is rejected before it is decoded
 
 
 @dataclass
@@ -184,7 +190,8 @@ def _make_sample(record: Record, job: ChunkJob) -> tuple[str, dict[str, bytes], 
         raise Rejected("no label")
     if label < -1 or (job.num_classes and label >= job.num_classes):
         raise Rejected(f"label {label} outside 0..{job.num_classes - 1}")
-    prepared = prepare_image(record.data, job.options.max_side, job.options.quality)
+    prepared = prepare_image(record.data, job.options.max_side, job.options.quality, job.options.reencode,
+                             job.options.max_pixels)
     synset = (job.synsets[label] if 0 <= label < len(job.synsets) else None) or synset_from_path(record.path)
     meta = {"path": record.path, "synset": synset, "label": label,
             "width": prepared.width, "height": prepared.height}
@@ -268,11 +275,35 @@ def build_manifest(source: Source, options: Options, splits: list[str], results:
     return manifest
 
 
+_OWN_FILES = {MANIFEST, CLASSES_TSV, TIMM_INFO, ".write-test"}
+_SPLIT_NAMES = "|".join(SPLITS)
+_OWN_SHARD = re.compile(rf"({_SPLIT_NAMES})/[^/]+-({_SPLIT_NAMES})-\d{{6}}\.(tar|idx)(\.tmp)?")
+
+
+def written_by_us(name: str) -> bool:
+    """Whether a path under OUTPUT (relative; a folder ends with '/') is one this tool writes."""
+    return (name in _OWN_FILES or name.removesuffix(".tmp") in _OWN_FILES
+            or (name.endswith("/") and name.rstrip("/") in SPLITS) or bool(_OWN_SHARD.fullmatch(name)))
+
+
+def check_output(source_path: str | Path, output_url: str) -> None:
+    """Before any work: a local OUTPUT is not SOURCE, inside it or around it, and holds nothing
+    but what this tool writes (a conversion's shards, indices and manifest; a half-done one too)."""
+    if s3.is_s3(output_url):
+        if s3.is_s3(str(source_path)):
+            refuse_overlap(output_url, str(source_path), output_name="OUTPUT", source_name="SOURCE")
+        return
+    if not hub.is_hub(str(source_path)) and Path(source_path).exists():
+        refuse_overlap(output_url, source_path, output_name="OUTPUT", source_name="SOURCE")
+    check_output_folder(output_url, written_by_us, what="shard-imagenet's output", marker=MANIFEST)
+
+
 def convert(source_path: str | Path, output_url: str, splits: tuple[str, ...], options: Options,
             workers: int = 1, resume: bool = False, overwrite: bool = False, strict: bool = False,
             progress: bool = True) -> dict:
     """Runs the conversion; returns the final manifest with a `stats` entry (not written)."""
     started = time.perf_counter()
+    check_output(source_path, output_url)
     source = open_source(source_path, splits)
     output = open_output(output_url)
     splits_present = [s for s in splits if s in source.splits]
@@ -289,7 +320,7 @@ def convert(source_path: str | Path, output_url: str, splits: tuple[str, ...], o
         _check_same_commit(old.get("source", {}), source, output.url)
         if old.get("source", {}).get("fingerprint") != source.fingerprint:
             raise ConvertError(f"{output.url}/{MANIFEST}: made from a different source; cannot resume")
-        if old.get("options") != asdict(options):
+        if {**asdict(Options()), **old.get("options", {})} != asdict(options):  # fields it predates: their defaults
             raise ConvertError(
                 f"{output.url}/{MANIFEST}: made with options {old.get('options')}; cannot resume with {asdict(options)}"
             )

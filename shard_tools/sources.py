@@ -1,8 +1,10 @@
 """Input datasets: the Hugging Face hub's parquet files (a local copy, or read from the Hub by byte
-range: `shard_tools.hub`), or an ImageFolder tree.
+range: `shard_tools.hub`), an ImageFolder tree, or shards this tool wrote (a folder or an s3://
+prefix with a complete manifest.json: re-encoded into a new set without the Hub).
 
 A source is cut into *units* that can be read independently and cheaply: a parquet row group
-(~100 rows in the hub's files, so memory stays bounded) or one ImageFolder file. Rows are numbered
+(~100 rows in the hub's files, so memory stays bounded), one ImageFolder file or one shard (the
+samples its index lists). Rows are numbered
 in a canonical order (sorted files, row groups, rows) so that every run sees the same input.
 """
 from __future__ import annotations
@@ -15,7 +17,9 @@ from pathlib import Path, PurePosixPath
 
 import pyarrow.parquet as pq
 
+from dali_imagenet import s3
 from dali_imagenet.data.classes import imagenet1k
+from dali_imagenet.data.shardformat import MANIFEST, FormatError, index_name, parse_index, parse_manifest
 from dali_imagenet.errors import DaliImagenetError
 from shard_tools import hub
 
@@ -37,6 +41,7 @@ class Unit:
     first_index: int  # canonical index of the unit's first row within its split
     label: int | None = None  # ImageFolder: from the class folder
     file_row: int = 0  # parquet: index of the unit's first row within its file
+    shard: bool = False  # `file` is a shard (a local path or s3:// URL) with its index beside it
 
 
 @dataclass
@@ -57,7 +62,7 @@ class SplitSource:
 
 @dataclass
 class Source:
-    kind: str  # "parquet" | "imagefolder" | "hub"
+    kind: str  # "parquet" | "imagefolder" | "hub" | "shards"
     root: Path | str  # a folder, or the hf:// URL
     splits: dict[str, SplitSource]
     class_names: list[str]
@@ -73,9 +78,12 @@ def imagenet_classes() -> dict[str, tuple[int, str]]:
 
 
 def open_source(source: str | Path, splits: tuple[str, ...]) -> Source:
-    """A folder of parquet files or an ImageFolder tree, or a Hub dataset (hf://datasets/OWNER/NAME)."""
+    """A folder of parquet files or an ImageFolder tree, a Hub dataset (hf://datasets/OWNER/NAME),
+    or shards of ours (a folder or s3:// prefix holding manifest.json)."""
     if hub.is_hub(str(source)):
         return _open_hub(str(source), splits)
+    if s3.is_s3(str(source)) or (Path(source) / MANIFEST).is_file():
+        return _open_shards(str(source).rstrip("/"), splits)
     root = Path(source)
     if not root.exists():
         raise SourceError(f"{root}: no such file or folder")
@@ -219,9 +227,72 @@ def _open_imagefolder(root: Path, splits: tuple[str, ...]) -> Source:
     return Source("imagefolder", root, split_sources, names, list(synsets), fingerprint.hexdigest())
 
 
+def _read_bytes(location: str) -> bytes:
+    """A local file or an s3:// object, whole."""
+    if not s3.is_s3(location):
+        try:
+            return Path(location).read_bytes()
+        except OSError as error:
+            raise SourceError(f"{location}: unreadable ({error.strerror})") from None
+    bucket, key = s3.split_s3_url(location)
+    try:
+        return s3.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    except Exception as error:  # botocore's many error types: one line with S3's reason
+        raise SourceError(f"{location}: cannot read it from S3 ({s3.reason(error)})") from None
+
+
+def _open_shards(url: str, splits: tuple[str, ...]) -> Source:
+    """Shards this tool wrote: one unit per shard, its samples in index order. The new set's
+    manifest records which set (and its manifest's options and source) it was made from."""
+    where = f"{url}/{MANIFEST}"
+    try:
+        manifest = parse_manifest(_read_bytes(where), where)
+    except FormatError as error:
+        raise SourceError(str(error)) from None
+    fingerprint = hashlib.sha256()
+    split_sources = {}
+    for split in splits:
+        info = manifest.get("splits", {}).get(split)
+        if not info:
+            continue
+        units = []
+        first = 0
+        for entry in sorted(info["shards"], key=lambda s: s["name"]):
+            units.append(Unit(f"{url}/{entry['name']}", None, entry["samples"], first, shard=True))
+            first += entry["samples"]
+            fingerprint.update(json.dumps([split, entry["name"], entry["samples"], entry["sha256"]]).encode())
+        split_sources[split] = SplitSource(split, units, first)
+    if not split_sources:
+        raise SourceError(f"{where}: no split {', '.join(splits)} in this shard set")
+    details = {"shards": url, "shards_options": manifest.get("options"), "shards_source": manifest.get("source")}
+    return Source("shards", url, split_sources, list(manifest["classes"]), list(manifest.get("synsets") or []),
+                  fingerprint.hexdigest(), details)
+
+
+def _read_shard(unit: Unit) -> list[Record]:
+    """The samples a shard's index lists (a sample `verify-shards --repair` dropped stays out)."""
+    tar = _read_bytes(unit.file)
+    samples = parse_index(_read_bytes(index_name(unit.file)).decode(), index_name(unit.file))
+    name = PurePosixPath(unit.file).name
+    records = []
+    for offset, sample in enumerate(samples):
+        parts = {ext: tar[start:start + size] for ext, start, size, _ in sample}
+        key = sample[0][3].split(".", 1)[0] if sample else str(offset)
+        try:
+            label = int(parts["cls"])
+            meta = json.loads(parts["json"]) if "json" in parts else {}
+        except (KeyError, ValueError):
+            raise SourceError(f"{unit.file}: sample {key} has no readable .cls / .json") from None
+        records.append(Record(unit.first_index + offset, meta.get("path") or key, label, parts.get("jpg"),
+                              f"{name}:{key}"))
+    return records
+
+
 def read_unit(unit: Unit, root: Path | str) -> tuple[list[Record], int]:
     """All rows of one unit, with their bytes, and the bytes fetched from the Hub for it (0 for a
-    local file). Memory: one row group (~10 MB in the hub's files)."""
+    local file or a shard). Memory: one row group (~10 MB in the hub's files), or one shard."""
+    if unit.shard:
+        return _read_shard(unit), 0
     if unit.row_group is None:
         data = Path(unit.file).read_bytes()
         return [Record(unit.first_index, str(Path(unit.file).relative_to(root)), unit.label, data, unit.file)], 0

@@ -45,6 +45,7 @@ from dali_imagenet.data.shardformat import (
     parse_index,
     parse_manifest,
     sample_key,
+    sha256_file,
     timm_info,
     write_text_atomic,
 )
@@ -64,6 +65,7 @@ class Bad:
     key: str
     reason: str
     unlabelled: bool = False  # the sample carried label -1 (counted out of the split's unlabelled on repair)
+    tar_bytes: int | None = None  # a truncated tar's size now (the manifest takes it on repair)
 
 
 UNLABELLED = "unlabelled"  # check_sample's word for a sample that decodes but carries label -1
@@ -99,27 +101,51 @@ class Checked:
     bytes: int
 
 
-def verify_shard(tar: str, idx: str, name: str, split: str, expected: int | None, num_classes: int) -> Checked:
-    """What one local shard holds, read through its index (`expected`: the manifest's count)."""
+TRUNCATED = "truncated"  # a tar shorter than the manifest says: repairable (what is left is checked sample by sample)
+UNREPAIRABLE = "cannot be repaired"  # in a whole-shard reason: no repair makes it trainable; the reason says what does
+
+
+def verify_shard(tar: str, idx: str, name: str, split: str, expected: int | None, num_classes: int,
+                 expected_bytes: int | None = None, sha256: str | None = None, repaired: bool = False) -> Checked:
+    """What one local shard holds, read through its index (`expected`: the manifest's count;
+    `expected_bytes`, `sha256`: the manifest's for the tar; `repaired`: a repair already dropped
+    samples of it, so its bytes may differ from the manifest's)."""
+    redo = "rewrite it with shard-imagenet SOURCE SHARDS --resume (or fetch it again)"
+    if not Path(tar).is_file():
+        return Checked(0, [Bad(split, name, "*", f"the tar is missing: {UNREPAIRABLE}; {redo}")], 0, 0)
     try:
         samples = parse_index(Path(idx).read_text(), idx)
     except (OSError, DaliImagenetError) as error:
         raise VerifyError(f"{idx}: cannot read the index ({error})") from None
     bad, unlabelled = [], 0
+    size = os.path.getsize(tar)
     if expected is not None and len(samples) != expected:
         bad.append(Bad(split, name, "*", f"the index lists {len(samples)} samples, the manifest says {expected}"))
+    if expected_bytes is not None and size != expected_bytes:
+        if size > expected_bytes:
+            bad.append(Bad(split, name, "*", f"the tar is {size} bytes, the manifest says {expected_bytes}: not the "
+                                             f"tar the manifest describes; {UNREPAIRABLE}; {redo}"))
+        else:
+            bad.append(Bad(split, name, "*", f"{TRUNCATED}: the tar is {size} of the manifest's {expected_bytes} bytes",
+                           tar_bytes=size))
     with open(tar, "rb") as data:
         for key, sample in zip(index_keys(samples), samples):
+            if any(offset + length > size for _, offset, length, _ in sample):
+                bad.append(Bad(split, name, key, f"cut off: the tar ends at byte {size}"))
+                continue
             components = {}
-            for ext, offset, size, _ in sample:
+            for ext, offset, length, _ in sample:
                 data.seek(offset)
-                components[ext] = data.read(size)
+                components[ext] = data.read(length)
             reason = check_sample(components, num_classes)
             if reason == UNLABELLED:
                 unlabelled += 1
             elif reason:
                 bad.append(Bad(split, name, key, reason, components.get("cls", b"").strip() == b"-1"))
-    return Checked(len(samples), bad, unlabelled, os.path.getsize(tar))
+    if sha256 and size == expected_bytes and not repaired and not bad and sha256_file(tar) != sha256:
+        bad.append(Bad(split, name, "*", f"its sha256 differs from the manifest's, yet every sample decodes: the "
+                                         f"damage cannot be placed, so it {UNREPAIRABLE}; {redo}"))
+    return Checked(len(samples), bad, unlabelled, size)
 
 
 @dataclass(frozen=True)
@@ -132,6 +158,9 @@ class Job:
     expected: int | None  # the manifest's count; None: whatever the index lists
     num_classes: int
     make_index: bool = False  # a timm-layout shard not in the index cache yet: index it there
+    bytes: int | None = None  # the manifest's size and sha256 of the tar (None: a timm-layout set)
+    sha256: str | None = None
+    repaired: bool = False  # an earlier repair dropped samples of it
 
 
 def _verify_job(job: Job) -> Checked:
@@ -149,7 +178,8 @@ def _verify_job(job: Job) -> Checked:
             raise VerifyError(f"{job.tar}: cannot download ({error})") from None
         if job.make_index and not Path(idx).is_file():
             TimmTar(job.tar, job.name, Path(idx)).make_index(tar)
-        return verify_shard(tar, idx, job.name, job.split, job.expected, job.num_classes)
+        return verify_shard(tar, idx, job.name, job.split, job.expected, job.num_classes, job.bytes, job.sha256,
+                            job.repaired)
 
 
 class ShardSet:
@@ -196,8 +226,10 @@ def plan(root: str, splits: list[str] | None, cache: Path | None = None) -> tupl
         for split in splits:
             if split not in manifest["splits"]:
                 raise VerifyError(f"{root}/{MANIFEST}: no split {split!r} (has {', '.join(manifest['splits'])})")
+        repaired = {e.get("shard") for split in splits for e in manifest["splits"][split].get("rejected", [])}
         return manifest, [Job(f"{shard_set.root}/{s['name']}", f"{shard_set.root}/{index_name(s['name'])}", s["name"],
-                              split, s["samples"], len(manifest["classes"]))
+                              split, s["samples"], len(manifest["classes"]), bytes=s.get("bytes"),
+                              sha256=s.get("sha256"), repaired=s["name"] in repaired)
                           for split in splits for s in manifest["splits"][split]["shards"]]
     # The timm layout (timm/imagenet-1k-wds): tars only; the indices live in the loaders' cache.
     cache = cache or default_index_cache()
@@ -252,9 +284,19 @@ def repair(root: str, manifest: dict, bad: list[Bad]) -> list[str]:
     by_shard: dict[tuple[str, str], list[Bad]] = {}
     for item in bad:
         by_shard.setdefault((item.split, item.shard), []).append(item)
+    for item in bad:  # before anything is written: a repair is whole or not made
+        if UNREPAIRABLE in item.reason:
+            raise VerifyError(f"{root}/{item.shard}: {item.reason}")
+    indices = {}
+    for (_, name), items in sorted(by_shard.items()):
+        idx_name = index_name(name)
+        indices[name] = samples = parse_index(shard_set.read(idx_name), f"{root}/{idx_name}")
+        if not set(index_keys(samples)) - {item.key for item in items}:
+            raise VerifyError(f"{root}/{name}: no sample of it is left to keep, so it {UNREPAIRABLE}; rewrite it with "
+                              f"shard-imagenet SOURCE SHARDS --resume (or fetch it again)")
     for (split, name), items in sorted(by_shard.items()):
         idx_name = index_name(name)
-        samples = parse_index(shard_set.read(idx_name), f"{root}/{idx_name}")
+        samples = indices[name]
         drop = {item.key for item in items if item.key != "*"}
         if drop:
             shard_set.write(idx_name, index_without(samples, drop))
@@ -271,6 +313,9 @@ def repair(root: str, manifest: dict, bad: list[Bad]) -> list[str]:
             chunk = next((c for c in info.get("chunks", []) if c["chunk"] == entry.get("chunk")), None)
             if chunk is not None:
                 chunk["unlabelled"] = chunk.get("unlabelled", 0) - lost_unlabelled
+        for item in items:
+            if item.tar_bytes is not None:  # truncated: what is left is the tar now (--resume rewrites it whole)
+                entry["bytes"] = item.tar_bytes
         dropped = entry["samples"] - kept  # also what an interrupted earlier repair already took out
         entry["samples"] = kept
         info["samples"] -= dropped
@@ -286,9 +331,12 @@ def foreign_files(tars: list[str]) -> int:
 
     count = 0
     for tar in tars:
-        if not s3.is_s3(tar):
-            with tarfile.open(tar, "r:") as archive:
-                count += sum(1 for m in archive if m.isreg() and sample_key(m.name) is None)
+        if not s3.is_s3(tar) and Path(tar).is_file():
+            try:
+                with tarfile.open(tar, "r:") as archive:
+                    count += sum(1 for m in archive if m.isreg() and sample_key(m.name) is None)
+            except (tarfile.TarError, OSError):  # a truncated tar: its samples were checked through the index
+                continue
     return count
 
 
@@ -335,6 +383,10 @@ def main(shards, splits, do_repair, workers, quiet):
         if manifest is None:
             click.echo(f"{len(bad)} bad sample(s): a timm-layout set has no manifest to record a repair in; convert it "
                        f"with shard-imagenet (which rejects such samples), or rewrite the tars without them", err=True)
+            sys.exit(1)
+        unrepairable = next((item for item in bad if UNREPAIRABLE in item.reason), None)
+        if unrepairable is not None:
+            click.echo(f"{shards}/{unrepairable.shard}: {unrepairable.reason}", err=True)
             sys.exit(1)
         if not do_repair:
             click.echo(f"{len(bad)} bad sample(s) remain: drop them with  {repair_command(shards, bad)}", err=True)

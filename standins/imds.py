@@ -64,6 +64,15 @@ def install_notice_hook(env=os.environ, patch=setattr) -> None:
                 notice()
             return finish(self, validate)
         patch(checkpoint.TrainState, "finish_epoch", at_epoch_end)
+    elif phase == "staging":  # as train.py starts staging s3:// data onto the machine's disk
+        import dali_imagenet.data.staging as staging
+
+        stage = staging.stage
+
+        def staging_then_notice(*args, **kwargs):
+            notice()
+            return stage(*args, **kwargs)
+        patch(staging, "stage", staging_then_notice)
     elif phase == "startup":  # while the first DALI pipeline (the validation one) is built, before any step
         build, built = dali_loader.DaliLoader.__init__, []
 
@@ -81,7 +90,10 @@ NOTICE_HOOK = (f"import os, sys\nsys.path.insert(0, {str(Path(__file__).resolve(
 
 
 class StandInIMDS:
-    def __init__(self, lifecycle: str = "spot"):
+    def __init__(self, lifecycle: str = "spot", launched: float | None = None):
+        """`launched`: when EC2 launched the instance (Unix time; the identity document's pendingTime)."""
+        self.launched = time.time() if launched is None else launched
+        self.instance_id = f"i-{os.urandom(9).hex()[:17]}"  # a new machine each time
         self.tokens = {"token-1"}
         self.current = "token-1"
         self.noticed_at = None
@@ -130,7 +142,10 @@ class StandInIMDS:
                 if self.headers.get("X-aws-ec2-metadata-token") not in {imds.current}:
                     return self._send(401)  # IMDSv2 only
                 answers = {"/latest/meta-data/instance-type": "g6.xlarge",
-                           "/latest/meta-data/instance-life-cycle": imds.lifecycle}
+                           "/latest/meta-data/instance-life-cycle": imds.lifecycle,
+                           "/latest/meta-data/placement/region": "us-east-1",
+                           "/latest/meta-data/placement/availability-zone": "us-east-1a",
+                           "/latest/dynamic/instance-identity/document": json.dumps(imds.identity(), indent=2)}
                 if self.path == "/latest/meta-data/spot/instance-action" and imds.noticed_at:
                     return self._send(200, json.dumps({"action": "terminate", "time": RECLAIM_AT}))
                 if self.path in answers:
@@ -141,6 +156,13 @@ class StandInIMDS:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.notice_url = f"{self.url}/control/notice"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def identity(self) -> dict:
+        """The instance identity document, as EC2 writes it (the fields the run reads, and a few more)."""
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.launched))
+        return {"accountId": "123456789012", "architecture": "x86_64", "availabilityZone": "us-east-1a",
+                "imageId": "ami-0123456789abcdef0", "instanceId": self.instance_id, "instanceType": "g6.xlarge",
+                "pendingTime": stamp, "privateIp": "10.0.0.12", "region": "us-east-1", "version": "2017-09-30"}
 
     def notice(self) -> None:
         self.noticed_at = self.noticed_at or time.time()

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -20,7 +23,7 @@ def test_bench_smoke_writes_records_table_and_chart(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]
     stages = {r["stage"] for r in records}
-    assert stages == {"limit", "loader", "step", "end-to-end", "s3"}
+    assert stages == {"limit", "loader", "step", "end-to-end", "s3", "serve"}
     for record in records:
         assert "error" not in record, record
         assert (
@@ -49,6 +52,12 @@ def test_bench_smoke_writes_records_table_and_chart(tmp_path):
     )
     assert all(s3[(ms, "staged,")]["staging_mb_per_s"] > 0 for ms in (0, 10))
     assert "| S3 latency | read |" in result.stdout
+    # serve.py over HTTP, batching off and on at 1 and 4 clients: answers came, and on shared passes at 4
+    served = {(r["batching"], r["clients"]): r for r in records if r["stage"] == "serve"}
+    assert set(served) == {(False, 1), (False, 4), (True, 1), (True, 4)}
+    assert all(0 < r["p50_ms"] <= r["p99_ms"] for r in served.values())
+    assert served[(False, 4)]["mean_batch"] == 1 and served[(True, 4)]["mean_batch"] > 1
+    assert "| model | batching | clients |" in result.stdout
 
 
 def test_gpu_check_runs_in_smoke_mode_on_cpu(tmp_path):
@@ -67,8 +76,9 @@ def test_gpu_check_runs_in_smoke_mode_on_cpu(tmp_path):
     assert sum((out / p).stat().st_size for p in files) < 1_000_000
     assert not work.exists()  # the work folder goes at the end (--keep keeps it)
     rows = json.loads((out / "gpu_check.json").read_text())["rows"]
-    assert {r["section"] for r in rows} == {"setup", "train.py", "cuda_graph memory", "pytest -m gpu", "loader", "step",
-                                            "loader -> step", "eager/graph", "total"}
+    assert {r["section"] for r in rows} == {"setup", "train.py", "memory", "L4 host", "cuda_graph memory",
+                                            "pytest -m gpu", "loader", "step", "loader -> step", "eager/graph", "serve",
+                                            "total"}
     assert all("seconds" in r for r in rows if r["section"] not in ("train.py",) or "straight vs" in r["what"])
     assert not [r for r in rows if "error" in r], [r for r in rows if "error" in r]
     measured = [r for r in rows if r["section"] in ("loader", "step", "loader -> step") and "result" not in r]
@@ -77,6 +87,15 @@ def test_gpu_check_runs_in_smoke_mode_on_cpu(tmp_path):
     assert [r.get("result") for r in rows if r["section"] in ("cuda_graph memory", "pytest -m gpu")] == [
         "needs a GPU"
     ] * 2
+    assert [r["result"] for r in rows if r["section"] == "memory"] == ["needs a GPU (nvidia-smi, NVML)"]
+    host = [r for r in rows if r["section"] == "L4 host"]
+    assert "cores" in host[0]["result"]  # what the machine had: cores, SMT siblings or none
+    fed = [r for r in host if r["what"].startswith("loader -> l4-16h step")]
+    assert sorted((r["image_size"], r["threads"], r["hybrid_huffman_threshold"]) for r in fed) == sorted(
+        (size, threads, threshold) for size in (32, 48) for threads in (2, 1) for threshold in (1_000_000, 0))
+    assert all(r["images_per_s"] > 0 and 0 <= r["data_wait"] <= 1 for r in fed)
+    assert len([r for r in host if r["what"].startswith("l4-16h step alone")]) == 2
+    assert host[-1]["what"] == "verdict (2 loader threads)" and "48 px: loader" in host[-1]["result"]
     assert [r["result"] for r in rows if r["section"] == "loader" and "images_per_s" not in r] == ["needs a GPU"]
     sizes = [r for r in rows if r["section"] == "train.py" and "epoch" in r["what"]]
     assert [r["image_size"] for r in sizes] == [32, 48, 48] and [r["new_size"] for r in sizes] == [True, True, False]
@@ -86,6 +105,68 @@ def test_gpu_check_runs_in_smoke_mode_on_cpu(tmp_path):
     assert "| train.py | l4-16h: straight vs stopped at step" in result.stdout
     assert (out / "gpu_check.md").read_text().startswith("gpu_check on CPU")
     assert "[train.py]" in (out / "gpu_check.log").read_text()
+    served = [r for r in rows if r["section"] == "serve"]  # --smoke: the demo model, 1 and 4 clients, off and on
+    assert sorted(r["what"] for r in served) == sorted(f"demo, {c} clients, {b}" for c in (1, 4)
+                                                       for b in ("no batching", "batching ≤ 4"))
+    assert all(r["images_per_s"] > 0 for r in served)
+
+
+def test_gpu_check_stopped_half_way_keeps_the_rows_it_finished(tmp_path):
+    """SIGTERM (a `timeout`, a machine taken back) once the first train.py run is done and the next
+    is under way: gpu_check.json and gpu_check.md are whole, hold every row finished so far and
+    say where it stopped; the train.py run in flight is stopped with it; exit 1."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    process = subprocess.Popen([sys.executable, "-m", "benchmarks.gpu_check", "--smoke", "--device", "cpu", "--work",
+                                str(work)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "OUT": str(out)})
+    deadline = time.monotonic() + 300
+    rows = []
+    while time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.5)
+        if (out / "gpu_check.json").exists():  # whole at any moment: written to a temporary name, then renamed
+            rows = json.loads((out / "gpu_check.json").read_text())["rows"]
+        if any(r["section"] == "memory" for r in rows):  # the straight run finished: the split run starts now
+            break
+    assert process.poll() is None, process.stdout.read()[-3000:]
+    time.sleep(3)
+    in_flight = [p for p in _children(process.pid) if "train.py" in p]
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 1, output[-3000:]
+    rows = json.loads((out / "gpu_check.json").read_text())["rows"]
+    sections = [r["section"] for r in rows]
+    assert sections[:2] == ["setup", "memory"] and sections[-2:] == ["stopped", "total"], sections
+    assert "SIGTERM" in rows[-2]["what"] and rows[-2]["stopped"] is True
+    assert "L4 host" not in sections and "loader" not in sections  # the sections after it did not run
+    table = (out / "gpu_check.md").read_text().splitlines()
+    assert len([line for line in table if line.startswith("| ") and not line.startswith("| section")
+                and not line.startswith("| ---")]) == len(rows)
+    assert "| stopped | SIGTERM after" in (out / "gpu_check.md").read_text()
+    assert in_flight and not [p for p in _children(process.pid) if "train.py" in p]
+    assert not [line for line in _all_commands() if str(work) in line and "train.py" in line]  # stopped with it
+    assert not work.exists()
+
+
+def _children(pid: int) -> list[str]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found.append((stat.parent / "cmdline").read_text().replace("\0", " "))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def _all_commands() -> list[str]:
+    commands = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            commands.append(cmdline.read_text().replace("\0", " "))
+        except OSError:
+            continue
+    return commands
 
 
 def test_the_resume_verdict_is_exact_for_deterministic_eager_and_bounded_otherwise():
@@ -169,3 +250,17 @@ def test_hub_benchmark_smoke_compares_hub_and_local_on_an_imagefolder_tree(tmp_p
     assert hub["peak_scratch_mb"] < 0.1  # nothing of the source lands on disk
     assert list((tmp_path / "work" / "hub-parquet-photos" / "data").glob("train-*.parquet"))
     assert "Hub / local:" in result.stdout
+
+
+def test_reencode_benchmark_compares_the_three_sets(sample_dir, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "benchmarks.reencode", "--source", str(sample_dir), "--split",
+                             "validation", "--max-side", "256", "--quality", "80", "--threads", "1", "--repeats", "2",
+                             "--work", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(result.stdout.strip().splitlines()[-1])["rows"]
+    assert [r["set"] for r in rows] == ["originals", "--max-side 256", "--reencode --max-side 256 --quality 80"]
+    assert rows[0]["max_side_px"] > 256 >= rows[1]["max_side_px"] and rows[2]["max_side_px"] <= 256
+    assert rows[2]["bytes_per_image"] < rows[0]["bytes_per_image"]  # the sample's ~100 KB images, at 256 px
+    assert all(r["images"] == rows[0]["images"] and r["decode"]["images_per_s"] > 0
+               and r["decode"]["cpu_ms_per_image_min"] > 0 for r in rows)
+    assert "| --reencode --max-side 256 --quality 80 |" in result.stdout

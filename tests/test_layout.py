@@ -15,7 +15,7 @@ from dali_imagenet.errors import DaliImagenetError, Interrupted
 LIBRARY = REPO / "dali_imagenet"
 # Lowest first: a module may import its own layer's and lower layers' modules, never a higher one's.
 LAYERS = ("shared", "data", "training", "run", "inference", "report", "sharing")
-SHARED = {"errors", "s3", "retry", "seeding", "distributed"}  # the top level, beside config
+SHARED = {"errors", "s3", "retry", "seeding", "distributed", "cuda_check"}  # the top level, beside config
 # config.py describes a whole run, so it knows the layers' defaults (data's, training's): it sits
 # above them; the layers take explicit arguments and never need it, but the recipe, which builds a
 # run's training from a config, does. So: config may import data and training, never run or report.
@@ -181,3 +181,25 @@ def test_the_wheel_holds_the_product_and_nothing_else(tmp_path):
     assert {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")} == {
         "dali_imagenet", "shard_tools"}
     assert "dali_imagenet/data/imagenet1k_classes.tsv" in names and "dali_imagenet/sharing/hub.py" in names
+
+
+def test_make_lint_refuses_an_api_newer_than_the_python_floor(tmp_path):
+    """`make lint` (CI runs it) checks the code against setup.cfg's python_requires floor with
+    vermin: the tests run on one newer Python and cannot see a 3.11-only call such as datetime.UTC,
+    which spot.py once made at every reclaim on the cloud image's 3.10. The product passes it; a
+    file with that call fails it, naming the call; the 3.10 spelling passes."""
+    import subprocess
+
+    def lint(*args) -> subprocess.CompletedProcess:  # -o install: the venv as it is (no reinstall)
+        return subprocess.run(["make", "-s", "-o", "install", "lint", *args], cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
+
+    assert "python_requires = >=3.10," in (REPO / "setup.cfg").read_text()
+    product = lint()
+    assert product.returncode == 0, product.stdout + product.stderr
+    newer, older = tmp_path / "newer.py", tmp_path / "older.py"
+    newer.write_text("import datetime\n\nstamp = datetime.datetime.now(datetime.UTC)\n")
+    older.write_text("import datetime\n\nstamp = datetime.datetime.now(datetime.timezone.utc)\n")
+    refused = lint(f"FLOOR_CHECKED={newer}")
+    assert refused.returncode != 0 and "'datetime.UTC' member requires !2, 3.11" in refused.stdout, refused.stdout
+    assert lint(f"FLOOR_CHECKED={older}").returncode == 0

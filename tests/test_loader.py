@@ -274,9 +274,12 @@ def test_corrupt_jpeg_is_named_not_a_hang(sample_shards, tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("split", ["train", "validation"])
-def test_gpu_mixed_decoding(sample_shards, split):
-    loader = make_loader(sample_shards, split, 16, device="cuda", image_size=SIZE)
+@pytest.mark.parametrize("split, decoding", [("train", {}), ("validation", {}),
+                                             ("validation", {"hw_decoder_load": 0.0, "hybrid_huffman_threshold": 0})])
+def test_gpu_mixed_decoding(sample_shards, split, decoding):
+    """The hybrid path with every image on nvJPEG's GPU-assisted Huffman decoder (the L4 host's
+    other setting) decodes the same images too."""
+    loader = make_loader(sample_shards, split, 16, device="cuda", image_size=SIZE, **decoding)
     images, labels = next(iter(loader))
     assert images.is_cuda and labels.is_cuda and images.dtype == torch.float16
     assert images.is_contiguous(memory_format=torch.channels_last)

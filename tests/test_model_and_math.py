@@ -372,14 +372,85 @@ def test_data_cost_prices_requests_and_bytes_moved_across_regions_only():
     assert unknown["cross_region_gb"] == 0 and unknown["dollars"] == pytest.approx(0.004 + 0.01)
     streamed = data_cost({"get": 0, "put": 0, "buckets": {}}, instance_region=None, streamed_gets=1_000_000, **prices)
     assert streamed["dollars"] == pytest.approx(0.4)
-    run = cost(3600, gpus=1, machines=1, price_per_hour=0.8, spot_price_per_hour=0, lifecycle=None, data=here)
+    run = cost([launch(3600)], gpus=1, lifecycle=None, data=here)
     assert run["total_dollars"] == pytest.approx(0.8 + here["dollars"]) and run["dollars"] == pytest.approx(0.8)
     assert describe_cost(run).endswith("; S3 $2.95 (10,000 GETs, 2,000 PUTs, 147.00 GB in, 147.00 GB across regions)")
-    quiet = cost(60, gpus=0, machines=1, price_per_hour=0.8, spot_price_per_hour=0, lifecycle=None,
+    quiet = cost([launch(60)], gpus=0, lifecycle=None,
                  data=data_cost({"get": 0, "put": 0, "buckets": {}}, instance_region=None, **prices))
     assert "S3" not in describe_cost(quiet)  # a run that never touched S3 says nothing of it
-    assert "(est.)" in describe_cost(cost(60, gpus=0, machines=1, price_per_hour=0.8, spot_price_per_hour=0,
-                                          lifecycle=None, data=streamed))
+    assert "(est.)" in describe_cost(cost([launch(60)], gpus=0, lifecycle=None, data=streamed))
+
+
+def launch(seconds: float, *, price: float = 0.8, training: float | None = None) -> dict:
+    """One launch's record as `LaunchClock.record` writes it, all training unless said."""
+    from dali_imagenet.run.launches import LaunchClock
+
+    clock = LaunchClock(started=1000.0)
+    clock.enter("training", 1000.0 + seconds - (seconds if training is None else training))
+    return clock.record(exit_code=0, reason=None, machines=1, price=(price, "test"), on_demand_per_hour=0.8,
+                        now=1000.0 + seconds)
+
+
+def test_the_cost_of_a_run_sums_its_launches_each_at_its_own_price():
+    """Three launches (two reclaimed on spot): hours, dollars and the time outside training summed
+    over all of them, each launch at the price it ran at, on demand beside it."""
+    from dali_imagenet.run.metrics import cost, describe_cost
+
+    launches = [launch(1800, price=0.3, training=600), launch(3600, price=0.4, training=2400), launch(1800, price=0.5)]
+    run = cost(launches, gpus=1, lifecycle="spot")
+    assert run["launches"] == 3 and run["wall_hours"] == pytest.approx(2.0)
+    assert run["overhead_hours"] == pytest.approx((1200 + 1200) / 3600)
+    assert run["phases_s"]["start"] == pytest.approx(2400) and run["phases_s"]["training"] == pytest.approx(4800)
+    assert run["dollars"] == pytest.approx(0.5 * 0.3 + 1.0 * 0.4 + 0.5 * 0.5)
+    assert run["on_demand_dollars"] == pytest.approx(2.0 * 0.8)
+    assert describe_cost(run) == ("2.00 h (2.00 GPU-h), $0.80 on spot ($1.60 on demand); 3 launches, "
+                                  "40.0 min outside training")
+
+
+def test_a_launch_is_billed_from_the_instances_launch_or_from_an_earlier_launch_on_the_same_machine():
+    """EC2 bills from the instance's launch: provisioning up to setup's start, setup, then on to the
+    process; a second launch on a machine the run used already counts only from that launch's end."""
+    from dali_imagenet.run.launches import LaunchClock
+
+    clock = LaunchClock(started=1000.0)
+    clock.on_machine({"pending_time": 700.0, "instance_id": "i-1"}, {"started": 800.0, "ended": 950.0})
+    assert clock.before_start() == {"provisioning": 100.0, "setup": 150.0, "start": 50.0}
+    clock.earlier = [{"instance": {"instance_id": "i-2"}, "ended_at": "1970-01-01T00:13:00Z"}]  # another machine
+    assert clock.before_start()["provisioning"] == 100.0
+    clock.earlier.append({"instance": {"instance_id": "i-1"}, "ended_at": "1970-01-01T00:13:00Z"})  # this one, to 780 s
+    assert clock.before_start() == {"provisioning": 20.0, "setup": 150.0, "start": 50.0}
+    clock.enter("training", 1100.0)
+    record = clock.record(exit_code=0, reason=None, machines=1, price=(0.36, "test"), on_demand_per_hour=0.8,
+                          now=1160.0)
+    assert record["phases_s"]["start"] == 150.0 and record["phases_s"]["training"] == 60.0
+    assert record["seconds"] == 380.0 and record["overhead_s"] == 320.0 and record["launch"] == 3
+    assert record["started_at"] == "1970-01-01T00:13:00.0Z" and record["dollars"] == pytest.approx(380 / 3600 * 0.36)
+    off_ec2 = LaunchClock(started=1000.0)
+    off_ec2.on_machine({}, None)
+    assert off_ec2.before_start() == {}
+
+
+def test_spot_price_is_the_time_weighted_price_ec2_charged_else_the_configs_else_on_demand():
+    from dali_imagenet.run.launches import average_price, machine_price
+
+    # 0.30 from before the launch until t=400, then 0.60: a launch over [100, 700) paid 0.45 an hour on average
+    assert average_price([(0, 0.30), (400, 0.60), (900, 0.90)], 100, 700) == pytest.approx(0.45)
+    assert average_price([(0, 0.30)], 100, 700) == pytest.approx(0.30)
+    assert average_price([(800, 0.30)], 100, 700) is None  # no price in effect during the launch
+    spot = {"lifecycle": "spot", "instance_type": "g6.xlarge", "zone": "us-east-1a", "region": "us-east-1"}
+    prices = dict(price_per_hour=0.8048, spot_price_per_hour=0.35)
+    assert machine_price(spot, (100, 700), history=lambda *a: 0.41, **prices) == (
+        0.41, "EC2 spot price history (g6.xlarge, us-east-1a)")
+
+    def refused(*args):
+        raise PermissionError("UnauthorizedOperation: not allowed to ec2:DescribeSpotPriceHistory")
+
+    price, source = machine_price(spot, (100, 700), history=refused, **prices)
+    assert price == 0.35 and source.startswith("spot_price_per_hour (config; ") and "UnauthorizedOperation" in source
+    price, source = machine_price(spot, (100, 700), history=refused, price_per_hour=0.8048, spot_price_per_hour=0)
+    assert price == 0.8048 and source.startswith("price_per_hour (on demand: no spot price known")
+    assert machine_price({"lifecycle": "on-demand"}, (100, 700), history=refused, **prices) == (
+        0.8048, "price_per_hour (on demand)")
 
 
 def test_a_plain_state_dict_of_a_narrow_resnet_loads_at_its_width(trained_run):

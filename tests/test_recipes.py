@@ -100,8 +100,9 @@ def test_plan_smoke_on_cpu(sample_shards, tmp_path):
             out,
             "--spot-price-per-hour",
             "0.3",
-            "--launches",
-            "3",
+            "--reclaims",
+            "0",
+            "2",
             "--cross-region",
             *[
                 f"--set={item}"
@@ -124,17 +125,27 @@ def test_plan_smoke_on_cpu(sample_shards, tmp_path):
     rows = plan["phases"]
     assert [r["image_size"] for r in rows[:2]] == [32, 64] and [r["epochs"] for r in rows[:2]] == [32, 8]
     assert rows[2]["phase"] == "validation x 10" and rows[3]["phase"].startswith("warm-up")
-    # three launches at a g6.xlarge's 2.5 Gbit/s, across regions: each waits for what its first step reads, not
-    # ImageNet's 147 GB (7.8 min): ~6 GB at the start, a relaunch half-way through an epoch ~70 GB more
+    assert rows[4]["phase"] == "provisioning + setup" and rows[4]["hours"] == pytest.approx((3.5 + 2) / 60)
+    # each launch waits for what its first step reads, not ImageNet's 147 GB (7.8 min at a g6.xlarge's 2.5 Gbit/s):
+    # ~6 GB at the start, a relaunch half-way through an epoch ~70 GB more
     cfg = load_config(str(REPO / "configs" / "l4-16h.yaml"), ["batch_size=4"])
     start, relaunch = (planner.first_step_gb(cfg, 147, 1_281_167, 50_000, epoch_done=done) for done in (0, 0.5))
     assert 5 < start < 8 and 70 < relaunch - start < 72
-    assert rows[4]["phase"] == "staging to the first step x 3 launch(es)"
-    assert rows[4]["hours"] == pytest.approx((start + 2 * relaunch) * 8 / 2.5 / 3600)
+    assert rows[5]["phase"] == "staging to the first step"
+    assert rows[5]["hours"] == pytest.approx(start * 8 / 2.5 / 3600)  # the link bounds it (the CPUs: 1.6 GB/s)
+    assert planner.measured_s3()["gets_per_sample"] == pytest.approx(2.80625)  # docs/results/s3.jsonl
+    none, two = plan["reclaims"]
+    relaunch_h = none["relaunch_min"] / 60  # a new machine: provisioning, setup, staging, compile, EC2's notice
+    assert relaunch_h == pytest.approx((3.5 + 2 + 2) / 60 + relaunch * 8 / 2.5 / 3600
+                                       + plan["launch"]["compile_min"] / 60)
+    assert none["total_hours"] == pytest.approx(sum(r["hours"] for r in rows))
+    assert two["total_hours"] == pytest.approx(none["total_hours"] + 2 * relaunch_h)
+    assert two["overhead_hours"] - none["overhead_hours"] == pytest.approx(2 * relaunch_h)
+    assert none["data"]["cross_region_gb"] == 147 and two["data"]["cross_region_gb"] == 3 * 147  # each stages again
     data = plan["data"]
-    assert data["cross_region_gb"] == 3 * 147 and data["dollars"] > 3 * 147 * 0.02
-    assert data["streamed_gets"] == 2 * (40 * 1_281_167 + 10 * 50_000)  # l4-16h: 40 epochs, 10 validations
+    assert data["streamed_gets"] == round(2.80625 * (40 * 1_281_167 + 10 * 50_000))  # l4-16h: 40 epochs, 10 vals
     assert plan["total_dollars"] == pytest.approx(plan["dollars"] + data["dollars"])
+    assert two["spot_dollars"] == pytest.approx(two["total_hours"] * 0.3)
     assert all(r["step_images_per_s"] > 0 and r["loader_images_per_s"] > 0 for r in rows[:3])
     for row in rows[:2]:  # hours: the epochs at the slower of step and loader
         rate = min(row["step_images_per_s"], row["loader_images_per_s"])
@@ -143,3 +154,15 @@ def test_plan_smoke_on_cpu(sample_shards, tmp_path):
     assert plan["dollars"] == pytest.approx(plan["total_hours"] * plan["price_per_hour"])
     assert plan["spot_dollars"] == pytest.approx(plan["total_hours"] * 0.3)
     assert "| epochs 1-32 | 32 | 32 |" in result.stdout and "on demand" in result.stdout
+    assert f"| 2 | {two['total_hours']:.2f} | {two['overhead_hours']:.2f} |" in result.stdout
+
+
+def test_an_interruption_rate_is_expected_reclaims_over_a_run_each_relaunch_makes_longer():
+    from benchmarks.plan import relaunches
+
+    # 0.05 reclaims an hour over a 16 h run whose relaunches take 0.4 h each: r = 0.05 * (16 + 0.4 r)
+    (expected,) = relaunches(16.0, 0.4, reclaims=[0], rate=0.05)
+    assert expected == pytest.approx(0.05 * (16 + 0.4 * expected)) and expected == pytest.approx(0.8 / 0.98)
+    assert relaunches(16.0, 0.4, reclaims=[0, 2, 4], rate=None) == [0, 2, 4]
+    with pytest.raises(ValueError, match="never ends"):
+        relaunches(16.0, 0.5, reclaims=[0], rate=2.0)

@@ -269,6 +269,11 @@ def test_an_index_of_runs_local_and_on_s3(demo_run, browser, s3_bucket, tmp_path
     rows = {r.find_elements(By.TAG_NAME, "td")[0].text.split()[0]: r.text
             for r in browser.find_elements(By.CSS_SELECTOR, "table.runs tbody tr")}
     assert sorted(rows) == ["finished", "under-way"]
+    headers = [th.text for th in browser.find_elements(By.CSS_SELECTOR, "table.runs th")]
+    finished = next(r for r in browser.find_elements(By.CSS_SELECTOR, "table.runs tbody tr")
+                    if r.find_elements(By.TAG_NAME, "td")[0].text.split()[0] == "finished")
+    cells = dict(zip(headers, (td.text for td in finished.find_elements(By.TAG_NAME, "td"))))
+    assert cells["launches"] == "1" and float(cells["outside training min"]) > 0  # one launch, its start-up at least
     assert "complete" in rows["finished"] and "running" in rows["under-way"] and "no page yet" in rows["under-way"]
     final = [r for r in records(demo_run) if "val_top1" in r][-1]
     assert f"{final['val_top1']:.2f}" in rows["finished"] and "3 / 3" in rows["finished"]

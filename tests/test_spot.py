@@ -44,7 +44,9 @@ def test_imds_off_or_absent_costs_at_most_a_short_timeout(monkeypatch):
 
 def test_imdsv2_token_is_required_and_refreshed(imds):
     client = spot.probe(imds.url)
-    assert client is not None and client.instance() == {"instance_type": "g6.xlarge", "lifecycle": "spot"}
+    assert client is not None and client.instance() == {  # when EC2 launched it: the identity document's pendingTime
+        "instance_type": "g6.xlarge", "lifecycle": "spot", "region": "us-east-1", "zone": "us-east-1a",
+        "instance_id": imds.instance_id, "pending_time": float(int(imds.launched))}
     imds.rotate()  # the old token is refused (401): the client fetches a new one and retries
     assert client.get("spot/instance-action") == (404, "")
     assert imds.requests.count("PUT /latest/api/token") == 2
@@ -157,6 +159,9 @@ def test_a_notice_at_any_moment_exits_75_with_the_checkpoint_in_s3_and_a_new_mac
     assert s3_records(s3_bucket, f"runs/{phase}/metrics.jsonl")[-1] == closing  # the closing record is in S3 too
     print(f"{phase}: notice -> exit 75 with the checkpoint in S3: {seconds:.1f} s (step {step})")
     relaunch_ends_as_the_straight_run(sample_shards, straight_run, url, tmp_path / "second")
+    launches = records(tmp_path / "second")[-1]["launches"]  # the reclaimed launch and the relaunch, each priced
+    assert [(x["exit_code"], x["instance"].get("lifecycle")) for x in launches] == [(75, "spot"), (0, None)]
+    assert launches[0]["phases_s"]["training"] > 0 and launches[1]["phases_s"]["resume"] > 0
     history = s3_records(s3_bucket, f"runs/{phase}/metrics.jsonl")
     events = [r["event"] for r in history if r.get("event") not in (None, "note")]
     assert events == ["started", "stopped", "started", "resumed", "finished"]
@@ -184,6 +189,8 @@ def test_a_notice_at_start_up_exits_75_before_any_step_and_the_relaunch_starts_c
     print(f"startup: notice -> exit 75: {seconds:.1f} s (nothing trained)")
     relaunch_ends_as_the_straight_run(sample_shards, straight_run, url, tmp_path / "second")
     assert s3_checkpoint(s3_bucket, "runs/startup/last.pt")["state"]["step"] == 12
+    launches = records(tmp_path / "second")[-1]["launches"]
+    assert [x["exit_code"] for x in launches] == [75, 0] and launches[0]["phases_s"]["training"] == 0
 
 
 @pytest.mark.slow

@@ -150,3 +150,19 @@ def test_cuda_graph_step_matches_eager():
         (graph_losses, eager_losses)
     for a, b in zip(eager.ema.module.parameters(), graphed.ema.module.parameters()):
         assert torch.allclose(a, b, rtol=0.05, atol=0.02)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_ramp_160_to_192_recaptures_into_a_fresh_pool():
+    """The l4-16h ramp's sizes, with the 160 px loss still held (as the train loop holds its last
+    loss) when the 192 px graph is captured: no allocator error, a new pool, finite losses."""
+    graphed = make_step(GraphedTrainStep, "cuda", "bfloat16")
+    losses, pools = [], []
+    for i, ((x, y), size) in enumerate(zip(batches("cuda", 12), [160] * 6 + [192] * 6)):
+        x = torch.nn.functional.interpolate(x.float(), size=size).contiguous(memory_format=torch.channels_last)
+        losses.append(graphed(x, y, step=i, lr=0.05))  # the graphs' output buffers kept alive
+        pools.append(graphed.pool)
+    torch.cuda.synchronize()
+    assert list(graphed.graphs) == [(8, 3, 192, 192)]
+    assert pools[5] is not None and pools[-1] is not None and pools[-1] != pools[5]
+    assert all(torch.isfinite(loss) for loss in losses[-3:])

@@ -96,7 +96,8 @@ class TorchvisionLoader(EpochPosition):
                  world_size: int, batches: int, seed: int, dtype: torch.dtype, train: bool, threads: int,
                  shuffle_buffer: int, crop_fraction: float, crop_min_area: float, resume: dict | None,
                  hw_decoder_load: float, normalization=None, interrupt=None,  # hw_decoder_load: DALI's, not ours
-                 interpolation: str = "bilinear", crop_mode: str = "center", landing=None):
+                 interpolation: str = "bilinear", crop_mode: str = "center", hybrid_huffman_threshold: int,  # DALI's
+                 landing=None):
         if any(s3.is_s3(t) for t in shards.tars):
             raise ShardError("the torchvision baseline reads local shards only; use the DALI loader for s3://")
         super().__init__(shards, batch_size, batches, train, resume)

@@ -40,7 +40,7 @@ class DaliLoader(EpochPosition):
                  world_size: int, batches: int, seed: int, dtype: torch.dtype, train: bool, threads: int,
                  shuffle_buffer: int, crop_fraction: float, crop_min_area: float, resume: dict | None,
                  hw_decoder_load: float, normalization=None, interrupt=None, interpolation: str = "bilinear",
-                 crop_mode: str = "center", landing=None):
+                 crop_mode: str = "center", hybrid_huffman_threshold: int, landing=None):
         from nvidia.dali import types
         from nvidia.dali.plugin.base_iterator import LastBatchPolicy
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
@@ -74,6 +74,7 @@ class DaliLoader(EpochPosition):
             normalization=normalization,
             interpolation=interpolation,
             crop_mode=crop_mode,
+            hybrid_huffman_threshold=hybrid_huffman_threshold,
             batch_size=batch_size,
             num_threads=threads,
             device_id=device.index if on_gpu else None,

@@ -20,6 +20,7 @@ from dali_imagenet.data.preprocess import (
     CROP_FRACTION,
     CROP_MODES,
     HW_DECODER_LOAD,
+    HYBRID_HUFFMAN_THRESHOLD,
     INTERPOLATIONS,
     TRAIN_CROP_MIN_AREA,
 )
@@ -53,7 +54,8 @@ def make_loader(data, split: str, batch_size: int, *, device: str | torch.device
                 crop_min_area: float = TRAIN_CROP_MIN_AREA, cache_dir=None, resume: dict | None = None,
                 hw_decoder_load: float = HW_DECODER_LOAD, normalization=None,
                 interrupt: Callable[[int], None] | None = None, interpolation: str = "bilinear",
-                crop_mode: str = "center", landing=None) -> Loader:
+                crop_mode: str = "center", hybrid_huffman_threshold: int = HYBRID_HUFFMAN_THRESHOLD,
+                landing=None) -> Loader:
     """`data`: a shard folder, `s3://` prefix or timm-layout folder, or the `SplitShards` of one.
     `train` defaults to `split == "train"` (random crops, flips, shuffling, dropped last batch).
 
@@ -64,6 +66,7 @@ def make_loader(data, split: str, batch_size: int, *, device: str | torch.device
     replays them, calling `interrupt(batch)` before each replayed batch (it may raise to stop: a
     replay decodes without training). `dtype` defaults to float16 on a GPU and float32 on a CPU (the fastest there).
     `hw_decoder_load`: DALI on a GPU, the share of JPEGs for the hardware decoder (0: nvJPEG's hybrid path).
+    `hybrid_huffman_threshold`: DALI on a GPU, px above which nvJPEG's GPU-assisted Huffman decoder is used.
     `normalization`: (mean, std) on 0-1 pixel values, the model's (default ImageNet's).
     `interpolation`, `crop_mode`: the val resize's filter and crop (`preprocess`), the model's.
     `landing`: while the tars are being staged (`staging.Landing`), what the loader waits on before
@@ -95,7 +98,8 @@ def make_loader(data, split: str, batch_size: int, *, device: str | torch.device
                    shuffle_buffer=max(1, min(shuffle_buffer, shards.samples // world_size)),
                    crop_fraction=crop_fraction, crop_min_area=crop_min_area, resume=resume,
                    hw_decoder_load=hw_decoder_load, normalization=normalization, interrupt=interrupt,
-                   interpolation=interpolation, crop_mode=crop_mode, landing=landing)
+                   interpolation=interpolation, crop_mode=crop_mode, hybrid_huffman_threshold=hybrid_huffman_threshold,
+                   landing=landing)
     if backend == "torchvision":
         from dali_imagenet.data.baseline import TorchvisionLoader  # torchvision and webdataset: only when asked for
 

@@ -13,6 +13,7 @@ from nvidia.dali import fn, pipeline_def, types
 from dali_imagenet.data.preprocess import (
     CROP_FRACTION,
     HW_DECODER_LOAD,
+    HYBRID_HUFFMAN_THRESHOLD,
     TRAIN_CROP_ASPECT,
     TRAIN_CROP_MIN_AREA,
     pixel_mean_std,
@@ -38,7 +39,7 @@ DALI_INTERPOLATION = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_C
 def decode_and_augment(jpegs, *, device: str, train: bool, image_size: int, dtype,
                        crop_fraction: float = CROP_FRACTION, crop_min_area: float = TRAIN_CROP_MIN_AREA,
                        hw_decoder_load: float = HW_DECODER_LOAD, normalization=None, interpolation: str = "bilinear",
-                       crop_mode: str = "center"):
+                       crop_mode: str = "center", hybrid_huffman_threshold: int = HYBRID_HUFFMAN_THRESHOLD):
     """JPEG bytes -> normalised `image_size`² HWC images of `dtype`, on `device` ("cpu" | "gpu").
 
     `preprocess`'s recipe: train crops are decoded as a ROI (only the crop's region), val images
@@ -47,7 +48,8 @@ def decode_and_augment(jpegs, *, device: str, train: bool, image_size: int, dtyp
     PyTorch as NHWC memory, which *is* an NCHW tensor in channels_last format, with no transpose copy.
     """
     decoder_device = "mixed" if device == "gpu" else "cpu"
-    hints = {**GPU_DECODER_HINTS, "hw_decoder_load": hw_decoder_load} if device == "gpu" else {}
+    hints = ({**GPU_DECODER_HINTS, "hw_decoder_load": hw_decoder_load,
+              "hybrid_huffman_threshold": hybrid_huffman_threshold} if device == "gpu" else {})
     if train:
         images = fn.decoders.image_random_crop(
             jpegs, device=decoder_device, output_type=types.RGB,
@@ -119,7 +121,8 @@ def label_from_ascii(cls):
 @pipeline_def
 def imagenet_pipeline(tars, indices, *, device, train, image_size, dtype, shard_id, num_shards, shuffle_buffer,
                       crop_fraction=CROP_FRACTION, crop_min_area=TRAIN_CROP_MIN_AREA, hw_decoder_load=HW_DECODER_LOAD,
-                      normalization=None, interpolation="bilinear", crop_mode="center"):
+                      normalization=None, interpolation="bilinear", crop_mode="center",
+                      hybrid_huffman_threshold=HYBRID_HUFFMAN_THRESHOLD):
     jpegs, cls = fn.readers.webdataset(
         paths=tars, index_paths=indices, ext=["jpg", "cls"], missing_component_behavior="error",
         random_shuffle=train, initial_fill=shuffle_buffer, shard_id=shard_id, num_shards=num_shards,
@@ -129,6 +132,7 @@ def imagenet_pipeline(tars, indices, *, device, train, image_size, dtype, shard_
     images = decode_and_augment(jpegs, device=device, train=train, image_size=image_size, dtype=dtype,
                                 crop_fraction=crop_fraction, crop_min_area=crop_min_area,
                                 hw_decoder_load=hw_decoder_load, normalization=normalization,
-                                interpolation=interpolation, crop_mode=crop_mode)
+                                interpolation=interpolation, crop_mode=crop_mode,
+                                hybrid_huffman_threshold=hybrid_huffman_threshold)
     labels = label_from_ascii(cls)
     return images, (labels.gpu() if device == "gpu" else labels)

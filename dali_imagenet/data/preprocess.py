@@ -26,6 +26,12 @@ TRAIN_CROP_ASPECT = (3 / 4, 4 / 3)
 # docs do not name the L4); the rest take nvJPEG's hybrid path (Huffman decoding on the CPU
 # threads, the rest in CUDA). A card without one falls back to the hybrid path; 0 forces it.
 HW_DECODER_LOAD = 0.7
+# nvJPEG's hybrid path: JPEGs of more pixels than this take its GPU-assisted Huffman decoder,
+# smaller ones the host Huffman decoder on the loader's CPU threads. DALI's default (1 Mpx) gives
+# every ImageNet image (~0.1-0.2 Mpx) to the host decoder; 0 gives every one to the GPU-assisted
+# one, which DALI's docs say "still largely uses the CPU": whether it frees a 4-vCPU host is measured
+# (benchmarks.gpu_check's "L4 host" rows), not assumed.
+HYBRID_HUFFMAN_THRESHOLD = 1_000_000  # px
 
 
 def pixel_mean_std(normalization=None) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -19,7 +19,7 @@ import json
 import os
 import tarfile
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from dali_imagenet.errors import DaliImagenetError
 
@@ -243,6 +243,13 @@ def parse_manifest(text: str | bytes, where: str) -> dict:
         raise FormatError(f"{where}: the conversion did not finish (run shard-imagenet again with --resume)")
     if not manifest.get("classes"):
         raise FormatError(f"{where}: no class names (the source had no ClassLabel metadata)")
+    for split, info in manifest["splits"].items():
+        for shard in info.get("shards", []) if isinstance(info, dict) else ():
+            name = str(shard.get("name", "")) if isinstance(shard, dict) else ""
+            parts = PurePosixPath(name).parts
+            if not name.endswith(".tar") or name.startswith("/") or ".." in parts or "\\" in name:
+                # readers open these and a repair rewrites their indices: only files under the set's own folder
+                raise FormatError(f"{where}: split {split!r} names shard {name!r}, not a .tar under the set's folder")
     return manifest
 
 

@@ -124,14 +124,39 @@ def stage(url: str, folder: str | os.PathLike, splits: tuple[str, ...], *, worke
     the transfers are cancelled (s3transfer waits for those in flight to stop), and every file
     already complete stays in place, recorded, for the next start."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    with _locked(folder / LOCK, interrupt):
-        prepared = _prepare(url.rstrip("/"), folder, splits, workers, interrupt or (lambda: None), log,
-                            manifest_now=False, progress=progress)
-        staged = prepared.fetch_tars(None, progress, interrupt or (lambda: None))
-        if prepared.manifest_text is not None:  # last: a folder with a manifest is a complete copy of its splits
-            write_text_atomic(folder / MANIFEST, prepared.manifest_text.decode())
-        return staged
+    s3.split_s3_url(url)  # a bad URL is said before anything is made
+    check_folder(folder)
+    made = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise StagingError(f"{folder}: cannot make the staging folder ({error.strerror})") from None
+    try:
+        with _locked(folder / LOCK, interrupt):
+            prepared = _prepare(url.rstrip("/"), folder, splits, workers, interrupt or (lambda: None), log,
+                                manifest_now=False, progress=progress)
+            staged = prepared.fetch_tars(None, progress, interrupt or (lambda: None))
+            if prepared.manifest_text is not None:  # last: a folder with a manifest is a complete copy of its splits
+                write_text_atomic(folder / MANIFEST, prepared.manifest_text.decode())
+            return staged
+    except BaseException:
+        for path in made:  # a failed first staging leaves no empty folders (the lock went with its holder)
+            if path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+        raise
+
+
+def check_folder(folder: Path) -> None:
+    """A staging folder is new, empty, or a copy of a shard set (staging's record, a manifest, or
+    timm-layout tars say so; a copy made by hand is checked file by file): never a file, a folder
+    of someone else's files to merge into, or a place that cannot be written."""
+    from dali_imagenet.data.folders import check_output_folder
+
+    if folder.is_dir() and ((folder / RECORD).is_file() or (folder / MANIFEST).is_file()
+                            or any(is_timm_tar(p.name, s) for p in folder.iterdir() for s in TIMM_SPLIT_NAMES)):
+        return
+    check_output_folder(folder, lambda name: name == LOCK, what="a staged copy of shards",
+                        marker=f"{RECORD} or {MANIFEST}")
 
 
 @dataclass
@@ -534,16 +559,24 @@ class _locked:
         self.path, self.interrupt = path, interrupt or (lambda: None)
 
     def __enter__(self):
-        self.file = open(self.path, "a")
         while True:
+            self.file = open(self.path, "a")
             try:
                 fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return self
             except BlockingIOError:
+                self.file.close()
                 self.interrupt()
                 time.sleep(0.2)
+                continue
+            try:  # the holder before us removes the file as it leaves: a lock on that one holds nothing
+                if os.stat(self.path).st_ino == os.fstat(self.file.fileno()).st_ino:
+                    return self
+            except FileNotFoundError:
+                pass
+            self.file.close()
 
     def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)  # while still held: nothing is left behind, and no waiter keeps a stale one
         fcntl.flock(self.file, fcntl.LOCK_UN)
         self.file.close()
 
@@ -672,7 +705,12 @@ def local_data(data: str, stage_dir: str | None, *, stream: bool, here: bool, in
     if not s3.is_s3(data) or stream:
         return Staging(data)
     folder = Path(stage_dir or default_folder(data))
-    folder.mkdir(parents=True, exist_ok=True)
+    s3.split_s3_url(data)  # a bad URL is said before anything is made
+    check_folder(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise StagingError(f"{folder}: cannot make the staging folder ({error.strerror})") from None
     launch = str(os.getppid())  # torchrun's agent: the same for every process of this launch on this machine
     if not here:
         while not _prepared_by(folder, launch):

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from dali_imagenet.config import TrainConfig, from_dict
+from dali_imagenet.data.pixels import MAX_PIXELS, TooManyPixels, open_image
 from dali_imagenet.errors import DaliImagenetError, UsageError
 from dali_imagenet.run import published
 from dali_imagenet.run.checkpoint import CheckpointError, load, weights
@@ -101,15 +102,20 @@ def _classes_in(state: dict, arch: str, path) -> int:
     return state[head].shape[0]
 
 
-def load_image(path: str | Path) -> torch.Tensor:
+def load_image(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> torch.Tensor:
     """An image file of any mode (RGB, grayscale, CMYK, palette, PNG with alpha) as uint8 RGB CHW.
-    Raises ImageError with the reason when the file is not a complete image."""
-    from PIL import Image, ImageFile
+    Raises ImageError with the reason when the file is not a complete image or has more than
+    `max_pixels` pixels (checked before decoding)."""
+    from PIL import ImageFile
 
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not decode to grey rows
     try:
-        with Image.open(path) as image:
+        with open_image(path, max_pixels) as image:
             return image_tensor(image)
+    except TooManyPixels as error:
+        raise ImageError(str(error)) from None
+    except FileNotFoundError:
+        raise ImageError("no such file") from None
     except Exception as error:  # PIL raises many types for bad data
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ImageError(f"not a readable image ({reason})") from None
@@ -150,12 +156,17 @@ class Predictor:
             raise UsageError(f"{len(names)} class names for a model with {loaded.num_classes} classes")
         self.names = display_names(names) if names else [f"class {i}" for i in range(loaded.num_classes)]
 
-    @torch.no_grad()
     def probabilities(self, images: list[torch.Tensor]) -> torch.Tensor:
         """uint8 CHW images -> (N, classes) probabilities, in one batch."""
-        batch = torch.stack([self.transform(image) for image in images]).to(self.device)
+        return self.forward(torch.stack([self.transform(image) for image in images]))
+
+    @torch.no_grad()
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Images already through `self.transform` (N x 3 x size x size, on any device) -> (N,
+        classes) probabilities on the CPU. Each row's softmax is its own: a row depends on the
+        other rows only through the shape the kernels were chosen for (serve.py's fixed batch)."""
         with self.precision.autocast():
-            logits = self.loaded.model(batch.contiguous(memory_format=torch.channels_last))
+            logits = self.loaded.model(batch.to(self.device).contiguous(memory_format=torch.channels_last))
         return logits.float().softmax(dim=1).cpu()
 
     def top(self, probabilities: torch.Tensor, k: int = 5) -> list[list[tuple[int, str, float]]]:
@@ -180,3 +191,8 @@ class Predictor:
         side = max(display_px, crop.shape[-1])
         pictures = (Image.fromarray(crop.permute(1, 2, 0).numpy()), heat)
         return (class_index, *(picture.resize((side, side), Image.BILINEAR) for picture in pictures))
+
+
+def top_json(top: list[tuple[int, str, float]]) -> list[dict]:
+    """One image's top-k as `predict.py --json` and serve.py write it."""
+    return [{"index": i, "name": n, "probability": p} for i, n, p in top]

@@ -15,9 +15,10 @@ from pathlib import Path
 import yaml
 
 from dali_imagenet.errors import DaliImagenetError
-from dali_imagenet.report.html_page import page, plot_uri, table
+from dali_imagenet.report.html_page import page, plot_uri, sortable, table
 from dali_imagenet.report.run_results import learned_sections
 from dali_imagenet.run.checkpoint import CheckpointError, load
+from dali_imagenet.run.launches import PHASES
 from dali_imagenet.run.metrics import describe_cost
 from dali_imagenet.run.run_folder import BEST, CONFIG, FINAL, LAST, METRICS, PREDICTIONS
 
@@ -171,6 +172,29 @@ def _numbers(run: Run, checkpoint_name: str | None, checkpoint: dict | None) -> 
     return rows
 
 
+def launches_table(launches: list[dict]) -> str:
+    """The run's launches (the closing record's): each one's machine, phases in minutes, price and
+    where it came from, dollars and how it ended; a relaunch after a reclaim is a row of its own."""
+    if not launches:
+        return ""
+    header = ["launch", "machine", "started", *[f"{phase} min" for phase in PHASES], "outside training min",
+              "$/h", "price from", "dollars", "exit"]
+    rows = []
+    for launch in launches:
+        machine = launch.get("instance", {})
+        where = " ".join(str(machine[k]) for k in ("instance_type", "zone", "lifecycle") if machine.get(k)) or "-"
+        phases = launch.get("phases_s", {})
+        rows.append([(launch["launch"], launch["launch"]), (html.escape(where), where),
+                     (html.escape(launch.get("started_at", "")), launch.get("started_at", "")),
+                     *[(f"{phases.get(phase, 0) / 60:.1f}", phases.get(phase, 0)) for phase in PHASES],
+                     (f"{launch['overhead_s'] / 60:.1f}", launch["overhead_s"]),
+                     (f"{launch['price_per_hour']:.4g}", launch["price_per_hour"]),
+                     (html.escape(launch.get("price_source", "")), launch.get("price_source", "")),
+                     (f"${launch['dollars']:,.2f}", launch["dollars"]),
+                     (f"{launch.get('exit_code')} {html.escape(launch.get('reason') or '')}", launch.get("exit_code"))])
+    return f"<h2>Launches</h2>{sortable(header, rows, 'launches')}"
+
+
 def render(runs: list[Run], title: str | None = None) -> str:
     single = len(runs) == 1
     title = title or (f"{runs[0].name} · dali-imagenet" if single else f"dali-imagenet: {len(runs)} runs")
@@ -194,6 +218,7 @@ def render(runs: list[Run], title: str | None = None) -> str:
         machine = run.started.get("machine", {})
         sections.append(f"<section>{'' if single else f'<h2>{html.escape(run.name)}</h2>'}{headline}"
                         f"<h2>Results</h2>{table(_numbers(run, checkpoint_name, checkpoint))}{learned}"
+                        f"{launches_table(ended.get('launches') or [])}"
                         f"<h2>Machine</h2>{table(sorted(machine.items())) if machine else '<p>not recorded</p>'}"
                         f"<h2>Config</h2>{table(sorted(run.config.items()))}</section>")
     if single:  # the headline first, then the curves

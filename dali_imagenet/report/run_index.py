@@ -123,6 +123,8 @@ def _row(item: Listed, now: float) -> list[tuple[object, object]]:
         number(final.get("val_ema_top1"), f"{final.get('val_ema_top1', 0):.2f}"),
         number(final.get("val_ema_top5"), f"{final.get('val_ema_top5', 0):.2f}"),
         number(hours, f"{hours or 0:.2f}" if (hours or 0) >= 0.1 else f"{hours or 0:.2g}"),  # a short run: not 0.00
+        number(cost.get("launches"), f"{cost.get('launches', 0)}"),
+        number(cost.get("overhead_hours"), _minutes(cost.get("overhead_hours", 0) * 60)),
         number(cost.get("dollars"), f"${cost.get('dollars', 0):,.2f}"),
         number(data.get("dollars"), f"${data.get('dollars', 0):,.2f}"),
         number(rate, f"{rate or 0:,.0f}"),
@@ -131,10 +133,14 @@ def _row(item: Listed, now: float) -> list[tuple[object, object]]:
     ]
 
 
+def _minutes(value: float) -> str:
+    return f"{value:,.1f}" if value >= 0.1 else f"{value:.2g}"  # seconds outside training: not 0.0
+
+
 def render_index(listed: list[Listed], where: str) -> str:
     now = time.time()
     header = ["run", "arch", "config", "epochs", "top-1 %", "top-5 %", "EMA top-1 %", "EMA top-5 %", "hours",
-              "dollars", "S3 dollars", "images/s", "state", "last update"]
+              "launches", "outside training min", "dollars", "S3 dollars", "images/s", "state", "last update"]
     rows = sorted((_row(item, now) for item in listed), key=lambda row: -row[-1][1])  # newest first
     body = (f"<p>{len(listed)} run(s) under {html.escape(where)}; click a column's head to sort by it.</p>"
             f"{sortable(header, rows, 'runs')}<h2>top-1 against hours</h2>"

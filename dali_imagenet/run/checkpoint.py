@@ -10,7 +10,9 @@ half of one. Which files a run folder holds, and their names, is `run_folder`'s 
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import re
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -124,18 +126,34 @@ def load(path: str | Path, map_location="cpu") -> dict:
     """Any `.pt` this project reads back (a checkpoint, final weights, a torchvision state dict).
     weights_only: a file fetched from S3 must not be able to run code."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a folder, and not a published model (no config.json in it): give a checkpoint "
+                              f"file (best.pt, last.pt) or a folder publish.py wrote")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
         with warnings.catch_warnings():  # a damaged file draws pickle warnings: its one line below says it all
             warnings.simplefilter("ignore")
             loaded = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        named = re.search(r"GLOBAL (\S+)", str(error))  # weights_only's refusal of a pickled function or class
+        if named:
+            raise CheckpointError(f"{path}: refused: it names {named.group(1)}, a Python object beyond tensors and "
+                                  f"numbers, which loading could run; only plain weights are read (torch.load "
+                                  f"weights_only=True)") from None
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
+        raise CheckpointError(f"{path}: not a checkpoint: PyTorch cannot read it "
+                              f"({detail.group(1).strip() if detail else _first_line(error)})") from None
     except Exception as error:
         first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"{path}: not a checkpoint: PyTorch cannot read it ({first})") from None
     if not isinstance(loaded, dict):
         raise CheckpointError(f"{path}: not a checkpoint: holds a {type(loaded).__name__}, not a dict")
     return loaded
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
 
 
 def weights(checkpoint: dict, which: str = "raw") -> dict:

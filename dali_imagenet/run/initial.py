@@ -33,7 +33,8 @@ class Initialised:
     source_classes: int | None
 
     def line(self, classes: int) -> str:
-        head = (f"a new classifier for {classes} classes ({self.source_classes} there), the rest loaded"
+        there = f"{self.source_classes} there" if self.source_classes is not None else "unnamed classes there"
+        head = (f"a new classifier for {classes} classes ({there}), the rest loaded"
                 if self.new_head else "every weight loaded (the same classes)")
         return f"initialised from {self.source}: {head} ({self.tensors} tensors)"
 
@@ -65,7 +66,9 @@ def initialise(source: str, model: torch.nn.Module, arch: str, class_names, widt
         raise CheckpointError(f"{where}: holds {saved}'s weights; this run trains {network_name(arch, width)} "
                               f"(--init takes weights of the same architecture)")
     same = theirs is not None and list(theirs) == list(class_names)
-    return _load(model, state, where, arch, same, len(theirs) if theirs is not None else None)
+    head = [v for k, v in state.items() if k.startswith(archs.classifier_prefixes(model)) and k.endswith("weight")]
+    count = len(theirs) if theirs is not None else (int(head[0].shape[0]) if head else None)  # unnamed: its head's
+    return _load(model, state, where, arch, same, count)
 
 
 def _load(model: torch.nn.Module, state: dict, source: str, arch: str, same_classes: bool,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from contextlib import contextmanager
 
 from dali_imagenet import distributed
 from dali_imagenet.errors import Interrupted
@@ -25,6 +26,7 @@ class StopRequest:
         self._announce = announce
         self._leaving = False
         self.hurry = False  # a Ctrl-C while leaving: stop waiting for the uploads
+        self._at_once = False  # inside `at_once`: a request raises where the main thread is
         self._before = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def restore(self) -> None:
@@ -49,6 +51,20 @@ class StopRequest:
         if self.reason == "SIGINT" and name == "SIGINT":
             raise KeyboardInterrupt
         self.ask(name)
+        if self._at_once:
+            raise Interrupted(self.reason)
+
+    @contextmanager
+    def at_once(self):
+        """Inside it a stop request raises `Interrupted` at once, wherever the main thread is: for
+        work with nothing to keep that has no point to check at (building a large model takes
+        minutes, one tensor's initialisation after another)."""
+        self.interrupt_if_asked()
+        self._at_once = True
+        try:
+            yield
+        finally:
+            self._at_once = False
 
     def interrupt_if_asked(self) -> None:
         """Raises `Interrupted` once a stop was asked for (where there is nothing to checkpoint)."""

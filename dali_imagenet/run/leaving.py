@@ -6,7 +6,9 @@ rank prints its line; the exit code says how the run ended (`exits`: 0 complete,
 reclaim: relaunch) and is written for the cloud task's `run:` (`exits.record`).
 
 `Leaving` makes what a way out must close before the run exists (`connect`: the other ranks'
-errors, the spot watcher, the lease on the S3 prefix) and is then given the `Run` once.
+errors, the spot watcher, the lease on the S3 prefix) and is then given the `Run` once. It holds
+the launch's clock (`launches.LaunchClock`) from the process's start: every way out, even one
+before the run exists (a reclaim during staging), adds this launch to the run's `launches.json`.
 """
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ import traceback
 from dali_imagenet import distributed, s3
 from dali_imagenet.data import staging
 from dali_imagenet.errors import DaliImagenetError, debug
-from dali_imagenet.run import exits, run_folder, spot
+from dali_imagenet.run import exits, launches, run_folder, spot
 from dali_imagenet.run.interrupts import StopRequest
+from dali_imagenet.run.launches import LaunchClock
 from dali_imagenet.run.lease import Lease
 from dali_imagenet.run.metrics import cost, data_cost, describe_cost
 from dali_imagenet.run.parts import LossDiverged, Run
@@ -36,9 +39,14 @@ def leave_now(code: int) -> None:
 
 
 class Leaving:
-    def __init__(self, request: StopRequest, flush_timeout_s: float):
+    def __init__(self, request: StopRequest, flush_timeout_s: float, started: float):
+        """`started`: time.time() when the process started (its launch's clock counts from there)."""
         self.request = request
         self.flush_timeout_s = flush_timeout_s
+        self.clock = LaunchClock(started)
+        self.launch_basis: dict | None = None  # `metrics.cost_basis`, once the config and machine are known
+        self.launch_store: tuple | None = None  # (the run's S3 prefix or None, a timeout) once the lease is held
+        self.master = True
         self.lock = threading.Lock()
         self.run: Run | None = None
         self.peers: distributed.PeerErrors | None = None
@@ -49,6 +57,7 @@ class Leaving:
         """The other ranks' errors and EC2's spot notice, watched from here on; returns the line
         saying whether the notice is watched."""
         self.peers = distributed.PeerErrors(procs, self.peer_failed)
+        self.master = procs.master
         imds, watching = spot.connect(spot_mode)
         if imds:
             self.watcher = spot.SpotWatcher(imds, self.request.ask, log=lambda m: print(m, file=sys.stderr, flush=True),
@@ -86,11 +95,12 @@ class Leaving:
         run = self.run
         checksums = distributed.gather(distributed.replica_checksum(run.train_step.model), run.procs)
         code = exits.for_stop(stop)
-        run_cost = self._cost()
+        self.clock.leave()
+        run_cost = self._cost(self.close_launch(code, stop))
         notice = run.spot.timing() if run.spot and stop and stop.startswith(spot.NOTICE) else {}
         record = {"step": run.state.step, "event": "stopped" if stop else "finished", "reason": stop,
                   "exit_code": code, "replica_checksums": checksums, "replicas_identical": len(set(checksums)) == 1,
-                  "cost": run_cost, **({"notice": notice} if notice else {})}
+                  "cost": run_cost, "launches": run_cost.pop("every_launch"), **({"notice": notice} if notice else {})}
         if run.procs.master:
             print(f"{'stopped (' + stop + ')' if stop else 'finished'} at step {run.state.step} after "
                   f"{describe_cost(run_cost)}; checkpoint {run.outputs.run_dir / run_folder.LAST}, report "
@@ -106,15 +116,46 @@ class Leaving:
             print(f"exit {code}: continue with --resume auto{_since_notice(timing)}", file=sys.stderr, flush=True)
         return code
 
-    def _cost(self) -> dict:
-        """What the run cost so far, machines and S3, every rank's requests (a collective)."""
+    def _cost(self, every_launch: list[dict]) -> dict:
+        """What the run cost over `every_launch`, machines and S3, every rank's requests (a
+        collective); the launches themselves under "every_launch", for the closing record."""
         run = self.run
         images = run.state.step * run.cfg.batch_size * run.procs.world + sum(e.get("images", 0)
                                                                                for e in run.state.history)
         streamed_gets = staging.GETS_PER_SAMPLE * images if run.streamed else 0
         usage = s3.merged(distributed.gather(s3.usage.snapshot(), run.procs))
-        return cost(run.stops.run_s(), **run.cost_basis,
-                    data=data_cost(usage, streamed_gets=streamed_gets, **run.data_basis))
+        return {**cost(every_launch, gpus=run.cost_basis["gpus"], lifecycle=run.cost_basis["lifecycle"],
+                       data=data_cost(usage, streamed_gets=streamed_gets, **run.data_basis)),
+                "every_launch": every_launch}
+
+    def close_launch(self, code: int, reason: str | None, before_the_run: bool = False) -> list[dict]:
+        """Rank 0: this launch's record (its last phase counted up to now, its machine priced), added
+        to the run's earlier ones in `launches.json` (the run folder's, uploaded with the rest; with
+        `before_the_run`, a stop before the run folder exists, straight to S3: a relaunch follows
+        and must count it; a failed start writes nothing); returns them all. [] on the other ranks,
+        or before the config and the run's place are known (nothing to add it to)."""
+        outputs = self.run.outputs if self.run else None
+        in_folder = outputs is not None and outputs.logger is not None
+        if not self.master or self.launch_basis is None or self.launch_store is None:
+            return []
+        s3_url, timeout_s = self.launch_store
+        if not in_folder and not (before_the_run and s3_url):
+            return []  # nowhere to keep it: a failed start, or a stop at start-up of a run without S3
+        try:
+            clock, basis = self.clock, self.launch_basis
+            price = launches.machine_price(clock.instance, clock.window(), price_per_hour=basis["price_per_hour"],
+                                           spot_price_per_hour=basis["spot_price_per_hour"])
+            every = [*clock.earlier, clock.record(exit_code=code, reason=reason, machines=basis["machines"],
+                                                  price=price, on_demand_per_hour=basis["price_per_hour"])]
+            if in_folder:
+                outputs.save_launches(every)
+            else:
+                launches.upload(every, s3_url, timeout_s)
+            return every
+        except Exception as error:  # noqa: BLE001 - the way out goes on; the count misses this launch, said once
+            print(f"warning: this launch's record was not kept ({type(error).__name__}: {error})", file=sys.stderr,
+                  flush=True)
+            return []
 
     def failed(self, error: BaseException) -> int:
         """An exception ended the run on this rank: a user error is one line, a bug keeps its
@@ -133,7 +174,12 @@ class Leaving:
         step = getattr(error, "step", self.step)
         reason = (f"loss NaN or inf at step {step}" if isinstance(error, LossDiverged)
                   else message if code == exits.INTERRUPTED else f"error: {message}")
-        self.end_outputs({"step": step, "event": "stopped", "reason": reason, "exit_code": code})
+        self.clock.leave()
+        every = self.close_launch(code, reason)
+        basis = self.launch_basis or {}
+        self.end_outputs({"step": step, "event": "stopped", "reason": reason, "exit_code": code,
+                          **({"launches": every, "cost": cost(every, gpus=basis.get("gpus", 0),
+                                                              lifecycle=basis.get("lifecycle"))} if every else {})})
         if isinstance(error, (DaliImagenetError, KeyboardInterrupt)) and not debug():
             print(f"error: {message}", file=sys.stderr, flush=True)
         else:

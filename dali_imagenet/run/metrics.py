@@ -9,6 +9,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from dali_imagenet.run import launches as launch_records
 from dali_imagenet.run.run_folder import METRICS
 
 
@@ -94,20 +95,21 @@ def machine() -> dict:
     return info
 
 
-def cost(wall_s: float, *, gpus: int, machines: int, price_per_hour: float, spot_price_per_hour: float,
-         lifecycle: str | None, data: dict | None = None) -> dict:
-    """What a run cost: wall-clock hours, GPU-hours and dollars at the machine-hour prices (on
-    spot: at the spot price when it is known, with what the same hours cost on demand); with
-    `data` (`data_cost`), what S3 charged beside them, and the sum."""
-    hours = wall_s / 3600
-    on_demand = hours * machines * price_per_hour
-    on_spot = lifecycle == "spot" and spot_price_per_hour > 0
-    machine_dollars = hours * machines * spot_price_per_hour if on_spot else on_demand
-    data_dollars = data["dollars"] if data else 0.0
-    return {"wall_hours": hours, "gpu_hours": hours * gpus, "machines": machines, "lifecycle": lifecycle or "unknown",
-            "price_per_hour": spot_price_per_hour if on_spot else price_per_hour,
-            "dollars": machine_dollars, "on_demand_dollars": on_demand,
-            **({"data": data, "total_dollars": machine_dollars + data_dollars} if data else {})}
+def cost(launches: list[dict], *, gpus: int, lifecycle: str | None, data: dict | None = None) -> dict:
+    """What a run cost over all its launches (`launches.LaunchClock.record`: each priced as it ran,
+    on spot at what EC2 charged when known): wall-clock hours from each machine's start, GPU-hours,
+    the hours outside training (provisioning, setup, staging, resume, compile, the way out) and
+    dollars, with what the same hours cost on demand; with `data` (`data_cost`), what S3 charged
+    beside them, and the sum."""
+    summed = launch_records.totals(launches)
+    hours = summed["seconds"] / 3600
+    last = launches[-1] if launches else {}
+    return {"wall_hours": hours, "gpu_hours": hours * gpus, "machines": last.get("machines", 1),
+            "lifecycle": lifecycle or "unknown", "price_per_hour": last.get("price_per_hour", 0.0),
+            "price_source": last.get("price_source", ""), "launches": summed["launches"],
+            "overhead_hours": summed["overhead_s"] / 3600, "phases_s": summed["phases_s"],
+            "dollars": summed["dollars"], "on_demand_dollars": summed["on_demand_dollars"],
+            **({"data": data, "total_dollars": summed["dollars"] + data["dollars"]} if data else {})}
 
 
 def data_cost(usage: dict, *, instance_region: str | None, get_price_per_1000: float, put_price_per_1000: float,
@@ -137,8 +139,8 @@ def data_cost(usage: dict, *, instance_region: str | None, get_price_per_1000: f
 
 
 def cost_basis(cfg, processes, instance: dict) -> dict:
-    """What `cost` needs besides the hours: GPUs, machines, prices (the config's), the lifecycle
-    (spot or on demand, from the instance metadata)."""
+    """What a launch's price and `cost` need besides the hours: GPUs, machines, prices (the
+    config's), the lifecycle (spot or on demand, from the instance metadata)."""
     from dali_imagenet.distributed import machines
 
     return dict(gpus=processes.world if processes.device.type == "cuda" else 0, machines=machines(processes),
@@ -160,6 +162,9 @@ def describe_cost(cost: dict) -> str:
     line = wall + (f" ({cost['gpu_hours']:.2f} GPU-h)" if cost["gpu_hours"] else "") + f", ${cost['dollars']:,.2f}"
     if cost["dollars"] != cost["on_demand_dollars"]:
         line += f" on spot (${cost['on_demand_dollars']:,.2f} on demand)"
+    if cost.get("launches"):
+        line += (f"; {cost['launches']} launch{'es' if cost['launches'] > 1 else ''}, "
+                 f"{cost['overhead_hours'] * 60:.1f} min outside training")
     data = cost.get("data")
     if data and data["get_requests"] + data["put_requests"] + data["streamed_gets_estimated"]:  # else no S3 part
         gets = data["get_requests"] + data["streamed_gets_estimated"]

@@ -12,6 +12,7 @@ import yaml
 from dali_imagenet import distributed, s3
 from dali_imagenet.run import run_folder as folder
 from dali_imagenet.run.checkpoint import save_atomic
+from dali_imagenet.run.launches import save as save_launches
 from dali_imagenet.run.lease import Lease
 from dali_imagenet.run.metrics import RunLogger, machine
 from dali_imagenet.run.s3sync import S3Sync, lineage_metadata
@@ -98,6 +99,12 @@ class RunOutputs:
         why = (self.uploader.refused if self.uploader else None) or (self.lease.lost if self.lease else None)
         if why:
             raise s3.S3Error(f"{why}: stopping; the last checkpoint is in {self.run_dir}")
+
+    def save_launches(self, launches: list[dict]) -> None:
+        """The run's launches (`launches.json`: this one last) in the run folder, and its upload."""
+        if self.active:
+            save_launches(launches, self.run_dir / folder.LAUNCHES)
+            self._push(folder.LAUNCHES)
 
     def save_predictions(self, predictions) -> None:
         """The final validation's top-5 of every val sample (`predictions.Predictions`), and its upload."""

@@ -13,6 +13,7 @@ from dali_imagenet.run import run_folder
 from dali_imagenet.run.checkpoint import TrainState, contents
 from dali_imagenet.run.initial import Initialised
 from dali_imagenet.run.interrupts import StopCheck
+from dali_imagenet.run.launches import LaunchClock
 from dali_imagenet.run.outputs import RunOutputs
 from dali_imagenet.run.spot import SpotWatcher
 from dali_imagenet.training.precision import Precision
@@ -39,7 +40,6 @@ class Run:
     shards: SplitShards  # the train split
     val_shards: SplitShards
     train_step: TrainStep  # holds the model, its DDP/compiled wrapper, optimizer, scaler and EMA
-    val_loader: Loader
     loader_options: dict  # what every epoch's train loader shares with the val loader
     schedule: LRSchedule
     stops: StopCheck
@@ -50,6 +50,7 @@ class Run:
     data_basis: dict  # what `metrics.data_cost` needs besides the S3 usage
     streamed: bool  # DALI reads s3:// itself, every epoch (--stream): its GETs are estimated
     initialised: Initialised | None  # where a fresh run's weights came from (--init); None: random, or resumed
+    clock: LaunchClock  # this launch's phases (the loop marks its first step and the stop)
 
     def train_loader(self) -> Loader:
         """The loader of epoch `state.epoch`, at that epoch's image size, restored mid-epoch if the
@@ -60,6 +61,12 @@ class Run:
                            image_size=cfg.train_image_size(state.epoch), shuffle_buffer=cfg.shuffle_buffer,
                            crop_min_area=cfg.crop_min_area, resume=resume_at, interrupt=self.stops.interrupt_if_asked,
                            **self.loader_options)
+
+    def val_loader(self) -> Loader:
+        """A new loader of the val split, built for each validation and gone with it: its DALI
+        pipeline's device memory (nvJPEG's buffers, DALI#5087) is never held beside an epoch's
+        train pipeline for the whole run (one pipeline at a time on an L4's 24 GB)."""
+        return val_loader(self.cfg, self.val_shards, self.loader_options)
 
     def check_loss(self) -> None:
         """Raises LossDiverged at the first step (1-based, as metrics.jsonl counts) whose loss was
@@ -87,6 +94,11 @@ class Run:
         """What a validation scores: the raw weights ("") and their EMA, when the run keeps one."""
         ema = self.train_step.ema
         return {"": self.train_step.model, **({"ema": ema.module} if ema else {})}
+
+
+def val_loader(cfg: TrainConfig, val_shards: SplitShards, loader_options: dict) -> Loader:
+    return make_loader(val_shards, "validation", image_size=cfg.val_image_size, crop_fraction=cfg.val_crop_fraction,
+                       interpolation=cfg.val_interpolation, crop_mode=cfg.val_crop_mode, **loader_options)
 
 
 @dataclass(frozen=True)

@@ -171,6 +171,9 @@ def load(source: str | Path) -> Published:
         written = json.loads((folder / CONFIG).read_text())
     except (OSError, ValueError) as error:
         raise PublishedError(f"{folder / CONFIG}: not a model's config ({error})") from None
+    if not isinstance(written, dict):
+        raise PublishedError(f"{folder / CONFIG}: not a model's config (a JSON {type(written).__name__}, not an "
+                             f"object)")
     ours = written.get(SECTION)
     if ours is None:
         return _foreign(folder, written, source)
@@ -178,9 +181,26 @@ def load(source: str | Path) -> Published:
 
     if not (folder / WEIGHTS).is_file():
         raise PublishedError(f"{folder}: no {WEIGHTS} beside its {CONFIG}")
-    config = from_dict(ours["config"])
-    return Published(load_file(str(folder / WEIGHTS)), ours["arch"], config, class_names_of(written),
-                     ours.get("weights", "raw"), ours.get("run", {}), folder)
+    try:
+        config = from_dict(ours["config"])
+        arch = ours["arch"]
+    except (KeyError, TypeError, AttributeError, DaliImagenetError) as error:
+        raise PublishedError(f"{folder / CONFIG}: its {SECTION} section is incomplete ({error})") from None
+    try:
+        state = load_file(str(folder / WEIGHTS))
+    except Exception as error:  # noqa: BLE001 - safetensors' own error type: a truncated or foreign file
+        raise PublishedError(f"{folder / WEIGHTS}: not readable safetensors ({' '.join(str(error).split())}): "
+                             f"truncated? download or publish it again") from None
+    names = class_names_of(written)
+    head = [state[k] for k in ("fc.weight", "classifier.weight", "head.fc.weight", "head.weight") if k in state]
+    declared = written.get("num_classes")
+    if head and isinstance(declared, int) and declared != head[-1].shape[0]:
+        raise PublishedError(f"{folder / CONFIG}: num_classes {declared}, but {WEIGHTS}'s classifier has "
+                             f"{head[-1].shape[0]} outputs")
+    if head and names is not None and len(names) != head[-1].shape[0]:
+        raise PublishedError(f"{folder / CONFIG}: {len(names)} label_names, but {WEIGHTS}'s classifier has "
+                             f"{head[-1].shape[0]} outputs")
+    return Published(state, arch, config, names, ours.get("weights", "raw"), ours.get("run", {}), folder)
 
 
 def _foreign(folder: Path, written: dict, source) -> Published:

@@ -7,6 +7,7 @@
     RUN/final_weights.pt   the weights at the end of a finished run (a plain state dict)
     RUN/report.html        the run's report
     RUN/predictions.npz    the final validation's top-5 for each val sample (the report reads it)
+    RUN/launches.json      each launch's phases, machine, price and exit code (`launches`)
     RUN/wandb/             W&B's files, when it is on
 
 A folder that holds any of these holds a run: a new run never starts there unless asked
@@ -24,10 +25,10 @@ from dali_imagenet.run.checkpoint import fsync_folder
 
 LAST, BEST, FINAL = "last.pt", "best.pt", "final_weights.pt"
 METRICS, CONFIG, REPORT = "metrics.jsonl", "config.yaml", "report.html"
-PREDICTIONS = "predictions.npz"
+PREDICTIONS, LAUNCHES = "predictions.npz", "launches.json"
 WANDB = "wandb"
 S3_STAGING = ".s3-staging"  # snapshots waiting for upload (hard links: the run folder's own file system)
-RUN_FILES = (LAST, BEST, FINAL, METRICS, CONFIG, REPORT, PREDICTIONS)  # what makes a folder hold a run
+RUN_FILES = (LAST, BEST, FINAL, METRICS, CONFIG, REPORT, PREDICTIONS, LAUNCHES)  # what makes a folder hold a run
 CHECKPOINTS = (LAST, BEST)
 
 

@@ -56,10 +56,10 @@ class IMDS:
             self._expires = time.monotonic() + TOKEN_TTL_S
         return self._token
 
-    def get(self, path: str) -> tuple[int, str]:
-        """(HTTP status, body) of `/latest/meta-data/<path>`; 404 is an answer, not an error."""
+    def get(self, path: str, tree: str = "meta-data") -> tuple[int, str]:
+        """(HTTP status, body) of `/latest/<tree>/<path>`; 404 is an answer, not an error."""
         for attempt in (0, 1):
-            request = urllib.request.Request(f"{self.url}/latest/meta-data/{path}",
+            request = urllib.request.Request(f"{self.url}/latest/{tree}/{path}",
                                              headers={"X-aws-ec2-metadata-token": self.token(force=attempt > 0)})
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
@@ -71,14 +71,22 @@ class IMDS:
         return 401, ""
 
     def instance(self) -> dict:
-        """The instance type, lifecycle ("spot" or "on-demand") and region for the run's machine record
-        (the region prices data moved from a bucket elsewhere)."""
+        """The instance type, lifecycle ("spot" or "on-demand"), region and zone for the run's machine
+        record (the region prices data moved from a bucket elsewhere; type and zone, the spot price),
+        its id, and `pending_time`: when EC2 launched it (Unix time; billing starts about then)."""
         info = {}
         for key, path in (("instance_type", "instance-type"), ("lifecycle", "instance-life-cycle"),
-                          ("region", "placement/region")):
+                          ("region", "placement/region"), ("zone", "placement/availability-zone")):
             status, body = self.get(path)
             if status == 200:
                 info[key] = body.strip()
+        status, body = self.get("instance-identity/document", tree="dynamic")
+        document = _json_or_text(body) if status == 200 else None
+        document = document if isinstance(document, dict) else {}
+        if isinstance(document.get("instanceId"), str):
+            info["instance_id"] = document["instanceId"]
+        if isinstance(document.get("pendingTime"), str) and (when := _unix(document["pendingTime"])) is not None:
+            info["pending_time"] = when
         return info
 
 
@@ -184,14 +192,19 @@ def reclaim_time(notice) -> float | None:
     """EC2's reclaim time (`{"action": ..., "time": "2026-12-01T12:00:00Z"}`) as a Unix time, or None."""
     if not isinstance(notice, dict) or not isinstance(notice.get("time"), str):
         return None
+    return _unix(notice["time"])
+
+
+def _unix(stamp: str) -> float | None:
+    """EC2's "2026-12-01T12:00:00Z" as a Unix time, or None."""
     try:
-        return datetime.datetime.fromisoformat(notice["time"].replace("Z", "+00:00")).timestamp()
+        return datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
     except ValueError:
         return None
 
 
 def _iso(unix: float) -> str:
-    return datetime.datetime.fromtimestamp(unix, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
+    return datetime.datetime.fromtimestamp(unix, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
 
 
 def _json_or_text(body: str):

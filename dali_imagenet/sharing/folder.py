@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dali_imagenet import s3
+from dali_imagenet.data.folders import check_output_folder, refuse_overlap
 from dali_imagenet.data.shardformat import MANIFEST
 from dali_imagenet.errors import DaliImagenetError, UsageError
 from dali_imagenet.inference.predictor import load_model
@@ -26,6 +27,7 @@ from dali_imagenet.sharing.model_card import card
 
 CURVES = "curves.png"
 RUN_FILES = (METRICS, CONFIG, PREDICTIONS, REPORT)  # and one checkpoint: best.pt, else last.pt
+FOLDER_FILES = {published.WEIGHTS, published.CONFIG, "README.md", CURVES, REPORT}  # what `build` writes, all of it
 
 
 class PublishError(DaliImagenetError):
@@ -108,13 +110,35 @@ def scrubbed_page(text: str, run: Run, source: str) -> str:
     return text
 
 
+def check_destination(source: str, out_dir: Path, *, overwrite: bool) -> None:
+    """Before any work: the folder is not the run, inside it or around it, and `--overwrite`
+    replaces only a folder this tool wrote (its files alone, its config.json naming dali_imagenet)."""
+    if not s3.is_s3(source):
+        refuse_overlap(out_dir, source, output_name="OUT_DIR", source_name="the run")
+    check_output_folder(out_dir, lambda name: name in FOLDER_FILES, what="a published folder", marker=published.CONFIG)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise UsageError(f"{out_dir}: holds a published folder; pass --overwrite to replace it (the Hub keeps "
+                             f"every revision it had)")
+        if not wrote_it(out_dir):
+            raise UsageError(f"{out_dir}: its {published.CONFIG} is not one publish.py wrote (no dali_imagenet "
+                             f"section): not replaced")
+
+
+def wrote_it(folder: Path) -> bool:
+    """Whether `folder`'s config.json is one publish.py wrote (it has the dali_imagenet section)."""
+    try:
+        written = json.loads((folder / published.CONFIG).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(written, dict) and published.SECTION in written
+
+
 def build(source: str, out_dir: str | Path, *, overwrite: bool, hub_repo: str | None = None,
           license: str = "apache-2.0", data_name: str | None = None) -> Built:
     """Writes the folder (whole, then renamed into place: a failed build leaves no half folder)."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise UsageError(f"{out_dir}: exists and is not empty; pass --overwrite to replace it (the Hub keeps every "
-                         f"revision it had)")
+    check_destination(source, out_dir, overwrite=overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".publish-", dir=out_dir.parent) as scratch:
         run_folder = local_run(source, Path(scratch) / "run")

@@ -11,7 +11,7 @@ import torch
 from dali_imagenet.config import TrainConfig
 from dali_imagenet.distributed import Processes
 from dali_imagenet.errors import UsageError
-from dali_imagenet.training import archs
+from dali_imagenet.training import archs, memory
 from dali_imagenet.training.ema import WeightEMA
 from dali_imagenet.training.mixing import MixConfig
 from dali_imagenet.training.precision import Precision
@@ -56,6 +56,11 @@ def build(cfg: TrainConfig, num_classes: int, processes: Processes, precision: P
         refusal = GraphedTrainStep.refusal(processes.device, precision.name, processes.world)
         if refusal:
             raise UsageError(refusal)
+    found = memory.estimate(cfg.arch, cfg.width, num_classes, image_size=cfg.image_size, batch_size=cfg.batch_size,
+                            amp_dtype=precision.name, ema=bool(cfg.ema_decay), drop_path=cfg.drop_path,
+                            blurpool=cfg.blurpool, other_sizes=(cfg.val_image_size,))
+    memory.check_fits(found, processes.device, network=cfg.network, batch_size=cfg.batch_size,
+                      image_size=cfg.image_size)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = archs.build(cfg.arch, num_classes, drop_path_rate=cfg.drop_path, zero_init_last_bn=cfg.zero_init_last_bn,
                         blurpool=cfg.blurpool, width=cfg.width)

@@ -85,9 +85,12 @@ class GraphedTrainStep(TrainStep):
     thread's capture-unsafe calls invalidate it, not the loader's.
 
     A size ramp never returns to a size it left, so the graphs of earlier shapes are dropped when a
-    new shape arrives: the memory pool their activations held is reused by the next capture, and
-    the ramp's peak is its largest size's, not the sum over its sizes (on an L4's 24 GB, the
-    difference between fitting and not at batch 256).
+    new shape arrives, and the next one is captured into a fresh private pool: the old pool's
+    memory goes back to the caching allocator (and is reused) once its last block is freed, and the
+    ramp's peak is its largest size's, not the sum over its sizes (on an L4's 24 GB, the difference
+    between fitting and not at batch 256). Capturing into the dropped graph's pool instead makes
+    PyTorch's allocator assert if any of its blocks survived the graph (a cuBLAS workspace,
+    a loss tensor the caller still holds: pytorch#175276).
     """
     WARMUP_STEPS = 3
 
@@ -135,7 +138,8 @@ class GraphedTrainStep(TrainStep):
         seen = self.steps_seen.get(shape, 0)
         self.steps_seen[shape] = seen + 1
         if seen == 0 and self.graphs:
-            self.graphs.clear()  # a finished size: its graph, static buffers and their pool memory go
+            self.graphs.clear()  # a finished size: its graph and static buffers go, their pool once emptied
+            self.pool = None  # the next capture: a fresh pool, never one whose blocks may outlive its graph
         if seen < self.WARMUP_STEPS:
             self.side_stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.side_stream):
