@@ -117,8 +117,8 @@ def setup(args, cfg: TrainConfig, procs: distributed.Processes, leaving: Leaving
                           dtype=precision.loader_dtype, backend=backend, num_threads=cfg.loader_threads,
                           hw_decoder_load=cfg.hw_decoder_load, hybrid_huffman_threshold=cfg.hybrid_huffman_threshold,
                           normalization=cfg.normalization(), landing=staged.landing)
-    if staged.landing is None:  # (staging checks each tar's size and sha256 as it lands)
-        val_loader(cfg, val_shards, loader_options)  # built and dropped: the val split checked before anything is written
+    if staged.landing is None:  # the val split checked before anything is written (staging checks each tar as it lands)
+        val_loader(cfg, val_shards, loader_options)  # built and dropped
     train_step = training.step(cfg, procs, precision, shards.num_classes)
     steps_per_epoch = batches_per_epoch(shards.samples, procs.world, cfg.batch_size, train=True)
     schedule = LRSchedule(training.peak_lr, cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch),
