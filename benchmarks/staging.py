@@ -123,7 +123,8 @@ def prepare(client: str, endpoint: str):
 def child(client: str, endpoint: str, objects: int, dest: Path) -> dict:
     """One timed copy in this (fresh) process: wall seconds and CPU-seconds, copy + sha256."""
     names = [object_name(i) for i in range(objects)]
-    (dest / "train").mkdir(parents=True, exist_ok=True)
+    if client != "stage":  # stage() makes its own folders (and refuses one holding anything it did not write)
+        (dest / "train").mkdir(parents=True, exist_ok=True)
     copy = prepare(client, endpoint)
     from dali_imagenet.data.shardformat import sha256_file  # noqa: F401 - imported before the clock starts
 
