@@ -67,12 +67,12 @@ def install_notice_hook(env=os.environ, patch=setattr) -> None:
     elif phase == "staging":  # as train.py starts staging s3:// data onto the machine's disk
         import dali_imagenet.data.staging as staging
 
-        stage = staging.stage
+        prepare = staging._prepare  # what both stage() and train.py's staging-while-training start with
 
         def staging_then_notice(*args, **kwargs):
             notice()
-            return stage(*args, **kwargs)
-        patch(staging, "stage", staging_then_notice)
+            return prepare(*args, **kwargs)
+        patch(staging, "_prepare", staging_then_notice)
     elif phase == "startup":  # while the first DALI pipeline (the validation one) is built, before any step
         build, built = dali_loader.DaliLoader.__init__, []
 
