@@ -153,7 +153,9 @@ def read_splits(args, cfg: TrainConfig, procs: distributed.Processes, leaving: L
     splits must be labelled."""
     staged = staging.local_data(args.data, args.stage_dir, stream=args.stream, here=procs.local_master,
                                 interrupt=leaving.request.interrupt_if_asked)
-    shards, val_shards = find_shards(staged.data, "train"), find_shards(staged.data, "validation")
+    under_way = staged.landing is not None  # the tars still arriving: the loaders wait for each
+    shards = find_shards(staged.data, "train", staging=under_way)
+    val_shards = find_shards(staged.data, "validation", staging=under_way)
     if args.stream and s3.is_s3(args.data) and procs.master:
         print(staging.streaming_line(args.data, shards.samples + val_shards.samples, cfg.epochs,
                                      cfg.s3_get_price_per_1000), file=sys.stderr, flush=True)
@@ -294,6 +296,7 @@ def train(run: Run) -> str | None:
                 state.loader = [loader.state_dict()]
                 run.save_checkpoint()
             raise
+        del loader  # its DALI pipeline's memory goes before validation (and the next epoch) build their own
         if result.ended:
             end_epoch(run, result.rates)
         if result.stop:

@@ -325,8 +325,8 @@ def minutes_to_first_step(gb_first: float, network_gbit: float, vcpus: int = G6_
     (`cpu_s_per_gb`, measured)."""
     link_gb_s, cpu_gb_s = network_gbit / 8, vcpus / cpu_s_per_gb
     if link_gb_s <= cpu_gb_s:
-        return gb_first / link_gb_s / 60, f"network: {gb_first:g} GB at {network_gbit:g} Gbit/s"
-    return gb_first / cpu_gb_s / 60, f"CPU: {gb_first:g} GB at {cpu_s_per_gb:g} CPU-s/GB on {vcpus} vCPUs"
+        return gb_first / link_gb_s / 60, f"network: {gb_first:.1f} GB at {network_gbit:g} Gbit/s"
+    return gb_first / cpu_gb_s / 60, f"CPU: {gb_first:.1f} GB at {cpu_s_per_gb:g} CPU-s/GB on {vcpus} vCPUs"
 
 
 def _bound(step_rate: float, loader_rate: float | None) -> str:
@@ -348,7 +348,8 @@ def table(result: dict) -> str:
     gpu = result["machine"]["gpu"] or f"CPU ({result['machine']['cpu_count']} cores)"
     launch = result["launch"]
     lines.append(f"\na relaunch after a reclaim: {launch['relaunch_min']:.1f} min (provisioning "
-                 f"{launch['provision_min']:g} + setup {launch['setup_min']:g} + staging {launch['staging_min']:.1f} + "
+                 f"{launch['provision_min']:g} + setup {launch['setup_min']:g} + staging to the first step mid-epoch "
+                 f"{launch['relaunch_staging_min']:.1f} + "
                  f"compile {launch['compile_min']:.1f} + EC2's notice {launch['notice_min']:g})"
                  + (f"; {result['interruption_rate']:g} reclaims per machine-hour expected"
                     if result["interruption_rate"] is not None else ""))

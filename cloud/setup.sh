@@ -34,7 +34,8 @@ run_step() {
   local what="$1" step_started=$SECONDS pid status
   shift
   say "$what"
-  ( while sleep "$heartbeat_s"; do
+  # (the sleep's output away from the pipe: a sleep outliving its killed loop would hold SkyPilot's log open)
+  ( while sleep "$heartbeat_s" >/dev/null 2>&1; do
       say "  ... $what: $((SECONDS - step_started)) s so far, $(du -sh "$venv" 2>/dev/null | cut -f1) in $venv"
     done ) &
   pid=$!

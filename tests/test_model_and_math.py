@@ -424,7 +424,7 @@ def test_a_launch_is_billed_from_the_instances_launch_or_from_an_earlier_launch_
                           now=1160.0)
     assert record["phases_s"]["start"] == 150.0 and record["phases_s"]["training"] == 60.0
     assert record["seconds"] == 380.0 and record["overhead_s"] == 320.0 and record["launch"] == 3
-    assert record["started_at"] == "1970-01-01T00:13:00.0Z" and record["dollars"] == pytest.approx(380 / 3600 * 0.36)
+    assert record["started_at"] == "1970-01-01T00:13:00.000Z" and record["dollars"] == pytest.approx(380 / 3600 * 0.36)
     off_ec2 = LaunchClock(started=1000.0)
     off_ec2.on_machine({}, None)
     assert off_ec2.before_start() == {}
@@ -464,3 +464,20 @@ def test_a_plain_state_dict_of_a_narrow_resnet_loads_at_its_width(trained_run):
     x = torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last)
     with torch.no_grad():
         assert torch.equal(plain.model(x), last.model(x))
+
+
+def test_launch_stamps_are_read_back_whatever_their_fraction_digits():
+    """A launch's `ended_at` is read back by the next launch on the same machine (Python 3.10 there:
+    its `fromisoformat` takes only 3 or 6 fraction digits and no "Z"; ours parses any)."""
+    import datetime
+
+    from dali_imagenet.run.launches import _iso
+    from dali_imagenet.run.spot import utc_seconds
+
+    noon = datetime.datetime(2026, 12, 7, 12, tzinfo=datetime.timezone.utc).timestamp()
+    assert utc_seconds("2026-12-07T12:00:00Z") == noon
+    assert utc_seconds("2026-12-07T12:00:00.1Z") == pytest.approx(noon + 0.1)
+    assert utc_seconds("2026-12-07T12:00:00.123456+00:00") == pytest.approx(noon + 0.123456)
+    stamp = _iso(noon + 1.2345)
+    assert stamp == "2026-12-07T12:00:01.234Z"  # milliseconds: three digits, as 3.10 reads them too
+    assert datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp() == pytest.approx(noon + 1.234)

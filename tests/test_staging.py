@@ -353,7 +353,7 @@ def test_the_plan_stages_at_the_slower_of_the_link_and_the_cpus():
     minutes, bound = minutes_to_first_step(147, 2.5, vcpus=4, cpu_s_per_gb=2.5)
     assert minutes == pytest.approx(147 * 8 / 2.5 / 60) and bound.startswith("network")
     minutes, bound = minutes_to_first_step(147, 100, vcpus=4, cpu_s_per_gb=2.5)  # 12.5 GB/s of link, 1.6 of CPU
-    assert minutes == pytest.approx(147 * 2.5 / 4 / 60) and bound == "CPU: 147 GB at 2.5 CPU-s/GB on 4 vCPUs"
+    assert minutes == pytest.approx(147 * 2.5 / 4 / 60) and bound == "CPU: 147.0 GB at 2.5 CPU-s/GB on 4 vCPUs"
 
 
 def test_the_staging_benchmark_measures_each_client_and_the_notice(tmp_path):
@@ -567,3 +567,22 @@ def test_two_processes_on_one_machine_train_while_one_of_them_stages(fine_shards
     a = torch.load(tmp_path / "local" / "final_weights.pt", weights_only=True)
     b = torch.load(tmp_path / "staged" / "final_weights.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a), "2 ranks staged while training != 2 ranks on the local shards"
+
+
+def test_a_staged_copy_cut_short_is_refused_except_by_the_run_that_stages_it(sample_shards, tmp_path):
+    """A staging while training that was cut short (a reclaim, a kill) leaves its manifest beside
+    zero-filled placeholders: any reader but a run waiting on its tars gets one line, not zeros."""
+    import json
+    import shutil
+
+    from dali_imagenet.data.shardformat import STAGING_RECORD
+    from dali_imagenet.data.shards import ShardError
+
+    copy = tmp_path / "staged"
+    shutil.copytree(sample_shards, copy)
+    tar = find_shards(copy, "train").tars[0]
+    name = Path(tar).relative_to(copy).as_posix()
+    (copy / STAGING_RECORD).write_text(json.dumps({name: {"pending": True}}))
+    with pytest.raises(ShardError, match=r"a staged copy not yet complete \(1 tars not fetched, e\.g\. .*--stage-dir"):
+        find_shards(copy, "train")
+    assert find_shards(copy, "train", staging=True).samples == find_shards(sample_shards, "train").samples

@@ -27,6 +27,9 @@ MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 TIMM_INFO = "_info.json"
 CLASSES_TSV = "classes.tsv"
+# A staged copy's record (staging.py): {name: {bytes, mtime_ns, check}}: verified (a tar: landed);
+# {"pending": true}: a placeholder not yet fetched (a staging while training, or one cut short)
+STAGING_RECORD = ".staged.json"
 INDEX_VERSION = "v1.2"
 
 

@@ -13,6 +13,7 @@ so no pipeline is built just to ask.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import tempfile
@@ -24,6 +25,7 @@ from dali_imagenet import s3
 from dali_imagenet.data.shardformat import (
     CLASSES_TSV,
     MANIFEST,
+    STAGING_RECORD,
     FormatError,
     index_end,
     index_existing_tar,
@@ -83,16 +85,33 @@ class SplitShards:
                            self.class_names, self.root, self.layout, self.unlabelled, self.split)
 
 
-def find_shards(data: str | os.PathLike, split: str, cache_dir: str | os.PathLike | None = None) -> SplitShards:
+def find_shards(data: str | os.PathLike, split: str, cache_dir: str | os.PathLike | None = None, *,
+                staging: bool = False) -> SplitShards:
+    """`staging`: the caller reads the folder while its tars are being staged (and waits for each,
+    `staging.Landing`); otherwise a staged copy with tars not yet fetched is refused in one line."""
     data = str(data)
     if s3.is_s3(data):
         return _from_s3(data, split, cache_dir)
     root = Path(data)
     if not root.is_dir():
         raise ShardError(f"{root}: no such data folder")
+    if not staging:
+        _refuse_pending(root)
     if (root / MANIFEST).is_file():
         return _from_manifest((root / MANIFEST).read_text(), split, str(root), check_local=True)
     return _from_timm_layout(root, split, Path(cache_dir) if cache_dir else default_index_cache())
+
+
+def _refuse_pending(root: Path) -> None:
+    """A staging cut short (a reclaim, a kill) leaves zero-filled placeholders beside its manifest."""
+    try:
+        record = json.loads((root / STAGING_RECORD).read_text())
+    except (OSError, ValueError):
+        return
+    pending = sorted(name for name, entry in record.items() if isinstance(entry, dict) and entry.get("pending"))
+    if pending:
+        raise ShardError(f"{root}: a staged copy not yet complete ({len(pending)} tars not fetched, e.g. "
+                         f"{pending[0]}): train.py with the same --stage-dir fetches the rest, or stage-shards")
 
 
 def _from_manifest(text: str | bytes, split: str, base: str, check_local: bool) -> SplitShards:

@@ -49,6 +49,7 @@ from dali_imagenet.data.partition import epoch_shards, rank_pieces
 from dali_imagenet.data.shardformat import (
     CLASSES_TSV,
     MANIFEST,
+    STAGING_RECORD,
     TIMM_INFO,
     FormatError,
     file_digest,
@@ -62,7 +63,7 @@ from dali_imagenet.data.shardformat import (
 from dali_imagenet.data.shards import TIMM_SPLIT_NAMES, SplitShards, is_timm_tar
 from dali_imagenet.errors import DaliImagenetError, Interrupted
 
-RECORD = ".staged.json"  # {name: {bytes, mtime_ns, check}}: verified (a tar: landed); {"pending": true}: not yet
+RECORD = STAGING_RECORD
 LOCK = ".staging.lock"
 FAILED = ".staging.failed"  # the line that ended a staging under way, for every process that waits on it
 PREPARED = ".staging.prepared"  # the launch whose indices and placeholders are in place (the local master's parent)
@@ -706,17 +707,17 @@ def local_data(data: str, stage_dir: str | None, *, stream: bool, here: bool, in
         return Staging(data)
     folder = Path(stage_dir or default_folder(data))
     s3.split_s3_url(data)  # a bad URL is said before anything is made
+    launch = str(os.getppid())  # torchrun's agent: the same for every process of this launch on this machine
+    if not here:  # (the folder is the stager's to check: it may be writing its record right now)
+        while not _prepared_by(folder, launch):
+            interrupt()
+            time.sleep(POLL_S)
+        return Staging(str(folder), Landing(folder, interrupt))
     check_folder(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise StagingError(f"{folder}: cannot make the staging folder ({error.strerror})") from None
-    launch = str(os.getppid())  # torchrun's agent: the same for every process of this launch on this machine
-    if not here:
-        while not _prepared_by(folder, launch):
-            interrupt()
-            time.sleep(POLL_S)
-        return Staging(str(folder), Landing(folder, interrupt))
     say = lambda line: print(line, flush=True)  # noqa: E731
     with _locked(folder / LOCK, interrupt):
         prepared = _prepare(data.rstrip("/"), folder, ("train", "validation"), 16, interrupt, say, manifest_now=True,

@@ -24,9 +24,11 @@ from pathlib import Path
 
 from dali_imagenet import s3
 from dali_imagenet.run.run_folder import LAUNCHES
+from dali_imagenet.run.spot import utc_seconds
 
 PHASES = ("provisioning", "setup", "start", "staging", "resume", "compile", "training", "leaving")
 TRAINING = "training"  # every other phase is overhead: what a launch costs before and after it trains
+START_SLACK_S = 1.0  # the process's start and setup's end come from different clocks (both to ~10 ms here)
 SETUP_TIMES = "~/.dali-imagenet-setup.json"  # cloud/setup.sh's start and end (Unix times); $SETUP_TIMES overrides
 PRICE_TIMEOUT_S = 5.0  # EC2's price history is asked during the way out (a reclaim leaves two minutes)
 
@@ -70,16 +72,16 @@ class LaunchClock:
         machine an earlier launch of the run used, from that launch's end) to setup's start
         (provisioning), setup, and on to the process (start). Empty off EC2."""
         launched = self.instance.get("pending_time")
-        same = [_unix(e["ended_at"]) for e in self.earlier
+        same = [utc_seconds(e["ended_at"]) for e in self.earlier
                 if self.instance.get("instance_id") and e.get("instance", {}).get("instance_id") ==
                 self.instance["instance_id"]]
         if launched is None or launched > self.started:
             return {}
         launched = max([launched, *same])
         setup = self.setup
-        if setup and launched <= setup["started"] <= setup["ended"] <= self.started:
+        if setup and launched <= setup["started"] <= setup["ended"] <= self.started + START_SLACK_S:
             return {"provisioning": setup["started"] - launched, "setup": setup["ended"] - setup["started"],
-                    "start": self.started - setup["ended"]}
+                    "start": max(0.0, self.started - setup["ended"])}
         return {"provisioning": self.started - launched}
 
     def record(self, *, exit_code: int, reason: str | None, machines: int, price: tuple[float, str],
@@ -106,14 +108,15 @@ class LaunchClock:
 
 
 def process_started() -> float:
-    """When this process started (Unix time, to a clock tick and the boot time's second): its
-    interpreter's start-up and imports count too. Where /proc cannot say: now."""
+    """When this process started (Unix time, to a clock tick): its interpreter's start-up and
+    imports count too. Its age from /proc (ticks since boot) against the boot clock now, not
+    /proc/stat's boot time, which is whole seconds (a process then seemed to start before the
+    setup that ran it had ended). Where /proc cannot say: now."""
     try:
         fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime "))
-        return min(time.time(), boot + int(fields[19]) / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError, StopIteration):
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        return time.time() - max(0.0, age)
+    except (OSError, ValueError, IndexError, AttributeError):
         return time.time()
 
 
@@ -244,8 +247,4 @@ def _utc(unix: float) -> datetime.datetime:
 
 
 def _iso(unix: float) -> str:
-    return _utc(unix).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-6] + "Z"  # tenths of a second
-
-
-def _unix(stamp: str) -> float:
-    return datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    return _utc(unix).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"  # milliseconds
