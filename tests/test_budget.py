@@ -105,8 +105,8 @@ def test_projection_behind_ahead_and_on_plan():
 
 
 # train.py: the tiny recipe of the other train tests, at 3 epochs' worth of budget or so.
-BUDGETED = ("image_size=32", "min_image_size=16", "ramp_start_epoch=1", "ramp_end_epoch=3", "image_size_step=16",
-            "epochs=4", "val_every=0")
+BUDGETED = ("image_size=32", "min_image_size=16", "ramp_start_epoch=9", "ramp_end_epoch=15", "image_size_step=16",
+            "epochs=20", "val_every=0")  # its ladder: 1 to 44 epochs of ~0.5 s here
 
 
 def chosen(run_dir) -> dict:
@@ -124,9 +124,9 @@ def test_budget_runs_pick_by_budget_end_on_time_and_refuse_too_little(sample_sha
     machine: 25 % margin for the noise of a shared CPU); a budget below one epoch: one line, nothing written."""
     small, large = tmp_path / "small", tmp_path / "large"
     train(sample_shards, large, *BUDGETED, extra=["--budget-hours", str(60 / 3600)])
-    train(sample_shards, small, *BUDGETED, extra=["--budget-hours", str(25 / 3600)])
+    train(sample_shards, small, *BUDGETED, extra=["--budget-hours", str(15 / 3600)])
     picked = {}
-    for run_dir, budget_s in ((small, 25.0), (large, 60.0)):
+    for run_dir, budget_s in ((small, 15.0), (large, 60.0)):
         record = started(run_dir)["budget"]
         config = chosen(run_dir)
         assert config["epochs"] == record["schedule"]["epochs"] and config["budget_hours"] * 3600 == pytest.approx(
@@ -138,7 +138,7 @@ def test_budget_runs_pick_by_budget_end_on_time_and_refuse_too_little(sample_sha
         assert [n["epoch"] for n in notes] == list(range(1, config["epochs"] + 1))
         assert record["spent_s"] + end["cost"]["wall_hours"] * 3600 <= budget_s * 1.25  # start to end
         picked[budget_s] = config["epochs"]
-    assert picked[25.0] < picked[60.0]
+    assert picked[15.0] < picked[60.0]
     refused = train(sample_shards, tmp_path / "none", *BUDGETED, extra=["--budget-hours", str(2 / 3600)],
                     check=False)
     assert refused.returncode == 1 and refused.stderr.strip().splitlines()[-1].startswith("error: a budget of 2 s is")
