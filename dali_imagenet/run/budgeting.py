@@ -169,7 +169,7 @@ def measure(cfg: TrainConfig, procs: distributed.Processes, precision: Precision
         checkpoint_s = time.perf_counter() - started
     steps = batches_per_epoch(shards.samples, procs.world, cfg.batch_size, train=True)
     rates = budget.Rates(train, warmup, val, checkpoint_s, steps * cfg.batch_size * procs.world, val_shards.samples,
-                         max(distributed.gather(max(loader_s), procs)))
+                         max(distributed.gather(min(loader_s), procs)))  # the first build is a cold start
     del training, step
     gc.collect()
     return rates
