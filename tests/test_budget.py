@@ -177,3 +177,35 @@ def test_config_budget_fields_are_checked():
     for bad in ("budget_hours=-1", "budget_reserve=0.6", "budget_measure_share=0"):
         with pytest.raises(ConfigError, match="budget"):
             load_config(None, [bad])
+
+
+def plan_table(*args) -> str:
+    from conftest import run_in_process
+
+    from benchmarks import plan as planner
+
+    result = run_in_process(planner.main, ["plan", "--config", "configs/l4-16h.yaml", *map(str, args)])
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_plan_budget_table_from_a_given_rate():
+    table = plan_table
+    at_700 = table("--budget-hours", 16, "--rate", 700)
+    rows = {line.split("|")[1].strip(): line for line in at_700.splitlines() if line.startswith("| ") and "---" not in
+            line and "epochs" not in line}
+    assert list(rows) == ["16", "24", "32"]  # what fits, and the first that does not
+    assert "73.8 %" in rows["16"] and rows["24"].endswith("| yes |") and rows["32"].endswith("| no |")
+    assert "| 160-192 |" in rows["16"] and "| 11-13 |" in rows["16"]  # FFCV's ramp for 16 epochs
+    by_dollars = table("--budget-dollars", 16 * 0.8048, "--rate", 700)  # the same budget in dollars
+    assert by_dollars.splitlines()[1:] == at_700.splitlines()[1:]
+    assert "too small for one epoch" in table("--budget-hours", 0.1, "--rate", 700)
+
+
+@pytest.mark.slow
+def test_plan_budget_table_from_rates_measured_here():
+    measured = plan_table("--budget-hours", 0.2, "--device", "cpu", "--seconds", 0.1, "--train-images", 64,
+                     "--val-images", 16, "--shards-gb", 0, *[f"--set={item}" for item in (
+                         "arch=resnet10", "width=16", "batch_size=4", "compile=false", "min_image_size=32",
+                         "image_size=64", "val_image_size=32", "ema_decay=0")])
+    assert "train rate measured on cpu (step only: no --data)" in measured and "| 88 |" in measured  # all fit
