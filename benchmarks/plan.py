@@ -252,14 +252,14 @@ def budget_rates(cfg: TrainConfig, *, rate: float | None, val_rate: float | None
     """(`budget.Rates` as a dict, where each number came from) for the budget table: `rate` img/s
     at every train size when given (an average over the run), else the step (and with `data` the
     loader) measured here at each size the ladder uses. A given rate's validation is scaled by the
-    pixels and forward passes it costs against a train step's ~3 (forward + backward)."""
+    pixels and forward passes it costs (`budget.validation_rate`)."""
     from dali_imagenet.training import budget
 
     recipe = budget.Recipe.of(cfg)
     sizes = sorted({recipe.size(budget.scaled(recipe, e), epoch) for e in budget.ladder(recipe) for epoch in range(e)})
     if rate:
         forwards = (2 if cfg.ema_decay else 1) * (2 if cfg.val_flip else 1)
-        estimated = rate * 3 * (cfg.image_size / cfg.val_image_size) ** 2 / forwards
+        estimated = budget.validation_rate(rate, cfg.image_size, cfg.val_image_size, forwards)
         train = {size: rate for size in sizes}
         warmup = {size: 60.0 if cfg.compile else 5.0 for size in sizes}
         source = {"train": f"given: {rate:g} img/s at every size", "val": f"given: {val_rate:g} img/s" if val_rate

@@ -106,7 +106,7 @@ def test_projection_behind_ahead_and_on_plan():
 
 # train.py: the tiny recipe of the other train tests, at 3 epochs' worth of budget or so.
 BUDGETED = ("image_size=32", "min_image_size=16", "ramp_start_epoch=9", "ramp_end_epoch=15", "image_size_step=16",
-            "epochs=20", "val_every=0")  # its ladder: 1 to 44 epochs of ~0.5 s here
+            "epochs=20", "val_every=0", "batch_size=4")  # its ladder: 1 to 44 epochs of 24 steps, ~1 s here
 
 
 def chosen(run_dir) -> dict:
@@ -120,29 +120,31 @@ def started(run_dir) -> dict:
 @pytest.mark.slow
 def test_budget_runs_pick_by_budget_end_on_time_and_refuse_too_little(sample_shards, tmp_path):
     """A small and a large budget on the same machine: fewer epochs for the smaller; each ends
-    within its budget (the prediction comes from rates measured seconds before, on the same
-    machine: 25 % margin for the noise of a shared CPU); a budget below one epoch: one line, nothing written."""
+    within its budget, start to end (the prediction comes from rates measured seconds before on
+    the same machine; the margin, 25 % or 10 s, whichever is more, is for a shared CPU's stalls:
+    one of a few seconds is a third of the small budget); a budget below one epoch: one line,
+    nothing written."""
     small, large = tmp_path / "small", tmp_path / "large"
+    refused = train(sample_shards, tmp_path / "none", *BUDGETED, extra=["--budget-hours", str(2 / 3600)],
+                    check=False)  # first: this process's first run pays the imports and DALI's start
+    assert refused.returncode == 1 and refused.stderr.strip().splitlines()[-1].startswith("error: a budget of 2 s is")
+    assert "too small for one epoch" in refused.stderr and not (tmp_path / "none").exists()
     train(sample_shards, large, *BUDGETED, extra=["--budget-hours", str(60 / 3600)])
-    train(sample_shards, small, *BUDGETED, extra=["--budget-hours", str(15 / 3600)])
+    train(sample_shards, small, *BUDGETED, extra=["--budget-hours", str(20 / 3600)])
     picked = {}
-    for run_dir, budget_s in ((small, 15.0), (large, 60.0)):
+    for run_dir, budget_s in ((small, 20.0), (large, 60.0)):
         record = started(run_dir)["budget"]
         config = chosen(run_dir)
         assert config["epochs"] == record["schedule"]["epochs"] and config["budget_hours"] * 3600 == pytest.approx(
             budget_s)
         assert record["rates"]["train"] and record["total_s"] + record["reserve_s"] <= budget_s
         end = [r for r in records(run_dir) if r.get("event") == "finished"][0]
-        assert end["step"] == config["epochs"] * 6  # every epoch of the schedule chosen, none cut
+        assert end["step"] == config["epochs"] * 24  # every epoch of the schedule chosen, none cut
         notes = [r for r in records(run_dir) if r.get("event") == "budget"]
         assert [n["epoch"] for n in notes] == list(range(1, config["epochs"] + 1))
-        assert record["spent_s"] + end["cost"]["wall_hours"] * 3600 <= budget_s * 1.25  # start to end
+        assert record["spent_s"] + end["cost"]["wall_hours"] * 3600 <= budget_s + max(0.25 * budget_s, 10)
         picked[budget_s] = config["epochs"]
-    assert picked[15.0] < picked[60.0]
-    refused = train(sample_shards, tmp_path / "none", *BUDGETED, extra=["--budget-hours", str(2 / 3600)],
-                    check=False)
-    assert refused.returncode == 1 and refused.stderr.strip().splitlines()[-1].startswith("error: a budget of 2 s is")
-    assert "too small for one epoch" in refused.stderr and not (tmp_path / "none").exists()
+    assert picked[20.0] < picked[60.0]
 
 
 @pytest.mark.slow
@@ -209,3 +211,9 @@ def test_plan_budget_table_from_rates_measured_here():
                          "arch=resnet10", "width=16", "batch_size=4", "compile=false", "min_image_size=32",
                          "image_size=64", "val_image_size=32", "ema_decay=0")])
     assert "train rate measured on cpu (step only: no --data)" in measured and "| 88 |" in measured  # all fit
+
+
+def test_rates_carried_by_pixels():
+    assert budget.pixel_rate(400.0, 64, 128) == pytest.approx(100.0)
+    # raw + EMA with flips at 256 px against a train step at 192 px: 3 x (192/256)^2 / 4 of the train rate
+    assert budget.validation_rate(700.0, 192, 256, 4) == pytest.approx(700 * 3 * 0.5625 / 4)

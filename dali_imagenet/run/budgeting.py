@@ -58,7 +58,8 @@ def fix_schedule(cfg: TrainConfig, state, *, resumed: bool, procs: distributed.P
     plan = budget.Recipe.of(cfg)
     sizes = sorted({plan.size(budget.scaled(plan, e), epoch) for e in budget.ladder(plan) for epoch in range(e)})
     seconds = budget.measure_seconds(budget_s, cfg.budget_measure_share, len(sizes))
-    rates = measure(cfg, procs, precision, shards, val_shards, loader_options, sizes, seconds)
+    rates = measure(cfg, procs, precision, shards, val_shards, loader_options, sizes, seconds,
+                    cap_s=cfg.budget_measure_share * budget_s)
     spent_s = max(distributed.gather(time.monotonic() - STARTED, procs))
     overheads = budget.Overheads(spent_s, cfg.budget_reserve, cfg.budget_relaunches, cfg.budget_relaunch_minutes * 60)
     try:
@@ -84,8 +85,10 @@ def chosen_line(chosen: budget.Prediction, rates: budget.Rates, spent_s: float, 
 def measured_line(rates: budget.Rates) -> str:
     train = ", ".join(f"{px} px {rate:,.0f} img/s (+{rates.warmup_s[px]:.0f} s warm-up)"
                       for px, rate in sorted(rates.train.items()))
+    scaled = f" ({', '.join(map(str, rates.estimated))} not measured: measuring hit its cap)" \
+        if rates.estimated else ""
     return (f"train {train}, validation {rates.val:,.0f} img/s, checkpoint {rates.checkpoint_s:.1f} s, "
-            f"loader start {rates.loader_s:.1f} s")
+            f"loader start {rates.loader_s:.1f} s{scaled}")
 
 
 def resumed_line(cfg: TrainConfig, state, shards, procs) -> str:
@@ -127,21 +130,31 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(cfg: TrainConfig, procs: distributed.Processes, precision: Precision, shards, val_shards,
-            loader_options: dict, sizes: list[int], seconds: float) -> budget.Rates:
+            loader_options: dict, sizes: list[int], seconds: float, cap_s: float) -> budget.Rates:
     """The train step with its loader at each of `sizes` (a model of the run's own, thrown away; the
     run's random state is left as it was), the validation pass and a checkpoint's save: what the
-    run will do, for about `seconds` each after a warm-up. Every rank measures; the slowest counts."""
+    run will do, for about `seconds` each after a warm-up. Every rank measures; the slowest counts.
+    Past `cap_s` (a slow machine: the warm-up and the fewest steps took longer), the sizes left
+    (smaller: sizes go largest first) take the rate of the smallest measured, and the validation's
+    is scaled from the train step's by its pixels and passes."""
     devices = [procs.device] if procs.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         training = recipe.build(cfg, shards.num_classes, procs, precision)
         step = training.step(cfg, procs, precision, shards.num_classes)
         step.train_model.train()
-        train, warmup, loader_s, counter = {}, {}, [], 0
-        for size in sizes:
-            started = time.perf_counter()
-            loader = make_loader(shards, "train", seed=cfg.seed, epoch=0, image_size=size,
-                                 shuffle_buffer=cfg.shuffle_buffer, crop_min_area=cfg.crop_min_area, **loader_options)
-            loader_s.append(time.perf_counter() - started)
+        train, warmup, loader_s, counter, estimated, began = {}, {}, [], 0, [], time.perf_counter()
+        for size in sorted(sizes, reverse=True):
+            if train and distributed.any_rank([time.perf_counter() - began > cap_s], procs)[0]:
+                measured = min(train)  # its rate: a smaller size is faster, by less than its pixels on small nets
+                train[size], warmup[size] = train[measured], warmup[measured]
+                estimated.append(size)
+                continue
+            for _ in range(1 if loader_s else 2):  # the first build in a process is DALI's cold start: paid once
+                started = time.perf_counter()
+                loader = make_loader(shards, "train", seed=cfg.seed, epoch=0, image_size=size,
+                                     shuffle_buffer=cfg.shuffle_buffer, crop_min_area=cfg.crop_min_area,
+                                     **loader_options)
+                loader_s.append(time.perf_counter() - started)
             batches, timed = _endless(loader), 0
             started = time.perf_counter()
             for _ in range(WARMUP_STEPS):
@@ -162,14 +175,20 @@ def measure(cfg: TrainConfig, procs: distributed.Processes, precision: Precision
             warmup[size] = max(0.0, max(distributed.gather(warm_s, procs)) - WARMUP_STEPS * timed_s / timed)
             del batches, loader
             gc.collect()
-        val = _validation_rate(cfg, procs, precision, val_shards, loader_options, training, seconds)
+        if distributed.any_rank([time.perf_counter() - began > cap_s], procs)[0]:
+            forwards = (2 if training.ema else 1) * (2 if cfg.val_flip else 1)
+            val = budget.validation_rate(train[max(sizes)], max(sizes), cfg.val_image_size, forwards)
+            estimated.append("val")
+        else:
+            val = _validation_rate(cfg, procs, precision, val_shards, loader_options, training, seconds)
         started = time.perf_counter()
         torch.save({"model": training.model.state_dict(), "optimizer": training.optimizer.state_dict(),
                     "ema": training.ema.state_dict() if training.ema else None}, io.BytesIO())
         checkpoint_s = time.perf_counter() - started
     steps = batches_per_epoch(shards.samples, procs.world, cfg.batch_size, train=True)
     rates = budget.Rates(train, warmup, val, checkpoint_s, steps * cfg.batch_size * procs.world, val_shards.samples,
-                         max(distributed.gather(min(loader_s), procs)))  # the first build is a cold start
+                         max(distributed.gather(min(loader_s), procs)),
+                         tuple(estimated))
     del training, step
     gc.collect()
     return rates

@@ -72,6 +72,7 @@ class Rates:
     train_images: int  # per epoch (steps x global batch)
     val_images: int
     loader_s: float = 0.0  # each epoch's train loader built (its pipelines started)
+    estimated: tuple = ()  # what was not measured but scaled from what was (px sizes, "val"): measuring's cap
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,20 @@ def budget_seconds(hours: float, dollars: float, price_per_hour: float) -> float
             raise TooSmall("a dollar budget needs the machine's price: pass --price-per-hour (or price_per_hour)")
         limits.append(dollars / price_per_hour * 3600)
     return min(limits)
+
+
+TRAIN_STEP_FORWARDS = 3  # a train step costs about three forward passes (forward, and backward twice that)
+
+
+def pixel_rate(rate: float, from_px: int, to_px: int) -> float:
+    """A rate at `from_px` carried to `to_px`: the work per image goes with its pixels."""
+    return rate * (from_px / to_px) ** 2
+
+
+def validation_rate(train_rate: float, train_px: int, val_px: int, forwards: int) -> float:
+    """A validation pass's images/s from the train step's at `train_px`: `forwards` passes an
+    image (models x flips) at `val_px` against a train step's ~3 at its size."""
+    return pixel_rate(train_rate * TRAIN_STEP_FORWARDS / forwards, train_px, val_px)
 
 
 def measure_seconds(budget_s: float, share: float, sizes: int, most_s: float = 20.0) -> float:
