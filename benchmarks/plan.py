@@ -360,7 +360,8 @@ def budget_main(args, cfg: TrainConfig) -> str:
         with open(args.json, "w") as f:
             json.dump({"budget_s": budget_s, "rates": rates, "source": source, "staging_s": staging_s}, f, indent=1)
     return (f"{text}\ntrain rate {source['train']}; validation {source['val']}; warm-up {source['warmup']}; "
-            f"staging {staging_s / 60:.0f} min ({args.shards_gb:g} GB at {args.network_gbit:g} Gbit/s) counted")
+            f"checkpoints {rates['checkpoint_s']:g} s each (assumed); staging {staging_s / 60:.0f} min "
+            f"({args.shards_gb:g} GB at {args.network_gbit:g} Gbit/s) counted")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from dali_imagenet.errors import UsageError
 from dali_imagenet.training.schedule import image_size_at
 
 # ResNet-50 on 8 x A100, top-1 %, by epochs (libffcv/ffcv-imagenet's README; rn50_configs/rn50_*_epochs.yaml).
@@ -149,7 +150,7 @@ def table(recipe: Recipe, rates: Rates, overheads: Overheads, budget_s: float) -
     return [predict(recipe, scaled(recipe, epochs), rates, overheads, budget_s) for epochs in ladder(recipe)]
 
 
-class TooSmall(ValueError):
+class TooSmall(UsageError):
     """Not even the shortest schedule fits; the message is one line."""
 
 
