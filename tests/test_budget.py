@@ -12,6 +12,7 @@ from conftest import EXACT, records, train
 
 from dali_imagenet.config import load_config
 from dali_imagenet.training import budget
+from standins.imds import StandInIMDS, install_notice_hook
 
 FFCV_RAMPS = {16: (11, 13), 24: (17, 20), 32: (23, 27), 40: (29, 34), 56: (41, 48), 88: (65, 76)}  # their yamls
 
@@ -214,6 +215,46 @@ def test_plan_budget_table_from_rates_measured_here():
 
 
 def test_rates_carried_by_pixels():
+    measured = {64: 128.0, 96: 64.0}
+    assert budget.interpolated_rate(measured, 64) == 128.0 and budget.interpolated_rate(measured, 112) == 64.0
+    share = (80**2 - 64**2) / (96**2 - 64**2)  # an image's seconds, linear in its pixels
+    assert budget.interpolated_rate(measured, 80) == pytest.approx(1 / ((1 - share) / 128 + share / 64))
     assert budget.pixel_rate(400.0, 64, 128) == pytest.approx(100.0)
     # raw + EMA with flips at 256 px against a train step at 192 px: 3 x (192/256)^2 / 4 of the train rate
     assert budget.validation_rate(700.0, 192, 256, 4) == pytest.approx(700 * 3 * 0.5625 / 4)
+
+
+@pytest.fixture
+def imds():
+    server = StandInIMDS()
+    yield server
+    server.close()
+
+
+@pytest.mark.slow
+def test_a_budget_run_stopped_by_a_spot_notice_keeps_its_choice_on_a_new_machine(sample_shards, s3_bucket, imds,
+                                                                                tmp_path, monkeypatch):
+    """The notice at step 3 (exit 75, the checkpoint in S3), then SkyPilot's relaunch: the same
+    command on a new machine (an empty --out, --resume auto from S3): the schedule comes from the
+    checkpoint, nothing is measured again, and the run ends where one given that schedule outright does."""
+    from conftest import child_env
+    from test_spot import SETS
+
+    from dali_imagenet.run import exits
+
+    url, budget_args = f"s3://{s3_bucket}/runs/budget", ["--budget-hours", str(40 / 3600)]
+    hooks = dict(NOTICE_URL=imds.notice_url, NOTICE_AT="step", NOTICE_STEP="3")
+    on_spot = child_env(AWS_EC2_METADATA_SERVICE_ENDPOINT=imds.url, AWS_EC2_METADATA_DISABLED="false", **hooks)
+    install_notice_hook(hooks, monkeypatch.setattr)
+    first = train(sample_shards, tmp_path / "first", *SETS, extra=[*budget_args, "--s3", url], env=on_spot, check=False)
+    monkeypatch.undo()
+    assert first.returncode == exits.RECLAIM, first.stderr[-3000:]
+    record = started(tmp_path / "first")["budget"]
+    second = train(sample_shards, tmp_path / "second", *SETS,
+                   extra=[*budget_args, "--resume", "auto", "--s3", url, "--spot", "off"])
+    assert "resumed with the schedule chosen at the start" in second.stdout
+    assert started(tmp_path / "second")["budget"] == record  # from the checkpoint, not measured again
+    schedule = [f"{k}={v}" for k, v in record["schedule"].items()]
+    train(sample_shards, tmp_path / "straight", *SETS, *schedule)
+    a, b = (torch.load(d / "final_weights.pt", weights_only=True) for d in (tmp_path / "second", tmp_path / "straight"))
+    assert all(torch.equal(a[k], b[k]) for k in a), "stopped on a notice + relaunched != the schedule run straight"

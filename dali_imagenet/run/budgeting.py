@@ -25,6 +25,7 @@ from dali_imagenet.training.precision import Precision
 STARTED = time.monotonic()  # train.py's start (`start`): the budget's clock runs from here
 WARMUP_STEPS = 2  # per size, before the timed ones: compile, autotuning, the loader's first batches
 MIN_TIMED_STEPS = 3
+MEASURING_STEP0 = 10**9  # the throwaway model's step numbers: none of the run's (whatever is keyed on a step)
 
 
 def start() -> None:
@@ -85,7 +86,7 @@ def chosen_line(chosen: budget.Prediction, rates: budget.Rates, spent_s: float, 
 def measured_line(rates: budget.Rates) -> str:
     train = ", ".join(f"{px} px {rate:,.0f} img/s (+{rates.warmup_s[px]:.0f} s warm-up)"
                       for px, rate in sorted(rates.train.items()))
-    scaled = f" ({', '.join(map(str, rates.estimated))} not measured: measuring hit its cap)" \
+    scaled = f" ({', '.join(map(str, rates.estimated))} not measured but interpolated: measuring hit its cap)" \
         if rates.estimated else ""
     return (f"train {train}, validation {rates.val:,.0f} img/s, checkpoint {rates.checkpoint_s:.1f} s, "
             f"loader start {rates.loader_s:.1f} s{scaled}")
@@ -134,19 +135,18 @@ def measure(cfg: TrainConfig, procs: distributed.Processes, precision: Precision
     """The train step with its loader at each of `sizes` (a model of the run's own, thrown away; the
     run's random state is left as it was), the validation pass and a checkpoint's save: what the
     run will do, for about `seconds` each after a warm-up. Every rank measures; the slowest counts.
-    Past `cap_s` (a slow machine: the warm-up and the fewest steps took longer), the sizes left
-    (smaller: sizes go largest first) take the rate of the smallest measured, and the validation's
-    is scaled from the train step's by its pixels and passes."""
+    The largest and the smallest size are always measured; past `cap_s` (a slow machine: the
+    warm-up and the fewest steps took longer) the sizes between take a rate interpolated by
+    pixels, and the validation's is scaled from the train step's by its pixels and passes."""
     devices = [procs.device] if procs.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         training = recipe.build(cfg, shards.num_classes, procs, precision)
         step = training.step(cfg, procs, precision, shards.num_classes)
         step.train_model.train()
-        train, warmup, loader_s, counter, estimated, began = {}, {}, [], 0, [], time.perf_counter()
-        for size in sorted(sizes, reverse=True):
-            if train and distributed.any_rank([time.perf_counter() - began > cap_s], procs)[0]:
-                measured = min(train)  # its rate: a smaller size is faster, by less than its pixels on small nets
-                train[size], warmup[size] = train[measured], warmup[measured]
+        train, warmup, loader_s, counter, estimated, began = {}, {}, [], MEASURING_STEP0, [], time.perf_counter()
+        ends = [max(sizes), min(sizes)][:len(set(sizes))]
+        for size in [*ends, *sorted(set(sizes) - set(ends), reverse=True)]:
+            if size not in ends and distributed.any_rank([time.perf_counter() - began > cap_s], procs)[0]:
                 estimated.append(size)
                 continue
             for _ in range(1 if loader_s else 2):  # the first build in a process is DALI's cold start: paid once
@@ -175,6 +175,10 @@ def measure(cfg: TrainConfig, procs: distributed.Processes, precision: Precision
             warmup[size] = max(0.0, max(distributed.gather(warm_s, procs)) - WARMUP_STEPS * timed_s / timed)
             del batches, loader
             gc.collect()
+        for size in estimated:
+            measured = {px: rate for px, rate in train.items() if px not in estimated}
+            train[size] = budget.interpolated_rate(measured, size)
+            warmup[size] = max(warmup[px] for px in measured)
         if distributed.any_rank([time.perf_counter() - began > cap_s], procs)[0]:
             forwards = (2 if training.ema else 1) * (2 if cfg.val_flip else 1)
             val = budget.validation_rate(train[max(sizes)], max(sizes), cfg.val_image_size, forwards)

@@ -185,6 +185,21 @@ def pixel_rate(rate: float, from_px: int, to_px: int) -> float:
     return rate * (from_px / to_px) ** 2
 
 
+def interpolated_rate(rates: dict, px: int) -> float:
+    """The rate at `px` from those measured at other sizes (`rates`: px -> images/s): the seconds
+    an image takes, linear in its pixels between the nearest measured sizes below and above (the
+    nearest one's rate outside them)."""
+    below = [p for p in rates if p <= px]
+    above = [p for p in rates if p >= px]
+    if not below or not above:
+        return rates[min(rates, key=lambda p: abs(p - px))]
+    low, high = max(below), min(above)
+    if low == high:
+        return rates[low]
+    share = (px * px - low * low) / (high * high - low * low)
+    return 1.0 / ((1 - share) / rates[low] + share / rates[high])
+
+
 def validation_rate(train_rate: float, train_px: int, val_px: int, forwards: int) -> float:
     """A validation pass's images/s from the train step's at `train_px`: `forwards` passes an
     image (models x flips) at `val_px` against a train step's ~3 at its size."""
