@@ -57,11 +57,6 @@ class Recipe:
                              ramp_start_epoch=schedule.ramp_start_epoch, ramp_end_epoch=schedule.ramp_end_epoch,
                              step=self.image_size_step)
 
-    def validations(self, epochs: int) -> int:
-        """Validation passes of an `epochs`-epoch run (train.py's rule: every val_every, and the last)."""
-        every = self.val_every
-        return sum(1 for e in range(1, epochs + 1) if (every and e % every == 0) or e == epochs)
-
 
 @dataclass(frozen=True)
 class Rates:
