@@ -32,7 +32,7 @@ from dali_imagenet.errors import Interrupted
 from dali_imagenet.inference import predictions
 from dali_imagenet.report.html_report import write_report
 from dali_imagenet.report.wandb_media import wandb_media
-from dali_imagenet.run import exits, launches, resume, run_folder
+from dali_imagenet.run import budgeting, exits, launches, resume, run_folder
 from dali_imagenet.run.initial import initialise
 from dali_imagenet.run.interrupts import StopCheck, StopRequest
 from dali_imagenet.run.leaving import Leaving
@@ -72,6 +72,9 @@ def parse_args() -> argparse.Namespace:
     add("--spot", choices=["auto", "on", "off"], default="auto", help="watch EC2's spot interruption notice "
         "(auto: when the instance metadata service answers at start)")
     add("--price-per-hour", type=float, help="US$ per machine-hour, for the run's cost (default: the config's)")
+    add("--budget-hours", type=float, help="train the longest schedule that fits this many machine-hours, from rates "
+        "measured first (docs/training.md#training-to-a-budget)")
+    add("--budget-dollars", type=float, help="the same for US$ at --price-per-hour (with --budget-hours: the smaller)")
     return parser.parse_args()
 
 
@@ -109,14 +112,16 @@ def setup(args, cfg: TrainConfig, procs: distributed.Processes, leaving: Leaving
     staged.begin(staging.run_order(shards, val_shards, cfg.seed, point.state.epoch, procs.world,
                                    staging.machine_ranks(procs.rank, procs.local_rank)))
     leaving.clock.enter("start")  # the loaders, the step, the run folder
-    stops = StopCheck(leaving.request, procs, checkpoint_minutes=cfg.checkpoint_minutes, max_minutes=cfg.max_minutes,
-                      max_steps=cfg.max_steps, earlier_s=point.state.wall_s)
-    stops.interrupt_if_asked()  # a notice during the resume download: leave before anything is written
     backend = "dali" if args.dali else "torchvision"
     loader_options = dict(batch_size=cfg.batch_size, device=procs.device, rank=procs.rank, world_size=procs.world,
                           dtype=precision.loader_dtype, backend=backend, num_threads=cfg.loader_threads,
                           hw_decoder_load=cfg.hw_decoder_load, hybrid_huffman_threshold=cfg.hybrid_huffman_threshold,
                           normalization=cfg.normalization(), landing=staged.landing)
+    cfg = budgeting.fix_schedule(cfg, point.state, resumed=point.path is not None, procs=procs, precision=precision,
+                                 shards=shards, val_shards=val_shards, loader_options=loader_options)
+    stops = StopCheck(leaving.request, procs, checkpoint_minutes=cfg.checkpoint_minutes, max_minutes=cfg.max_minutes,
+                      max_steps=cfg.max_steps, earlier_s=point.state.wall_s)
+    stops.interrupt_if_asked()  # a notice during the resume download: leave before anything is written
     if staged.landing is None:  # the val split checked before anything is written (staging checks each tar as it lands)
         val_loader(cfg, val_shards, loader_options)  # built and dropped
     train_step = training.step(cfg, procs, precision, shards.num_classes)
@@ -130,7 +135,8 @@ def setup(args, cfg: TrainConfig, procs: distributed.Processes, leaving: Leaving
                          lease=leaving.lease,
                          extra={"loader": backend, "world_size": procs.world, "data": args.data,
                                 **({"staged_to": data} if data != args.data else {}), "config_file": args.config,
-                                "spot_watch": watching, **({"init": initialised.record()} if initialised else {})})
+                                "spot_watch": watching, **({"init": initialised.record()} if initialised else {}),
+                                **({"budget": point.state.budget} if point.state.budget else {})})
     leaving.run = Run(cfg, procs, precision, shards, val_shards, train_step, loader_options, schedule,
                       stops, outputs, point.state, leaving.watcher, cost_basis=leaving.launch_basis,
                       data_basis=data_basis(cfg, instance), streamed=args.stream and s3.is_s3(args.data),
@@ -228,6 +234,7 @@ def end_epoch(run: Run, rates: dict) -> None:
     run.outputs.log({"step": state.step, "epoch": epoch, "image_size": cfg.train_image_size(state.epoch),
                      **{f"epoch_{k}" if k in ("images_per_s", "data_wait", "images") else k: v
                         for k, v in rates.items()}})
+    line += budgeting.epoch_note(run, epoch)
     state.finish_epoch(validate=cfg.validates_after(epoch))
     run.save_checkpoint()
     run.stops.checkpointed()
@@ -309,13 +316,15 @@ def main(started: float | None = None) -> int:
     started = time.time() if started is None else started
     args = parse_args()
     args.device = args.device or ("cuda" if cuda_available() else "cpu")
+    budgeting.start()
     s3.usage.reset()  # this process's S3 requests, for the cost record (a resume adds the earlier ones)
     leaving = Leaving(StopRequest(announce=os.environ.get("RANK", "0") == "0"), TrainConfig.s3_flush_timeout_s,
                       started)
     try:
         try:
-            cfg = load_config(args.config, [*args.set, *([f"price_per_hour={args.price_per_hour}"]
-                                                           if args.price_per_hour is not None else [])])
+            cfg = load_config(args.config, [*args.set, *[f"{key}={value}" for key, value in (
+                ("price_per_hour", args.price_per_hour), ("budget_hours", args.budget_hours),
+                ("budget_dollars", args.budget_dollars)) if value is not None]])
             leaving.flush_timeout_s = cfg.s3_flush_timeout_s
             stop = train(setup(args, cfg, distributed.setup(args.device, cfg.deterministic), leaving))
         except Interrupted as interrupted:

@@ -67,7 +67,7 @@ def class_subset(data: Path, classes: str, work: Path) -> Path:
 
 
 def train(config: Path, shards: Path, run_dir: Path, *, minutes: float, device: str, sets: list[str],
-          init: str | None = None) -> dict:
+          init: str | None = None, budget_minutes: float | None = None) -> dict:
     command = [
         sys.executable,
         str(REPO / "train.py"),
@@ -88,6 +88,7 @@ def train(config: Path, shards: Path, run_dir: Path, *, minutes: float, device: 
         f"max_minutes={minutes}",
         *[a for s in sets for a in ("--set", s)],
         *(["--init", init] if init else []),
+        *(["--budget-hours", str(budget_minutes / 60)] if budget_minutes else []),
     ]
     started = time.perf_counter()
     with open(run_dir.with_suffix(".log"), "w") as log:
@@ -183,6 +184,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "accuracy.jsonl")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and one epoch: checks the plumbing")
     parser.add_argument("--classes", metavar="A:B", help="only the sorted classes A to B-1 (a split, for transfer)")
+    parser.add_argument("--budget-minutes", type=float, help="train.py --budget-hours: each config picks the schedule "
+                        "that fits (--minutes then only stops a run that overruns)")
     parser.add_argument("--init", action="append", default=[], metavar="NAME=SOURCE",
                         help="start config NAME (its file's stem) from SOURCE's weights (train.py --init)")
     args = parser.parse_args()
@@ -202,15 +205,17 @@ def main() -> None:
     sets = [*(SMOKE_SETTINGS if args.smoke else []), *args.set]
     env, results = machine(), []
     for i, config in enumerate(args.config, 1):
-        name = config.stem
+        name = config.stem + (f"@budget-{args.budget_minutes:g}min" if args.budget_minutes else "")
         run_dir = args.work / "runs" / name
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         print(f"[{i}/{len(args.config)}] {name}: training for at most {args.minutes:g} min on {device} "
               f"(log: {run_dir.with_suffix('.log')})", flush=True)
-        timing = train(config, shards, run_dir, minutes=args.minutes, device=device, sets=sets, init=inits.get(name))
+        timing = train(config, shards, run_dir, minutes=args.minutes, device=device, sets=sets,
+                       init=inits.get(config.stem), budget_minutes=args.budget_minutes)
         result = {**summarize(name, config, run_dir, shards, device, timing["wall_s"]), "env": env,
-                  "init": inits.get(name), "classes": args.classes,
-                  "options": {"minutes": args.minutes, "sets": sets, "smoke": args.smoke, "device": device}}
+                  "init": inits.get(config.stem), "classes": args.classes,
+                  "options": {"minutes": args.minutes, "sets": sets, "smoke": args.smoke, "device": device,
+                              "budget_minutes": args.budget_minutes}}
         print(f"    top-1 {result['top1']:.2f}%"
               + (f", EMA {result['ema_top1']:.2f}%" if result["ema_top1"] is not None else "")
               + f" after {result['wall_s'] / 60:.1f} min", flush=True)

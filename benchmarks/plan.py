@@ -31,6 +31,7 @@ requests at the GETs per sample `benchmarks --only s3` measured.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -372,6 +373,63 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def budget_rates(cfg: TrainConfig, *, rate: float | None, val_rate: float | None, data: str | None,
+                 device: torch.device, seconds: float, train_images: int, val_images: int) -> tuple[dict, dict]:
+    """(`budget.Rates` as a dict, where each number came from) for the budget table: `rate` img/s
+    at every train size when given (an average over the run), else the step (and with `data` the
+    loader) measured here at each size the ladder uses. A given rate's validation is scaled by the
+    pixels and forward passes it costs (`budget.validation_rate`)."""
+    from dali_imagenet.training import budget
+
+    recipe = budget.Recipe.of(cfg)
+    sizes = sorted({recipe.size(budget.scaled(recipe, e), epoch) for e in budget.ladder(recipe) for epoch in range(e)})
+    if rate:
+        forwards = (2 if cfg.ema_decay else 1) * (2 if cfg.val_flip else 1)
+        estimated = budget.validation_rate(rate, cfg.image_size, cfg.val_image_size, forwards)
+        train = {size: rate for size in sizes}
+        warmup = {size: 60.0 if cfg.compile else 5.0 for size in sizes}
+        source = {"train": f"given: {rate:g} img/s at every size", "val": f"given: {val_rate:g} img/s" if val_rate
+                  else f"estimated from the train rate: {estimated:,.0f} img/s ({forwards} forward pass(es) at "
+                  f"{cfg.val_image_size} px)", "warmup": f"assumed {warmup[sizes[0]]:g} s a size"}
+        val = val_rate or estimated
+    else:
+        steps = measure_steps(cfg, sizes, device, seconds)
+        loaders = {size: measure_loader(cfg, data, "train", size, device, seconds) for size in sizes} if data else {}
+        train = {size: min(steps[size]["images_per_s"], loaders.get(size, float("inf"))) for size in sizes}
+        warmup = {size: steps[size]["warmup_s"] for size in sizes}
+        val = val_rate or measure_validation(cfg, device, seconds)
+        source = {"train": f"measured on {device}" + (" with the loader" if data else " (step only: no --data)"),
+                  "val": "given" if val_rate else f"measured on {device}", "warmup": "measured"}
+    return dataclasses.asdict(budget.Rates(train, warmup, val, checkpoint_s=5.0, train_images=train_images,
+                                           val_images=val_images)), source
+
+
+def budget_table(cfg: TrainConfig, rates: dict, *, budget_s: float, price_per_hour: float, spent_s: float) -> str:
+    """The schedules of the recipe's ladder that fit `budget_s`, and the first that does not:
+    predicted hours and dollars (the start-up `spent_s`, e.g. staging, and the relaunch reserve
+    included; the noise reserve beside), and FFCV's top-1 at that many epochs."""
+    from dali_imagenet.training import budget
+
+    recipe = budget.Recipe.of(cfg)
+    overheads = budget.Overheads(spent_s, cfg.budget_reserve, cfg.budget_relaunches, cfg.budget_relaunch_minutes * 60)
+    rows = budget.table(recipe, budget.Rates(**rates), overheads, budget_s)
+    shown = [p for p in rows if p.fits and (p.ffcv_top1 or not any(r.ffcv_top1 for r in rows))]
+    shown += [p for p in rows if not p.fits][:1]
+    lines = [f"budget {budget.clock(budget_s)} at ${price_per_hour}/h ({cfg.budget_reserve:.0%} reserve, "
+             f"{cfg.budget_relaunches:g} relaunch(es) expected):",
+             "| epochs | ramp (epochs) | px | hours | $ | FFCV top-1 (8 x A100) | fits |",
+             "| ---: | --- | --- | ---: | ---: | ---: | --- |"]
+    for p in shown:
+        s = p.schedule
+        sizes = sorted({recipe.size(s, e) for e in range(s.epochs)})
+        lines.append(f"| {s.epochs} | {s.ramp_start_epoch}-{s.ramp_end_epoch} | {'-'.join(map(str, sizes))} | "
+                     f"{p.total_s / 3600:.2f} | {p.total_s / 3600 * price_per_hour:.2f} | "
+                     f"{f'{p.ffcv_top1} %' if p.ffcv_top1 else '-'} | {'yes' if p.fits else 'no'} |")
+    if not any(p.fits for p in rows):
+        lines.append(f"a budget of {budget.clock(budget_s)} is too small for one epoch here")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True)
@@ -394,8 +452,16 @@ def main() -> None:
     parser.add_argument("--provision-min", type=float, default=PROVISION_MIN, help="a spot request to a booted machine")
     parser.add_argument("--setup-min", type=float, default=SETUP_MIN, help="the task's setup (cloud/setup.sh)")
     parser.add_argument("--cross-region", action="store_true", help="the bucket is in another region than the machine")
+    parser.add_argument("--budget-hours", type=float, help="instead: the table of schedules that fit this budget")
+    parser.add_argument("--budget-dollars", type=float, help="the same in US$ at --price-per-hour")
+    parser.add_argument("--rate", type=float, help="with a budget: train img/s (an average over the run) instead of "
+                        "measuring here")
+    parser.add_argument("--val-rate", type=float, help="with --rate: validation img/s (default: estimated from it)")
     args = parser.parse_args()
     cfg = load_config(args.config, args.set)
+    if args.budget_hours or args.budget_dollars:
+        print(budget_main(args, cfg))
+        return
     measured = measured_s3()
     launch = Launch(provision_min=args.provision_min, setup_min=args.setup_min, shards_gb=args.shards_gb,
                     network_gbit=args.network_gbit, vcpus=args.vcpus)
@@ -409,6 +475,34 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
+
+
+def budget_main(args, cfg: TrainConfig) -> str:
+    from dali_imagenet.errors import UsageError
+    from dali_imagenet.training import budget
+
+    price = args.price_per_hour if args.price_per_hour is not None else cfg.price_per_hour
+    try:
+        budget_s = budget.budget_seconds(args.budget_hours or 0.0, args.budget_dollars or 0.0, price)
+    except budget.TooSmall as error:
+        raise UsageError(str(error)) from None
+    rates, source = budget_rates(cfg, rate=args.rate, val_rate=args.val_rate, data=args.data,
+                                 device=torch.device(args.device), seconds=args.seconds,
+                                 train_images=args.train_images, val_images=args.val_images)
+    # the launch before its first step: provisioning, setup, and the staging that step waits for
+    launch = Launch(provision_min=args.provision_min, setup_min=args.setup_min, shards_gb=args.shards_gb,
+                    network_gbit=args.network_gbit, vcpus=args.vcpus)
+    staging_min, staging_bound = launch.staging(first_step_gb(cfg, args.shards_gb, args.train_images, args.val_images))
+    before_s = (launch.provision_min + launch.setup_min + staging_min) * 60
+    text = budget_table(cfg, rates, budget_s=budget_s, price_per_hour=price, spent_s=before_s)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"budget_s": budget_s, "rates": rates, "source": source, "before_first_step_s": before_s}, f,
+                      indent=1)
+    return (f"{text}\ntrain rate {source['train']}; validation {source['val']}; warm-up {source['warmup']}; "
+            f"checkpoints {rates['checkpoint_s']:g} s each (assumed); before the first step {before_s / 60:.1f} min "
+            f"counted (provisioning {launch.provision_min:g} + setup {launch.setup_min:g} + staging "
+            f"{staging_min:.1f}: {staging_bound})")
 
 
 if __name__ == "__main__":

@@ -92,6 +92,13 @@ class TrainConfig:
     s3_get_price_per_1000: float = 0.0004  # US$ per 1,000 GET/HEAD requests (S3 Standard, us-east-1)
     s3_put_price_per_1000: float = 0.005  # US$ per 1,000 PUT/COPY/POST/LIST requests
     cross_region_price_per_gb: float = 0.02  # US$ per GB between the bucket's region and the instance's
+    # budget (train.py --budget-hours/--budget-dollars): the schedule that fits, chosen from rates measured at start
+    budget_hours: float = 0.0  # machine-hours for the whole run; 0: no budget (the config's epochs)
+    budget_dollars: float = 0.0  # US$ at price_per_hour; with budget_hours, the smaller of the two
+    budget_reserve: float = 0.05  # share of the budget held back for the rates' noise: how far behind is tolerated
+    budget_relaunches: float = 0.0  # expected spot relaunches, each costing budget_relaunch_minutes
+    budget_relaunch_minutes: float = 10.0  # a relaunch: new machine, staging, start-up, compile, work since checkpoint
+    budget_measure_share: float = 0.03  # at most this share of the budget goes to measuring the rates
 
     def train_image_size(self, epoch: int) -> int:
         from dali_imagenet.training.schedule import image_size_at
@@ -166,6 +173,10 @@ class TrainConfig:
              "s3_flush_timeout_s and s3_resume_timeout_s must be >= 0, spot_poll_seconds > 0"),
             (bool(self.wandb_project.strip()), "wandb_project must not be empty"),
             (self.lease_seconds >= 3, "lease_seconds must be >= 3 (it is renewed every third of it)"),
+            (min(self.budget_hours, self.budget_dollars, self.budget_relaunches, self.budget_relaunch_minutes) >= 0
+             and 0 <= self.budget_reserve < 0.5 and 0 < self.budget_measure_share < 0.5,
+             "budget_hours, budget_dollars, budget_relaunches, budget_relaunch_minutes must be >= 0; budget_reserve "
+             "in [0, 0.5), budget_measure_share in (0, 0.5)"),
             (min(self.price_per_hour, self.spot_price_per_hour, self.s3_get_price_per_1000, self.s3_put_price_per_1000,
                  self.cross_region_price_per_gb) >= 0, "prices must be >= 0"),
         ]
@@ -181,7 +192,12 @@ CHANGEABLE_ON_RESUME = ("compile", "cuda_graph", "loader_threads", "hw_decoder_l
                         "log_every", "val_every",
                         "checkpoint_minutes", "max_steps", "max_minutes", "s3_flush_timeout_s", "s3_resume_timeout_s",
                         "lease_seconds", "spot_poll_seconds", "wandb_project", "price_per_hour", "spot_price_per_hour",
-                        "s3_get_price_per_1000", "s3_put_price_per_1000", "cross_region_price_per_gb")
+                        "s3_get_price_per_1000", "s3_put_price_per_1000", "cross_region_price_per_gb",
+                        "budget_hours", "budget_dollars", "budget_reserve", "budget_relaunches",
+                        "budget_relaunch_minutes", "budget_measure_share")
+# What a budget chose (training/budget.py's Schedule): a budget run's resume takes these from its
+# checkpoint, whatever the config file says.
+BUDGET_SCHEDULE = ("epochs", "ramp_start_epoch", "ramp_end_epoch", "warmup_epochs")
 
 
 def differences(saved: dict, config: TrainConfig) -> list[str]:
@@ -189,8 +205,9 @@ def differences(saved: dict, config: TrainConfig) -> list[str]:
     saved; fields it predates take their defaults) differs from `config`: "name: saved -> now"."""
     before = to_dict(from_dict(saved))
     now = to_dict(config)
+    chosen = BUDGET_SCHEDULE if before["budget_hours"] > 0 or before["budget_dollars"] > 0 else ()
     return [f"{key} {before[key]!r} -> {now[key]!r}" for key in now
-            if key not in CHANGEABLE_ON_RESUME and before[key] != now[key]]
+            if key not in CHANGEABLE_ON_RESUME and key not in chosen and before[key] != now[key]]
 
 
 def _field_types() -> dict[str, type]:

@@ -37,6 +37,7 @@ class TrainState:
     run_id: str = ""  # drawn when the run starts, kept by every resume: which run a checkpoint belongs to
     validation_due: int = 0  # the epoch (1-based) whose validation has not happened yet; 0: none
     s3_usage: dict = field(default_factory=dict)  # S3 requests and bytes so far, over all resumes (`s3.Usage`)
+    budget: dict = field(default_factory=dict)  # a budget run's choice (run/budgeting.py), kept by every resume
 
     def finish_epoch(self, validate: bool) -> None:
         """The epoch under way is complete: the next one starts at its first batch; with
