@@ -316,7 +316,7 @@ def main(started: float | None = None) -> int:
     started = time.time() if started is None else started
     args = parse_args()
     args.device = args.device or ("cuda" if cuda_available() else "cpu")
-    budgeting.start()
+    budgeting.start(started)
     s3.usage.reset()  # this process's S3 requests, for the cost record (a resume adds the earlier ones)
     leaving = Leaving(StopRequest(announce=os.environ.get("RANK", "0") == "0"), TrainConfig.s3_flush_timeout_s,
                       started)

@@ -28,10 +28,11 @@ MIN_TIMED_STEPS = 3
 MEASURING_STEP0 = 10**9  # the throwaway model's step numbers: none of the run's (whatever is keyed on a step)
 
 
-def start() -> None:
-    """The budget's clock starts (train.py's main; a test runs several mains in one process)."""
+def start(started: float | None = None) -> None:
+    """The budget's clock starts at `started` (Unix time: the process's start, its imports count;
+    default now: a test runs several mains in one process)."""
     global STARTED
-    STARTED = time.monotonic()
+    STARTED = time.monotonic() - (max(0.0, time.time() - started) if started is not None else 0.0)
 
 
 def wanted(cfg: TrainConfig) -> bool:
