@@ -50,7 +50,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=exits.TABLE,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--data", required=True, help="shard folder, s3://bucket/prefix (staged to a local disk first), or "
+    add("--data", required=True, help="shard folder, s3://bucket/prefix (staged to a local disk as it trains), or "
         "timm-layout folder")
     add("--stage-dir", help="where s3:// data is staged (default: $DALI_IMAGENET_STAGE_DIR or ~/.cache/dali_imagenet/"
         "staged/BUCKET/PREFIX); a second start on the same machine fetches only what is missing")
