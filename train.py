@@ -285,7 +285,9 @@ def validate_start(run: Run) -> None:
 
 def train(run: Run) -> str | None:
     """Trains the epochs left; returns why the run stopped early, or None when every epoch ran.
-    A stop request outside a train step raises `Interrupted` (nothing new to checkpoint there)."""
+    A stop request outside a train step raises `Interrupted`: nothing new to checkpoint there, but
+    for one that comes while a loader waits for a shard still being staged (one process: the steps
+    taken so far are saved first)."""
     state = run.state
     run.clock.enter("training")
     if run.initialised and state.step == 0:
