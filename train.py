@@ -5,8 +5,8 @@
 
 The story: `setup` builds everything and checks every input before anything is written; then,
 epoch by epoch, `train_one_epoch` trains (checkpointing mid-epoch when due) and `end_epoch`
-checkpoints, then validates. Every way out goes through `Leaving` (`run/leaving.py`): the closing
-record, the report, the uploads, then an exit code that says how the run ended. EC2's spot notice
+checkpoints, then validates. Every way out goes through the `RunSession` (`run/session.py`): the
+closing record, the report, the uploads, then an exit code that says how the run ended. EC2's spot notice
 and SIGTERM are acted on at the next step or batch; `--resume auto` continues exactly where the
 newest checkpoint, local or in S3, left off.
 """
@@ -33,17 +33,19 @@ from dali_imagenet.inference import predictions
 from dali_imagenet.report.html_report import write_report
 from dali_imagenet.report.wandb_media import wandb_media
 from dali_imagenet.run import budgeting, exits, launches, resume, run_folder
+from dali_imagenet.run.checkpoint import TrainState
 from dali_imagenet.run.initial import initialise
 from dali_imagenet.run.interrupts import StopCheck, StopRequest
-from dali_imagenet.run.leaving import Leaving
-from dali_imagenet.run.metrics import ThroughputMeter, cost_basis, data_basis, wandb_wanted
+from dali_imagenet.run.metrics import ThroughputMeter, wandb_wanted
 from dali_imagenet.run.outputs import RunOutputs
-from dali_imagenet.run.parts import EpochResult, Run, val_loader
+from dali_imagenet.run.session import RunSession, say_error
+from dali_imagenet.run.training_run import EpochResult, TrainingRun, val_loader
 from dali_imagenet.seeding import derive_seed
 from dali_imagenet.training import recipe
 from dali_imagenet.training.evaluation import evaluate, evaluate_with_top5
 from dali_imagenet.training.precision import Precision
 from dali_imagenet.training.schedule import LRSchedule
+from dali_imagenet.training.step import TrainStep
 
 
 def parse_args() -> argparse.Namespace:
@@ -78,16 +80,10 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def setup(args, cfg: TrainConfig, procs: distributed.Processes, leaving: Leaving) -> Run:
-    """Everything the loop needs (given to `leaving` as soon as it exists); nothing is written until
+def setup(args, cfg: TrainConfig, procs: distributed.Processes, session: RunSession) -> TrainingRun:
+    """Everything the loop needs (given to `session` as soon as it exists); nothing is written until
     every check has passed. EC2's notice is watched from the start: one during the resume download
     or the pipeline build is acted on before training starts."""
-    watching = leaving.connect(procs, args.spot, cfg.spot_poll_seconds)
-    if procs.master:
-        print(watching, flush=True)
-    instance = leaving.watcher.imds.instance() if leaving.watcher else {}
-    leaving.clock.on_machine(instance, launches.setup_times())  # on EC2: the machine's time before this process
-    leaving.launch_basis = cost_basis(cfg, procs, instance)
     precision = Precision.for_device(cfg.amp_dtype, procs.device)
     torch.manual_seed(derive_seed(cfg.seed, "torch", procs.rank))
     run_dir = run_folder.choose(args.out, cfg.arch, resume=args.resume, overwrite=args.overwrite, world=procs.world)
@@ -95,23 +91,18 @@ def setup(args, cfg: TrainConfig, procs: distributed.Processes, leaving: Leaving
         refuse_overlap(run_dir, args.data, output_name="--out", source_name="--data")
     s3_held = resume.check_s3_prefix(args.s3, resume=args.resume, overwrite=args.overwrite,
                                      timeout_s=cfg.s3_resume_timeout_s) if procs.master else []
-    if args.s3 and procs.master:  # before anything is written or staged: S3 takes our files, no other job writes there
-        s3.probe_writes(args.s3, cfg.s3_resume_timeout_s)
-        leaving.hold(args.s3, cfg.lease_seconds, cfg.s3_resume_timeout_s)
-    if procs.master:  # the run's earlier launches (a reclaim's relaunch: this machine's is added on the way out)
-        leaving.clock.earlier = [] if args.overwrite else launches.read(run_dir, args.s3, cfg.s3_resume_timeout_s)
-        leaving.launch_store = (args.s3, cfg.s3_flush_timeout_s)
-    leaving.clock.enter("staging")  # the indices and placeholders; the tars arrive while training
-    staged, shards, val_shards = read_splits(args, cfg, procs, leaving)
+    session.claim(run_dir, args.s3, overwrite=args.overwrite)  # S3 takes our files, and no other job writes there
+    session.clock.enter("staging")  # the indices and placeholders; the tars arrive while training
+    staged, shards, val_shards = read_splits(args, cfg, procs, session.request)
     data = staged.data
-    leaving.clock.enter("resume")
-    with leaving.request.at_once():  # a stop during the build: nothing made yet to keep, no step to wait for
+    session.clock.enter("resume")
+    with session.request.at_once():  # a stop during the build: nothing made yet to keep, no step to wait for
         training = recipe.build(cfg, shards.num_classes, procs, precision)
     point, initialised = starting_weights(args, cfg, procs, training, run_dir, shards)
     # The tars still to stage arrive while training, in the order this epoch reads them; the loaders wait on them.
     staged.begin(staging.run_order(shards, val_shards, cfg.seed, point.state.epoch, procs.world,
                                    staging.machine_ranks(procs.rank, procs.local_rank)))
-    leaving.clock.enter("start")  # the loaders, the step, the run folder
+    session.clock.enter("start")  # the loaders, the step, the run folder
     backend = "dali" if args.dali else "torchvision"
     loader_options = dict(batch_size=cfg.batch_size, device=procs.device, rank=procs.rank, world_size=procs.world,
                           dtype=precision.loader_dtype, backend=backend, num_threads=cfg.loader_threads,
@@ -119,9 +110,9 @@ def setup(args, cfg: TrainConfig, procs: distributed.Processes, leaving: Leaving
                           normalization=cfg.normalization(), landing=staged.landing)
     cfg = budgeting.fix_schedule(cfg, point.state, resumed=point.path is not None, procs=procs, precision=precision,
                                  shards=shards, val_shards=val_shards, loader_options=loader_options)
-    stops = StopCheck(leaving.request, procs, checkpoint_minutes=cfg.checkpoint_minutes, max_minutes=cfg.max_minutes,
+    stops = StopCheck(session.request, procs, checkpoint_minutes=cfg.checkpoint_minutes, max_minutes=cfg.max_minutes,
                       max_steps=cfg.max_steps, earlier_s=point.state.wall_s)
-    stops.interrupt_if_asked()  # a notice during the resume download: leave before anything is written
+    stops.interrupt_if_asked()  # SYNC (torchrun): a notice during the resume download leaves before anything is written
     if staged.landing is None:  # the val split checked before anything is written (staging checks each tar as it lands)
         val_loader(cfg, val_shards, loader_options)  # built and dropped
     train_step = training.step(cfg, procs, precision, shards.num_classes)
@@ -129,20 +120,21 @@ def setup(args, cfg: TrainConfig, procs: distributed.Processes, leaving: Leaving
     schedule = LRSchedule(training.peak_lr, cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch),
                           cfg.min_lr, cfg.lr_schedule)
     decoding = decoder.describe(backend, procs.device, cfg.hw_decoder_load) if procs.master else {}
-    outputs = RunOutputs(run_dir, to_dict(cfg), procs, overwrite=args.overwrite, s3_url=args.s3, s3_held=s3_held,
-                         wandb=wandb_wanted(args.wandb), wandb_id=point.state.wandb_id,
-                         instance={**instance, **decoding}, write_report=write_report, report_media=wandb_media,
-                         lease=leaving.lease,
+    if args.overwrite and procs.master:  # every check passed: only now does the old run go, here and in S3
+        run_folder.clear(run_dir)
+        if args.s3:
+            s3.delete(args.s3, s3_held)
+    outputs = RunOutputs(run_dir, to_dict(cfg), procs, s3_url=args.s3, wandb=wandb_wanted(args.wandb),
+                         wandb_id=point.state.wandb_id, instance={**session.instance, **decoding},
+                         write_report=write_report, report_media=wandb_media, lease=session.lease,
                          extra={"loader": backend, "world_size": procs.world, "data": args.data,
                                 **({"staged_to": data} if data != args.data else {}), "config_file": args.config,
-                                "spot_watch": watching, **({"init": initialised.record()} if initialised else {}),
+                                "spot_watch": session.watching,
+                                **({"init": initialised.record()} if initialised else {}),
                                 **({"budget": point.state.budget} if point.state.budget else {})})
-    leaving.run = Run(cfg, procs, precision, shards, val_shards, train_step, loader_options, schedule,
-                      stops, outputs, point.state, leaving.watcher, cost_basis=leaving.launch_basis,
-                      data_basis=data_basis(cfg, instance), streamed=args.stream and s3.is_s3(args.data),
-                      initialised=initialised, clock=leaving.clock)
-    if leaving.watcher:
-        leaving.watcher.log = outputs.note
+    run = TrainingRun(cfg, procs, precision, shards, val_shards, train_step, loader_options, schedule, stops, outputs,
+                      point.state, initialised, session.clock)
+    session.begin(run)
     if point.path is not None:
         outputs.resumed(point)
     if procs.master:
@@ -150,15 +142,15 @@ def setup(args, cfg: TrainConfig, procs: distributed.Processes, leaving: Leaving
               f"epoch x {cfg.epochs} epochs, global batch {cfg.batch_size * procs.world}, peak LR "
               f"{training.peak_lr:g}, {backend} loader on {procs.device.type}, {procs.world} process(es), run folder "
               f"{run_dir}\n{decoder.line(decoding)}", flush=True)
-    return leaving.run
+    return run
 
 
-def read_splits(args, cfg: TrainConfig, procs: distributed.Processes, leaving: Leaving):
+def read_splits(args, cfg: TrainConfig, procs: distributed.Processes, request: StopRequest):
     """(what the loaders read and wait on: `staging.Staging`, the train split, the val split):
     s3:// data is staged to a local disk unless streamed (which then says what it costs); both
     splits must be labelled."""
     staged = staging.local_data(args.data, args.stage_dir, stream=args.stream, here=procs.local_master,
-                                interrupt=leaving.request.interrupt_if_asked)
+                                interrupt=request.interrupt_if_asked)
     under_way = staged.landing is not None  # the tars still arriving: the loaders wait for each
     shards = find_shards(staged.data, "train", staging=under_way)
     val_shards = find_shards(staged.data, "validation", staging=under_way)
@@ -186,48 +178,64 @@ def starting_weights(args, cfg: TrainConfig, procs: distributed.Processes, train
     return point, initialised
 
 
-def train_one_epoch(run: Run, loader: Loader) -> EpochResult:
-    """Trains the rest of epoch `run.state.epoch`, advancing its step and batch counters;
-    checkpoints mid-epoch when one is due or the run stops."""
-    cfg, state, procs = run.cfg, run.state, run.procs
+def train_one_epoch(train_step: TrainStep, loader: Loader, schedule: LRSchedule, state: TrainState,
+                    run: TrainingRun) -> EpochResult:
+    """Trains the rest of epoch `state.epoch`: `train_step` (its model, optimizer and EMA change) on
+    `loader`'s batches at `schedule`'s LR, advancing `state`'s step and batch counters; logs to
+    `run.outputs` and checkpoints mid-epoch when `run.stops` says one is due or the run stops."""
+    cfg = run.cfg
+    procs = run.procs
     steps_in_epoch = len(loader)
     meter = ThroughputMeter(procs.world, procs.device)
     progress = tqdm(total=steps_in_epoch, initial=state.batch_in_epoch, unit="step", leave=False,
                     desc=f"epoch {state.epoch + 1}/{cfg.epochs}", disable=None if procs.master else True)
-    loss_sum, window, stop = 0.0, 0, None
-    run.train_step.train_model.train()
+    loss_sum = 0.0  # a device tensor after the first step: read only when logging
+    window = 0  # steps since the last log
+    stop = None
+    train_step.train_model.train()
     for images, labels in meter.batches(loader):
-        lr = run.schedule.at(state.step)
-        loss_sum = loss_sum + run.train_step(images, labels, step=state.step, lr=lr)
+        lr = schedule.at(state.step)
+        loss_sum = loss_sum + train_step(images, labels, step=state.step, lr=lr)
         run.clock.first_step()
-        window, state.step, state.batch_in_epoch = window + 1, state.step + 1, state.batch_in_epoch + 1
+        window += 1
+        state.step += 1
+        state.batch_in_epoch += 1
         progress.update(1)
         if state.step % cfg.log_every == 0 or state.batch_in_epoch >= steps_in_epoch:  # the only host syncs
-            run.check_loss()
+            run.refuse_diverged(distributed.gather(train_step.bad_step(), procs))  # SYNC: a NaN stops every rank
             record = {"step": state.step, "epoch": state.epoch, "lr": lr, "image_size": images.shape[-1],
                       "loss": float(loss_sum) / window, **meter.take_window()}
             run.outputs.log(record)
             progress.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_s']:.0f}",
                                  wait=f"{record['data_wait']:.0%}")
-            loss_sum, window = 0.0, 0
+            loss_sum = 0.0
+            window = 0
+        # SYNC (torchrun): this step's flags go out in a non-blocking all-reduce; the last step's are read
         stop, checkpoint_due = run.stops.after_step(state.step)
         if stop:
             run.clock.leave()  # the stop's checkpoint and uploads: the way out
         if (stop or checkpoint_due) and state.batch_in_epoch < steps_in_epoch:  # an epoch's end checkpoints anyway
             # Every rank's reader state: a resume starts each where it stopped, decoding nothing twice.
-            state.loader = distributed.gather(loader.state_dict(), procs)
-            run.save_checkpoint()
-            run.stops.checkpointed()
+            state.loader = distributed.gather(loader.state_dict(), procs)  # SYNC
+            checkpoint(run)
         if stop:
             break
     progress.close()
     return EpochResult(state.batch_in_epoch >= steps_in_epoch, stop, meter.epoch())
 
 
-def end_epoch(run: Run, rates: dict) -> None:
+def checkpoint(run: TrainingRun, is_best: bool = False) -> None:
+    """Every rank: last.pt (and best.pt) written by rank 0, unless a loss went NaN on any rank."""
+    run.refuse_diverged(distributed.gather(run.train_step.bad_step(), run.procs))  # SYNC: no NaN model saved
+    run.save_checkpoint(distributed.gather(s3.usage.snapshot(), run.procs), is_best)  # SYNC: every rank's S3 requests
+    run.stops.checkpointed()
+
+
+def end_epoch(run: TrainingRun, rates: dict) -> None:
     """Checkpoints the finished epoch, then validates it when due: a stop request during the
     validation loses nothing, and the resumed run validates that epoch first."""
-    cfg, state = run.cfg, run.state
+    cfg = run.cfg
+    state = run.state
     epoch = state.epoch + 1  # 1-based, as printed
     line = (f"epoch {epoch}/{cfg.epochs} ({cfg.train_image_size(state.epoch)} px): train "
             f"{rates['images_per_s']:.0f} img/s, data wait {rates['data_wait']:.0%}")
@@ -236,22 +244,23 @@ def end_epoch(run: Run, rates: dict) -> None:
                         for k, v in rates.items()}})
     line += budgeting.epoch_note(run, epoch)
     state.finish_epoch(validate=cfg.validates_after(epoch))
-    run.save_checkpoint()
-    run.stops.checkpointed()
+    checkpoint(run)
     if state.validation_due:
-        run.stops.interrupt_if_asked()
+        run.stops.interrupt_if_asked()  # SYNC (torchrun): any rank's stop request
         validate(run, line)
     elif run.procs.master:
         print(line)
 
 
-def validate(run: Run, line: str = "") -> None:
+def validate(run: TrainingRun, line: str = "") -> None:
     """Validates the raw (and EMA) weights for epoch `state.validation_due`, records it in the
     history and checkpoints (best.pt too, if it is the best so far). The run's last validation
     (with the DALI loader, which keeps the shards' order) keeps every sample's top-5 for its page."""
-    cfg, state, ema = run.cfg, run.state, run.train_step.ema
+    cfg = run.cfg
+    state = run.state
     epoch = state.validation_due
     final = epoch == cfg.epochs and run.loader_options["backend"] == "dali"
+    # SYNC (torchrun): the metrics are all-reduced, and stop requests every few batches
     metrics, top5 = evaluate_with_top5(run.models(), run.val_loader(), run.precision, flip=cfg.val_flip,
                                        channels_last=cfg.channels_last, interrupt=run.stops.interrupt_if_asked,
                                        keep=final)
@@ -269,21 +278,22 @@ def validate(run: Run, line: str = "") -> None:
     if run.procs.master:
         print(f"{line or f'epoch {epoch}/{cfg.epochs}'}; val top-1 {metrics['top1']:.2f}%  top-5 "
               f"{metrics['top5']:.2f}%  loss {metrics['loss']:.3f}"
-              + (f"; EMA top-1 {metrics['ema_top1']:.2f}%" if ema else "") + f"  ({metrics['images']} images)")
-    run.save_checkpoint(is_best)
+              + (f"; EMA top-1 {metrics['ema_top1']:.2f}%" if run.train_step.ema else "")
+              + f"  ({metrics['images']} images)")
+    checkpoint(run, is_best)
 
 
-def validate_start(run: Run) -> None:
+def validate_start(run: TrainingRun) -> None:
     """The initial weights' score (--init), before any step: where a fine-tuning starts from."""
     metrics = evaluate(run.models(), run.val_loader(), run.precision, flip=run.cfg.val_flip,
-                       channels_last=run.cfg.channels_last, interrupt=run.stops.interrupt_if_asked)
+                       channels_last=run.cfg.channels_last, interrupt=run.stops.interrupt_if_asked)  # SYNC, as validate
     run.outputs.log({"event": "init_validation", "step": 0, "epoch": 0, **{f"val_{k}": v for k, v in metrics.items()}})
     if run.procs.master:
         print(f"before training ({run.initialised.source}): val top-1 {metrics['top1']:.2f}%  top-5 "
               f"{metrics['top5']:.2f}%  loss {metrics['loss']:.3f}  ({metrics['images']} images)", flush=True)
 
 
-def train(run: Run) -> str | None:
+def train(run: TrainingRun) -> str | None:
     """Trains the epochs left; returns why the run stopped early, or None when every epoch ran.
     A stop request outside a train step raises `Interrupted`: nothing new to checkpoint there, but
     for one that comes while a loader waits for a shard still being staged (one process: the steps
@@ -296,14 +306,15 @@ def train(run: Run) -> str | None:
         validate(run)
     run.clock.enter("compile")  # the first epoch's loader and step (torch.compile's graphs, cuDNN's autotuning)
     while state.epoch < run.cfg.epochs:
-        run.stops.interrupt_if_asked()  # before the epoch's loader is built and its first step compiles
+        # SYNC (torchrun): any rank's stop request, before the epoch's loader is built and its first step compiles
+        run.stops.interrupt_if_asked()
         loader = run.train_loader()
         try:
-            result = train_one_epoch(run, loader)
+            result = train_one_epoch(run.train_step, loader, run.schedule, state, run)
         except Interrupted:  # a notice while the loader waited for a shard still being staged
             if state.batch_in_epoch and run.procs.world == 1:  # the steps so far are kept (one process: no peer)
                 state.loader = [loader.state_dict()]
-                run.save_checkpoint()
+                checkpoint(run)
             raise
         del loader  # its DALI pipeline's memory goes before validation (and the next epoch) build their own
         if result.ended:
@@ -317,37 +328,27 @@ def main(started: float | None = None) -> int:
     """`started`: when the process started (its launch is counted from there; default: now)."""
     started = time.time() if started is None else started
     args = parse_args()
-    args.device = args.device or ("cuda" if cuda_available() else "cpu")
     budgeting.start(started)
     s3.usage.reset()  # this process's S3 requests, for the cost record (a resume adds the earlier ones)
-    leaving = Leaving(StopRequest(announce=os.environ.get("RANK", "0") == "0"), TrainConfig.s3_flush_timeout_s,
-                      started)
+    # From here a SIGTERM or a Ctrl-C is a request, acted on at the first point that can (exit 75 or 130).
+    request = StopRequest(announce=os.environ.get("RANK", "0") == "0")
     try:
-        try:
-            cfg = load_config(args.config, [*args.set, *[f"{key}={value}" for key, value in (
-                ("price_per_hour", args.price_per_hour), ("budget_hours", args.budget_hours),
-                ("budget_dollars", args.budget_dollars)) if value is not None]])
-            leaving.flush_timeout_s = cfg.s3_flush_timeout_s
-            stop = train(setup(args, cfg, distributed.setup(args.device, cfg.deterministic), leaving))
-        except Interrupted as interrupted:
-            stop = interrupted.reason
-            if leaving.run is None:  # during start-up: nothing trained, nothing written but this launch's record
-                leaving.clock.leave()
-                leaving.close_launch(exits.for_stop(stop), stop, before_the_run=True)
-                print(f"{stop}: stopped during start-up, nothing trained; exit {exits.for_stop(stop)}",
-                      file=sys.stderr, flush=True)
-                return exits.for_stop(stop)
-        code = leaving.finish(stop)
-    except BaseException as error:  # noqa: BLE001 - every way out is closed properly, then reported
-        if isinstance(error, SystemExit):
-            raise
-        return leaving.failed(error)
-    finally:
-        leaving.close()
-    return leaving.after(code)
+        cfg = load_config(args.config, [*args.set, *[f"{key}={value}" for key, value in (
+            ("price_per_hour", args.price_per_hour), ("budget_hours", args.budget_hours),
+            ("budget_dollars", args.budget_dollars)) if value is not None]])
+        procs = distributed.setup(args.device or ("cuda" if cuda_available() else "cpu"), cfg.deterministic)
+    except Exception as error:  # noqa: BLE001 - a bad config or device: nothing started yet, nothing to close
+        request.restore()
+        exits.record(exits.ERROR)
+        say_error(error)
+        return exits.ERROR
+    with RunSession(cfg, procs, request, started, spot_mode=args.spot,
+                    streamed=args.stream and s3.is_s3(args.data)) as session:
+        run = setup(args, cfg, procs, session)
+        stop = train(run)
+        session.finish(stop)
+    return session.code
 
 
 if __name__ == "__main__":
-    exit_code = main(launches.process_started())
-    exits.record(exit_code)
-    sys.exit(exit_code)
+    sys.exit(main(launches.process_started()))

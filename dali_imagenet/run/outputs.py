@@ -4,12 +4,14 @@ instance that writes nothing, so the caller never asks which rank it is."""
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
 from dali_imagenet import distributed, s3
+from dali_imagenet.run import exits
 from dali_imagenet.run import run_folder as folder
 from dali_imagenet.run.checkpoint import save_atomic
 from dali_imagenet.run.launches import save as save_launches
@@ -19,12 +21,12 @@ from dali_imagenet.run.s3sync import S3Sync, lineage_metadata
 
 
 class RunOutputs:
-    def __init__(self, run_dir: Path, config: dict, processes: distributed.Processes, *, overwrite: bool,
-                 s3_url: str | None, wandb: bool, wandb_id: str | None, extra: dict, s3_held: list[str] = (),
-                 instance: dict | None = None, write_report: Callable[[list, Path], object] | None = None,
-                 lease: Lease | None = None, report_media: Callable[[Path], dict] | None = None):
-        """Creates the run folder (after `--overwrite` removed the old run's files, here and at
-        `s3_url`: `s3_held`) and starts the log; `extra`: what the config does not say (loader,
+    def __init__(self, run_dir: Path, config: dict, processes: distributed.Processes, *, s3_url: str | None,
+                 wandb: bool, wandb_id: str | None, extra: dict, instance: dict | None = None,
+                 write_report: Callable[[list, Path], object] | None = None, lease: Lease | None = None,
+                 report_media: Callable[[Path], dict] | None = None):
+        """Creates the run folder (with --overwrite, the caller removed the old run first) and starts the log;
+        `extra`: what the config does not say (loader,
         world size, data), logged with it; `instance`: the cloud's word on the machine (type, spot);
         `write_report(run_folders, page)`: writes the run's page at the end (the report layer's,
         handed in: the run layer does not import the pages built on it); `lease`: the run's hold on
@@ -44,10 +46,6 @@ class RunOutputs:
         self.checkpoint_step: int | None = None  # of the last checkpoint written
         if not self.active:
             return
-        if overwrite:
-            folder.clear(run_dir)
-            if s3_url:
-                s3.delete(s3_url, list(s3_held))
         run_dir.mkdir(parents=True, exist_ok=True)
         folder.clean_temporaries(run_dir)
         (run_dir / folder.CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
@@ -131,15 +129,18 @@ class RunOutputs:
 
     def end(self, record: dict, *, flush_timeout_s: float, final_model=None, summary: dict | None = None,
             give_up: Callable[[], bool] = lambda: False) -> list[str]:
-        """The run's last word, on every way out (finished, stopped, failed; rank 0 only): the final
-        weights (a finished run), `record` as the log's last line, the report, and the uploads,
-        waited for up to `flush_timeout_s` or until `give_up()`. Returns what is not in S3 then:
-        the keys still queued, and any file that could not even be written (each said in a
-        warning line). A part that fails never skips the flush; a second call (the way out of a
-        failure while finishing) returns the first call's answer."""
+        """The run's last word, on every way out (finished, stopped, failed; rank 0 only), within
+        `flush_timeout_s` or until `give_up()`: the final weights (a finished run) and the uploads
+        queued so far, waited for; then `record` as the log's last line, its exit code the one
+        those uploads leave (`exits.with_uploads`, with what S3 has not got); the report; and the
+        last uploads (the log, the page). Returns what is not in S3 then: the keys still queued,
+        and any file that could not even be written (each said in a warning line). A part that
+        fails never skips the flush; a second call (the way out of a failure while finishing)
+        returns the first call's answer."""
         if not self.active or self.ended:
             return self.not_uploaded
         self.ended = True
+        deadline = time.monotonic() + flush_timeout_s
         missing = []
 
         def attempt(what: str, produces: str | None, work) -> None:
@@ -153,22 +154,25 @@ class RunOutputs:
         if final_model is not None:
             attempt(f"writing {folder.FINAL}", folder.FINAL, lambda: (
                 save_atomic(final_model.state_dict(), self.run_dir / folder.FINAL), self._push(folder.FINAL)))
-        attempt(
-            "writing the closing record", None, lambda: self.log({**record, "checkpoint_step": self.checkpoint_step})
-        )
+        # The closing record is written once, with its exit code: after the uploads it may have to name.
+        before = missing + (self.uploader.drain(deadline, give_up) if self.uploader else [])
+        closing = {**record, "checkpoint_step": self.checkpoint_step,
+                   "exit_code": exits.with_uploads(record["exit_code"], before),
+                   **({"not_uploaded": before} if before else {})}
+        attempt("writing the closing record", None, lambda: self.log(closing))
         attempt(f"queueing {folder.METRICS}", folder.METRICS, lambda: self._push(folder.METRICS))
         if self.write_report is not None:
             attempt("writing the report", None, lambda: (
                 self.write_report([self.run_dir], self.run_dir / folder.REPORT), self._push(folder.REPORT)))
         attempt("closing the log (W&B: the report's tables and page)", None, lambda: self.close(summary=summary))
-        self.not_uploaded = missing + (self.uploader.close(flush_timeout_s, give_up) if self.uploader else [])
+        left_s = max(0.0, deadline - time.monotonic())
+        self.not_uploaded = missing + (self.uploader.close(left_s, give_up) if self.uploader else [])
+        if exits.with_uploads(record["exit_code"], self.not_uploaded) != closing["exit_code"]:
+            # Only the record's own upload (or the page's) missed the deadline: S3 has no copy to contradict.
+            attempt("amending the closing record", None, lambda: self.logger.amend_last(
+                {"exit_code": exits.with_uploads(record["exit_code"], self.not_uploaded),
+                 "not_uploaded": self.not_uploaded}))
         return self.not_uploaded
-
-    def amend_closing_record(self, fields: dict) -> None:
-        """Adds `fields` to the closing record in the run folder's metrics.jsonl (its last line): the
-        exit code once the uploads' outcome is known (S3 has not got the file in that case)."""
-        if self.active and self.logger is not None:
-            self.logger.amend_last(fields)
 
     def stuck(self) -> bool:
         """An upload is still in flight after `end`'s deadline (the process should leave now)."""

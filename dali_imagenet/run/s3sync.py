@@ -170,6 +170,16 @@ class S3Sync:
         with open(item.path, "rb") as body:
             self._client.put_object(Bucket=self.bucket, Key=key, Body=body, Metadata=item.metadata, **unchanged)
 
+    def drain(self, deadline: float, give_up: Callable[[], bool] = lambda: False) -> list[str]:
+        """Waits until nothing is queued, up to `deadline` (time.monotonic()) or until `give_up()`
+        says to stop waiting, or S3 refused the prefix; returns the keys still queued. Uploads go on."""
+        while time.monotonic() < deadline and not give_up() and not self.refused:
+            with self._lock:
+                if not self._pending:
+                    return []
+            time.sleep(0.05)
+        return self.pending()
+
     def close(self, timeout_s: float, give_up: Callable[[], bool] = lambda: False) -> list[str]:
         """Waits up to `timeout_s` for the queue to drain (or until `give_up()` says to stop
         waiting); returns the keys still not uploaded (all that were queued, if the prefix was

@@ -1,5 +1,7 @@
-"""What `train.py`'s setup builds once: the run's parts, handed whole to the loop and to `Leaving`;
-how a run checkpoints and checks its loss; what a validation scores; each epoch's loader."""
+"""A training run as its loop sees it (`TrainingRun`, built once by `train.py`'s setup): the model's
+step, the data, the schedule, the state that changes, the stop checks and the outputs; how it
+checkpoints and refuses a diverged loss (from values the loop gathers over the ranks, in view);
+what a validation scores; each epoch's loader."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,7 +17,6 @@ from dali_imagenet.run.initial import Initialised
 from dali_imagenet.run.interrupts import StopCheck
 from dali_imagenet.run.launches import LaunchClock
 from dali_imagenet.run.outputs import RunOutputs
-from dali_imagenet.run.spot import SpotWatcher
 from dali_imagenet.training.precision import Precision
 from dali_imagenet.training.schedule import LRSchedule
 from dali_imagenet.training.step import TrainStep
@@ -31,7 +32,7 @@ class LossDiverged(DaliImagenetError):
 
 
 @dataclass
-class Run:
+class TrainingRun:
     """Only `state` changes as the run goes on (its step counters, loader position, best top-1 and
     history); every other field is fixed for the whole run."""
     cfg: TrainConfig
@@ -45,10 +46,6 @@ class Run:
     stops: StopCheck
     outputs: RunOutputs
     state: TrainState
-    spot: SpotWatcher | None  # EC2's interruption notice, polled on every machine of the run
-    cost_basis: dict  # what `metrics.cost` needs besides the hours
-    data_basis: dict  # what `metrics.data_cost` needs besides the S3 usage
-    streamed: bool  # DALI reads s3:// itself, every epoch (--stream): its GETs are estimated
     initialised: Initialised | None  # where a fresh run's weights came from (--init); None: random, or resumed
     clock: LaunchClock  # this launch's phases (the loop marks its first step and the stop)
 
@@ -68,22 +65,22 @@ class Run:
         train pipeline for the whole run (one pipeline at a time on an L4's 24 GB)."""
         return val_loader(self.cfg, self.val_shards, self.loader_options)
 
-    def check_loss(self) -> None:
+    def refuse_diverged(self, bad_steps: list[int | None]) -> None:
         """Raises LossDiverged at the first step (1-based, as metrics.jsonl counts) whose loss was
-        NaN or inf on any rank, the same on every rank (a host sync): all then stop together
-        instead of waiting for one that left."""
-        bad = [step + 1 for step in distributed.gather(self.train_step.bad_step(), self.procs) if step is not None]
+        NaN or inf on any rank; `bad_steps`: every rank's `train_step.bad_step()`, gathered by the
+        caller, so that every rank raises at the same step and all stop together instead of
+        waiting for one that left."""
+        bad = [step + 1 for step in bad_steps if step is not None]
         if bad:
             raise LossDiverged(min(bad), str(self.outputs.run_dir / run_folder.LAST))
 
-    def save_checkpoint(self, is_best: bool = False) -> None:
-        """Saves last.pt (and best.pt) on rank 0, with the wall-clock seconds trained and every
-        rank's S3 requests so far, unless a loss went NaN on any rank: then nothing is written (a
-        NaN model never replaces a good checkpoint)."""
-        self.check_loss()
+    def save_checkpoint(self, s3_usage: list[dict], is_best: bool = False) -> None:
+        """Saves last.pt (and best.pt) on rank 0, with the wall-clock seconds trained and
+        `s3_usage`, every rank's S3 requests so far (`s3.usage.snapshot()`, gathered by the caller).
+        The caller refuses a diverged loss first: a NaN model never replaces a good checkpoint."""
         state, step = self.state, self.train_step
         state.wall_s = self.stops.run_s()
-        state.s3_usage = s3.merged(distributed.gather(s3.usage.snapshot(), self.procs))
+        state.s3_usage = s3.merged(s3_usage)
         if self.procs.master:
             state.wandb_id = self.outputs.wandb_id
             self.outputs.save(contents(state, model=step.model, optimizer=step.optimizer, scaler=step.scaler,
