@@ -198,6 +198,10 @@ def test_a_failure_while_finishing_still_flushes_and_names_what_is_missing(sampl
     assert closing["not_uploaded"] == ["final_weights.pt (not written)"]
     for name in ("last.pt", "metrics.jsonl", "report.html"):  # everything else was flushed all the same
         client().head_object(Bucket=s3_bucket, Key=f"runs/c/{name}")
+    # The closing record is written once, after the uploads it names: S3's copy says the same as the run folder's.
+    in_s3 = client().get_object(Bucket=s3_bucket, Key="runs/c/metrics.jsonl")["Body"].read().decode()
+    assert in_s3 == (out / "metrics.jsonl").read_text()
+    assert sum('"event": "finished"' in line for line in in_s3.splitlines()) == 1
     # without S3 too: a run whose final weights are missing is not complete
     alone = train(sample_shards, tmp_path / "alone", "epochs=1", extra=QUIET, check=False)
     assert alone.returncode == exits.UPLOADS_PENDING
