@@ -108,6 +108,7 @@ def setup(args, cfg: TrainConfig, procs: distributed.Processes, session: RunSess
                           dtype=precision.loader_dtype, backend=backend, num_threads=cfg.loader_threads,
                           hw_decoder_load=cfg.hw_decoder_load, hybrid_huffman_threshold=cfg.hybrid_huffman_threshold,
                           normalization=cfg.normalization(), landing=staged.landing)
+    # SYNC (torchrun), with a budget: every rank measures the same steps and agrees on the schedule
     cfg = budgeting.fix_schedule(cfg, point.state, resumed=point.path is not None, procs=procs, precision=precision,
                                  shards=shards, val_shards=val_shards, loader_options=loader_options)
     stops = StopCheck(session.request, procs, checkpoint_minutes=cfg.checkpoint_minutes, max_minutes=cfg.max_minutes,
@@ -115,7 +116,7 @@ def setup(args, cfg: TrainConfig, procs: distributed.Processes, session: RunSess
     stops.interrupt_if_asked()  # SYNC (torchrun): a notice during the resume download leaves before anything is written
     if staged.landing is None:  # the val split checked before anything is written (staging checks each tar as it lands)
         val_loader(cfg, val_shards, loader_options)  # built and dropped
-    train_step = training.step(cfg, procs, precision, shards.num_classes)
+    train_step = training.step(cfg, procs, precision, shards.num_classes)  # SYNC (torchrun): DDP sends rank 0's weights
     steps_per_epoch = batches_per_epoch(shards.samples, procs.world, cfg.batch_size, train=True)
     schedule = LRSchedule(training.peak_lr, cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch),
                           cfg.min_lr, cfg.lr_schedule)
