@@ -25,7 +25,7 @@ from dali_imagenet.config import TrainConfig, load_config, to_dict
 from dali_imagenet.cuda_check import cuda_available
 from dali_imagenet.data import decoder, staging
 from dali_imagenet.data.folders import refuse_overlap
-from dali_imagenet.data.loader import Loader
+from dali_imagenet.data.loader import Loader, build_loader
 from dali_imagenet.data.partition import batches_per_epoch
 from dali_imagenet.data.shards import find_shards, sample_locations
 from dali_imagenet.errors import Interrupted
@@ -36,9 +36,10 @@ from dali_imagenet.run import budgeting, exits, launches, resume, run_folder
 from dali_imagenet.run.initial import initialise
 from dali_imagenet.run.interrupts import StopCheck, StopRequest
 from dali_imagenet.run.leaving import Leaving
+from dali_imagenet.run.loaders import run_loaders
 from dali_imagenet.run.metrics import ThroughputMeter, cost_basis, data_basis, wandb_wanted
 from dali_imagenet.run.outputs import RunOutputs
-from dali_imagenet.run.parts import EpochResult, Run, val_loader
+from dali_imagenet.run.parts import EpochResult, Run
 from dali_imagenet.seeding import derive_seed
 from dali_imagenet.training import recipe
 from dali_imagenet.training.evaluation import evaluate, evaluate_with_top5
@@ -113,17 +114,14 @@ def setup(args, cfg: TrainConfig, procs: distributed.Processes, leaving: Leaving
                                    staging.machine_ranks(procs.rank, procs.local_rank)))
     leaving.clock.enter("start")  # the loaders, the step, the run folder
     backend = "dali" if args.dali else "torchvision"
-    loader_options = dict(batch_size=cfg.batch_size, device=procs.device, rank=procs.rank, world_size=procs.world,
-                          dtype=precision.loader_dtype, backend=backend, num_threads=cfg.loader_threads,
-                          hw_decoder_load=cfg.hw_decoder_load, hybrid_huffman_threshold=cfg.hybrid_huffman_threshold,
-                          normalization=cfg.normalization(), landing=staged.landing)
+    loaders = run_loaders(cfg, procs, precision, backend, staged.landing, shards, val_shards)
     cfg = budgeting.fix_schedule(cfg, point.state, resumed=point.path is not None, procs=procs, precision=precision,
-                                 shards=shards, val_shards=val_shards, loader_options=loader_options)
+                                 loaders=loaders)
     stops = StopCheck(leaving.request, procs, checkpoint_minutes=cfg.checkpoint_minutes, max_minutes=cfg.max_minutes,
                       max_steps=cfg.max_steps, earlier_s=point.state.wall_s)
     stops.interrupt_if_asked()  # a notice during the resume download: leave before anything is written
     if staged.landing is None:  # the val split checked before anything is written (staging checks each tar as it lands)
-        val_loader(cfg, val_shards, loader_options)  # built and dropped
+        build_loader(loaders.val)  # built and dropped
     train_step = training.step(cfg, procs, precision, shards.num_classes)
     steps_per_epoch = batches_per_epoch(shards.samples, procs.world, cfg.batch_size, train=True)
     schedule = LRSchedule(training.peak_lr, cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch),
@@ -137,7 +135,7 @@ def setup(args, cfg: TrainConfig, procs: distributed.Processes, leaving: Leaving
                                 **({"staged_to": data} if data != args.data else {}), "config_file": args.config,
                                 "spot_watch": watching, **({"init": initialised.record()} if initialised else {}),
                                 **({"budget": point.state.budget} if point.state.budget else {})})
-    leaving.run = Run(cfg, procs, precision, shards, val_shards, train_step, loader_options, schedule,
+    leaving.run = Run(cfg, procs, precision, shards, val_shards, train_step, loaders, schedule,
                       stops, outputs, point.state, leaving.watcher, cost_basis=leaving.launch_basis,
                       data_basis=data_basis(cfg, instance), streamed=args.stream and s3.is_s3(args.data),
                       initialised=initialised, clock=leaving.clock)
@@ -251,7 +249,7 @@ def validate(run: Run, line: str = "") -> None:
     (with the DALI loader, which keeps the shards' order) keeps every sample's top-5 for its page."""
     cfg, state, ema = run.cfg, run.state, run.train_step.ema
     epoch = state.validation_due
-    final = epoch == cfg.epochs and run.loader_options["backend"] == "dali"
+    final = epoch == cfg.epochs and run.loaders.val.backend == "dali"
     metrics, top5 = evaluate_with_top5(run.models(), run.val_loader(), run.precision, flip=cfg.val_flip,
                                        channels_last=cfg.channels_last, interrupt=run.stops.interrupt_if_asked,
                                        keep=final)
