@@ -13,15 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from dali_imagenet import seeding
+from dali_imagenet.data import preprocess
 from dali_imagenet.data.partition import SHUFFLE_BUFFER, batches_per_epoch, epoch_shards
-from dali_imagenet.data.preprocess import (
-    CROP_FRACTION,
-    CROP_MODES,
-    HW_DECODER_LOAD,
-    HYBRID_HUFFMAN_THRESHOLD,
-    INTERPOLATIONS,
-    TRAIN_CROP_MIN_AREA,
-)
 from dali_imagenet.data.shards import SplitShards
 from dali_imagenet.errors import UsageError
 
@@ -34,8 +27,8 @@ class LoaderSpec:
     """What a loader reads and how it decodes, augments and batches. Made from the arguments as
     given; `__post_init__` checks them (one line each) and settles the defaults: `device` gets its
     CUDA index, `dtype` float16 on a GPU and float32 on a CPU (the fastest there), `threads` the
-    CPUs (at most MAX_DEFAULT_THREADS), `shuffle_buffer` at most the rank's share (DALI's first fill would read past
-    it, re-reading samples)."""
+    CPUs (at most MAX_DEFAULT_THREADS), `shuffle_buffer` at most the rank's share (DALI's first
+    fill would read past it, re-reading samples)."""
     shards: SplitShards  # the split in its written order (a train epoch reads `ordered_shards()`)
     batch_size: int
     train: bool  # random crops, flips, shuffling, the last partial batch dropped; else the val resize and crop
@@ -45,12 +38,12 @@ class LoaderSpec:
     dtype: torch.dtype | None = None
     backend: str = "dali"  # one of BACKENDS
     threads: int | None = None  # DALI's CPU threads / the baseline's DataLoader workers
-    hw_decoder_load: float = HW_DECODER_LOAD  # DALI on a GPU: the JPEGs' share for the hardware decoder
-    hybrid_huffman_threshold: int = HYBRID_HUFFMAN_THRESHOLD  # DALI on a GPU: px above which nvJPEG's GPU Huffman
+    hw_decoder_load: float = preprocess.HW_DECODER_LOAD  # DALI on a GPU: the JPEGs' share for the hardware decoder
+    hybrid_huffman_threshold: int = preprocess.HYBRID_HUFFMAN_THRESHOLD  # DALI on a GPU: px, GPU Huffman above
     normalization: tuple | None = None  # (mean, std) on 0-1 pixel values, the model's (None: ImageNet's)
     image_size: int = 224  # px of the images handed out
-    crop_fraction: float = CROP_FRACTION  # val: the crop's share of the resized shorter side
-    crop_min_area: float = TRAIN_CROP_MIN_AREA  # train: a crop covers this to 100 % of the image
+    crop_fraction: float = preprocess.CROP_FRACTION  # val: the crop's share of the resized shorter side
+    crop_min_area: float = preprocess.TRAIN_CROP_MIN_AREA  # train: a crop covers this to 100 % of the image
     interpolation: str = "bilinear"  # val: the resize's filter (`preprocess.INTERPOLATIONS`)
     crop_mode: str = "center"  # val: the crop (`preprocess.CROP_MODES`; border: the baseline's only)
     shuffle_buffer: int = SHUFFLE_BUFFER  # samples the train reader mixes
@@ -63,10 +56,11 @@ class LoaderSpec:
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise UsageError(f"backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
-        if (self.interpolation not in INTERPOLATIONS or self.crop_mode not in CROP_MODES
+        interpolations, crop_modes = preprocess.INTERPOLATIONS, preprocess.CROP_MODES
+        if (self.interpolation not in interpolations or self.crop_mode not in crop_modes
                 or (self.backend, self.crop_mode) == ("dali", "border")):
             raise UsageError(f"val interpolation {self.interpolation!r}, crop mode {self.crop_mode!r}: the loaders "
-                             f"take {', '.join(INTERPOLATIONS)} and {', '.join(CROP_MODES)} (border: the torchvision "
+                             f"take {', '.join(interpolations)} and {', '.join(crop_modes)} (border: the torchvision "
                              f"one only)")
         device = torch.device(self.device)
         if device.type == "cuda" and device.index is None:
