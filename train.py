@@ -25,7 +25,7 @@ from dali_imagenet.config import TrainConfig, load_config, to_dict
 from dali_imagenet.cuda_check import cuda_available
 from dali_imagenet.data import decoder, staging
 from dali_imagenet.data.folders import refuse_overlap
-from dali_imagenet.data.loader import Loader
+from dali_imagenet.data.loader import Loader, build_loader
 from dali_imagenet.data.partition import batches_per_epoch
 from dali_imagenet.data.shards import find_shards, sample_locations
 from dali_imagenet.errors import Interrupted
@@ -36,10 +36,11 @@ from dali_imagenet.run import budgeting, exits, launches, resume, run_folder
 from dali_imagenet.run.checkpoint import TrainState
 from dali_imagenet.run.initial import initialise
 from dali_imagenet.run.interrupts import StopCheck, StopRequest
+from dali_imagenet.run.loaders import run_loaders
 from dali_imagenet.run.metrics import ThroughputMeter, wandb_wanted
 from dali_imagenet.run.outputs import RunOutputs
 from dali_imagenet.run.session import RunSession, say_error
-from dali_imagenet.run.training_run import EpochResult, TrainingRun, val_loader
+from dali_imagenet.run.training_run import EpochResult, TrainingRun
 from dali_imagenet.seeding import derive_seed
 from dali_imagenet.training import recipe
 from dali_imagenet.training.evaluation import evaluate, evaluate_with_top5
@@ -104,18 +105,15 @@ def setup(args, cfg: TrainConfig, procs: distributed.Processes, session: RunSess
                                    staging.machine_ranks(procs.rank, procs.local_rank)))
     session.clock.enter("start")  # the loaders, the step, the run folder
     backend = "dali" if args.dali else "torchvision"
-    loader_options = dict(batch_size=cfg.batch_size, device=procs.device, rank=procs.rank, world_size=procs.world,
-                          dtype=precision.loader_dtype, backend=backend, num_threads=cfg.loader_threads,
-                          hw_decoder_load=cfg.hw_decoder_load, hybrid_huffman_threshold=cfg.hybrid_huffman_threshold,
-                          normalization=cfg.normalization(), landing=staged.landing)
+    loaders = run_loaders(cfg, procs, precision, backend, staged.landing, shards, val_shards)
     # SYNC (torchrun), with a budget: every rank measures the same steps and agrees on the schedule
     cfg = budgeting.fix_schedule(cfg, point.state, resumed=point.path is not None, procs=procs, precision=precision,
-                                 shards=shards, val_shards=val_shards, loader_options=loader_options)
+                                 loaders=loaders)
     stops = StopCheck(session.request, procs, checkpoint_minutes=cfg.checkpoint_minutes, max_minutes=cfg.max_minutes,
                       max_steps=cfg.max_steps, earlier_s=point.state.wall_s)
     stops.interrupt_if_asked()  # SYNC (torchrun): a notice during the resume download leaves before anything is written
     if staged.landing is None:  # the val split checked before anything is written (staging checks each tar as it lands)
-        val_loader(cfg, val_shards, loader_options)  # built and dropped
+        build_loader(loaders.val)  # built and dropped
     train_step = training.step(cfg, procs, precision, shards.num_classes)  # SYNC (torchrun): DDP sends rank 0's weights
     steps_per_epoch = batches_per_epoch(shards.samples, procs.world, cfg.batch_size, train=True)
     schedule = LRSchedule(training.peak_lr, cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch),
@@ -133,7 +131,7 @@ def setup(args, cfg: TrainConfig, procs: distributed.Processes, session: RunSess
                                 "spot_watch": session.watching,
                                 **({"init": initialised.record()} if initialised else {}),
                                 **({"budget": point.state.budget} if point.state.budget else {})})
-    run = TrainingRun(cfg, procs, precision, shards, val_shards, train_step, loader_options, schedule, stops, outputs,
+    run = TrainingRun(cfg, procs, precision, shards, val_shards, train_step, loaders, schedule, stops, outputs,
                       point.state, initialised, session.clock)
     session.begin(run)
     if point.path is not None:
@@ -260,7 +258,7 @@ def validate(run: TrainingRun, line: str = "") -> None:
     cfg = run.cfg
     state = run.state
     epoch = state.validation_due
-    final = epoch == cfg.epochs and run.loader_options["backend"] == "dali"
+    final = epoch == cfg.epochs and run.loaders.val.backend == "dali"
     # SYNC (torchrun): the metrics are all-reduced, and stop requests every few batches
     metrics, top5 = evaluate_with_top5(run.models(), run.val_loader(), run.precision, flip=cfg.val_flip,
                                        channels_last=cfg.channels_last, interrupt=run.stops.interrupt_if_asked,

@@ -19,6 +19,7 @@ from dali_imagenet import make_loader
 from dali_imagenet.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, val_resize_size
 from dali_imagenet.data.shardformat import ShardWriter
 from dali_imagenet.data.shards import ShardError
+from dali_imagenet.errors import UsageError
 
 SIZE = 64  # small images keep the CPU tests fast; the geometry is the same as at 224
 
@@ -93,7 +94,6 @@ def test_val_resize_and_crop_of_a_timm_model_match_torchvision(sample_shards, in
     """A timm model's val preprocessing (its interpolation and crop mode): DALI's graph against the
     torchvision transform predict.py and app.py use; "border" is the torchvision loader's only."""
     from dali_imagenet.data.preprocess import val_geometry
-    from dali_imagenet.errors import UsageError
 
     samples = shard_samples(sample_shards, "validation")[:16]
     loader = make_loader(sample_shards, "validation", 16, device="cpu", image_size=SIZE, dtype=torch.float32,
@@ -393,6 +393,54 @@ def test_resume_mid_epoch(sample_shards, backend):
         assert torch.equal(y, y0) and torch.equal(x, x0)
     assert resumed.batches_read == (len(straight) - 5 if backend == "dali" else len(straight))
     assert len(list(resumed)) == len(straight)  # the next epoch is whole again
+
+
+def test_a_spec_is_checked_once_and_each_epoch_is_its_own(sample_shards):
+    """`LoaderSpec` refuses a bad argument where it is made, before any loader is built; `for_epoch`
+    keys the shard order and the seed on the epoch, leaving the spec it came from as it was."""
+    from dali_imagenet.data.loader import build_loader
+    from dali_imagenet.data.loader_spec import LoaderSpec
+    from dali_imagenet.data.shards import find_shards
+
+    shards = find_shards(sample_shards, "train")
+    for bad, words in ((dict(batch_size=97), "batch size 97 is larger than the 96 train samples each of 1 rank"),
+                       (dict(backend="ffcv"), "backend must be one of dali, torchvision, not 'ffcv'"),
+                       (dict(dtype=torch.int8), "dtype must be float16, bfloat16 or float32"),
+                       (dict(crop_mode="border"), "border: the torchvision one only")):
+        with pytest.raises(UsageError, match=words):
+            LoaderSpec(shards, **{"batch_size": 8, "train": True, "device": "cpu", **bad})
+    spec = LoaderSpec(shards, 8, train=True, device="cpu", image_size=16, seed=7, threads=1, shuffle_buffer=10**6)
+    assert (spec.shuffle_buffer, spec.dtype) == (96, torch.float32)  # at most the rank's share; a CPU's dtype
+    epoch = spec.for_epoch(2, 16)
+    assert (spec.epoch, epoch.epoch) == (0, 2) and epoch.loader_seed != spec.loader_seed
+    assert epoch.ordered_shards().tars != spec.ordered_shards().tars
+    by_keywords = make_loader(sample_shards, "train", 8, device="cpu", image_size=16, seed=7, epoch=2, num_threads=1)
+    assert torch.equal(torch.cat([y for _, y in build_loader(epoch)]), torch.cat([y for _, y in by_keywords]))
+
+
+def test_the_run_describes_its_loaders_from_its_config(sample_shards):
+    from dali_imagenet import distributed
+    from dali_imagenet.config import load_config
+    from dali_imagenet.data.shards import find_shards
+    from dali_imagenet.run.loaders import run_loaders
+    from dali_imagenet.training.precision import Precision
+
+    cfg = load_config(None, ["batch_size=8", "seed=3", "shuffle_buffer=20", "crop_min_area=0.3", "val_image_size=40",
+                             "val_crop_fraction=0.9", "val_interpolation=bicubic", "val_crop_mode=squash",
+                             "loader_threads=2"])
+    procs = distributed.Processes(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+    precision = Precision.for_device("float32", procs.device)
+    shards, val_shards = find_shards(sample_shards, "train"), find_shards(sample_shards, "validation")
+    loaders = run_loaders(cfg, procs, precision, "dali", None, shards, val_shards)
+    train = loaders.train.for_epoch(1, 24)
+    assert (train.shards, train.train, train.seed, train.epoch, train.image_size) == (shards, True, 3, 1, 24)
+    assert (train.shuffle_buffer, train.crop_min_area, train.threads, train.batch_size) == (20, 0.3, 2, 8)
+    val = loaders.val
+    assert (val.shards, val.train, val.image_size, val.crop_fraction) == (val_shards, False, 40, 0.9)
+    assert (val.interpolation, val.crop_mode, val.backend, val.threads) == ("bicubic", "squash", "dali", 2)
+    border = load_config(None, ["batch_size=8", "val_crop_mode=border"])
+    with pytest.raises(UsageError, match="border: the torchvision one only"):  # refused once, before any epoch
+        run_loaders(border, procs, precision, "dali", None, shards, val_shards)
 
 
 def test_the_decoder_is_said_aloud_without_a_gpu():

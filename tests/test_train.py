@@ -238,7 +238,8 @@ def test_a_finished_run_is_never_overwritten_unless_asked(trained_run, sample_sh
     assert [r["event"] for r in records(out) if "event" in r] == ["started", "finished"]  # the old metrics are gone
 
 
-@pytest.mark.parametrize("case", ["bad_data", "bad_resume", "garbage_checkpoint", "cuda_graph_on_cpu", "bad_set"])
+@pytest.mark.parametrize("case", ["bad_data", "bad_resume", "garbage_checkpoint", "cuda_graph_on_cpu", "bad_set",
+                                  "batch_too_large"])
 def test_a_failed_start_leaves_no_run_folder(sample_shards, tmp_path, case):
     out, data, extra, sets = tmp_path / "run", sample_shards, [], []
     if case == "bad_data":
@@ -251,6 +252,8 @@ def test_a_failed_start_leaves_no_run_folder(sample_shards, tmp_path, case):
         extra = ["--resume", str(garbage)]
     elif case == "cuda_graph_on_cpu":
         sets = ["cuda_graph=true"]
+    elif case == "batch_too_large":  # refused where the run's loaders are described, before the run folder
+        sets = ["batch_size=100"]
     else:
         sets = ["nesterov=maybe"]
     result = train(data, out, *sets, extra=extra, check=False)
@@ -260,7 +263,8 @@ def test_a_failed_start_leaves_no_run_folder(sample_shards, tmp_path, case):
     assert not out.exists()
     expected = {"bad_data": "no-such-shards: no such data folder", "bad_resume": "missing.pt: no such file",
                 "garbage_checkpoint": f"{tmp_path / 'garbage.pt'}: not a checkpoint",
-                "cuda_graph_on_cpu": "cuda_graph needs a GPU", "bad_set": "nesterov: expected true or false"}
+                "cuda_graph_on_cpu": "cuda_graph needs a GPU", "bad_set": "nesterov: expected true or false",
+                "batch_too_large": "batch size 100 is larger than the 96 train samples each of 1 rank(s)"}
     assert expected[case] in lines[0]
 
 

@@ -15,10 +15,11 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from dali_imagenet import s3, seeding
+from dali_imagenet.data.loader_spec import LoaderSpec
 from dali_imagenet.data.partition import EpochPosition, rank_pieces
 from dali_imagenet.data.preprocess import train_transform, val_transform
 from dali_imagenet.data.shardformat import index_keys, parse_index
-from dali_imagenet.data.shards import ShardError, SplitShards
+from dali_imagenet.data.shards import ShardError
 
 
 class Transform:
@@ -92,32 +93,28 @@ def _read(pieces, indices: dict[str, str]):
 
 
 class TorchvisionLoader(EpochPosition):
-    def __init__(self, shards: SplitShards, batch_size: int, *, device: torch.device, image_size: int, rank: int,
-                 world_size: int, batches: int, seed: int, dtype: torch.dtype, train: bool, threads: int,
-                 shuffle_buffer: int, crop_fraction: float, crop_min_area: float, resume: dict | None,
-                 hw_decoder_load: float, normalization=None, interrupt=None,  # hw_decoder_load: DALI's, not ours
-                 interpolation: str = "bilinear", crop_mode: str = "center", hybrid_huffman_threshold: int,  # DALI's
-                 landing=None):
+    def __init__(self, spec: LoaderSpec):
+        shards = spec.ordered_shards()
         if any(s3.is_s3(t) for t in shards.tars):
             raise ShardError("the torchvision baseline reads local shards only; use the DALI loader for s3://")
-        super().__init__(shards, batch_size, batches, train, resume)
+        super().__init__(shards, spec.batch_size, spec.batches, spec.train, spec.resume)
+        pieces = rank_pieces(shards, spec.world_size, spec.rank)
         # Staged while training: the baseline (a comparison, not the fast path) waits for its whole rank share.
-        share = [tar for tar, _, _ in rank_pieces(shards, world_size, rank)]
-        self.build_wait_s = landing.wait(share) if landing else 0.0
-        self.device = device
-        self._interrupt = interrupt
-        self._empty = (torch.empty((0, 3, image_size, image_size), dtype=dtype), torch.empty(0, dtype=torch.int64))
-        pieces = rank_pieces(shards, world_size, rank)
+        self.build_wait_s = spec.landing.wait([tar for tar, _, _ in pieces]) if spec.landing else 0.0
+        self.device = spec.device
+        self._interrupt = spec.interrupt
+        self._empty = (torch.empty((0, 3, spec.image_size, spec.image_size), dtype=spec.dtype),
+                       torch.empty(0, dtype=torch.int64))
         transform = Transform(
-            train, image_size, crop_fraction, crop_min_area, dtype, shards.repair_hint(), normalization, interpolation,
-            crop_mode
+            spec.train, spec.image_size, spec.crop_fraction, spec.crop_min_area, spec.dtype, shards.repair_hint(),
+            spec.normalization, spec.interpolation, spec.crop_mode
         )
-        dataset = RankSamples(pieces, dict(zip(shards.tars, shards.indices)), transform, batch_size, shuffle_buffer,
-                              seed, train)
+        dataset = RankSamples(pieces, dict(zip(shards.tars, shards.indices)), transform, spec.batch_size,
+                              spec.shuffle_buffer, spec.loader_seed, spec.train)
         self._loader = torch.utils.data.DataLoader(
-            dataset, batch_size=None, num_workers=max(1, min(threads, len(pieces))),
-            pin_memory=device.type == "cuda", persistent_workers=True, prefetch_factor=4,
-            generator=torch.Generator().manual_seed(seed))  # the workers' augmentation RNGs: reproducible
+            dataset, batch_size=None, num_workers=max(1, min(spec.threads, len(pieces))),
+            pin_memory=spec.device.type == "cuda", persistent_workers=True, prefetch_factor=4,
+            generator=torch.Generator().manual_seed(spec.loader_seed))  # the workers' augmentation RNGs: reproducible
 
     def state_dict(self) -> dict:
         return {"batch": self.position}

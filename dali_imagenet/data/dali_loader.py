@@ -21,6 +21,7 @@ import os
 
 import torch
 
+from dali_imagenet.data.loader_spec import LoaderSpec
 from dali_imagenet.data.partition import EpochPosition, rank_range, tars_within_reach
 from dali_imagenet.data.shards import ShardError, SplitShards, find_undecodable
 
@@ -36,60 +37,58 @@ def reader_reach(batches_read: int, batch_size: int, shuffle_buffer: int) -> int
 
 
 class DaliLoader(EpochPosition):
-    def __init__(self, shards: SplitShards, batch_size: int, *, device: torch.device, image_size: int, rank: int,
-                 world_size: int, batches: int, seed: int, dtype: torch.dtype, train: bool, threads: int,
-                 shuffle_buffer: int, crop_fraction: float, crop_min_area: float, resume: dict | None,
-                 hw_decoder_load: float, normalization=None, interrupt=None, interpolation: str = "bilinear",
-                 crop_mode: str = "center", hybrid_huffman_threshold: int, landing=None):
+    def __init__(self, spec: LoaderSpec):
         from nvidia.dali import types
         from nvidia.dali.plugin.base_iterator import LastBatchPolicy
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         from dali_imagenet.data.pipelines import imagenet_pipeline
 
-        super().__init__(shards, batch_size, batches, train, resume)
+        shards, resume, device = spec.ordered_shards(), spec.resume, spec.device
+        super().__init__(shards, spec.batch_size, spec.batches, spec.train, resume)
         self.shards = shards
         restorable = resume is not None and resume.get("samples", shards.samples) == shards.samples
         self._replay = self.position if resume and not restorable else 0
-        self._interrupt = interrupt
-        self._landing, self._rank, self._world, self._shuffle_buffer = landing, rank, world_size, shuffle_buffer
+        self._interrupt = spec.interrupt
+        self._landing, self._rank, self._world = spec.landing, spec.rank, spec.world_size
+        self._shuffle_buffer = spec.shuffle_buffer
         self._reader_batches = self.position if restorable else 0  # where the reader stands in the epoch
         self.build_wait_s = self._wait_for_shards()  # seconds waited for tars before the build (data wait)
         # DALI has no bfloat16 output: emit float16 and convert on the device (one cheap kernel).
-        self._cast_to = torch.bfloat16 if dtype == torch.bfloat16 else None
+        self._cast_to = torch.bfloat16 if spec.dtype == torch.bfloat16 else None
         on_gpu = device.type == "cuda"
         pipe = imagenet_pipeline(
             list(shards.tars),
             list(shards.indices),
             device="gpu" if on_gpu else "cpu",
-            train=train,
-            image_size=image_size,
-            dtype=types.FLOAT if dtype == torch.float32 else types.FLOAT16,
-            shard_id=rank,
-            num_shards=world_size,
-            shuffle_buffer=shuffle_buffer,
-            crop_fraction=crop_fraction,
-            crop_min_area=crop_min_area,
-            hw_decoder_load=hw_decoder_load,
-            normalization=normalization,
-            interpolation=interpolation,
-            crop_mode=crop_mode,
-            hybrid_huffman_threshold=hybrid_huffman_threshold,
-            batch_size=batch_size,
-            num_threads=threads,
+            train=spec.train,
+            image_size=spec.image_size,
+            dtype=types.FLOAT if spec.dtype == torch.float32 else types.FLOAT16,
+            shard_id=spec.rank,
+            num_shards=spec.world_size,
+            shuffle_buffer=spec.shuffle_buffer,
+            crop_fraction=spec.crop_fraction,
+            crop_min_area=spec.crop_min_area,
+            hw_decoder_load=spec.hw_decoder_load,
+            normalization=spec.normalization,
+            interpolation=spec.interpolation,
+            crop_mode=spec.crop_mode,
+            hybrid_huffman_threshold=spec.hybrid_huffman_threshold,
+            batch_size=spec.batch_size,
+            num_threads=spec.threads,
             device_id=device.index if on_gpu else None,
-            seed=seed,
+            seed=spec.loader_seed,
             prefetch_queue_depth=PREFETCH_DEPTH,
             enable_checkpointing=True,
             checkpoint=resume["dali"] if restorable else None,
         )
-        first, end = rank_range(shards.samples, world_size, rank)
+        first, end = rank_range(shards.samples, spec.world_size, spec.rank)
         self._real_rank_samples = end - first
         try:
             self._iterator = DALIGenericIterator(
                 [pipe], ["images", "labels"], reader_name="reader", auto_reset=True,
                 # val: padded to full batches, the padding is cut off below
-                last_batch_policy=LastBatchPolicy.DROP if train else LastBatchPolicy.FILL)
+                last_batch_policy=LastBatchPolicy.DROP if spec.train else LastBatchPolicy.FILL)
         except RuntimeError as error:
             raise ShardError(_dali_message(error, shards)) from None
 

@@ -8,26 +8,15 @@ Which samples a rank reads is `partition`'s rule, the same for both backends.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import torch
 
-from dali_imagenet import seeding
-from dali_imagenet.data.partition import SHUFFLE_BUFFER, batches_per_epoch, epoch_shards
-from dali_imagenet.data.preprocess import (
-    CROP_FRACTION,
-    CROP_MODES,
-    HW_DECODER_LOAD,
-    HYBRID_HUFFMAN_THRESHOLD,
-    INTERPOLATIONS,
-    TRAIN_CROP_MIN_AREA,
-)
+from dali_imagenet.data.loader_spec import LoaderSpec
+from dali_imagenet.data.partition import SHUFFLE_BUFFER
+from dali_imagenet.data.preprocess import CROP_FRACTION, HW_DECODER_LOAD, HYBRID_HUFFMAN_THRESHOLD, TRAIN_CROP_MIN_AREA
 from dali_imagenet.data.shards import SplitShards, find_shards
-from dali_imagenet.errors import UsageError
-
-BACKENDS = ("dali", "torchvision")
 
 
 class Loader(Protocol):
@@ -56,7 +45,8 @@ def make_loader(data, split: str, batch_size: int, *, device: str | torch.device
                 interrupt: Callable[[int], None] | None = None, interpolation: str = "bilinear",
                 crop_mode: str = "center", hybrid_huffman_threshold: int = HYBRID_HUFFMAN_THRESHOLD,
                 landing=None) -> Loader:
-    """`data`: a shard folder, `s3://` prefix or timm-layout folder, or the `SplitShards` of one.
+    """A loader from keywords (a `LoaderSpec` of them, built with `build_loader`).
+    `data`: a shard folder, `s3://` prefix or timm-layout folder, or the `SplitShards` of one.
     `train` defaults to `split == "train"` (random crops, flips, shuffling, dropped last batch).
 
     A trainer builds one loader per epoch: the shard order and the augmentations then depend
@@ -72,38 +62,21 @@ def make_loader(data, split: str, batch_size: int, *, device: str | torch.device
     `landing`: while the tars are being staged (`staging.Landing`), what the loader waits on before
     reading one (the seconds before the first batch: `build_wait_s`).
     """
-    if backend not in BACKENDS:
-        raise UsageError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
-    if interpolation not in INTERPOLATIONS or crop_mode not in CROP_MODES or (backend, crop_mode) == ("dali", "border"):
-        raise UsageError(f"val interpolation {interpolation!r}, crop mode {crop_mode!r}: the loaders take "
-                         f"{', '.join(INTERPOLATIONS)} and {', '.join(CROP_MODES)} (border: the torchvision one only)")
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise UsageError(f"dtype must be float16, bfloat16 or float32, not {dtype}")
     shards = data if isinstance(data, SplitShards) else find_shards(data, split, cache_dir)
-    train = split == "train" if train is None else train
-    if train:
-        shards = epoch_shards(shards, seed, epoch)
-    batches = batches_per_epoch(shards.samples, world_size, batch_size, train)
-    if batches == 0:
-        raise UsageError(f"batch size {batch_size} is larger than the {shards.samples // world_size} {split} "
-                         f"samples each of {world_size} rank(s) reads (train.py: lower it with --set batch_size=N)")
-    options = dict(device=device, image_size=image_size, rank=rank, world_size=world_size, batches=batches,
-                   seed=seeding.derive_seed(seed, "loader", epoch, rank), dtype=dtype, train=train,
-                   threads=num_threads or max(1, min(os.cpu_count() or 1, 8)),
-                   # a buffer larger than the rank's share: DALI's first fill reads past it, re-reading samples
-                   shuffle_buffer=max(1, min(shuffle_buffer, shards.samples // world_size)),
-                   crop_fraction=crop_fraction, crop_min_area=crop_min_area, resume=resume,
-                   hw_decoder_load=hw_decoder_load, normalization=normalization, interrupt=interrupt,
-                   interpolation=interpolation, crop_mode=crop_mode, hybrid_huffman_threshold=hybrid_huffman_threshold,
-                   landing=landing)
-    if backend == "torchvision":
+    return build_loader(LoaderSpec(
+        shards, batch_size, split == "train" if train is None else train, device=device, rank=rank,
+        world_size=world_size, dtype=dtype, backend=backend, threads=num_threads, hw_decoder_load=hw_decoder_load,
+        hybrid_huffman_threshold=hybrid_huffman_threshold, normalization=normalization, image_size=image_size,
+        crop_fraction=crop_fraction, crop_min_area=crop_min_area, interpolation=interpolation, crop_mode=crop_mode,
+        shuffle_buffer=shuffle_buffer, seed=seed, landing=landing, epoch=epoch, resume=resume, interrupt=interrupt))
+
+
+def build_loader(spec: LoaderSpec) -> Loader:
+    """The loader `spec` describes, from its backend."""
+    if spec.backend == "torchvision":
         from dali_imagenet.data.baseline import TorchvisionLoader  # torchvision and webdataset: only when asked for
 
-        return TorchvisionLoader(shards, batch_size, **options)
+        return TorchvisionLoader(spec)
     from dali_imagenet.data.dali_loader import DaliLoader
 
-    return DaliLoader(shards, batch_size, **options)
+    return DaliLoader(spec)

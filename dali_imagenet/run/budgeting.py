@@ -14,10 +14,12 @@ import time
 
 import torch
 
-from dali_imagenet import distributed, make_loader
+from dali_imagenet import distributed
 from dali_imagenet.config import TrainConfig
+from dali_imagenet.data.loader import build_loader
 from dali_imagenet.data.partition import batches_per_epoch
 from dali_imagenet.errors import UsageError
+from dali_imagenet.run.loaders import RunLoaders
 from dali_imagenet.training import budget, recipe
 from dali_imagenet.training.evaluation import predict_logits
 from dali_imagenet.training.precision import Precision
@@ -40,14 +42,14 @@ def wanted(cfg: TrainConfig) -> bool:
 
 
 def fix_schedule(cfg: TrainConfig, state, *, resumed: bool, procs: distributed.Processes, precision: Precision,
-                 shards, val_shards, loader_options: dict) -> TrainConfig:
+                 loaders: RunLoaders) -> TrainConfig:
     """The config the run trains: a resumed budget run's schedule as it was chosen (`state.budget`),
     a new budget run's measured and chosen now (recorded in `state.budget`), else `cfg` as it is.
     A budget too small for one epoch is refused in one line."""
     if state.budget:
         cfg = dataclasses.replace(cfg, **state.budget["schedule"])
         if wanted(cfg) and procs.master:
-            print(resumed_line(cfg, state, shards, procs), flush=True)
+            print(resumed_line(cfg, state, loaders.train.shards, procs), flush=True)
         return cfg
     if not wanted(cfg):
         return cfg
@@ -60,8 +62,7 @@ def fix_schedule(cfg: TrainConfig, state, *, resumed: bool, procs: distributed.P
     plan = budget.Recipe.of(cfg)
     sizes = sorted({plan.size(budget.scaled(plan, e), epoch) for e in budget.ladder(plan) for epoch in range(e)})
     seconds = budget.measure_seconds(budget_s, cfg.budget_measure_share, len(sizes))
-    rates = measure(cfg, procs, precision, shards, val_shards, loader_options, sizes, seconds,
-                    cap_s=cfg.budget_measure_share * budget_s)
+    rates = measure(cfg, procs, precision, loaders, sizes, seconds, cap_s=cfg.budget_measure_share * budget_s)
     spent_s = max(distributed.gather(time.monotonic() - STARTED, procs))
     overheads = budget.Overheads(spent_s, cfg.budget_reserve, cfg.budget_relaunches, cfg.budget_relaunch_minutes * 60)
     try:
@@ -131,8 +132,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(cfg: TrainConfig, procs: distributed.Processes, precision: Precision, shards, val_shards,
-            loader_options: dict, sizes: list[int], seconds: float, cap_s: float) -> budget.Rates:
+def measure(cfg: TrainConfig, procs: distributed.Processes, precision: Precision, loaders: RunLoaders,
+            sizes: list[int], seconds: float, cap_s: float) -> budget.Rates:
     """The train step with its loader at each of `sizes` (a model of the run's own, thrown away; the
     run's random state is left as it was), the validation pass and a checkpoint's save: what the
     run will do, for about `seconds` each after a warm-up. Every rank measures; the slowest counts.
@@ -140,6 +141,7 @@ def measure(cfg: TrainConfig, procs: distributed.Processes, precision: Precision
     warm-up and the fewest steps took longer) the sizes between take a rate interpolated by
     pixels, and the validation's is scaled from the train step's by its pixels and passes."""
     devices = [procs.device] if procs.device.type == "cuda" else []
+    shards = loaders.train.shards
     with torch.random.fork_rng(devices=devices):
         training = recipe.build(cfg, shards.num_classes, procs, precision)
         step = training.step(cfg, procs, precision, shards.num_classes)
@@ -152,9 +154,7 @@ def measure(cfg: TrainConfig, procs: distributed.Processes, precision: Precision
                 continue
             for _ in range(1 if loader_s else 2):  # the first build in a process is DALI's cold start: paid once
                 started = time.perf_counter()
-                loader = make_loader(shards, "train", seed=cfg.seed, epoch=0, image_size=size,
-                                     shuffle_buffer=cfg.shuffle_buffer, crop_min_area=cfg.crop_min_area,
-                                     **loader_options)
+                loader = build_loader(loaders.train.for_epoch(0, size))
                 loader_s.append(time.perf_counter() - started)
             batches, timed = _endless(loader), 0
             started = time.perf_counter()
@@ -185,26 +185,24 @@ def measure(cfg: TrainConfig, procs: distributed.Processes, precision: Precision
             val = budget.validation_rate(train[max(sizes)], max(sizes), cfg.val_image_size, forwards)
             estimated.append("val")
         else:
-            val = _validation_rate(cfg, procs, precision, val_shards, loader_options, training, seconds)
+            val = _validation_rate(cfg, procs, precision, loaders, training, seconds)
         started = time.perf_counter()
         torch.save({"model": training.model.state_dict(), "optimizer": training.optimizer.state_dict(),
                     "ema": training.ema.state_dict() if training.ema else None}, io.BytesIO())
         checkpoint_s = time.perf_counter() - started
     steps = batches_per_epoch(shards.samples, procs.world, cfg.batch_size, train=True)
-    rates = budget.Rates(train, warmup, val, checkpoint_s, steps * cfg.batch_size * procs.world, val_shards.samples,
-                         max(distributed.gather(min(loader_s), procs)),
-                         tuple(estimated))
+    rates = budget.Rates(train, warmup, val, checkpoint_s, steps * cfg.batch_size * procs.world,
+                         loaders.val.shards.samples, max(distributed.gather(min(loader_s), procs)), tuple(estimated))
     del training, step
     gc.collect()
     return rates
 
 
 @torch.no_grad()
-def _validation_rate(cfg: TrainConfig, procs, precision: Precision, val_shards, loader_options: dict, training,
+def _validation_rate(cfg: TrainConfig, procs, precision: Precision, loaders: RunLoaders, training,
                      seconds: float) -> float:
     """Images/s of a validation pass: each model it scores (raw, EMA), each with its mirror under val_flip."""
-    loader = make_loader(val_shards, "validation", image_size=cfg.val_image_size, crop_fraction=cfg.val_crop_fraction,
-                         interpolation=cfg.val_interpolation, crop_mode=cfg.val_crop_mode, **loader_options)
+    loader = build_loader(loaders.val)
     models = [training.model.eval(), *([training.ema.module.eval()] if training.ema else [])]
     batches, images_done, started = _endless(loader), 0, 0.0
     for i, (images, _) in enumerate(batches):

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dali_imagenet import distributed, make_loader, s3
+from dali_imagenet import distributed, s3
 from dali_imagenet.config import TrainConfig, to_dict
-from dali_imagenet.data.loader import Loader
+from dali_imagenet.data.loader import Loader, build_loader
 from dali_imagenet.data.shards import SplitShards
 from dali_imagenet.errors import DaliImagenetError
 from dali_imagenet.run import run_folder
@@ -16,6 +16,7 @@ from dali_imagenet.run.checkpoint import TrainState, contents
 from dali_imagenet.run.initial import Initialised
 from dali_imagenet.run.interrupts import StopCheck
 from dali_imagenet.run.launches import LaunchClock
+from dali_imagenet.run.loaders import RunLoaders
 from dali_imagenet.run.outputs import RunOutputs
 from dali_imagenet.training.precision import Precision
 from dali_imagenet.training.schedule import LRSchedule
@@ -41,7 +42,7 @@ class TrainingRun:
     shards: SplitShards  # the train split
     val_shards: SplitShards
     train_step: TrainStep  # holds the model, its DDP/compiled wrapper, optimizer, scaler and EMA
-    loader_options: dict  # what every epoch's train loader shares with the val loader
+    loaders: RunLoaders  # the train loader (each epoch's: `for_epoch`) and the val loader, described once
     schedule: LRSchedule
     stops: StopCheck
     outputs: RunOutputs
@@ -54,16 +55,14 @@ class TrainingRun:
         checkpoint stopped there (a replay, where one is needed, can be cut short by a stop request)."""
         cfg, state = self.cfg, self.state
         resume_at = state.loader[self.procs.rank] if state.loader else None
-        return make_loader(self.shards, "train", seed=cfg.seed, epoch=state.epoch,
-                           image_size=cfg.train_image_size(state.epoch), shuffle_buffer=cfg.shuffle_buffer,
-                           crop_min_area=cfg.crop_min_area, resume=resume_at, interrupt=self.stops.interrupt_if_asked,
-                           **self.loader_options)
+        return build_loader(self.loaders.train.for_epoch(state.epoch, cfg.train_image_size(state.epoch),
+                                                         resume=resume_at, interrupt=self.stops.interrupt_if_asked))
 
     def val_loader(self) -> Loader:
         """A new loader of the val split, built for each validation and gone with it: its DALI
         pipeline's device memory (nvJPEG's buffers, DALI#5087) is never held beside an epoch's
         train pipeline for the whole run (one pipeline at a time on an L4's 24 GB)."""
-        return val_loader(self.cfg, self.val_shards, self.loader_options)
+        return build_loader(self.loaders.val)
 
     def refuse_diverged(self, bad_steps: list[int | None]) -> None:
         """Raises LossDiverged at the first step (1-based, as metrics.jsonl counts) whose loss was
@@ -91,11 +90,6 @@ class TrainingRun:
         """What a validation scores: the raw weights ("") and their EMA, when the run keeps one."""
         ema = self.train_step.ema
         return {"": self.train_step.model, **({"ema": ema.module} if ema else {})}
-
-
-def val_loader(cfg: TrainConfig, val_shards: SplitShards, loader_options: dict) -> Loader:
-    return make_loader(val_shards, "validation", image_size=cfg.val_image_size, crop_fraction=cfg.val_crop_fraction,
-                       interpolation=cfg.val_interpolation, crop_mode=cfg.val_crop_mode, **loader_options)
 
 
 @dataclass(frozen=True)
