@@ -58,28 +58,15 @@ class DaliLoader(EpochPosition):
         self._cast_to = torch.bfloat16 if spec.dtype == torch.bfloat16 else None
         on_gpu = device.type == "cuda"
         pipe = imagenet_pipeline(
-            list(shards.tars),
-            list(shards.indices),
-            device="gpu" if on_gpu else "cpu",
-            train=spec.train,
-            image_size=spec.image_size,
-            dtype=types.FLOAT if spec.dtype == torch.float32 else types.FLOAT16,
-            shard_id=spec.rank,
-            num_shards=spec.world_size,
-            shuffle_buffer=spec.shuffle_buffer,
-            crop_fraction=spec.crop_fraction,
-            crop_min_area=spec.crop_min_area,
-            hw_decoder_load=spec.hw_decoder_load,
-            normalization=spec.normalization,
-            interpolation=spec.interpolation,
-            crop_mode=spec.crop_mode,
+            list(shards.tars), list(shards.indices), device="gpu" if on_gpu else "cpu", train=spec.train,
+            image_size=spec.image_size, dtype=types.FLOAT if spec.dtype == torch.float32 else types.FLOAT16,
+            shard_id=spec.rank, num_shards=spec.world_size, shuffle_buffer=spec.shuffle_buffer,
+            crop_fraction=spec.crop_fraction, crop_min_area=spec.crop_min_area, hw_decoder_load=spec.hw_decoder_load,
+            normalization=spec.normalization, interpolation=spec.interpolation, crop_mode=spec.crop_mode,
             hybrid_huffman_threshold=spec.hybrid_huffman_threshold,
-            batch_size=spec.batch_size,
-            num_threads=spec.threads,
-            device_id=device.index if on_gpu else None,
-            seed=spec.loader_seed,
-            prefetch_queue_depth=PREFETCH_DEPTH,
-            enable_checkpointing=True,
+            # the pipeline's own: how DALI runs it
+            batch_size=spec.batch_size, num_threads=spec.threads, device_id=device.index if on_gpu else None,
+            seed=spec.loader_seed, prefetch_queue_depth=PREFETCH_DEPTH, enable_checkpointing=True,
             checkpoint=resume["dali"] if restorable else None,
         )
         first, end = rank_range(shards.samples, spec.world_size, spec.rank)
