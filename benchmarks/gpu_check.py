@@ -49,6 +49,7 @@ import torch
 
 from benchmarks.common import REPO, machine
 from benchmarks.l4_host import host_cpus, machine_siblings
+from dali_imagenet.atomic import write_atomic
 
 L4_MEMORY_GIB = 22.5  # an L4's memory as NVML reports it (23,034 MiB): what DALI, PyTorch and the context share
 LOSS_WINDOWS = 3  # log windows after the resume point whose losses are compared
@@ -193,9 +194,7 @@ class Check:
             return
         for name, text in (("gpu_check.json", json.dumps({"machine": self.info, "rows": self.rows}, indent=1)),
                            ("gpu_check.md", table(self, self.card) + "\n")):
-            temporary = self.out / f".{name}.tmp"
-            temporary.write_text(text)
-            os.replace(temporary, self.out / name)  # whole files only, whenever the check is stopped
+            write_atomic(self.out / name, text)  # whole files only, whenever the check is stopped
 
     def fits(self, section: str, also: tuple[str, ...] = ()) -> Box | None:
         """The box of `section` if it is asked for and still fits the budget (on a CPU, --smoke:

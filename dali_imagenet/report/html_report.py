@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from dali_imagenet.atomic import write_atomic
 from dali_imagenet.errors import DaliImagenetError
 from dali_imagenet.report.html_page import page, plot_uri, sortable, table
 from dali_imagenet.report.run_results import learned_sections
@@ -227,11 +228,7 @@ def render(runs: list[Run], title: str | None = None) -> str:
 
 
 def write_page(text: str, output: str | Path) -> Path:
-    output = Path(output)
-    tmp = output.with_name(f".{output.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(output)
-    return output
+    return write_atomic(output, text)
 
 
 def write_report(folders: list[str | Path], output: str | Path) -> Path:

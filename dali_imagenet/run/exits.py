@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from dali_imagenet.atomic import write_atomic
+
 COMPLETE = 0  # every epoch trained (or the max_steps / max_minutes asked for) and every file in S3
 ERROR = 1  # bad input, a data error, a NaN loss, a bug (with its traceback)
 USAGE = 2  # a flag argparse refuses
@@ -64,7 +66,5 @@ def record(code: int) -> None:
     path = os.environ.get(EXIT_CODE_FILE)
     if not path or os.environ.get("LOCAL_RANK", "0") != "0":
         return
-    tmp = Path(f"{path}.tmp-{os.getpid()}")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(f"{code}\n")
-    os.replace(tmp, path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, f"{code}\n")

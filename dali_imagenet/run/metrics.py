@@ -9,6 +9,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from dali_imagenet.atomic import write_atomic
 from dali_imagenet.run import launches as launch_records
 from dali_imagenet.run.run_folder import METRICS
 
@@ -42,14 +43,12 @@ class RunLogger:
         return self._file.closed
 
     def amend_last(self, fields: dict) -> None:
-        """Rewrites the log's last record with `fields` added (atomically: a temporary file, renamed)."""
+        """Rewrites the log's last record with `fields` added (atomically: `atomic.write_atomic`)."""
         lines = self.path.read_text().splitlines()
         if not lines:
             return
         lines[-1] = json.dumps({**json.loads(lines[-1]), **fields}, sort_keys=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("\n".join(lines) + "\n")
-        os.replace(tmp, self.path)
+        write_atomic(self.path, "\n".join(lines) + "\n")
 
     @property
     def wandb_on(self) -> bool:
