@@ -48,12 +48,6 @@ def for_stop(reason: str | None) -> int:
     return _STOP_CODES.get(reason.split(" on rank ")[0], RECLAIM)
 
 
-def stronger(a: int, b: int) -> int:
-    """Of two stop codes, the one the run must exit with (a reclaim over a Ctrl-C over complete)."""
-    rank = {COMPLETE: 0, INTERRUPTED: 1, RECLAIM: 2}
-    return a if rank.get(a, 3) >= rank.get(b, 3) else b
-
-
 def with_uploads(code: int, pending: list[str]) -> int:
     """A run whose files are not all in S3 never claims success, nor a clean reclaim: on a spot
     instance the disk that holds them is about to be deleted."""
