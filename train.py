@@ -33,10 +33,11 @@ from dali_imagenet.inference import predictions
 from dali_imagenet.report.html_report import write_report
 from dali_imagenet.report.wandb_media import wandb_media
 from dali_imagenet.run import budgeting, exits, launches, resume, run_folder
+from dali_imagenet.run.cost import cost_basis, data_basis
 from dali_imagenet.run.initial import initialise
 from dali_imagenet.run.interrupts import StopCheck, StopRequest
 from dali_imagenet.run.leaving import Leaving
-from dali_imagenet.run.metrics import ThroughputMeter, cost_basis, data_basis, wandb_wanted
+from dali_imagenet.run.logger import wandb_wanted
 from dali_imagenet.run.outputs import RunOutputs
 from dali_imagenet.run.parts import EpochResult, Run, val_loader
 from dali_imagenet.seeding import derive_seed
@@ -44,6 +45,7 @@ from dali_imagenet.training import recipe
 from dali_imagenet.training.evaluation import evaluate, evaluate_with_top5
 from dali_imagenet.training.precision import Precision
 from dali_imagenet.training.schedule import LRSchedule
+from dali_imagenet.training.throughput import ThroughputMeter
 
 
 def parse_args() -> argparse.Namespace:

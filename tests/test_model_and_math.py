@@ -359,7 +359,7 @@ def test_predictions_per_class_confusions_and_examples(tmp_path):
 
 
 def test_data_cost_prices_requests_and_bytes_moved_across_regions_only():
-    from dali_imagenet.run.metrics import cost, data_cost, describe_cost
+    from dali_imagenet.run.cost import cost, data_cost, describe_cost
 
     prices = dict(get_price_per_1000=0.0004, put_price_per_1000=0.005, cross_region_price_per_gb=0.02)
     usage = {"get": 10_000, "put": 2_000, "free": 5, "buckets": {
@@ -394,7 +394,7 @@ def launch(seconds: float, *, price: float = 0.8, training: float | None = None)
 def test_the_cost_of_a_run_sums_its_launches_each_at_its_own_price():
     """Three launches (two reclaimed on spot): hours, dollars and the time outside training summed
     over all of them, each launch at the price it ran at, on demand beside it."""
-    from dali_imagenet.run.metrics import cost, describe_cost
+    from dali_imagenet.run.cost import cost, describe_cost
 
     launches = [launch(1800, price=0.3, training=600), launch(3600, price=0.4, training=2400), launch(1800, price=0.5)]
     run = cost(launches, gpus=1, lifecycle="spot")

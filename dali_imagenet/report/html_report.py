@@ -19,8 +19,8 @@ from dali_imagenet.errors import DaliImagenetError
 from dali_imagenet.report.html_page import page, plot_uri, sortable, table
 from dali_imagenet.report.run_results import learned_sections
 from dali_imagenet.run.checkpoint import CheckpointError, load
+from dali_imagenet.run.cost import describe_cost
 from dali_imagenet.run.launches import PHASES
-from dali_imagenet.run.metrics import describe_cost
 from dali_imagenet.run.run_folder import BEST, CONFIG, FINAL, LAST, METRICS, PREDICTIONS
 
 

@@ -21,10 +21,10 @@ from dali_imagenet import distributed, s3
 from dali_imagenet.data import staging
 from dali_imagenet.errors import DaliImagenetError, debug
 from dali_imagenet.run import exits, launches, run_folder, spot
+from dali_imagenet.run.cost import cost, data_cost, describe_cost
 from dali_imagenet.run.interrupts import StopRequest
 from dali_imagenet.run.launches import LaunchClock
 from dali_imagenet.run.lease import Lease
-from dali_imagenet.run.metrics import cost, data_cost, describe_cost
 from dali_imagenet.run.parts import LossDiverged, Run
 
 WAIT_EXTRA_S = 15  # beyond the flush timeout, for the other ranks to hear and answer

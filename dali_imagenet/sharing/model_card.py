@@ -15,7 +15,7 @@ import yaml
 
 from dali_imagenet.errors import UsageError
 from dali_imagenet.report.html_report import Run
-from dali_imagenet.run.metrics import describe_cost
+from dali_imagenet.run.cost import describe_cost
 
 SHOWN_CLASSES = 5  # worst and best
 PROJECT_URL = "https://github.com/dali-imagenet/dali-imagenet"
