@@ -22,6 +22,7 @@ from dali_imagenet.run.checkpoint import CheckpointError, load
 from dali_imagenet.run.cost import describe_cost
 from dali_imagenet.run.launches import PHASES
 from dali_imagenet.run.run_folder import BEST, CONFIG, FINAL, LAST, METRICS, PREDICTIONS
+from dali_imagenet.training.evaluation import better_weights
 
 
 class ReportError(DaliImagenetError):
@@ -45,7 +46,7 @@ class Run:
     @property
     def best_top1(self) -> float | None:
         """The best val top-1 of the raw weights or their EMA, whichever was higher: shown as such."""
-        tops = [max(v["val_top1"], v.get("val_ema_top1", -1)) for v in self.validations]
+        tops = [better_weights(v, "val_")[1] for v in self.validations]
         return max(tops) if tops else None
 
     @property

@@ -21,6 +21,7 @@ import torch
 
 from dali_imagenet.atomic import open_atomic
 from dali_imagenet.errors import DaliImagenetError
+from dali_imagenet.training.evaluation import better_weights
 
 
 @dataclass
@@ -151,7 +152,7 @@ def weights(checkpoint: dict, which: str = "raw") -> dict:
     ema = checkpoint.get("ema")
     if which == "auto":
         last = (checkpoint.get("state") or {}).get("history") or [{}]
-        which = "ema" if ema is not None and last[-1].get("ema_top1", -1) > last[-1].get("top1", -1) else "raw"
+        which = "ema" if ema is not None and better_weights(last[-1])[0] == "ema" else "raw"
     if which == "ema":
         if ema is None:
             raise CheckpointError("this checkpoint has no EMA weights (the run had ema_decay 0)")
