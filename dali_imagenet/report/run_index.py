@@ -18,14 +18,14 @@ from pathlib import Path
 
 from dali_imagenet import s3
 from dali_imagenet.report.html_page import page, plot_uri, sortable
-from dali_imagenet.report.html_report import ReportError, Run, read_run
+from dali_imagenet.report.html_report import ReportError, RunRecords, read_run
 from dali_imagenet.run.run_folder import CONFIG, METRICS, REPORT
 from dali_imagenet.training.evaluation import better_weights
 
 
 @dataclass
 class Listed:
-    run: Run
+    run: RunRecords
     updated: float  # Unix time of the run's last write (metrics.jsonl)
     page: str | None  # the run's page, relative to the index (None: not written yet)
 
