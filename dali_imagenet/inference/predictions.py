@@ -17,8 +17,6 @@ import numpy as np
 from dali_imagenet.atomic import write_atomic
 from dali_imagenet.errors import DaliImagenetError
 
-TOP = 5
-
 
 class PredictionsError(DaliImagenetError):
     """A predictions file that cannot be read; the message names it."""
