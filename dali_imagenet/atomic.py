@@ -10,6 +10,7 @@ process killed mid-write leaves a `.NAME.tmp-PID` that `written_for` recognises.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 from collections.abc import Iterator
@@ -62,8 +63,13 @@ def write_atomic(path: str | Path, data: bytes | str) -> Path:
 
 
 def fsync_folder(folder: str | Path) -> None:
-    """Makes a rename in `folder` durable (the directory entry itself is flushed)."""
-    _fsync(folder)
+    """Makes a rename in `folder` durable (the directory entry itself is flushed). A file system
+    that cannot sync a folder (some network and FUSE mounts say EINVAL) makes it as durable as it can."""
+    try:
+        _fsync(folder)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
 
 
 def _fsync(path: str | Path) -> None:
