@@ -42,7 +42,7 @@ def page_of(checkpoint: str, output: str | None) -> Path:
         page = published.fetch(checkpoint, (REPORT,)) / REPORT
         if not page.is_file():
             raise UsageError(f"{checkpoint}: holds no {REPORT} (publish.py puts the run's page there)")
-        return write_page(page.read_text(), output or "report.html")
+        return write_page(page.read_text(), output or REPORT)
     run = Path(checkpoint).parent
     if not (run / METRICS).is_file():
         raise UsageError(f"{checkpoint}: no {METRICS} beside it: not in a run folder")
@@ -71,7 +71,7 @@ def main() -> None:
         default = Path("index.html") if s3.is_s3(source) else Path(source) / "index.html"
         path = write_page(render_index(runs_in(source), source.rstrip("/") + "/"), args.output or default)
     else:
-        default = Path(args.runs[0]) / "report.html" if len(args.runs) == 1 else Path("report.html")
+        default = Path(args.runs[0]) / REPORT if len(args.runs) == 1 else Path(REPORT)
         path = write_report(args.runs, args.output or default)
     print(f"page: {path.resolve()}  (open file://{path.resolve()})")
     if args.s3:

@@ -37,16 +37,17 @@ from dali_imagenet.run.checkpoint import TrainState
 from dali_imagenet.run.initial import initialise
 from dali_imagenet.run.interrupts import StopCheck, StopRequest
 from dali_imagenet.run.loaders import run_loaders
-from dali_imagenet.run.metrics import ThroughputMeter, wandb_wanted
+from dali_imagenet.run.logger import wandb_wanted
 from dali_imagenet.run.outputs import RunOutputs
 from dali_imagenet.run.session import RunSession, say_error
 from dali_imagenet.run.training_run import EpochResult, TrainingRun
 from dali_imagenet.seeding import derive_seed
 from dali_imagenet.training import recipe
-from dali_imagenet.training.evaluation import evaluate, evaluate_with_top5
+from dali_imagenet.training.evaluation import better_weights, evaluate, evaluate_with_top5
 from dali_imagenet.training.precision import Precision
 from dali_imagenet.training.schedule import LRSchedule
 from dali_imagenet.training.step import TrainStep
+from dali_imagenet.training.throughput import ThroughputMeter
 
 
 def parse_args() -> argparse.Namespace:
@@ -263,13 +264,13 @@ def validate(run: TrainingRun, line: str = "") -> None:
     metrics, top5 = evaluate_with_top5(run.models(), run.val_loader(), run.precision, flip=cfg.val_flip,
                                        channels_last=cfg.channels_last, interrupt=run.stops.interrupt_if_asked,
                                        keep=final)
+    best, best_top1 = better_weights(metrics)
     if final and run.procs.master:
-        best = "ema" if metrics.get("ema_top1", -1.0) > metrics["top1"] else ""
-        run.outputs.save_predictions(predictions.from_top5(
-            [key for _, key, _ in sample_locations(run.val_shards)], *top5[best], best or "raw", epoch))
+        run.outputs.save_predictions(predictions.from_top5(  # top5 is keyed by run.models()' names: "" is raw
+            [key for _, key, _ in sample_locations(run.val_shards)], *top5["" if best == "raw" else best], best, epoch))
     state.history.append({**metrics, "step": state.step, "epoch": epoch})
-    is_best = max(metrics["top1"], metrics.get("ema_top1", -1.0)) > state.best_top1
-    state.best_top1 = max(state.best_top1, metrics["top1"], metrics.get("ema_top1", -1.0))
+    is_best = best_top1 > state.best_top1
+    state.best_top1 = max(state.best_top1, best_top1)
     state.validation_due = 0
     run.outputs.log({"step": state.step, "epoch": epoch, "images_seen": state.step * cfg.batch_size * run.procs.world,
                      "time_s": run.stops.elapsed_s(), "run_s": run.stops.run_s(),

@@ -111,21 +111,23 @@ def evaluate(checkpoint: Path, shards: Path, device: str, weights: str) -> dict:
 def summarize(name: str, config: Path, run_dir: Path, shards: Path, device: str, wall_s: float) -> dict:
     """The run's validation curve and final numbers; a run the budget cut short is evaluated now."""
     from dali_imagenet.run.checkpoint import load
+    from dali_imagenet.run.run_folder import LAST, METRICS
+    from dali_imagenet.training.evaluation import better_weights
 
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run_dir / METRICS).read_text().splitlines()]
     # an --init run's first point is its initial weights' score, before any step (time 0, no image seen)
     curve = [{"epoch": r["epoch"], "time_s": r.get("time_s", 0.0), "images_seen": r.get("images_seen", 0),
               "top1": r["val_top1"], **({"ema_top1": r["val_ema_top1"]} if "val_ema_top1" in r else {})}
              for r in records if "val_top1" in r]
     end = records[-1]
-    last = load(run_dir / "last.pt")
+    last = load(run_dir / LAST)
     state, cfg = last["state"], last["config"]
     if not curve or curve[-1]["images_seen"] != state["step"] * cfg["batch_size"]:  # stopped by the budget
         point = {"epoch": state["epoch"], "time_s": max(r.get("time_s", 0) for r in records if "time_s" in r)
                  if curve else wall_s, "images_seen": state["step"] * cfg["batch_size"],
-                 "top1": evaluate(run_dir / "last.pt", shards, device, "raw")["top1"]}
+                 "top1": evaluate(run_dir / LAST, shards, device, "raw")["top1"]}
         if last.get("ema") is not None:
-            point["ema_top1"] = evaluate(run_dir / "last.pt", shards, device, "ema")["top1"]
+            point["ema_top1"] = evaluate(run_dir / LAST, shards, device, "ema")["top1"]
         curve.append(point)
     final = curve[-1]
     samples = json.loads((shards / "manifest.json").read_text())["splits"]["train"]["samples"]
@@ -136,7 +138,7 @@ def summarize(name: str, config: Path, run_dir: Path, shards: Path, device: str,
             "steps": state["step"], "finished": end.get("event") == "finished", "stop_reason": end.get("reason"),
             "train_sizes": sizes, "val_image_size": cfg["val_image_size"], "wall_s": wall_s,
             "images_seen": final["images_seen"], "top1": final["top1"], "ema_top1": final.get("ema_top1"),
-            "best_top1": max(final["top1"], final.get("ema_top1") or 0), "curve": curve}
+            "best_top1": better_weights(final)[1], "curve": curve}
 
 
 def save_chart(results: list[dict], path: Path) -> Path:
@@ -145,9 +147,11 @@ def save_chart(results: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from dali_imagenet.training.evaluation import better_weights
+
     fig, (by_time, by_images) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for result in results:
-        best = [max(p["top1"], p.get("ema_top1") or 0) for p in result["curve"]]
+        best = [better_weights(point)[1] for point in result["curve"]]
         label = f"{result['config']} (best of raw/EMA {result['best_top1']:.1f} %)"
         line, = by_time.plot([p["time_s"] / 60 for p in result["curve"]], best, marker="o", label=label)
         by_images.plot([p["images_seen"] for p in result["curve"]], best, marker="o", color=line.get_color())

@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def machine() -> dict:
-    from dali_imagenet.run.metrics import machine as run_machine
+    from dali_imagenet.run.logger import machine as run_machine
 
     return {**run_machine(), "git_commit": _git_commit()}
 

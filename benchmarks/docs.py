@@ -30,7 +30,7 @@ def results(name: str) -> list[dict]:
 
 
 def when(records: list[dict]) -> str:
-    """The measurement's date and commit, from the records' environment (`run.metrics.machine`)."""
+    """The measurement's date and commit, from the records' environment (`run.logger.machine`)."""
     env = max((r.get("env") or {} for r in records), key=lambda e: e.get("time") or "")
     return f"{(env.get('time') or 'date not recorded')[:10]}, commit {env.get('git_commit') or '?'}"
 

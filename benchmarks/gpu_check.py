@@ -49,6 +49,8 @@ import torch
 
 from benchmarks.common import REPO, machine
 from benchmarks.l4_host import host_cpus, machine_siblings
+from dali_imagenet.atomic import write_atomic
+from dali_imagenet.run.run_folder import FINAL, METRICS
 
 L4_MEMORY_GIB = 22.5  # an L4's memory as NVML reports it (23,034 MiB): what DALI, PyTorch and the context share
 LOSS_WINDOWS = 3  # log windows after the resume point whose losses are compared
@@ -193,9 +195,7 @@ class Check:
             return
         for name, text in (("gpu_check.json", json.dumps({"machine": self.info, "rows": self.rows}, indent=1)),
                            ("gpu_check.md", table(self, self.card) + "\n")):
-            temporary = self.out / f".{name}.tmp"
-            temporary.write_text(text)
-            os.replace(temporary, self.out / name)  # whole files only, whenever the check is stopped
+            write_atomic(self.out / name, text)  # whole files only, whenever the check is stopped
 
     def fits(self, section: str, also: tuple[str, ...] = ()) -> Box | None:
         """The box of `section` if it is asked for and still fits the budget (on a CPU, --smoke:
@@ -348,8 +348,8 @@ def train_py(check: Check, shards: Path, config: str, sets: list[str], out: Path
                str(REPO / "configs" / f"{config}.yaml"), "--device", check.device, "--no-wandb", "--spot", "off",
                *[f"--set={item}" for item in sets], *extra]
     result = check.run("train.py", f"{out.name}: {' '.join(sets[-3:])} {' '.join(extra)}", command, box)
-    records = ([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-               if (out / "metrics.jsonl").exists() else [])
+    records = ([json.loads(line) for line in (out / METRICS).read_text().splitlines()]
+               if (out / METRICS).exists() else [])
     return result, records
 
 
@@ -646,8 +646,8 @@ def _steps_per_epoch(shards: Path, batch: int) -> int:
 
 
 def _max_abs_diff(a: Path, b: Path) -> float:
-    first = torch.load(a / "final_weights.pt", weights_only=True)
-    second = torch.load(b / "final_weights.pt", weights_only=True)
+    first = torch.load(a / FINAL, weights_only=True)
+    second = torch.load(b / FINAL, weights_only=True)
     return max((first[k].float() - second[k].float()).abs().max().item() for k in first if first[k].is_floating_point())
 
 

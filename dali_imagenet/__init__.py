@@ -7,7 +7,8 @@ only downward:
     inference/ a trained model put to use: prediction, Grad-CAM, the final validation's predictions
     report/    the pages people read: a run's page, an index of runs (and its tables for W&B)
     sharing/   a run published: timm's format with a model card, the Hugging Face Hub, a Space
-    errors, s3, retry, seeding, distributed: what every layer shares; config: a run's description
+    errors, s3, retry, seeding, distributed, atomic (a file replaced whole): what every layer shares;
+    config: a run's description
 
 Importing the package is cheap: `make_loader` pulls in DALI and PyTorch only when first used.
 It registers this project's BlurPool ResNets in timm (`training/timm_models.py`: `resnet50_ffcvblur`,

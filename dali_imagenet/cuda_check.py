@@ -30,7 +30,6 @@ TOOLKIT_DRIVER = {"13.0": "580.65.06", "12.9": "575.51.03", "12.8": "570.26", "1
                   "12.4": "550.54.14", "12.1": "530.30.02", "11.8": "520.61.05"}
 # PyTorch's own wheel indexes (https://download.pytorch.org/whl/<tag>), newest CUDA first: the
 # builds offered for an older driver. Which tags a torch release has varies, so the setup tries them in order.
-TORCH_INDEX = "https://download.pytorch.org/whl/"
 TORCH_CUDA_TAGS = ("cu130", "cu129", "cu128", "cu126", "cu124")
 
 

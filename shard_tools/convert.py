@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dali_imagenet import s3
+from dali_imagenet.atomic import written_for
 from dali_imagenet.data.folders import check_output_folder, refuse_overlap
 from dali_imagenet.data.pixels import MAX_PIXELS
 from dali_imagenet.data.shardformat import (
@@ -282,7 +283,7 @@ _OWN_SHARD = re.compile(rf"({_SPLIT_NAMES})/[^/]+-({_SPLIT_NAMES})-\d{{6}}\.(tar
 
 def written_by_us(name: str) -> bool:
     """Whether a path under OUTPUT (relative; a folder ends with '/') is one this tool writes."""
-    return (name in _OWN_FILES or name.removesuffix(".tmp") in _OWN_FILES
+    return (name in _OWN_FILES or name.removesuffix(".tmp") in _OWN_FILES or written_for(name) in _OWN_FILES
             or (name.endswith("/") and name.rstrip("/") in SPLITS) or bool(_OWN_SHARD.fullmatch(name)))
 
 

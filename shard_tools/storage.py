@@ -13,6 +13,7 @@ import weakref
 from pathlib import Path
 
 from dali_imagenet import s3
+from dali_imagenet.atomic import write_atomic
 from dali_imagenet.data.shardformat import sha256_file
 from dali_imagenet.errors import DaliImagenetError
 
@@ -53,13 +54,7 @@ class LocalOutput:
         return path.read_text() if path.is_file() else None
 
     def write_text(self, name: str, text: str) -> None:
-        path = self.root / name
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(self.root / name, text)
 
 
 class S3Output:

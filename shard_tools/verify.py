@@ -35,6 +35,7 @@ import click
 from tqdm import tqdm
 
 from dali_imagenet import s3
+from dali_imagenet.atomic import write_atomic
 from dali_imagenet.data.shardformat import (
     MANIFEST,
     TIMM_INFO,
@@ -47,7 +48,6 @@ from dali_imagenet.data.shardformat import (
     sample_key,
     sha256_file,
     timm_info,
-    write_text_atomic,
 )
 from dali_imagenet.data.shards import TIMM_SPLIT_NAMES, TimmTar, default_index_cache, timm_classes, timm_tars
 from dali_imagenet.errors import DaliImagenetError, debug
@@ -210,7 +210,7 @@ class ShardSet:
     def write(self, name: str, text: str) -> None:
         """Atomic locally (a temporary file renamed over it); one PUT on S3 (atomic per object)."""
         if not self.remote:
-            write_text_atomic(Path(self.root, name), text)
+            write_atomic(Path(self.root, name), text)
             return
         bucket, prefix = s3.split_s3_url(self.root)
         s3.client().put_object(Bucket=bucket, Key=s3.join_key(prefix, name), Body=text.encode())

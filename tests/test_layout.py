@@ -15,7 +15,7 @@ from dali_imagenet.errors import DaliImagenetError, Interrupted
 LIBRARY = REPO / "dali_imagenet"
 # Lowest first: a module may import its own layer's and lower layers' modules, never a higher one's.
 LAYERS = ("shared", "data", "training", "run", "inference", "report", "sharing")
-SHARED = {"errors", "s3", "retry", "seeding", "distributed", "cuda_check"}  # the top level, beside config
+SHARED = {"errors", "s3", "retry", "seeding", "distributed", "cuda_check", "atomic"}  # the top level, beside config
 # config.py describes a whole run, so it knows the layers' defaults (data's, training's): it sits
 # above them; the layers take explicit arguments and never need it, but the recipe, which builds a
 # run's training from a config, does. So: config may import data and training, never run or report.

@@ -271,6 +271,22 @@ def test_flip_tta_on_a_flip_symmetric_input():
     assert plain["top1"] == plain["ema_top1"] == flipped["top1"] == 100.0 and plain["images"] == 6
 
 
+def test_the_better_weights_of_a_validation_and_what_auto_loads():
+    """One rule for best.pt, the page, the index and --weights auto: the EMA only when strictly higher."""
+    from dali_imagenet.training.evaluation import better_weights
+
+    assert better_weights({"top1": 70.0, "ema_top1": 71.5}) == ("ema", 71.5)
+    assert better_weights({"top1": 70.0, "ema_top1": 70.0}) == ("raw", 70.0)  # a tie keeps the raw weights
+    assert better_weights({"top1": 70.0}) == ("raw", 70.0)  # no EMA kept
+    assert better_weights({"val_top1": 3.0, "val_ema_top1": 4.0, "top1": 9.0}, "val_") == ("ema", 4.0)  # a log record
+    assert better_weights({}) == ("raw", -1.0)  # no validation yet
+    raw, ema = {"w": torch.zeros(1)}, {"w": torch.ones(1)}
+    for history, expected in (([{"top1": 1.0, "ema_top1": 2.0}], ema), ([{"top1": 2.0, "ema_top1": 1.0}], raw),
+                              ([], raw)):
+        checkpoint = fake_checkpoint(1, model=raw, ema={"weights": ema}, state={"history": history})
+        assert saved.weights(checkpoint, "auto") is expected
+
+
 def test_blurpool_keeps_shapes_and_state_dict_keys():
     x = torch.randn(2, 3, 64, 64)
     for arch in ("resnet18", "resnet50"):
@@ -359,7 +375,7 @@ def test_predictions_per_class_confusions_and_examples(tmp_path):
 
 
 def test_data_cost_prices_requests_and_bytes_moved_across_regions_only():
-    from dali_imagenet.run.metrics import cost, data_cost, describe_cost
+    from dali_imagenet.run.cost import cost, data_cost, describe_cost
 
     prices = dict(get_price_per_1000=0.0004, put_price_per_1000=0.005, cross_region_price_per_gb=0.02)
     usage = {"get": 10_000, "put": 2_000, "free": 5, "buckets": {
@@ -394,7 +410,7 @@ def launch(seconds: float, *, price: float = 0.8, training: float | None = None)
 def test_the_cost_of_a_run_sums_its_launches_each_at_its_own_price():
     """Three launches (two reclaimed on spot): hours, dollars and the time outside training summed
     over all of them, each launch at the price it ran at, on demand beside it."""
-    from dali_imagenet.run.metrics import cost, describe_cost
+    from dali_imagenet.run.cost import cost, describe_cost
 
     launches = [launch(1800, price=0.3, training=600), launch(3600, price=0.4, training=2400), launch(1800, price=0.5)]
     run = cost(launches, gpus=1, lifecycle="spot")

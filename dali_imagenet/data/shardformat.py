@@ -21,6 +21,7 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
+from dali_imagenet.atomic import write_atomic
 from dali_imagenet.errors import DaliImagenetError
 
 MANIFEST = "manifest.json"
@@ -191,18 +192,8 @@ def index_existing_tar(tar_path: str | Path, idx_path: str | Path) -> tuple[int,
         lines.append(index_line(components))
     if not lines:
         raise FormatError(f"{tar_path}: no samples in this tar")
-    write_text_atomic(idx_path, index_text(lines))
+    write_atomic(idx_path, index_text(lines))
     return len(lines), skipped
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """A temporary file beside `path`, flushed, then renamed over it: a reader sees the old file or the new one."""
-    tmp = Path(f"{path}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def iter_components(tar: str | Path, idx: str | Path, ext: str = "jpg") -> Iterator[tuple[str, bytes]]:

@@ -45,6 +45,7 @@ from itertools import zip_longest
 from pathlib import Path
 
 from dali_imagenet import s3
+from dali_imagenet.atomic import write_atomic
 from dali_imagenet.data.partition import epoch_shards, rank_pieces
 from dali_imagenet.data.shardformat import (
     CLASSES_TSV,
@@ -58,7 +59,6 @@ from dali_imagenet.data.shardformat import (
     parse_manifest,
     sha256_file,
     split_entry,
-    write_text_atomic,
 )
 from dali_imagenet.data.shards import TIMM_SPLIT_NAMES, SplitShards, is_timm_tar
 from dali_imagenet.errors import DaliImagenetError, Interrupted
@@ -138,7 +138,7 @@ def stage(url: str, folder: str | os.PathLike, splits: tuple[str, ...], *, worke
                                 manifest_now=False, progress=progress)
             staged = prepared.fetch_tars(None, progress, interrupt or (lambda: None))
             if prepared.manifest_text is not None:  # last: a folder with a manifest is a complete copy of its splits
-                write_text_atomic(folder / MANIFEST, prepared.manifest_text.decode())
+                write_atomic(folder / MANIFEST, prepared.manifest_text.decode())
             return staged
     except BaseException:
         for path in made:  # a failed first staging leaves no empty folders (the lock went with its holder)
@@ -240,7 +240,7 @@ def _prepare(url: str, folder: Path, splits, workers: int, interrupt, log, manif
         _write_record(folder, record)
     if manifest_text is not None:
         if manifest_now:  # the folder's indices are complete, its tars placeholders or landed
-            write_text_atomic(folder / MANIFEST, manifest_text.decode())
+            write_atomic(folder / MANIFEST, manifest_text.decode())
         elif in_place:  # a manifest left from an earlier staging no longer says the copy is complete
             (folder / MANIFEST).unlink(missing_ok=True)
     return _Prepared(url, folder, client, in_place, record, len(wanted), sum(w.bytes for w in wanted), need,
@@ -248,7 +248,7 @@ def _prepare(url: str, folder: Path, splits, workers: int, interrupt, log, manif
 
 
 def _write_record(folder: Path, record: dict) -> None:
-    write_text_atomic(folder / RECORD, json.dumps(record, indent=0, sort_keys=True))
+    write_atomic(folder / RECORD, json.dumps(record, indent=0, sort_keys=True))
 
 
 def _list(client, bucket: str, prefix: str, url: str) -> dict[str, tuple[int, str]]:
@@ -416,7 +416,7 @@ def _fetch(client, bucket: str, prefix: str, folder: Path, wanted: list[Wanted],
         stat = (folder / item.name).stat()
         record[item.name] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "check": item.check}
         if was_placeholder:  # landed: what the loaders wait for, on every process of the machine
-            write_text_atomic(folder / RECORD, json.dumps(record, indent=0, sort_keys=True))
+            write_atomic(folder / RECORD, json.dumps(record, indent=0, sort_keys=True))
 
     def placeholder(item: Wanted) -> bool:
         return bool(record.get(item.name, {}).get("pending"))
@@ -680,7 +680,7 @@ class _Background(threading.Thread):
             pass
         except Exception as error:  # noqa: BLE001 - any failure ends the run in one line, not a hanging loader
             self.error = str(error) if isinstance(error, DaliImagenetError) else f"staging failed: {error!r}"
-            write_text_atomic(self.prepared.folder / FAILED, self.error + "\n")
+            write_atomic(self.prepared.folder / FAILED, self.error + "\n")
 
 
 class Staging:
@@ -722,7 +722,7 @@ def local_data(data: str, stage_dir: str | None, *, stream: bool, here: bool, in
     with _locked(folder / LOCK, interrupt):
         prepared = _prepare(data.rstrip("/"), folder, ("train", "validation"), 16, interrupt, say, manifest_now=True,
                             progress=True)
-        write_text_atomic(folder / PREPARED, launch)  # (a timm-layout set was fetched whole: its tars are not in place)
+        write_atomic(folder / PREPARED, launch)  # (a timm-layout set was fetched whole: its tars are not in place)
     if not prepared.tars:
         say(Staged(folder, prepared.wanted, prepared.fetched, prepared.bytes_total, prepared.bytes_needed,
                    time.monotonic() - prepared.started, prepared.region).line(data))

@@ -9,15 +9,13 @@ Read back with `allow_pickle=False`: a file fetched from S3 must not be able to 
 from __future__ import annotations
 
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from dali_imagenet.atomic import write_atomic
 from dali_imagenet.errors import DaliImagenetError
-
-TOP = 5
 
 
 class PredictionsError(DaliImagenetError):
@@ -41,17 +39,13 @@ class Predictions:
         return self.top5[:, 0] == self.labels
 
     def save(self, path: str | Path) -> Path:
-        """Written to a temporary name, then renamed: a reader sees the old file or the new one."""
-        path = Path(path)
+        """Written atomically (`atomic.write_atomic`): a reader sees the old file or the new one."""
         buffer = io.BytesIO()
         np.savez_compressed(buffer, keys=self.keys.astype(str), labels=self.labels.astype(np.int32),
                             top5=self.top5.astype(np.int16 if self.top5.max(initial=0) < 2**15 else np.int32),
                             probabilities=self.probabilities.astype(np.float16), weights=np.array(self.weights),
                             epoch=np.array(self.epoch))
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_bytes(buffer.getvalue())
-        os.replace(tmp, path)
-        return path
+        return write_atomic(path, buffer.getvalue())
 
     @classmethod
     def load(cls, path: str | Path) -> Predictions:

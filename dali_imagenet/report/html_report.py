@@ -14,13 +14,15 @@ from pathlib import Path
 
 import yaml
 
+from dali_imagenet.atomic import write_atomic
 from dali_imagenet.errors import DaliImagenetError
 from dali_imagenet.report.html_page import page, plot_uri, sortable, table
 from dali_imagenet.report.run_results import learned_sections
 from dali_imagenet.run.checkpoint import CheckpointError, load
+from dali_imagenet.run.cost import describe_cost
 from dali_imagenet.run.launches import PHASES
-from dali_imagenet.run.metrics import describe_cost
 from dali_imagenet.run.run_folder import BEST, CONFIG, FINAL, LAST, METRICS, PREDICTIONS
+from dali_imagenet.training.evaluation import better_weights
 
 
 class ReportError(DaliImagenetError):
@@ -28,7 +30,9 @@ class ReportError(DaliImagenetError):
 
 
 @dataclass
-class Run:
+class RunRecords:
+    """What a run folder holds for its page, read once (`read_run`): its config and its metrics.jsonl's
+    records, sorted by kind."""
     name: str
     folder: Path
     config: dict
@@ -44,7 +48,7 @@ class Run:
     @property
     def best_top1(self) -> float | None:
         """The best val top-1 of the raw weights or their EMA, whichever was higher: shown as such."""
-        tops = [max(v["val_top1"], v.get("val_ema_top1", -1)) for v in self.validations]
+        tops = [better_weights(v, "val_")[1] for v in self.validations]
         return max(tops) if tops else None
 
     @property
@@ -77,7 +81,7 @@ class Run:
         return rates[len(rates) // 2] if rates else None
 
 
-def read_run(folder: str | Path, name: str | None = None) -> Run:
+def read_run(folder: str | Path, name: str | None = None) -> RunRecords:
     folder = Path(folder)
     metrics = folder / METRICS
     if not metrics.is_file():
@@ -89,12 +93,12 @@ def read_run(folder: str | Path, name: str | None = None) -> Run:
         except ValueError:
             raise ReportError(f"{metrics}: line {number} is not JSON") from None
     config = yaml.safe_load((folder / CONFIG).read_text()) if (folder / CONFIG).is_file() else {}
-    return Run(name or folder.name, folder, config or {}, [r for r in records if "loss" in r and "lr" in r],
+    return RunRecords(name or folder.name, folder, config or {}, [r for r in records if "loss" in r and "lr" in r],
                [r for r in records if "val_top1" in r], [r for r in records if "event" in r],
                [r for r in records if "first_step_s" in r])
 
 
-def _plot(runs: list[Run], records: str, panels: list[tuple[str, str, list[tuple[str, str]]]]) -> str:
+def _plot(runs: list[RunRecords], records: str, panels: list[tuple[str, str, list[tuple[str, str]]]]) -> str:
     """A row of panels (title, x key, [(y key, label suffix)]) of each run's `records` ("steps" or
     "validations"), one line per run and series, as a PNG data URI."""
     import matplotlib
@@ -120,21 +124,21 @@ def _plot(runs: list[Run], records: str, panels: list[tuple[str, str, list[tuple
     return plot_uri(fig)
 
 
-def training_curves(runs: list[Run]) -> str:
+def training_curves(runs: list[RunRecords]) -> str:
     """Train loss, LR, images/s and data wait by step: a PNG data URI."""
     return _plot(runs, "steps", [("train loss", "step", [("loss", "")]), ("learning rate", "step", [("lr", "")]),
                                  ("images/s", "step", [("images_per_s", "")]),
                                  ("data wait (share of time)", "step", [("data_wait", "")])])
 
 
-def validation_curves(runs: list[Run]) -> str:
+def validation_curves(runs: list[RunRecords]) -> str:
     """Val top-1, top-5 and loss by epoch, raw and EMA: a PNG data URI (the page's, the model card's)."""
     return _plot(runs, "validations", [("val top-1 %", "epoch", [("val_top1", ""), ("val_ema_top1", " EMA")]),
                                        ("val top-5 %", "epoch", [("val_top5", ""), ("val_ema_top5", " EMA")]),
                                        ("val loss", "epoch", [("val_loss", ""), ("val_ema_loss", " EMA")])])
 
 
-def newest_checkpoint(run: Run) -> tuple[str | None, dict | None]:
+def newest_checkpoint(run: RunRecords) -> tuple[str | None, dict | None]:
     """(the newest checkpoint's file name, its contents), or (name, None) for an unreadable one."""
     for name in (LAST, BEST):
         if (run.folder / name).is_file():
@@ -145,7 +149,7 @@ def newest_checkpoint(run: Run) -> tuple[str | None, dict | None]:
     return None, None
 
 
-def _numbers(run: Run, checkpoint_name: str | None, checkpoint: dict | None) -> list[tuple[str, object]]:
+def _numbers(run: RunRecords, checkpoint_name: str | None, checkpoint: dict | None) -> list[tuple[str, object]]:
     final, ended = run.final, run.ended
     epochs_done = final.get("epoch", 0)
     rate = run.median_rate()
@@ -195,7 +199,7 @@ def launches_table(launches: list[dict]) -> str:
     return f"<h2>Launches</h2>{sortable(header, rows, 'launches')}"
 
 
-def render(runs: list[Run], title: str | None = None) -> str:
+def render(runs: list[RunRecords], title: str | None = None) -> str:
     single = len(runs) == 1
     title = title or (f"{runs[0].name} · dali-imagenet" if single else f"dali-imagenet: {len(runs)} runs")
     plots = [("training", training_curves(runs)), ("validation", validation_curves(runs))]
@@ -227,11 +231,7 @@ def render(runs: list[Run], title: str | None = None) -> str:
 
 
 def write_page(text: str, output: str | Path) -> Path:
-    output = Path(output)
-    tmp = output.with_name(f".{output.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(output)
-    return output
+    return write_atomic(output, text)
 
 
 def write_report(folders: list[str | Path], output: str | Path) -> Path:

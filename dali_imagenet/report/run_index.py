@@ -18,13 +18,14 @@ from pathlib import Path
 
 from dali_imagenet import s3
 from dali_imagenet.report.html_page import page, plot_uri, sortable
-from dali_imagenet.report.html_report import ReportError, Run, read_run
+from dali_imagenet.report.html_report import ReportError, RunRecords, read_run
 from dali_imagenet.run.run_folder import CONFIG, METRICS, REPORT
+from dali_imagenet.training.evaluation import better_weights
 
 
 @dataclass
 class Listed:
-    run: Run
+    run: RunRecords
     updated: float  # Unix time of the run's last write (metrics.jsonl)
     page: str | None  # the run's page, relative to the index (None: not written yet)
 
@@ -88,7 +89,7 @@ def _plot(listed: list[Listed]) -> str:
     fig, ax = plt.subplots(figsize=(8, 4.2))
     for item in listed:
         points = [((v.get("run_s") if v.get("run_s") is not None else v.get("time_s", 0)) / 3600,
-                   max(v["val_top1"], v.get("val_ema_top1", -1))) for v in item.run.validations]
+                   better_weights(v, "val_")[1]) for v in item.run.validations]
         if points:
             ax.plot(*zip(*points), marker="o", markersize=3, label=item.run.name)
     ax.set_xlabel("wall-clock hours (over every resume)")

@@ -3,13 +3,12 @@ and read back safely: any `.pt` this project reads (a checkpoint, final weights,
 state dict) with `weights_only=True` (a file fetched from S3 must not be able to run code), and the
 weights inside a checkpoint: raw, EMA, or whichever scored higher.
 
-A checkpoint is written to a temporary file beside its final name, flushed and fsynced, then
-renamed over it (rename is atomic on POSIX): a crash leaves either the old or the new file, never
-half of one. Which files a run folder holds, and their names, is `run_folder`'s business.
+A checkpoint is written as `atomic.open_atomic` writes (a temporary file, fsynced, renamed over
+the final name): a crash leaves either the old or the new file, never half of one. Which files a
+run folder holds, and their names, is `run_folder`'s business.
 """
 from __future__ import annotations
 
-import os
 import pickle
 import random
 import re
@@ -20,7 +19,9 @@ from pathlib import Path
 
 import torch
 
+from dali_imagenet.atomic import open_atomic
 from dali_imagenet.errors import DaliImagenetError
+from dali_imagenet.training.evaluation import better_weights
 
 
 @dataclass
@@ -91,24 +92,9 @@ def restore(checkpoint: dict, *, model, optimizer, scaler, ema) -> TrainState:
 
 
 def save_atomic(obj: dict, path: str | Path) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with open_atomic(path) as f:
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_folder(path.parent)
-    return path
-
-
-def fsync_folder(folder: Path) -> None:
-    """Makes a rename in `folder` durable (the directory entry itself is flushed)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    return Path(path)
 
 
 def load_training(path: str | Path) -> dict:
@@ -166,7 +152,7 @@ def weights(checkpoint: dict, which: str = "raw") -> dict:
     ema = checkpoint.get("ema")
     if which == "auto":
         last = (checkpoint.get("state") or {}).get("history") or [{}]
-        which = "ema" if ema is not None and last[-1].get("ema_top1", -1) > last[-1].get("top1", -1) else "raw"
+        which = "ema" if ema is not None and better_weights(last[-1])[0] == "ema" else "raw"
     if which == "ema":
         if ema is None:
             raise CheckpointError("this checkpoint has no EMA weights (the run had ema_decay 0)")

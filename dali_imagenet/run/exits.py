@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from dali_imagenet.atomic import write_atomic
+
 COMPLETE = 0  # every epoch trained (or the max_steps / max_minutes asked for) and every file in S3
 ERROR = 1  # bad input, a data error, a NaN loss, a bug (with its traceback)
 USAGE = 2  # a flag argparse refuses
@@ -46,12 +48,6 @@ def for_stop(reason: str | None) -> int:
     return _STOP_CODES.get(reason.split(" on rank ")[0], RECLAIM)
 
 
-def stronger(a: int, b: int) -> int:
-    """Of two stop codes, the one the run must exit with (a reclaim over a Ctrl-C over complete)."""
-    rank = {COMPLETE: 0, INTERRUPTED: 1, RECLAIM: 2}
-    return a if rank.get(a, 3) >= rank.get(b, 3) else b
-
-
 def with_uploads(code: int, pending: list[str]) -> int:
     """A run whose files are not all in S3 never claims success, nor a clean reclaim: on a spot
     instance the disk that holds them is about to be deleted."""
@@ -64,7 +60,5 @@ def record(code: int) -> None:
     path = os.environ.get(EXIT_CODE_FILE)
     if not path or os.environ.get("LOCAL_RANK", "0") != "0":
         return
-    tmp = Path(f"{path}.tmp-{os.getpid()}")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(f"{code}\n")
-    os.replace(tmp, path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, f"{code}\n")

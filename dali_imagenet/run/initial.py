@@ -18,6 +18,7 @@ import torch
 from dali_imagenet.config import from_dict
 from dali_imagenet.run import published
 from dali_imagenet.run.checkpoint import CheckpointError, load, weights
+from dali_imagenet.run.run_folder import BEST, FINAL, LAST
 from dali_imagenet.training import archs
 from dali_imagenet.training.archs import network_name
 from dali_imagenet.training.model import WIDTH
@@ -55,8 +56,7 @@ def initialise(source: str, model: torch.nn.Module, arch: str, class_names, widt
     else:
         path = Path(source)
         if path.is_dir():
-            path = next((path / name for name in ("best.pt", "last.pt", "final_weights.pt") if (path / name).is_file()),
-                        path / "best.pt")
+            path = next((path / name for name in (BEST, LAST, FINAL) if (path / name).is_file()), path / BEST)
         checkpoint = load(path)
         where, state, theirs = str(path), weights(checkpoint, "auto"), checkpoint.get("class_names")
         config = checkpoint.get("config")  # a plain state dict has none: the strict load below checks its shapes

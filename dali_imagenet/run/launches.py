@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from dali_imagenet import s3
+from dali_imagenet.atomic import write_atomic
 from dali_imagenet.run.run_folder import LAUNCHES
 from dali_imagenet.run.spot import utc_seconds
 
@@ -142,9 +143,7 @@ def read(run_dir: Path, s3_url: str | None, timeout_s: float) -> list[dict]:
 
 
 def save(launches: list[dict], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(launches, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(launches, indent=1, sort_keys=True) + "\n")
 
 
 def upload(launches: list[dict], s3_url: str, timeout_s: float) -> None:

@@ -16,7 +16,7 @@ from dali_imagenet.run import run_folder as folder
 from dali_imagenet.run.checkpoint import save_atomic
 from dali_imagenet.run.launches import save as save_launches
 from dali_imagenet.run.lease import Lease
-from dali_imagenet.run.metrics import RunLogger, machine
+from dali_imagenet.run.logger import RunLogger, machine
 from dali_imagenet.run.s3sync import S3Sync, lineage_metadata
 
 

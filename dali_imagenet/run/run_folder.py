@@ -20,8 +20,8 @@ import shutil
 import time
 from pathlib import Path
 
+from dali_imagenet.atomic import replacing, written_for
 from dali_imagenet.errors import DaliImagenetError
-from dali_imagenet.run.checkpoint import fsync_folder
 
 LAST, BEST, FINAL = "last.pt", "best.pt", "final_weights.pt"
 METRICS, CONFIG, REPORT = "metrics.jsonl", "config.yaml", "report.html"
@@ -66,20 +66,18 @@ def clear(run_dir: str | Path) -> None:
 
 def clean_temporaries(run_dir: str | Path) -> None:
     """Removes the temporary files of writes a killed run never finished."""
-    for tmp in Path(run_dir).glob(".*.pt.tmp-*"):
-        tmp.unlink(missing_ok=True)
+    for tmp in Path(run_dir).glob(".*.tmp-*"):
+        if written_for(tmp.name) in RUN_FILES:
+            tmp.unlink(missing_ok=True)
     shutil.rmtree(Path(run_dir) / S3_STAGING, ignore_errors=True)
 
 
 def mark_best(run_dir: str | Path) -> Path:
     """Makes best.pt the current last.pt (atomically, like last.pt itself)."""
     run_dir = Path(run_dir)
-    tmp = run_dir / f".{BEST}.tmp-{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(run_dir / LAST, tmp)
-    except OSError:  # file systems without hard links
-        shutil.copyfile(run_dir / LAST, tmp)
-    os.replace(tmp, run_dir / BEST)
-    fsync_folder(run_dir)
+    with replacing(run_dir / BEST) as tmp:
+        try:
+            os.link(run_dir / LAST, tmp)
+        except OSError:  # file systems without hard links
+            shutil.copyfile(run_dir / LAST, tmp)
     return run_dir / BEST

@@ -32,10 +32,10 @@ from dali_imagenet.config import TrainConfig
 from dali_imagenet.data import staging
 from dali_imagenet.errors import DaliImagenetError, Interrupted, debug
 from dali_imagenet.run import exits, launches, run_folder, spot
+from dali_imagenet.run.cost import cost, cost_basis, data_basis, data_cost, describe_cost
 from dali_imagenet.run.interrupts import StopRequest
 from dali_imagenet.run.launches import LaunchClock
 from dali_imagenet.run.lease import Lease
-from dali_imagenet.run.metrics import cost, cost_basis, data_basis, data_cost, describe_cost
 from dali_imagenet.run.training_run import LossDiverged, TrainingRun
 
 WAIT_EXTRA_S = 15  # beyond the flush timeout, for the other ranks to hear and answer

@@ -20,7 +20,7 @@ from dali_imagenet.data.folders import check_output_folder, refuse_overlap
 from dali_imagenet.data.shardformat import MANIFEST
 from dali_imagenet.errors import DaliImagenetError, UsageError
 from dali_imagenet.inference.predictor import load_model
-from dali_imagenet.report.html_report import Run, read_run, validation_curves, write_report
+from dali_imagenet.report.html_report import RunRecords, read_run, validation_curves, write_report
 from dali_imagenet.run import published
 from dali_imagenet.run.run_folder import BEST, CONFIG, LAST, METRICS, PREDICTIONS, REPORT
 from dali_imagenet.sharing.model_card import card
@@ -38,7 +38,7 @@ class PublishError(DaliImagenetError):
 class Built:
     folder: Path
     stock: bool  # timm builds it as it is
-    run: Run
+    run: RunRecords
     weights: str  # raw | ema
     class_names: list[str] | None
 
@@ -70,7 +70,7 @@ def checkpoint_of(run_folder: Path) -> Path:
     raise PublishError(f"{run_folder}: no {BEST} or {LAST}: nothing to publish")
 
 
-def data_source_name(run: Run, scratch: Path) -> str | None:
+def data_source_name(run: RunRecords, scratch: Path) -> str | None:
     """The Hub dataset the run's shards were converted from, as their manifest names it (where the
     run's data can still be read: a local folder or s3://); None otherwise."""
     data = str(run.started.get("data") or "")
@@ -87,7 +87,7 @@ def data_source_name(run: Run, scratch: Path) -> str | None:
     return source.get("repo") if source.get("kind") == "hub" else None
 
 
-def not_published(run: Run, source: str) -> list[str]:
+def not_published(run: RunRecords, source: str) -> list[str]:
     """What the run recorded of the machine it ran on and of its storage: the run's and the data's
     paths or s3:// URIs, a config file's, a local --init source's; and the host's name."""
     started = run.started
@@ -99,7 +99,7 @@ def not_published(run: Run, source: str) -> list[str]:
     return sorted({str(v) for v in values if v}, key=len, reverse=True)
 
 
-def scrubbed_page(text: str, run: Run, source: str) -> str:
+def scrubbed_page(text: str, run: RunRecords, source: str) -> str:
     """The run's page without `not_published`'s values (and its host's name in the machine table)."""
     for value in not_published(run, source):
         text = text.replace(html.escape(value), "(not published)").replace(value, "(not published)")

@@ -14,8 +14,8 @@ from pathlib import Path
 import yaml
 
 from dali_imagenet.errors import UsageError
-from dali_imagenet.report.html_report import Run
-from dali_imagenet.run.metrics import describe_cost
+from dali_imagenet.report.html_report import RunRecords
+from dali_imagenet.run.cost import describe_cost
 
 SHOWN_CLASSES = 5  # worst and best
 PROJECT_URL = "https://github.com/dali-imagenet/dali-imagenet"
@@ -47,7 +47,7 @@ def check_license(license: str) -> None:
                      + "; the list: https://huggingface.co/docs/hub/repositories-licenses")
 
 
-def base_model(run: Run) -> str | None:
+def base_model(run: RunRecords) -> str | None:
     """The Hub repo a run started from (`--init hf://REPO`, or timm's own weights for its arch)."""
     source = (run.started.get("init") or {}).get("source") or ""
     if source.startswith("hf://"):
@@ -61,7 +61,7 @@ def base_model(run: Run) -> str | None:
     return None
 
 
-def metadata(run: Run, loaded, *, stock: bool, name: str, license: str, data_name: str | None):
+def metadata(run: RunRecords, loaded, *, stock: bool, name: str, license: str, data_name: str | None):
     """The card's `ModelCardData`: what the Hub indexes and shows beside the card."""
     from huggingface_hub import EvalResult, ModelCardData
 
@@ -81,7 +81,7 @@ def metadata(run: Run, loaded, *, stock: bool, name: str, license: str, data_nam
                          eval_results=results or None)
 
 
-def _published_scores(run: Run, loaded) -> tuple[float, float] | None:
+def _published_scores(run: RunRecords, loaded) -> tuple[float, float] | None:
     """The final validation's (top-1, top-5) of the published weights."""
     final = run.final
     key = "val_ema" if loaded.weights == "ema" else "val"
@@ -90,7 +90,7 @@ def _published_scores(run: Run, loaded) -> tuple[float, float] | None:
     return final[f"{key}_top1"], final[f"{key}_top5"]
 
 
-def card(run: Run, loaded, *, stock: bool, timm_name: str, hub_repo: str | None, folder_name: str,
+def card(run: RunRecords, loaded, *, stock: bool, timm_name: str, hub_repo: str | None, folder_name: str,
          predictions: Path, license: str, data_name: str | None) -> str:
     """`loaded`: the published weights (`inference.LoadedModel`); `timm_name`: the architecture
     its config.json names."""
@@ -103,7 +103,7 @@ def card(run: Run, loaded, *, stock: bool, timm_name: str, hub_repo: str | None,
     return "\n".join(part for part in parts if part)
 
 
-def _what(run: Run, loaded, stock: bool, timm_name: str, data_name: str | None) -> str:
+def _what(run: RunRecords, loaded, stock: bool, timm_name: str, data_name: str | None) -> str:
     arch = loaded.arch
     network = f"timm's `{arch[len('timm:'):]}`" if arch.startswith("timm:") else \
         f"this project's {loaded.config.network}"
@@ -121,14 +121,14 @@ def _what(run: Run, loaded, stock: bool, timm_name: str, data_name: str | None) 
             f"`{INSTALL}`). The weights are the run's best: its **{loaded.weights}** weights. {kind}\n")
 
 
-def _start(run: Run) -> str:
+def _start(run: RunRecords) -> str:
     if not run.started.get("init"):
         return "random weights"
     base = base_model(run)
     return f"the weights of [`{base}`](https://huggingface.co/{base})" if base else "other weights (not published)"
 
 
-def _results(run: Run, loaded) -> str:
+def _results(run: RunRecords, loaded) -> str:
     final, config = run.final, loaded.config
     if not final:
         return "## Results\n\nNo validation was recorded.\n"
@@ -197,6 +197,6 @@ def _how_to_load(hub_repo: str | None, folder_name: str, stock: bool, timm_name:
     return "\n".join(lines)
 
 
-def _recipe(run: Run) -> str:
+def _recipe(run: RunRecords) -> str:
     return ("## Recipe\n\nThe run's config (`train.py --config` takes it as it is):\n\n```yaml\n"
             + yaml.safe_dump(run.config, sort_keys=True) + "```\n")

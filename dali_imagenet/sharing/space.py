@@ -12,6 +12,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from dali_imagenet.run.run_folder import REPORT
+from dali_imagenet.sharing.folder import CURVES
+
 SPACE_PYTHON = "3.11"  # the Space's python_version: the tests' Python
 SPACE_GRADIO = "6.31.0"  # its sdk_version: the Gradio the demo is tested with (a Space installs it itself)
 SPACE_PINS = {  # distribution -> version: what app.py and the library's inference path import, as tested
@@ -46,7 +49,7 @@ def space_folder(out: Path, published: Path, app: Path, *, title: str, model_rep
     if model_source:
         (out / SPACE_MODEL_SOURCE).write_text(model_source + "\n")
     else:
-        shutil.copytree(published, out / SPACE_MODEL, ignore=shutil.ignore_patterns("report.html", "curves.png"))
+        shutil.copytree(published, out / SPACE_MODEL, ignore=shutil.ignore_patterns(REPORT, CURVES))
         (out / SPACE_MODEL / "README.md").unlink(missing_ok=True)  # the Space's README is its config
     (out / EXAMPLES).mkdir()
     for index, example in enumerate(examples):

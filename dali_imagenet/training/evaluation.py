@@ -21,6 +21,15 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, flip: bool = Fa
     return logits
 
 
+def better_weights(scores: dict, prefix: str = "") -> tuple[str, float]:
+    """Which weights scored higher in one validation, "raw" or "ema" (the EMA only when strictly
+    higher), and their top-1 %: what best.pt, the page and --weights auto go by. `scores`:
+    `evaluate`'s metrics (`prefix` ""), or a metrics.jsonl record (`prefix` "val_"); a run without
+    EMA has no `ema_top1`, and a record without scores counts -1 for both."""
+    raw, ema = scores.get(f"{prefix}top1", -1.0), scores.get(f"{prefix}ema_top1", -1.0)
+    return ("ema", ema) if ema > raw else ("raw", raw)
+
+
 @torch.no_grad()
 def evaluate(models: dict[str, torch.nn.Module], loader, precision: Precision, *, flip: bool = False,
              channels_last: bool = True, interrupt: Callable[[int], None] | None = None) -> dict:
