@@ -39,7 +39,7 @@ from dali_imagenet.run.interrupts import StopCheck, StopRequest
 from dali_imagenet.run.loaders import run_loaders
 from dali_imagenet.run.logger import wandb_wanted
 from dali_imagenet.run.outputs import RunOutputs
-from dali_imagenet.run.session import RunSession, say_error
+from dali_imagenet.run.session import RunSession, ending, say_error
 from dali_imagenet.run.training_run import EpochResult, TrainingRun
 from dali_imagenet.seeding import derive_seed
 from dali_imagenet.training import recipe
@@ -181,8 +181,9 @@ def starting_weights(args, cfg: TrainConfig, procs: distributed.Processes, train
 def train_one_epoch(train_step: TrainStep, loader: Loader, schedule: LRSchedule, state: TrainState,
                     run: TrainingRun) -> EpochResult:
     """Trains the rest of epoch `state.epoch`: `train_step` (its model, optimizer and EMA change) on
-    `loader`'s batches at `schedule`'s LR, advancing `state`'s step and batch counters; logs to
-    `run.outputs` and checkpoints mid-epoch when `run.stops` says one is due or the run stops."""
+    `loader`'s batches at `schedule`'s LR, advancing `state`'s step and batch counters. From `run`,
+    what does not change in a step: the config, the processes, the log (`outputs`), the stop
+    checks (`stops`: a mid-epoch checkpoint when one is due or the run stops) and the launch clock."""
     cfg = run.cfg
     procs = run.procs
     steps_in_epoch = len(loader)
@@ -218,6 +219,7 @@ def train_one_epoch(train_step: TrainStep, loader: Loader, schedule: LRSchedule,
             # Every rank's reader state: a resume starts each where it stopped, decoding nothing twice.
             state.loader = distributed.gather(loader.state_dict(), procs)  # SYNC
             checkpoint(run)
+            run.stops.checkpointed()  # the next one is due checkpoint_minutes from now
         if stop:
             break
     progress.close()
@@ -228,7 +230,6 @@ def checkpoint(run: TrainingRun, is_best: bool = False) -> None:
     """Every rank: last.pt (and best.pt) written by rank 0, unless a loss went NaN on any rank."""
     run.refuse_diverged(distributed.gather(run.train_step.bad_step(), run.procs))  # SYNC: no NaN model saved
     run.save_checkpoint(distributed.gather(s3.usage.snapshot(), run.procs), is_best)  # SYNC: every rank's S3 requests
-    run.stops.checkpointed()
 
 
 def end_epoch(run: TrainingRun, rates: dict) -> None:
@@ -245,6 +246,7 @@ def end_epoch(run: TrainingRun, rates: dict) -> None:
     line += budgeting.epoch_note(run, epoch)
     state.finish_epoch(validate=cfg.validates_after(epoch))
     checkpoint(run)
+    run.stops.checkpointed()
     if state.validation_due:
         run.stops.interrupt_if_asked()  # SYNC (torchrun): any rank's stop request
         validate(run, line)
@@ -337,16 +339,20 @@ def main(started: float | None = None) -> int:
             ("price_per_hour", args.price_per_hour), ("budget_hours", args.budget_hours),
             ("budget_dollars", args.budget_dollars)) if value is not None]])
         procs = distributed.setup(args.device or ("cuda" if cuda_available() else "cpu"), cfg.deterministic)
-    except Exception as error:  # noqa: BLE001 - a bad config or device: nothing started yet, nothing to close
+    except BaseException as error:  # noqa: BLE001 - a bad config or device, a second Ctrl-C: nothing to close yet
+        if isinstance(error, SystemExit):
+            raise
         request.restore()
-        exits.record(exits.ERROR)
-        say_error(error)
-        return exits.ERROR
+        code, message = ending(error)
+        exits.record(code)
+        say_error(error, message)
+        return code
     with RunSession(cfg, procs, request, started, spot_mode=args.spot,
                     streamed=args.stream and s3.is_s3(args.data)) as session:
+        session.connect()  # the other ranks' errors and EC2's notice, heard from here on
         run = setup(args, cfg, procs, session)
         stop = train(run)
-        session.finish(stop)
+        session.finish(stop)  # SYNC: the replicas' checksums, every rank's S3 requests, rank 0's exit code
     return session.code
 
 

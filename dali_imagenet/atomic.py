@@ -64,11 +64,12 @@ def write_atomic(path: str | Path, data: bytes | str) -> Path:
 
 def fsync_folder(folder: str | Path) -> None:
     """Makes a rename in `folder` durable (the directory entry itself is flushed). A file system
-    that cannot sync a folder (some network and FUSE mounts say EINVAL) makes it as durable as it can."""
+    that cannot sync a folder (some network and FUSE mounts say EINVAL), or a folder this process
+    may write but not open (EACCES), makes it as durable as it can: the rename has landed either way."""
     try:
         _fsync(folder)
     except OSError as error:
-        if error.errno not in (errno.EINVAL, errno.ENOTSUP):
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EACCES, errno.EPERM):
             raise
 
 

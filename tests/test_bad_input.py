@@ -214,6 +214,8 @@ CASES = [
          ["--out", "lies inside --data"]),
     Case("train-out-around-data", "train", [*TRAIN[:3], "--out", "{tmp}", *TRAIN[5:]], 1,
          ["--out", "contains --data"]),
+    Case("train-spot-on-off-ec2", "train", [*TRAIN, "--spot", "on"], 1, ["--spot on", "no instance metadata service"],
+         env={"AWS_EC2_METADATA_DISABLED": "true"}),
     train_case("train-lr-reference-batch-0", ["lr_reference_batch=0"], 1, ["lr_reference_batch must be > 0"]),
     train_case("train-momentum-negative", ["momentum=-5"], 1, ["momentum must be in [0, 1)"]),
     train_case("train-max-steps-negative", ["max_steps=-1"], 1, ["max_steps must be >= 0"]),

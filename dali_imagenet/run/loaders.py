@@ -21,7 +21,8 @@ class RunLoaders:
 def run_loaders(cfg: TrainConfig, procs: distributed.Processes, precision: Precision, backend: str, landing,
                 shards: SplitShards, val_shards: SplitShards) -> RunLoaders:
     """The run's loaders on this rank (`landing`: the tars being staged, or None), each checked once here.
-    `cfg`'s fields read here are none that a budget's schedule changes (`budget.Schedule`)."""
+    A budget's schedule (`budget.Schedule`) may change the sizes' ramp after this: the train spec's
+    own size is only a start, and every epoch's loader takes its size from `for_epoch`."""
     common = dict(batch_size=cfg.batch_size, device=procs.device, rank=procs.rank, world_size=procs.world,
                   dtype=precision.loader_dtype, backend=backend, threads=cfg.loader_threads,
                   hw_decoder_load=cfg.hw_decoder_load, hybrid_huffman_threshold=cfg.hybrid_huffman_threshold,

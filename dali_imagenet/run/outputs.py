@@ -129,18 +129,19 @@ class RunOutputs:
 
     def end(self, record: dict, *, flush_timeout_s: float, final_model=None, summary: dict | None = None,
             give_up: Callable[[], bool] = lambda: False) -> list[str]:
-        """The run's last word, on every way out (finished, stopped, failed; rank 0 only), within
-        `flush_timeout_s` or until `give_up()`: the final weights (a finished run) and the uploads
-        queued so far, waited for; then `record` as the log's last line, its exit code the one
-        those uploads leave (`exits.with_uploads`, with what S3 has not got); the report; and the
-        last uploads (the log, the page). Returns what is not in S3 then: the keys still queued,
-        and any file that could not even be written (each said in a warning line). A part that
-        fails never skips the flush; a second call (the way out of a failure while finishing)
-        returns the first call's answer."""
+        """The run's last word, on every way out (finished, stopped, failed; rank 0 only): the final
+        weights (a finished run) and the uploads queued so far, waited for; then `record` as the
+        log's last line, its exit code the one those uploads leave (`exits.with_uploads`, with what
+        S3 has not got); the report; and the last uploads (the log, the page). The waits together
+        take at most `flush_timeout_s`, or until `give_up()`. Returns what is not in S3 then: the
+        keys still queued, and any file that could not even be written (each said in a warning
+        line). The record is written once, so S3's copy says what the run folder's does; it is
+        amended only when what it names changed after it was written (its own upload, or the
+        page's, did not make it: S3 has no copy then). A part that fails never skips the flush; a
+        second call (the way out of a failure while finishing) returns the first call's answer."""
         if not self.active or self.ended:
             return self.not_uploaded
         self.ended = True
-        deadline = time.monotonic() + flush_timeout_s
         missing = []
 
         def attempt(what: str, produces: str | None, work) -> None:
@@ -155,7 +156,9 @@ class RunOutputs:
             attempt(f"writing {folder.FINAL}", folder.FINAL, lambda: (
                 save_atomic(final_model.state_dict(), self.run_dir / folder.FINAL), self._push(folder.FINAL)))
         # The closing record is written once, with its exit code: after the uploads it may have to name.
-        before = missing + (self.uploader.drain(deadline, give_up) if self.uploader else [])
+        waited = time.monotonic()
+        before = missing + (self.uploader.drain(waited + flush_timeout_s, give_up) if self.uploader else [])
+        left_s = max(0.0, flush_timeout_s - (time.monotonic() - waited))  # writing the page is not waiting
         closing = {**record, "checkpoint_step": self.checkpoint_step,
                    "exit_code": exits.with_uploads(record["exit_code"], before),
                    **({"not_uploaded": before} if before else {})}
@@ -165,10 +168,8 @@ class RunOutputs:
             attempt("writing the report", None, lambda: (
                 self.write_report([self.run_dir], self.run_dir / folder.REPORT), self._push(folder.REPORT)))
         attempt("closing the log (W&B: the report's tables and page)", None, lambda: self.close(summary=summary))
-        left_s = max(0.0, deadline - time.monotonic())
         self.not_uploaded = missing + (self.uploader.close(left_s, give_up) if self.uploader else [])
-        if exits.with_uploads(record["exit_code"], self.not_uploaded) != closing["exit_code"]:
-            # Only the record's own upload (or the page's) missed the deadline: S3 has no copy to contradict.
+        if self.not_uploaded != before:
             attempt("amending the closing record", None, lambda: self.logger.amend_last(
                 {"exit_code": exits.with_uploads(record["exit_code"], self.not_uploaded),
                  "not_uploaded": self.not_uploaded}))

@@ -1,7 +1,8 @@
 """A training process's session: everything a run must close on its way out, owned by one object.
 
-`train.py`'s `main` reads `with RunSession(args, cfg, procs, request, started) as session:`. The
-session is made once the config and the processes exist; from then on it owns the stop requests
+`train.py`'s `main` reads `with RunSession(cfg, procs, request, started, ...) as session:`, then
+`session.connect()` first inside it (its failures go out through the session too). The session
+is made once the config and the processes exist; from then on it owns the stop requests
 (signals, `interrupts.StopRequest`), the other ranks' errors (`distributed.PeerErrors`), EC2's spot
 notice (`spot.SpotWatcher`), the lease on the run's S3 prefix, the launch's clock and its cost,
 the closing record and the exit code. Every way out goes through it, taken once, from the main
@@ -67,17 +68,29 @@ class RunSession:
         self.run: TrainingRun | None = None  # the loop's parts, once `begin` was given them
         self.lease: Lease | None = None  # the run's hold on its S3 prefix (`claim`), released on the way out
         self.s3_url: str | None = None  # where `launches.json` goes when the run folder does not exist yet
+        self._spot_mode = spot_mode
         self._claimed = False
         self._finished = False
-        self.peers = distributed.PeerErrors(procs, self.peer_failed)
-        imds, self.watching = spot.connect(spot_mode)  # one during start-up is acted on before training starts
-        self.watcher = spot.SpotWatcher(imds, request.ask, log=_to_stderr, interval_s=cfg.spot_poll_seconds) \
-            if imds else None
-        self.instance = imds.instance() if imds else {}
+        self.peers: distributed.PeerErrors | None = None  # from `connect` on
+        self.watcher: spot.SpotWatcher | None = None
+        self.watching = ""  # the line saying whether EC2's notice is watched
+        self.instance: dict = {}  # the cloud's word on the machine (type, region, spot), empty off EC2
+        self.launch_basis: dict | None = None  # what this launch's price and the run's cost need (`cost.cost_basis`)
+        self.data_basis: dict | None = None  # what S3's cost needs (`cost.data_basis`)
+
+    def connect(self) -> None:
+        """The other ranks' errors and EC2's spot notice, watched from here on (one during start-up
+        is acted on before training starts); the machine and its prices, for the launch's cost."""
+        self.peers = distributed.PeerErrors(self.procs, self.peer_failed)
+        imds, self.watching = spot.connect(self._spot_mode)
+        if imds:
+            self.watcher = spot.SpotWatcher(imds, self.request.ask, log=_to_stderr,
+                                            interval_s=self.cfg.spot_poll_seconds)
+            self.instance = imds.instance()
         self.clock.on_machine(self.instance, launches.setup_times())  # on EC2: the machine's time before this process
-        self.launch_basis = cost_basis(cfg, procs, self.instance)
-        self.data_basis = data_basis(cfg, self.instance)
-        if procs.master:
+        self.launch_basis = cost_basis(self.cfg, self.procs, self.instance)
+        self.data_basis = data_basis(self.cfg, self.instance)
+        if self.procs.master:
             print(self.watching, flush=True)
 
     def __enter__(self) -> RunSession:
@@ -137,17 +150,18 @@ class RunSession:
 
     def __exit__(self, kind, error, traceback_) -> bool:
         """Takes the way out an exception asks for (a stop request outside a step, an error), then
-        closes what the session holds; an exception never leaves it (the exit code says how the run
-        ended), but SystemExit."""
+        closes what the session holds. An exception does not leave it (the exit code says how the
+        run ended), but SystemExit, and one raised by `failed` itself (nothing is left to try)."""
         try:
             if isinstance(error, Interrupted):
-                self._interrupted(error.reason)
+                try:
+                    self._interrupted(error.reason)
+                except BaseException as during:  # noqa: BLE001 - the stop's own way out failed: closed as a failure
+                    if isinstance(during, SystemExit):
+                        raise
+                    self.code = self.failed(during)
             elif error is not None and not isinstance(error, SystemExit):
                 self.code = self.failed(error)
-        except BaseException as during:  # noqa: BLE001 - the stop's own way out failed: still closed properly
-            if isinstance(during, SystemExit):
-                raise
-            self.code = self.failed(during)
         finally:
             self._close()
         if self._finished:
@@ -226,22 +240,18 @@ class RunSession:
         traceback; the other ranks are told (unless all raised it together, like a NaN loss)."""
         self.lock.acquire()
         self.request.leaving()
-        if isinstance(error, KeyboardInterrupt):  # a second Ctrl-C: leave now, waiting for nothing
-            code = exits.INTERRUPTED
-            message = "stopped at once by a second Ctrl-C"
+        code, message = ending(error)
+        if code == exits.INTERRUPTED:  # a second Ctrl-C: leave now, waiting for nothing
             self.flush_timeout_s = 0.0
-        else:
-            code = exits.ERROR
-            message = str(error) if isinstance(error, DaliImagenetError) else f"{type(error).__name__}: {error}"
         exits.record(code)  # before the others hear of it: torchrun SIGTERMs this rank as soon as they exit
-        tell_others = not isinstance(error, LossDiverged)
+        tell_others = self.peers is not None and not isinstance(error, LossDiverged)
         if tell_others:
             self.peers.post(message)
         step = getattr(error, "step", self.step)
         reason = (f"loss NaN or inf at step {step}" if isinstance(error, LossDiverged)
                   else message if code == exits.INTERRUPTED else f"error: {message}")
         self.clock.leave()
-        every = self._close_launch(code, reason)
+        every = self._close_launch(code, reason)  # [] before the run's place is claimed
         basis = self.launch_basis
         self._end_outputs({"step": step, "event": "stopped", "reason": reason, "exit_code": code,
                            **({"launches": every, "cost": cost(every, gpus=basis["gpus"],
@@ -249,7 +259,7 @@ class RunSession:
         say_error(error, message)
         if tell_others:
             self.peers.wait_for_others(self.flush_timeout_s + WAIT_EXTRA_S)
-        else:  # all failed together (a NaN): rank 0 uploads first, then all leave
+        elif self.peers is not None:  # all failed together (a NaN): rank 0 uploads first, then all leave
             self.peers.wait_for_flush(self.flush_timeout_s + WAIT_EXTRA_S)
         return code
 
@@ -284,6 +294,13 @@ class RunSession:
             distributed.teardown(run.procs)
         if run.outputs.stuck():
             leave_now(self.code)
+
+
+def ending(error: BaseException) -> tuple[int, str]:
+    """(the exit code, the line) of a process that `error` ends: a second Ctrl-C, or an error."""
+    if isinstance(error, KeyboardInterrupt):
+        return exits.INTERRUPTED, "stopped at once by a second Ctrl-C"
+    return exits.ERROR, str(error) if isinstance(error, DaliImagenetError) else f"{type(error).__name__}: {error}"
 
 
 def say_error(error: BaseException, message: str | None = None) -> None:
