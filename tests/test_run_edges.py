@@ -208,6 +208,32 @@ def test_a_failure_while_finishing_still_flushes_and_names_what_is_missing(sampl
     assert alone.stderr.strip().splitlines()[-1].startswith("error: 1 file(s) not written: final_weights.pt")
 
 
+def test_an_upload_late_after_the_closing_record_leaves_it_as_written(sample_shards, s3_bucket, s3_proxy, tmp_path):
+    """The page's upload is held past s3_flush_timeout_s, after the closing record's went up: the
+    record (exit 0, nothing missing when it was written) stays as S3 has it, in the run folder too;
+    the process says what is missing in its last line and exits 74."""
+    release = threading.Event()
+
+    def hold_the_page(request):
+        if request.method == "PUT" and request.key.endswith("/report.html"):
+            release.wait(30)
+
+    s3_proxy.before_forward = hold_the_page
+    out = tmp_path / "run"
+    try:
+        result = train(sample_shards, out, "epochs=1", "s3_flush_timeout_s=3",
+                       extra=["--s3", f"s3://{s3_bucket}/runs/late", *QUIET], check=False, process=True)
+    finally:
+        release.set()
+    assert result.returncode == exits.UPLOADS_PENDING, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: 1 file(s) not uploaded") and "runs/late/report.html" in last
+    in_s3 = client().get_object(Bucket=s3_bucket, Key="runs/late/metrics.jsonl")["Body"].read().decode()
+    assert in_s3 == (out / "metrics.jsonl").read_text()  # written once: not amended after S3 took it
+    closing = json.loads(in_s3.splitlines()[-1])
+    assert closing["event"] == "finished" and closing["exit_code"] == exits.COMPLETE and "not_uploaded" not in closing
+
+
 def torchrun(args: list[str], tmp_path: Path, env: dict, **popen) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                              "--log-dir", str(tmp_path / "logs"), "--redirects", "3", *args[1:]],

@@ -135,10 +135,11 @@ class RunOutputs:
         S3 has not got); the report; and the last uploads (the log, the page). The waits together
         take at most `flush_timeout_s`, or until `give_up()`. Returns what is not in S3 then: the
         keys still queued, and any file that could not even be written (each said in a warning
-        line). The record is written once, so S3's copy says what the run folder's does; it is
-        amended only when what it names changed after it was written (its own upload, or the
-        page's, did not make it: S3 has no copy then). A part that fails never skips the flush; a
-        second call (the way out of a failure while finishing) returns the first call's answer."""
+        line). The record is written once, so S3's copy says what the run folder's does; the run
+        folder's is amended with the final list only when its own upload did not make it (S3 has
+        no copy then). What misses the deadline after the record (the page) is named by the
+        caller's line and exit code. A part that fails never skips the flush; a second call (the
+        way out of a failure while finishing) returns the first call's answer."""
         if not self.active or self.ended:
             return self.not_uploaded
         self.ended = True
@@ -169,7 +170,8 @@ class RunOutputs:
                 self.write_report([self.run_dir], self.run_dir / folder.REPORT), self._push(folder.REPORT)))
         attempt("closing the log (W&B: the report's tables and page)", None, lambda: self.close(summary=summary))
         self.not_uploaded = missing + (self.uploader.close(left_s, give_up) if self.uploader else [])
-        if self.not_uploaded != before:
+        own = self.uploader.key(folder.METRICS) if self.uploader else None
+        if own in self.not_uploaded or f"{folder.METRICS} (not written)" in self.not_uploaded:
             attempt("amending the closing record", None, lambda: self.logger.amend_last(
                 {"exit_code": exits.with_uploads(record["exit_code"], self.not_uploaded),
                  "not_uploaded": self.not_uploaded}))

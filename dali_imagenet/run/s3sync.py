@@ -98,7 +98,7 @@ class S3Sync:
         change right after: a hard link for files that are only ever replaced by rename
         (checkpoints: no copy of hundreds of MB), a copy for files appended in place."""
         path = Path(path)
-        key = s3.join_key(self.prefix, path.name)
+        key = self.key(path.name)
         staged = self._staging / f"{key.replace('/', '_')}.{time.monotonic_ns()}"
         if not (replaced_by_rename and _hardlink(path, staged)):
             shutil.copyfile(path, staged)
@@ -108,6 +108,10 @@ class S3Sync:
                 old.path.unlink(missing_ok=True)
             self._pending[key] = _Staged(staged, lineage)
             self._lock.notify()
+
+    def key(self, name: str) -> str:
+        """The key a file named `name` is uploaded to (as `pending` lists it)."""
+        return s3.join_key(self.prefix, name)
 
     def pending(self) -> list[str]:
         with self._lock:

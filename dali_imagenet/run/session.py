@@ -176,8 +176,8 @@ class RunSession:
             return
         self.clock.leave()
         self.code = exits.for_stop(stop)
+        exits.record(self.code)  # first: the other ranks exit now, and torchrun may end this one soon after
         self._close_launch(self.code, stop, before_the_run=True)
-        exits.record(self.code)
         print(f"{stop}: stopped during start-up, nothing trained; exit {self.code}", file=sys.stderr, flush=True)
 
     def _end_outputs(self, record: dict, **kwargs) -> int:
