@@ -80,7 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-bytes", type=int, default=MAX_BYTES, help="largest upload (bytes)")
     parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="largest image, width x height (px)")
     parser.add_argument("--max-concurrency", type=int, default=64,
-                        help="requests held at once, beyond which uvicorn answers 503 (memory: each holds its upload)")
+                        help="predictions held at once, beyond which a prediction is answered 503 at once, before its "
+                        "body is read (memory: each holds its upload); /v1/health always answers")
     parser.add_argument("--drain-s", type=float, default=30.0,
                         help="on SIGTERM: how long the requests in flight may take before they are cancelled (s)")
     parser.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
@@ -208,6 +209,9 @@ def build_app(predictor: Predictor, checkpoint: str, identity: dict, args):
               summary="Top-k classes of one image (the body, or the multipart field `file`)")
     async def predict(request: Request, k: int = Query(5, ge=1, le=MAX_K, description="how many classes"),
                       gradcam: bool = Query(False, description="add the top-1's Grad-CAM heat map (base64 PNG)")):
+        if request.app.state.in_flight >= args.max_concurrency:  # before the body is read: its memory is the limit
+            return error(503, f"busy: {request.app.state.in_flight} predictions in flight (--max-concurrency "
+                              f"{args.max_concurrency}); retry")
         request.app.state.in_flight += 1
         try:
             data, filename = await read_upload(request, args.max_bytes)
@@ -255,8 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         identity = model_identity(args.checkpoint)
         sock = listening_socket(args.host, args.port)
     app = build_app(predictor, args.checkpoint, identity, args)
-    config = uvicorn.Config(app, log_level="info", access_log=args.access_log, limit_concurrency=args.max_concurrency,
-                            timeout_graceful_shutdown=args.drain_s)
+    # No uvicorn limit_concurrency: it counts connections (a load balancer keeps many open) and answers 503 on
+    # every path, the readiness probe's too; the predictions' own limit is in /v1/predict.
+    config = uvicorn.Config(app, log_level="info", access_log=args.access_log, timeout_graceful_shutdown=args.drain_s)
     server = uvicorn.Server(config)
     # uvicorn re-raises the signal it stopped on once it has drained; handled here, it ends in exit 0.
     stops = []

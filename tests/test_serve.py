@@ -199,6 +199,24 @@ def test_each_bad_input_gets_its_4xx_and_one_line_and_the_next_request_is_answer
     assert httpx.get(f"{server.url}/v1/nowhere", timeout=10).json() == {"error": "Not Found"}
 
 
+def test_past_max_concurrency_a_prediction_gets_503_and_health_still_answers(trained_run, images, tmp_path):
+    """One prediction held (a batch of 2 waits up to 4 s for a second row): the next is refused with
+    503 at once, while /v1/health (a load balancer's readiness probe) answers 200 throughout."""
+    busy = Server(trained_run / "best.pt", "--max-concurrency", "1", "--max-batch", "2", "--max-wait-ms", "4000",
+                  log=tmp_path / "serve.log")
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(busy.predict, images[0])
+            while busy.health()["in_flight"] < 1:
+                time.sleep(0.02)
+            refused = busy.predict(images[1])
+            assert refused.status_code == 503 and "--max-concurrency 1" in refused.json()["error"]
+            assert httpx.get(f"{busy.url}/v1/health", timeout=10).status_code == 200
+            assert held.result().status_code == 200
+    finally:
+        assert busy.stop() == 0
+
+
 def test_sigterm_answers_the_requests_in_flight_then_exits_0(server, trained_run, images, tmp_path):
     """Six requests wait in a 3 s batching window when SIGTERM comes: all six are answered, with
     the answers the other server (same batch shape) gives them one at a time, then the server
