@@ -33,7 +33,7 @@ from pathlib import Path
 from benchmarks.common import REPO, machine, summarize
 
 CLIENTS = (1, 8, 32)
-BATCH_ON = {"cpu": 4, "cuda": 32}  # --max-batch with batching on; serve.py's default --max-wait-ms
+BATCH_ON_CPU = 4  # --max-batch with batching on, on a CPU (where serve.py's default is off); on a GPU its default
 MODELS = {  # name -> (arch, classes, val size in px)
     "demo": ("resnet18", 8, 64),
     "resnet50": ("resnet50", 1000, 224),
@@ -84,6 +84,13 @@ class Server:
             [sys.executable, str(REPO / "serve.py"), "--checkpoint", str(checkpoint), "--port", "0", "--device", device,
              "--no-access-log", *extra], cwd=REPO, stdout=subprocess.PIPE, stderr=self.log, text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            self._wait_until_up(log)
+        except BaseException:  # a server that never came up is not left running
+            self.stop()
+            raise
+
+    def _wait_until_up(self, log: Path) -> None:
         first = self.process.stdout.readline()
         if " on http://" not in first:
             raise RuntimeError(f"serve.py did not start: {first.strip() or log.read_text()[-500:]}")
@@ -177,8 +184,8 @@ def measure(model: str, checkpoint: Path, device: str, clients: list[int], secon
     servers = {}
     try:
         for batching in (False, True):
-            servers[batching] = Server(checkpoint, device, ["--max-batch", str(BATCH_ON[device] if batching else 1)],
-                                       logs / f"{model}-{'on' if batching else 'off'}.log")
+            rows = ["--max-batch", str(BATCH_ON_CPU if batching else 1)] if device == "cpu" or not batching else []
+            servers[batching] = Server(checkpoint, device, rows, logs / f"{model}-{'on' if batching else 'off'}.log")
         records = []
         for count in clients:
             for batching, server in servers.items():

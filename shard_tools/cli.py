@@ -24,7 +24,7 @@ from shard_tools.sources import SPLITS
               help="JPEG quality of re-encoded images")
 @click.option("--reencode", is_flag=True,
               help="re-encode every image at --quality (with --max-side: larger ones downscaled first), e.g. "
-                   "FFCV's ImageNet: --reencode --max-side 500 --quality 90; SOURCE may be shards of ours "
+                   "FFCV-like: --reencode --max-side 500 --quality 90; SOURCE may be shards of ours "
                    "(a folder or s3:// prefix)")
 @click.option("--max-pixels", type=click.IntRange(1), default=Options.max_pixels, show_default=True,
               help="reject images with more pixels (width x height) than this, before decoding them")

@@ -58,7 +58,7 @@ class Options:
     max_side: int | None = None  # px; re-encode only images whose longer side is larger (all: `reencode`)
     quality: int = 90  # JPEG quality of re-encoded images
     name: str = "imagenet1k"  # shard file prefix: <split>/<name>-<split>-NNNNNN.tar
-    reencode: bool = False  # every image re-encoded at `quality` (FFCV's set: with max_side 500, quality 90)
+    reencode: bool = False  # every image re-encoded at `quality` (FFCV-like with max_side 500, quality 90)
     max_pixels: int = MAX_PIXELS  # width x height; a larger image is rejected before it is decoded
 
 

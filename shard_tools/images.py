@@ -1,7 +1,7 @@
 """Checks one source image and makes it something every decoder reads: a baseline RGB JPEG.
 
 Pass-through is the default: an RGB baseline JPEG that decodes completely keeps its exact bytes.
-`reencode` (FFCV's ImageNet) re-encodes every image at one quality instead, downscaled to
+`reencode` (FFCV-like, all JPEG) re-encodes every image at one quality instead, downscaled to
 `max_side` where larger: less to Huffman-decode per image on a host with few cores.
 The real ImageNet train split also holds CMYK and grayscale JPEGs and a PNG behind a `.JPEG`
 name; those (and any other non-baseline-RGB image) are re-encoded as RGB JPEG. Images that do not
