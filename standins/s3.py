@@ -15,8 +15,9 @@ are passed through as they come (streamed, in both directions); keep-alive is ke
 client's side. For the tests of a bucket that misbehaves: `refuse_writes` answers every write
 (PUT, POST, DELETE) with S3's 403 AccessDenied, as a bucket policy or an IAM role without
 s3:PutObject does; `before_forward(request)` is called before each request goes on (it may wait);
-`corrupt_next` holds keys whose next GET gets its body's first byte changed (same length, same
-headers: a body damaged on its way, which only a checksum tells), once each. `bytes_per_s` caps
+`corrupt_next` holds keys whose next GET gets its body's first byte changed (same length, the
+same headers but S3's `x-amz-checksum-*`: an object stored without checksums, whose damage only
+the client's own checks can tell; botocore would otherwise catch it and retry by itself), once each. `bytes_per_s` caps
 the bodies sent, all connections together (a slow link); `pause_midway[key]` (a threading.Event)
 holds a GET of that key after half its body was sent, until the event is set (a download that
 arrives late, half of it already written).
@@ -119,9 +120,12 @@ class LatencyProxy:
                     self.send_response(response.status, response.reason)
                     length = response.getheader("Content-Length")
                     payload = None if length is not None or self.command == "HEAD" else response.read()
+                    damage = self.command == "GET" and response.status in (200, 206) and proxy._take_corrupt(key)
                     for name, value in response.getheaders():
                         if name.lower() not in HOP_BY_HOP and not (
                             payload is not None and name.lower() == "content-length"
+                        ) and not (  # a damaged body is one of an object stored without checksums: only ours see it
+                            damage and name.lower().startswith("x-amz-checksum-")
                         ):
                             self.send_header(name, value)
                     if payload is not None:
@@ -129,7 +133,6 @@ class LatencyProxy:
                     self.end_headers()
                     if self.command == "HEAD":
                         return
-                    damage = self.command == "GET" and response.status in (200, 206) and proxy._take_corrupt(key)
                     if payload is not None:
                         self.wfile.write(_damaged(payload) if damage else payload)
                         return

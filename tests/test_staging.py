@@ -112,6 +112,10 @@ def test_an_object_corrupt_on_the_first_read_is_staged_in_the_same_launch(sample
     assert done.fetched == done.files
     reads = tar_reads(s3_proxy, "shards/")
     assert reads[name.rsplit("/", 1)[-1]] == reads[index.rsplit("/", 1)[-1]] == 2 and set(reads.values()) == {1, 2}
+    # No HEAD per object (s3transfer is given each listed size and ETag), but the one that asks S3
+    # whether the damaged index's ETag is its MD5 (not under SSE-KMS): it is, so the copy was wrong.
+    heads = [r.key for r in s3_proxy.requests if r.method == "HEAD" and r.key.startswith("shards/")]
+    assert heads == [f"shards/{index}"], heads
     assert (local / name).read_bytes() == (sample_shards / name).read_bytes()
     assert (local / index).read_bytes() == (sample_shards / index).read_bytes()
     assert json.loads((local / staging.RECORD).read_text()).keys() >= {name, index}

@@ -30,6 +30,7 @@ size and ETag; its indices are then built from the local copy (`shards.find_shar
 from __future__ import annotations
 
 import fcntl
+import functools
 import glob
 import json
 import os
@@ -89,6 +90,7 @@ class Wanted:
     bytes: int
     check: str  # "sha256:<hex>" (the manifest's) or "etag:<etag>" (the listing's)
     samples: int | None = None  # an index: the sample count the manifest gives its shard
+    etag: str | None = None  # the listing's (unquoted): s3transfer's GETs then need no HEAD, and ask for that version
 
 
 @dataclass(frozen=True)
@@ -290,8 +292,9 @@ def _from_manifest(text: bytes, listing: dict, splits, url: str) -> list[Wanted]
                     raise StagingError(f"{url}/{name}: listed in the manifest but not in S3")
             if listing[tar][0] != shard["bytes"]:
                 raise StagingError(f"{url}/{tar}: {listing[tar][0]} bytes in S3, the manifest says {shard['bytes']}")
-            wanted.append(Wanted(tar, shard["bytes"], f"sha256:{shard['sha256']}"))
-            wanted.append(Wanted(idx, listing[idx][0], f"etag:{listing[idx][1]}", samples=shard["samples"]))
+            wanted.append(Wanted(tar, shard["bytes"], f"sha256:{shard['sha256']}", etag=listing[tar][1]))
+            wanted.append(Wanted(idx, listing[idx][0], f"etag:{listing[idx][1]}", samples=shard["samples"],
+                                 etag=listing[idx][1]))
     return wanted
 
 
@@ -309,7 +312,7 @@ def _from_timm_listing(url: str, listing: dict, splits) -> list[Wanted]:
 def _as_listed(name: str, listing: dict) -> Wanted:
     """An object with no checksum of ours: its copy is checked against the listing's size and ETag."""
     size, etag = listing[name]
-    return Wanted(name, size, f"etag:{etag}")
+    return Wanted(name, size, f"etag:{etag}", etag=etag)
 
 
 def _remove_partial_downloads(folder: Path, wanted: list[Wanted]) -> None:
@@ -382,8 +385,10 @@ def _fetch(client, bucket: str, prefix: str, folder: Path, wanted: list[Wanted],
     from boto3.s3.transfer import TransferConfig, create_transfer_manager
     from tqdm import tqdm
 
+    # "classic": the CRT manager boto3 may pick where awscrt is installed skips botocore's events (s3.usage would
+    # count nothing) and max_concurrency (benchmarks.staging measured it apart: more CPU per GB)
     config = TransferConfig(max_concurrency=workers, multipart_threshold=PART_SIZE, multipart_chunksize=PART_SIZE,
-                            io_chunksize=IO_CHUNK)
+                            io_chunksize=IO_CHUNK, preferred_transfer_client="classic")
     bar = tqdm(total=sum(w.bytes for w in wanted), unit="B", unit_scale=True, unit_divisor=1024, desc="staging",
                disable=not progress, file=sys.stderr, mininterval=1 if sys.stderr.isatty() else 30, smoothing=0.1)
     window = 4 * workers
@@ -394,11 +399,13 @@ def _fetch(client, bucket: str, prefix: str, folder: Path, wanted: list[Wanted],
     checking: list = []  # (verification future, item)
 
     class Subscriber:  # s3transfer's subscriber interface
-        def __init__(self, size: int):
-            self.size = size
+        def __init__(self, item: Wanted):
+            self.item = item
 
-        def on_queued(self, future, **_):  # the size we know: no HEAD per object
-            future.meta.provide_transfer_size(self.size)
+        def on_queued(self, future, **_):  # the size and ETag we know: no HEAD per object (s3transfer needs both)
+            future.meta.provide_transfer_size(self.item.bytes)
+            if self.item.etag:
+                future.meta.provide_object_etag(f'"{self.item.etag}"')
 
         def on_progress(self, future, bytes_transferred, **_):
             bar.update(bytes_transferred)
@@ -416,7 +423,7 @@ def _fetch(client, bucket: str, prefix: str, folder: Path, wanted: list[Wanted],
         stat = (folder / item.name).stat()
         record[item.name] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "check": item.check}
         if was_placeholder:  # landed: what the loaders wait for, on every process of the machine
-            write_atomic(folder / RECORD, json.dumps(record, indent=0, sort_keys=True))
+            _write_record(folder, record)
 
     def placeholder(item: Wanted) -> bool:
         return bool(record.get(item.name, {}).get("pending"))
@@ -439,7 +446,7 @@ def _fetch(client, bucket: str, prefix: str, folder: Path, wanted: list[Wanted],
                         target.parent.mkdir(parents=True, exist_ok=True)
                     in_flight.append((manager.download(bucket, s3.join_key(prefix, item.name),
                                                        target if placeholder(item) else str(target),
-                                                       subscribers=[Subscriber(item.bytes)]), item, target))
+                                                       subscribers=[Subscriber(item)]), item, target))
                 queue.extendleft(reversed(later))
                 still = []
                 for transfer, item, target in in_flight:
@@ -455,7 +462,9 @@ def _fetch(client, bucket: str, prefix: str, folder: Path, wanted: list[Wanted],
                     finally:
                         if placeholder(item):
                             target.close()
-                    checking.append((checks.submit(_land_in_place if placeholder(item) else _land, folder, item), item))
+                    etag_is_md5 = functools.partial(_etag_is_md5, client, bucket, s3.join_key(prefix, item.name))
+                    checking.append((checks.submit(_land_in_place if placeholder(item) else _land, folder, item,
+                                                   etag_is_md5), item))
                 in_flight, still = still, []
                 for check, item in checking:
                     if not check.done():
@@ -489,12 +498,12 @@ def _fetch(client, bucket: str, prefix: str, folder: Path, wanted: list[Wanted],
         raise StagingError(failures[0] + more)
 
 
-def _land(folder: Path, item: Wanted) -> str | None:
+def _land(folder: Path, item: Wanted, etag_is_md5: Callable[[], bool]) -> str | None:
     """Checks a fetched `<name>.part` and renames it to its name (atomic: a reader sees the whole
     file or none); what is wrong with it otherwise (the part removed), or None."""
     part, path = folder / (item.name + PART), folder / item.name
     try:
-        problem = _problem(part, item, path)
+        problem = _problem(part, item, path, etag_is_md5)
     except OSError as error:  # the disk, not the object: said as the file's problem
         problem = f"{path}: cannot be read back ({error.strerror or error})"
     if problem:
@@ -504,7 +513,7 @@ def _land(folder: Path, item: Wanted) -> str | None:
     return None
 
 
-def _land_in_place(folder: Path, item: Wanted) -> str | None:
+def _land_in_place(folder: Path, item: Wanted, etag_is_md5: Callable[[], bool]) -> str | None:
     """Checks a tar written into its placeholder, from the disk (fsync first: what a reader will
     see); what is wrong with it (it stays pending and is written again), or None."""
     path = folder / item.name
@@ -514,19 +523,20 @@ def _land_in_place(folder: Path, item: Wanted) -> str | None:
             os.fsync(descriptor)
         finally:
             os.close(descriptor)
-        return _problem(path, item, path)
+        return _problem(path, item, path, etag_is_md5)
     except OSError as error:  # the disk, not the object: said as the file's problem
         return f"{path}: cannot be read back ({error.strerror or error})"
 
 
-def _problem(path: Path, item: Wanted, name: Path) -> str | None:
-    """What is wrong with a fetched copy at `path` of the file `name`, or None."""
+def _problem(path: Path, item: Wanted, name: Path, etag_is_md5: Callable[[], bool]) -> str | None:
+    """What is wrong with a fetched copy at `path` of the file `name`, or None. `etag_is_md5()`
+    asks S3, where a one-part ETag is not the copy's MD5, whether it was made from the bytes."""
     size = path.stat().st_size
     if size != item.bytes:
         return f"{name}: {size} bytes fetched, {item.bytes} expected"
     if item.check.startswith("sha256:") and not _checksum_matches(path, item.check):
         return f"{name}: sha256 differs from the manifest's (the object in S3 is not the shard the manifest lists)"
-    if _md5_etag(item.check) and not _checksum_matches(path, item.check):
+    if _md5_etag(item.check) and not _checksum_matches(path, item.check) and etag_is_md5():
         return f"{name}: MD5 differs from the object's ETag (changed in S3 while it was fetched?)"
     if item.samples is not None:
         try:
@@ -539,9 +549,21 @@ def _problem(path: Path, item: Wanted, name: Path) -> str | None:
 
 
 def _md5_etag(check: str) -> str | None:
-    """The MD5 an ETag is, where it is one (an object uploaded in one part, without SSE-KMS: no '-')."""
+    """The MD5 an ETag may be: an object uploaded in one part (no '-'), unless S3 encrypted it with
+    SSE-KMS or SSE-C (`_etag_is_md5`: then its ETag is not the MD5 of the bytes, and only the size
+    and an index's sample count check the copy)."""
     etag = check[len("etag:"):] if check.startswith("etag:") else ""
     return etag if len(etag) == 32 and "-" not in etag else None
+
+
+def _etag_is_md5(client, bucket: str, key: str) -> bool:
+    """Whether S3 made this one-part object's ETag from its bytes: not under SSE-KMS or SSE-C (one
+    HEAD, asked only when the MD5 differs; an error counts as yes: the copy then fails its check)."""
+    try:
+        head = client.head_object(Bucket=bucket, Key=key)
+    except Exception:  # noqa: BLE001 - botocore's many types: the mismatch stands
+        return True
+    return head.get("ServerSideEncryption") not in ("aws:kms", "aws:kms:dsse") and "SSECustomerAlgorithm" not in head
 
 
 def _checksum_matches(path: Path, check: str) -> bool:
