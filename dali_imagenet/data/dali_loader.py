@@ -50,9 +50,14 @@ class DaliLoader(EpochPosition):
         restorable = resume is not None and resume.get("samples", shards.samples) == shards.samples
         self._replay = self.position if resume and not restorable else 0
         self._interrupt = spec.interrupt
-        self._landing, self._rank, self._world = spec.landing, spec.rank, spec.world_size
+        self._rank, self._world = spec.rank, spec.world_size
         self._shuffle_buffer = spec.shuffle_buffer
         self._reader_batches = self.position if restorable else 0  # where the reader stands in the epoch
+        # The tars this reader can ever reach (a validation: the split, read whole); with all of them
+        # landed (staging done: every later epoch), no batch waits or walks the tar list again.
+        self._reachable = (tars_within_reach(shards, self._world, self._rank, self.num_samples, spec.train)
+                           if spec.landing is not None and spec.train else list(shards.tars))
+        self._landing = None if spec.landing is None or spec.landing.landed(self._reachable) else spec.landing
         self.build_wait_s = self._wait_for_shards()  # seconds waited for tars before the build (data wait)
         # DALI has no bfloat16 output: emit float16 and convert on the device (one cheap kernel).
         self._cast_to = torch.bfloat16 if spec.dtype == torch.bfloat16 else None
@@ -114,15 +119,15 @@ class DaliLoader(EpochPosition):
 
     def _wait_for_shards(self) -> float:
         """Waits for the tars the reader can reach before it hands out its next batch (all of a
-        validation's: its loader is built once and reads it whole); the seconds waited."""
+        validation's: it is waited for once, before the build); the seconds waited."""
         if self._landing is None:
             return 0.0
-        if not self.train:
-            return self._landing.wait(self.shards.tars)
-        reach = reader_reach(self._reader_batches, self.batch_size, self._shuffle_buffer)
-        tars = tars_within_reach(self.shards, self._world, self._rank, reach, self.train)
+        tars = self._reachable
+        if self.train:
+            reach = reader_reach(self._reader_batches, self.batch_size, self._shuffle_buffer)
+            tars = tars_within_reach(self.shards, self._world, self._rank, reach, self.train)
         waited = self._landing.wait(tars)
-        if len(tars) == len(tars_within_reach(self.shards, self._world, self._rank, self.num_samples, self.train)):
+        if len(tars) == len(self._reachable):
             self._landing = None  # every tar this reader can reach has landed: nothing more to wait for
         return waited
 

@@ -646,6 +646,11 @@ class Landing:
         self._landed: set[str] = set()
         self._seen = None  # the record's (inode, mtime_ns, size) when last read
 
+    def landed(self, tars) -> bool:
+        """Whether every one of `tars` has landed already (no waiting)."""
+        self._read()
+        return all(os.path.relpath(tar, self.folder) in self._landed for tar in tars)
+
     def wait(self, tars) -> float:
         names = [os.path.relpath(tar, self.folder) for tar in tars]
         if all(name in self._landed for name in names):
