@@ -231,13 +231,13 @@ class Check:
         out: list[str] = []
         try:
             while True:
+                if box.left() <= 0:  # checked on every line too: a child that prints steadily is no exception
+                    raise TimedOut(f"stopped when its box of {box.seconds:.0f} s ran out")
                 try:
                     line = lines.get(timeout=0.2)
                 except queue.Empty:
                     if process.poll() is not None and not readers[0].is_alive() and lines.empty():
                         break
-                    if box.left() <= 0:
-                        raise TimedOut(f"stopped when its box of {box.seconds:.0f} s ran out") from None
                     continue
                 out.append(line)
                 if on_line:
@@ -262,8 +262,10 @@ class Check:
             if result.returncode != 0:
                 self.say(result.stderr[-2000:])
                 found = {"error": (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1][:200]}
-            else:
-                found = json.loads([x for x in result.stdout.splitlines() if x.startswith("{")][-1])
+            elif rows := [x for x in result.stdout.splitlines() if x.startswith("{")]:
+                found = json.loads(rows[-1])
+            else:  # a module that ended well but printed no row: an error row, the check goes on
+                found = {"error": f"{module} printed no result (exit 0)"}
         except TimedOut as why:
             found = {"result": str(why), "timed_out": True}
         self.add({"section": section, "what": what, **found, "seconds": time.monotonic() - started})
@@ -351,6 +353,12 @@ def train_py(check: Check, shards: Path, config: str, sets: list[str], out: Path
     records = ([json.loads(line) for line in (out / METRICS).read_text().splitlines()]
                if (out / METRICS).exists() else [])
     return result, records
+
+
+def since_resumed(records: list[dict]) -> list[dict]:
+    """A resumed run's records after its last `resumed` event (its log also holds the split run's)."""
+    starts = [i for i, r in enumerate(records) if r.get("event") == "resumed"]
+    return records[starts[-1] + 1:] if starts else records
 
 
 def per_size(records: list[dict], batch: int) -> list[dict]:
@@ -451,7 +459,7 @@ def production_config(check: Check, shards: Path, work: Path) -> None:
                         f"then {row['steps_per_s'] or 0:.2f} steps/s{memory_text}",
                     }
                 )
-    resumed_first = per_size(runs["resumed"][1], batch)
+    resumed_first = per_size(since_resumed(runs["resumed"][1]), batch)
     if resumed_first:
         check.add(
             {

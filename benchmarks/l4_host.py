@@ -141,7 +141,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[4, 3, 2])
     parser.add_argument("--thresholds", type=int, nargs="+", default=[1_000_000, 0])
     parser.add_argument("--hw-decoder-load", type=float, default=0.0)
-    parser.add_argument("--warmup-steps", type=int, default=3)
+    parser.add_argument("--warmup-steps", type=int, default=3, choices=range(1, 1000), metavar="N (1-999)")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--host", default="", help="what the process is pinned to, for the rows")

@@ -176,11 +176,13 @@ class S3Sync:
 
     def drain(self, deadline: float, give_up: Callable[[], bool] = lambda: False) -> list[str]:
         """Waits until nothing is queued, up to `deadline` (time.monotonic()) or until `give_up()`
-        says to stop waiting, or S3 refused the prefix; returns the keys still queued. Uploads go on."""
+        says to stop waiting, or S3 refused the prefix; returns the keys still queued. Uploads go on,
+        a retry's backoff cut short as in `close` (the run is leaving: no waiting 30 s between tries)."""
         while time.monotonic() < deadline and not give_up() and not self.refused:
             with self._lock:
                 if not self._pending:
                     return []
+                self._lock.notify_all()
             time.sleep(0.05)
         return self.pending()
 
