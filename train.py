@@ -109,7 +109,7 @@ def setup(args, cfg: TrainConfig, procs: distributed.Processes, session: RunSess
     loaders = run_loaders(cfg, procs, precision, backend, staged.landing, shards, val_shards)
     # SYNC (torchrun), with a budget: every rank measures the same steps and agrees on the schedule
     cfg = budgeting.fix_schedule(cfg, point.state, resumed=point.path is not None, procs=procs, precision=precision,
-                                 loaders=loaders)
+                                 loaders=loaders, request=session.request)
     stops = StopCheck(session.request, procs, checkpoint_minutes=cfg.checkpoint_minutes, max_minutes=cfg.max_minutes,
                       max_steps=cfg.max_steps, earlier_s=point.state.wall_s)
     stops.interrupt_if_asked()  # SYNC (torchrun): a notice during the resume download leaves before anything is written

@@ -155,6 +155,31 @@ def test_budget_runs_pick_by_budget_end_on_time_and_refuse_too_little(sample_sha
     assert picked[small_s] < picked[60.0]
 
 
+def test_a_sigterm_while_the_budget_is_measured_leaves_at_the_next_step(sample_shards, tmp_path, monkeypatch):
+    """The measuring takes minutes on a real run (a compile per size): a spot notice or SIGTERM in
+    it is heard at the next measured step, exit 75 and nothing written, not after it."""
+    import os
+    import signal
+
+    from dali_imagenet.run import budgeting
+
+    synced = budgeting._sync
+    syncs = []  # one after each size's warm-up and each timed window: many in a whole measuring
+
+    def sigterm_after_the_first_warm_up(device):
+        synced(device)
+        syncs.append(device)
+        if len(syncs) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(budgeting, "_sync", sigterm_after_the_first_warm_up)
+    run_dir = tmp_path / "run"
+    stopped = train(sample_shards, run_dir, *BUDGETED, extra=["--budget-hours", str(60 / 3600)], check=False)
+    assert stopped.returncode == 75, stopped.stderr[-2000:]
+    assert stopped.stderr.strip().splitlines()[-1] == "SIGTERM: stopped during start-up, nothing trained; exit 75"
+    assert len(syncs) == 1 and not run_dir.exists()  # left in the first timed window, measuring nothing more
+
+
 @pytest.mark.slow
 def test_a_budget_run_keeps_its_choice_across_a_stop_and_resume_bit_for_bit(sample_shards, tmp_path):
     """Stopped mid-run and resumed with the same command (a spot relaunch): the schedule chosen at

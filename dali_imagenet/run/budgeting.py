@@ -18,7 +18,8 @@ from dali_imagenet import distributed
 from dali_imagenet.config import TrainConfig
 from dali_imagenet.data.loader import build_loader
 from dali_imagenet.data.partition import batches_per_epoch
-from dali_imagenet.errors import UsageError
+from dali_imagenet.errors import Interrupted, UsageError
+from dali_imagenet.run.interrupts import StopRequest
 from dali_imagenet.run.loaders import RunLoaders
 from dali_imagenet.training import budget, recipe
 from dali_imagenet.training.evaluation import predict_logits
@@ -42,10 +43,11 @@ def wanted(cfg: TrainConfig) -> bool:
 
 
 def fix_schedule(cfg: TrainConfig, state, *, resumed: bool, procs: distributed.Processes, precision: Precision,
-                 loaders: RunLoaders) -> TrainConfig:
+                 loaders: RunLoaders, request: StopRequest) -> TrainConfig:
     """The config the run trains: a resumed budget run's schedule as it was chosen (`state.budget`),
     a new budget run's measured and chosen now (recorded in `state.budget`), else `cfg` as it is.
-    A budget too small for one epoch is refused in one line."""
+    A budget too small for one epoch is refused in one line; a stop request while measuring (EC2's
+    notice) raises `Interrupted` at the next step: nothing is written yet to keep."""
     if state.budget:
         cfg = dataclasses.replace(cfg, **state.budget["schedule"])
         if wanted(cfg) and procs.master:
@@ -62,7 +64,8 @@ def fix_schedule(cfg: TrainConfig, state, *, resumed: bool, procs: distributed.P
     plan = budget.Recipe.of(cfg)
     sizes = sorted({plan.size(budget.scaled(plan, e), epoch) for e in budget.ladder(plan) for epoch in range(e)})
     seconds = budget.measure_seconds(budget_s, cfg.budget_measure_share, len(sizes))
-    rates = measure(cfg, procs, precision, loaders, sizes, seconds, cap_s=cfg.budget_measure_share * budget_s)
+    rates = measure(cfg, procs, precision, loaders, sizes, seconds, cap_s=cfg.budget_measure_share * budget_s,
+                    request=request)
     spent_s = max(distributed.gather(time.monotonic() - STARTED, procs))
     overheads = budget.Overheads(spent_s, cfg.budget_reserve, cfg.budget_relaunches, cfg.budget_relaunch_minutes * 60)
     try:
@@ -133,7 +136,7 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(cfg: TrainConfig, procs: distributed.Processes, precision: Precision, loaders: RunLoaders,
-            sizes: list[int], seconds: float, cap_s: float) -> budget.Rates:
+            sizes: list[int], seconds: float, cap_s: float, request: StopRequest) -> budget.Rates:
     """The train step with its loader at each of `sizes` (a model of the run's own, thrown away; the
     run's random state is left as it was), the validation pass and a checkpoint's save: what the
     run will do, for about `seconds` each after a warm-up. Every rank measures; the slowest counts.
@@ -142,6 +145,14 @@ def measure(cfg: TrainConfig, procs: distributed.Processes, precision: Precision
     pixels, and the validation's is scaled from the train step's by its pixels and passes."""
     devices = [procs.device] if procs.device.type == "cuda" else []
     shards = loaders.train.shards
+
+    def agreed(*flags: bool) -> list[bool]:
+        """`flags` all-reduced with this rank's stop request, which leaves at once (Interrupted)."""
+        *out, asked = distributed.any_rank([*flags, request.reason is not None], procs)
+        if asked:
+            raise Interrupted(request.reason or "a stop request on another rank")
+        return out
+
     with torch.random.fork_rng(devices=devices):
         training = recipe.build(cfg, shards.num_classes, procs, precision)
         step = training.step(cfg, procs, precision, shards.num_classes)
@@ -149,7 +160,7 @@ def measure(cfg: TrainConfig, procs: distributed.Processes, precision: Precision
         train, warmup, loader_s, counter, estimated, began = {}, {}, [], MEASURING_STEP0, [], time.perf_counter()
         ends = [max(sizes), min(sizes)][:len(set(sizes))]
         for size in [*ends, *sorted(set(sizes) - set(ends), reverse=True)]:
-            if size not in ends and distributed.any_rank([time.perf_counter() - began > cap_s], procs)[0]:
+            if agreed(time.perf_counter() - began > cap_s)[0] and size not in ends:
                 estimated.append(size)
                 continue
             for _ in range(1 if loader_s else 2):  # the first build in a process is DALI's cold start: paid once
@@ -170,7 +181,7 @@ def measure(cfg: TrainConfig, procs: distributed.Processes, precision: Precision
                 step(images, labels, step=counter, lr=training.peak_lr)
                 counter, timed = counter + 1, timed + 1
                 enough = timed >= MIN_TIMED_STEPS and time.perf_counter() - started >= seconds
-                if distributed.any_rank([enough], procs)[0]:  # every rank stops at the same step (DDP)
+                if agreed(enough)[0]:  # every rank stops at the same step (DDP)
                     break
             _sync(procs.device)
             timed_s = max(distributed.gather(time.perf_counter() - started, procs))
@@ -182,7 +193,7 @@ def measure(cfg: TrainConfig, procs: distributed.Processes, precision: Precision
             measured = {px: rate for px, rate in train.items() if px not in estimated}
             train[size] = budget.interpolated_rate(measured, size)
             warmup[size] = max(warmup[px] for px in measured)
-        if distributed.any_rank([time.perf_counter() - began > cap_s], procs)[0]:
+        if agreed(time.perf_counter() - began > cap_s)[0]:
             forwards = (2 if training.ema else 1) * (2 if cfg.val_flip else 1)
             val = budget.validation_rate(train[max(sizes)], max(sizes), cfg.val_image_size, forwards)
             estimated.append("val")
