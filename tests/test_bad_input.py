@@ -405,6 +405,8 @@ def test_the_pixel_limit_is_checked_from_the_header_and_says_the_size(tmp_path):
     with pytest.raises(TooManyPixels, match="^100x50 = 5,000 pixels, over the limit of 4,999"):
         open_image(tmp_path / "ok.png", limit=4999)
     assert open_image(tmp_path / "ok.png", limit=None).size == (100, 50) and MAX_PIXELS == 89_478_485
+    with pytest.raises(TooManyPixels, match=r"^200,000,000 pixels, over PIL's limit of 178,956,970 \(a higher"):
+        open_image(tmp_path / "wide.png", limit=300_000_000)  # PIL refuses first: its limit is the one named
     with pytest.raises(Rejected) as why:
         prepare_image(b"not an image at all")
     assert "BytesIO" not in str(why.value) and "cannot identify image file" in str(why.value)

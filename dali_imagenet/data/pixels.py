@@ -1,8 +1,9 @@
 """How large an image may be before it is decoded: a limit on width x height, checked from the
 header alone. PIL warns above `Image.MAX_IMAGE_PIXELS` (~89.5 megapixels) and refuses above twice
 that; in between it decodes, and a 144-megapixel image takes ~0.8 GB as RGB and far more in a
-resize. The converter (`shard-imagenet --max-pixels`), predict.py and a server (`open_image`)
-reject one above the limit in one line, and PIL's own warning is not printed."""
+resize. The converter (`shard-imagenet --max-pixels`) and predict.py (`open_image`) reject one
+above the limit in one line, and PIL's own warning is not printed. serve.py's uploads have their
+own, lower limit and HTTP statuses (`inference/uploads.py`: a 4xx per refusal, the sides' ratio too)."""
 from __future__ import annotations
 
 import re
@@ -25,7 +26,8 @@ def check_pixels(width: int, height: int, limit: int | None = MAX_PIXELS) -> Non
 
 def open_image(source, limit: int | None = MAX_PIXELS):
     """`PIL.Image.open(source)` with its size checked against `limit` before any pixel is decoded
-    (PIL's own warning silenced; its error, above twice its limit, said as ours)."""
+    (PIL's own warning silenced; its error, above twice its limit, said as ours, naming PIL's limit
+    where a higher `limit` or none was asked for: PIL's applies first)."""
     from PIL import Image
 
     with warnings.catch_warnings():
@@ -34,7 +36,9 @@ def open_image(source, limit: int | None = MAX_PIXELS):
             image = Image.open(source)
         except Image.DecompressionBombError as error:
             sizes = [int(n) for n in re.findall(r"\((\d+) pixels\)", str(error))]
-            over = f"the limit of {limit:,} (--max-pixels)" if limit else "PIL's limit"
+            pil_limit = 2 * Image.MAX_IMAGE_PIXELS
+            over = (f"the limit of {limit:,} (--max-pixels)" if limit and limit < pil_limit
+                    else f"PIL's limit of {pil_limit:,} (a higher --max-pixels cannot lift it)")
             raise TooManyPixels((f"{sizes[0]:,} pixels" if sizes else "too many pixels") + f", over {over}") from None
     try:
         check_pixels(*image.size, limit)
