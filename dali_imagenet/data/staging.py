@@ -25,7 +25,8 @@ flight (boto3's transfer manager), then the loaders read the local copy:
 - one process at a time per folder (a file lock): torchrun's processes on one machine stage once.
 
 A timm-layout set (tars only, no manifest) is staged whole before training, each tar checked by
-its size (their ETags are of multipart uploads: no MD5 to compare); its indices are then built from the local copy (`shards.find_shards`).
+its size (their ETags are of multipart uploads: no MD5 to compare); its indices are then built
+from the local copy (`shards.find_shards`).
 """
 from __future__ import annotations
 
